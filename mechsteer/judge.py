@@ -443,12 +443,15 @@ class LocalJudge:
         name = getattr(getattr(self.model, "cfg", None), "model_name", type(self.model).__name__)
         return f"LocalJudge(model={name!r})"
 
-    def render(self, messages: Messages) -> str:
+    def render(self, messages: Messages) -> list[int]:
+        """Token ids of ``messages`` in the chat template, ending with the assistant's turn."""
         _check_messages(messages)
         tokenizer = self.model.tokenizer
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("LocalJudge's tokenizer has no chat template; use an instruct/chat model")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template already holds any BOS it wants; the tokenizer must not add a second one.
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def complete(
         self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0
@@ -465,12 +468,11 @@ class LocalJudge:
         # Imported here: generation pulls in the model stack, which HTTP/oracle users do not need.
         from mechsteer.generation import generate
 
-        prompts = [self.render(m) for m in messages_list]
-        answers: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            result = generate(self.model, prompts[start : start + self.batch_size], max_new_tokens=max_tokens)
-            answers.extend(text.strip() for text in result.texts)
-        return answers
+        token_ids = [self.render(m) for m in messages_list]
+        if not token_ids:
+            return []
+        result = generate(self.model, token_ids, max_new_tokens=max_tokens, batch_size=self.batch_size)
+        return [text.strip() for text in result.texts]
 
 
 # ---- oracle -------------------------------------------------------------------------------------
