@@ -45,6 +45,8 @@ ENV_API_KEY = "MECHSTEER_JUDGE_API_KEY"
 ENV_OPENAI_URL = "OPENAI_BASE_URL"
 ENV_OPENAI_API_KEY = "OPENAI_API_KEY"
 
+# Retried like the OpenAI SDK does: request timeout, conflict (lock), rate limit; and all 5xx.
+RETRYABLE_STATUS = frozenset({408, 409, 429})
 # A server asking for a longer Retry-After than this is treated as down, not waited for.
 MAX_RETRY_DELAY_S = 120.0
 # How much of an error response body goes into an exception message.
@@ -175,7 +177,7 @@ class HTTPJudge:
     ``MECHSTEER_JUDGE_API_KEY`` (else ``OPENAI_API_KEY``; optional, local servers need none).
     ``base_url`` may or may not end in ``/v1``; see :func:`chat_completions_url`.
 
-    Failures: 429, 5xx, timeouts and connection errors are retried ``max_retries`` times (so at
+    Failures: 429 (and 408, 409), 5xx, timeouts and connection errors are retried ``max_retries`` times (so at
     most ``max_retries + 1`` attempts) with exponential backoff ``backoff * 2**attempt``, or the
     server's ``Retry-After`` if that is longer; then :class:`JudgeHTTPError`. Other 4xx fail at
     once. A 200 that is not a chat completion raises :class:`JudgeResponseError` at once.
@@ -302,7 +304,7 @@ class HTTPJudge:
                 if status == 200:
                     return response
                 snippet = self._redact(response.text[:ERROR_BODY_CHARS])
-                if status == 429 or status >= 500:
+                if status in RETRYABLE_STATUS or status >= 500:
                     last_problem = f"HTTP {status}: {snippet}"
                     retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
                 else:
@@ -551,3 +553,27 @@ class OracleJudge:
             label_b = self._category_label(prompt.one("Title B"), prompt.one("Description B"))
             return "10" if label_a == label_b else "0"
         raise ValueError(f"OracleJudge cannot answer task {prompt.task!r}")
+
+
+# ---- from a command-line spec --------------------------------------------------------------------
+
+JUDGE_SPEC_HELP = (
+    "'http' (endpoint, model and key from MECHSTEER_JUDGE_URL / MECHSTEER_JUDGE_MODEL / "
+    "MECHSTEER_JUDGE_API_KEY), 'http:<model>' (the model named here), or 'local:<model spec>' "
+    "(a chat model loaded with mechsteer.models.load_model, e.g. local:smollm2)"
+)
+
+
+def judge_from_spec(spec: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Judge:
+    """A judge from a CLI string; see ``JUDGE_SPEC_HELP``. The oracle needs ground-truth labels,
+    so it is built directly: ``OracleJudge(sentence_labels, label_descriptions)``."""
+    kind, _, argument = spec.partition(":")
+    if kind == "http":
+        return HTTPJudge(model=argument or None, cache_dir=cache_dir)
+    if kind == "local" and argument:
+        from mechsteer.models import load_model
+
+        return LocalJudge(load_model(argument))
+    if kind == "oracle":
+        raise ValueError("the oracle judge needs ground-truth labels: build OracleJudge(...) directly")
+    raise ValueError(f"unknown judge spec {spec!r}; expected {JUDGE_SPEC_HELP}")

@@ -33,6 +33,7 @@ from mechsteer.judge import (
     cache_key,
     chat_completions_url,
     complete_many,
+    judge_from_spec,
 )
 from mechsteer.judge_metrics import describe_behaviours, judge_score
 
@@ -104,6 +105,10 @@ class ChatServer:
                 try:
                     if reply.delay:
                         time.sleep(reply.delay)
+                    # Leave the in-flight count before replying: the client may send its next
+                    # request as soon as it has this reply.
+                    with server.lock:
+                        server.in_flight -= 1
                     body = reply.body
                     if body is None:
                         body = completion_body(server.responder(payload["messages"]))
@@ -119,9 +124,6 @@ class ChatServer:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up, as scripted
-                finally:
-                    with server.lock:
-                        server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -242,6 +244,20 @@ def test_environment_configuration(server: ChatServer, monkeypatch: pytest.Monke
     assert server.received[-1].headers["Authorization"] == "Bearer mechsteer-key"
 
 
+def test_judge_from_spec(server: ChatServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=ENV_URL):
+        judge_from_spec("http")
+    monkeypatch.setenv(ENV_URL, server.url)
+    monkeypatch.setenv(ENV_MODEL, "env-model")
+    judge = judge_from_spec("http:named-model", cache_dir=tmp_path)
+    assert isinstance(judge, HTTPJudge)
+    assert (judge.model, judge.cache_dir) == ("named-model", tmp_path)
+    assert judge_from_spec("http").model == "env-model"
+    for bad in ("openai", "local", "oracle"):
+        with pytest.raises(ValueError, match="judge"):
+            judge_from_spec(bad)
+
+
 # ---- retries -----------------------------------------------------------------------------------
 
 
@@ -273,6 +289,12 @@ def test_500_forever_gives_up_after_max_retries(server: ChatServer) -> None:
         judge.complete(ask("x"))
     assert server.count == 3
     assert "HTTP 500" in str(error.value)
+
+
+def test_408_is_retried(server: ChatServer) -> None:
+    server.script = [Reply(408, body="request timeout")]
+    assert make_judge(server).complete(ask("x")) == "echo: x"
+    assert server.count == 2
 
 
 def test_client_error_is_not_retried(server: ChatServer) -> None:
