@@ -14,6 +14,7 @@ import sys
 # and set `func` on its parsers via `parser.set_defaults(func=...)`.
 STAGE_MODULES: tuple[str, ...] = (
     "mechsteer.info",
+    "mechsteer.organisms.cli",
 )
 
 

@@ -1,0 +1,135 @@
+"""``mechsteer organism train`` and ``mechsteer organism eval``.
+
+``eval`` loads the pair with `mechsteer.models.load_model` into TransformerBridges and
+generates greedily with `mechsteer.generation.generate` (KV cache); ``--backend hf``
+runs the same evaluation with plain HF ``generate`` instead (a cross-check). The forced
+condition appends "Plan:" to the normal prompt (see `mechsteer.organisms.evaluate`).
+The LAST line printed with ``--json`` is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from mechsteer.organisms.evaluate import GenerateFn
+
+EVAL_BATCH_SIZE = 128
+
+
+def bridge_generate_fn(spec: str) -> GenerateFn:
+    """A loaded organism (spec name or folder) as a greedy ``(prompts, max_new_tokens)`` function."""
+    from mechsteer.generation import generate
+    from mechsteer.models import load_model
+
+    model = load_model(spec)
+
+    def run(prompts: list[str], max_new_tokens: int) -> list[str]:
+        output = generate(model, prompts, max_new_tokens=max_new_tokens, do_sample=False, batch_size=EVAL_BATCH_SIZE)
+        return output.texts
+
+    return run
+
+
+def hf_folder_generate_fn(folder: Path) -> GenerateFn:
+    """An organism folder loaded with plain `transformers`, as a greedy generate function."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechsteer.organisms.evaluate import hf_generate_fn
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return hf_generate_fn(model, tokenizer)
+
+
+def _specs(weights: str | None) -> tuple[str, str]:
+    if weights is None:
+        return "organism-base", "organism-thinking"
+    root = Path(weights)
+    return str(root / "base"), str(root / "thinking")
+
+
+def _folders(weights: str | None) -> tuple[Path, Path]:
+    from mechsteer.organisms import weights_dir
+
+    if weights is None:
+        return weights_dir("base"), weights_dir("thinking")
+    return Path(weights) / "base", Path(weights) / "thinking"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from mechsteer.organisms.evaluate import evaluate_organisms
+    from mechsteer.organisms.tasks import generate_split
+
+    torch.set_num_threads(args.threads)
+    if args.n <= 0:
+        raise ValueError(f"--n must be positive, got {args.n}")
+    problems = generate_split("test", seed=args.seed)
+    if args.n > len(problems):
+        raise ValueError(f"--n {args.n} exceeds the test split's {len(problems)} problems")
+    problems = problems[: args.n]
+    started = time.perf_counter()
+    if args.backend == "bridge":
+        base_spec, thinking_spec = _specs(args.weights)
+        generate_base, generate_thinking = bridge_generate_fn(base_spec), bridge_generate_fn(thinking_spec)
+    else:
+        base_folder, thinking_folder = _folders(args.weights)
+        generate_base = hf_folder_generate_fn(base_folder)
+        generate_thinking = hf_folder_generate_fn(thinking_folder)
+    summary, outputs = evaluate_organisms(generate_base, generate_thinking, problems)
+    summary["backend"] = args.backend
+    summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+    if args.outputs:
+        Path(args.outputs).write_text(json.dumps(outputs, indent=1))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key in ("n", "base_accuracy", "thinking_accuracy", "forced_base_accuracy", "gap"):
+            print(f"{key}: {summary[key]}")
+        print(f"behaviour_counts: {summary['behaviour_counts']}")
+        print(f"correct_trace_share: {summary['correct_trace_share']:.3f}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from mechsteer.organisms.train import PhaseConfig, TrainingConfig, train_organisms
+
+    config = TrainingConfig()
+    if args.base_steps is not None:
+        config = TrainingConfig(base=PhaseConfig(**{**config.base.__dict__, "steps": args.base_steps}),
+                                thinking=config.thinking)
+    if args.thinking_steps is not None:
+        config = TrainingConfig(base=config.base,
+                                thinking=PhaseConfig(**{**config.thinking.__dict__, "steps": args.thinking_steps}))
+    report = train_organisms(Path(args.out), seed=args.seed, config=config, threads=args.threads)
+    print(f"wall time: {report['wall_seconds']:.1f} s "
+          f"(base {report['base']['wall_seconds']:.1f} s, thinking {report['thinking']['wall_seconds']:.1f} s)")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("organism", help="train or evaluate the base/thinking model organisms")
+    commands = parser.add_subparsers(dest="organism_command", metavar="ACTION", required=True)
+
+    train = commands.add_parser("train", help="train both organisms from scratch (CPU, ~15 min)")
+    train.add_argument("--out", required=True, help="output folder; gets base/ and thinking/")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--base-steps", type=int, default=None, help="override the base phase's steps")
+    train.add_argument("--thinking-steps", type=int, default=None, help="override the thinking phase's steps")
+    train.add_argument("--threads", type=int, default=2,
+                       help="torch threads (use 1 when other jobs share the cores: 2 threads then thrash)")
+    train.set_defaults(func=run_train)
+
+    evaluate = commands.add_parser("eval", help="greedy accuracies and behaviour counts on the test split")
+    evaluate.add_argument("--n", type=int, default=500, help="number of test problems")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    evaluate.add_argument("--weights", default=None, help="folder with base/ and thinking/ (default: shipped)")
+    evaluate.add_argument("--backend", choices=("bridge", "hf"), default="bridge")
+    evaluate.add_argument("--seed", type=int, default=0, help="test split seed")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--outputs", default=None, help="write the raw generations to this JSON file")
+    evaluate.set_defaults(func=run_eval)

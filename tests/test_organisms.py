@@ -1,0 +1,194 @@
+"""Model organisms: task generator, trace grammar and labels, tokenizer, training, shipped pair."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mechsteer.organisms import weights_dir
+from mechsteer.organisms.grammar import (
+    BEHAVIOURS,
+    OTHER,
+    PROMPT_TEMPLATE,
+    TRACE_STYLES,
+    extract_answer,
+    format_prompt,
+    label_sentence,
+    parse_trace,
+    render_drill,
+    render_trace,
+    split_sentences,
+)
+from mechsteer.organisms.tasks import SPLITS, generate_split, sample_problem, split_of
+from mechsteer.organisms.tokenizer import build_tokenizer
+
+
+def _signed(problem) -> tuple[int, ...]:
+    meta = problem.metadata
+    return tuple(o if s == "+" else -o for o, s in zip(meta["operands"], meta["signs"], strict=True))
+
+
+def test_generator_is_deterministic_and_seeded():
+    first = generate_split("test", seed=0)
+    again = generate_split("test", seed=0)
+    assert len(first) >= 500
+    assert [(p.id, p.question, p.answer, p.metadata) for p in first] == [
+        (p.id, p.question, p.answer, p.metadata) for p in again
+    ]
+    other_seed = generate_split("test", seed=1, n=50)
+    assert [p.question for p in other_seed] != [p.question for p in first[:50]]
+
+
+def test_splits_are_disjoint_and_answers_follow_the_operations():
+    keys = {}
+    for split in SPLITS:
+        problems = generate_split(split, seed=0, n=400)
+        keys[split] = {(p.metadata["start"], *_signed(p)) for p in problems}
+        for problem in problems:
+            assert split_of(problem.metadata["start"], _signed(problem)) == split
+            assert problem.answer == problem.metadata["start"] + sum(_signed(problem))
+            assert problem.metadata["totals"][-1] == problem.answer
+            assert all(10 <= total <= 99 for total in problem.metadata["totals"])
+            assert problem.metadata["n_steps"] in (3, 4)
+            assert f"has {problem.metadata['start']} " in problem.question
+    assert not keys["train"] & keys["test"]
+    assert not keys["train"] & keys["validation"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_difficulty_parameters_and_bad_input():
+    rng = random.Random(0)
+    for n_steps in (2, 5):
+        problem = sample_problem(rng, "x", n_steps=n_steps, max_operand=3)
+        assert problem.metadata["n_steps"] == n_steps
+        assert max(problem.metadata["operands"]) <= 3
+    with pytest.raises(ValueError, match="n_steps"):
+        sample_problem(rng, "x", n_steps=7)
+    with pytest.raises(ValueError, match="split"):
+        generate_split("dev")
+
+
+@pytest.mark.parametrize("style", TRACE_STYLES)
+def test_labels_round_trip(style):
+    rng = random.Random(3)
+    for problem in generate_split("validation", seed=0, n=150):
+        trace = render_trace(problem, style, rng)
+        parsed = parse_trace(trace.text)
+        assert parsed == list(trace.sentences)
+        for sentence in trace.sentences:
+            assert trace.text[sentence.char_start : sentence.char_end] == sentence.text
+            assert sentence.behaviour in BEHAVIOURS
+        assert trace.sentences[-1].text == f"The answer is {problem.answer}."
+        assert extract_answer(trace.text) == problem.answer
+
+
+def test_thinking_traces_plant_every_behaviour_at_the_risky_steps():
+    rng = random.Random(0)
+    problems = generate_split("validation", seed=0, n=300)
+    used = set()
+    correcting = 0
+    for problem in problems:
+        trace = render_trace(problem, "thinking", rng)
+        labels = [sentence.behaviour for sentence in trace.sentences]
+        used.update(labels)
+        correcting += "correct" in labels
+        assert labels[0] == "plan"
+        assert labels.count("verify") == problem.metadata["operands"].count(9)
+        # Every correction follows a failed check, and every failed check is corrected.
+        for index, label in enumerate(labels):
+            if label == "correct":
+                assert labels[index - 1] == "verify" and ", not " in trace.sentences[index - 1].text
+    assert used == set(BEHAVIOURS)
+    assert correcting / len(problems) >= 0.05
+
+
+def test_direct_answers_are_one_shot():
+    problem = generate_split("validation", seed=0, n=1)[0]
+    trace = render_trace(problem, "direct", random.Random(0))
+    assert [s.behaviour for s in trace.sentences] == ["compute", "answer"]
+
+
+def test_sentence_boundaries_match_the_generic_splitter():
+    from mechsteer.sentences import split_sentences as generic_split
+
+    rng = random.Random(1)
+    texts = [render_trace(p, style, rng).text for p in generate_split("validation", n=30) for style in TRACE_STYLES]
+    texts += [render_drill(rng).text, "pi is 3.14 today. Wait, 12 + 3 is 15, not 16.\nThe answer is 15."]
+    for text in texts:
+        generic = [(s.char_start, s.char_end) for s in generic_split(text, min_words=1)]
+        assert split_sentences(text) == generic
+
+
+def test_unknown_sentences_are_other_and_cues_are_recognised():
+    assert label_sentence("I like apples.") == OTHER
+    assert label_sentence("Check: 12 + 3 = 15.") == "verify"
+    assert label_sentence("Check: 12 + 3 = 15, not 16.") == "verify"
+    assert label_sentence("Wait, 12 + 3 is 15, not 16.") == "correct"
+    assert label_sentence("Plan: 12 + 3 - 4.") == "plan"
+    assert label_sentence("12 + 3 - 4 = 11.") == "compute"
+    assert label_sentence("The answer is 11.") == "answer"
+    assert extract_answer("blah. the answer is -4.") == -4
+    assert extract_answer("no answer here") is None
+    assert "{question}" in PROMPT_TEMPLATE and format_prompt("Q?").startswith("Q: Q?")
+
+
+def test_tokenizer_is_character_level_with_distinct_pad(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = format_prompt("Ann has 38 pens, gets 9. How many now?") + "Plan: 38 + 9.\n"
+    encoded = loaded(text, return_offsets_mapping=True)
+    assert encoded["input_ids"][0] == loaded.bos_token_id
+    assert len(encoded["input_ids"]) == len(text) + 1
+    assert [text[s:e] for s, e in encoded["offset_mapping"][1:]] == list(text)
+    assert loaded.decode(encoded["input_ids"], skip_special_tokens=True) == text
+    assert loaded.pad_token_id != loaded.eos_token_id
+    assert loaded.unk_token_id not in encoded["input_ids"]
+
+
+def test_weights_dir_rejects_unknown_names():
+    with pytest.raises(ValueError, match="organism name"):
+        weights_dir("instruct")
+
+
+def test_tiny_training_run_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechsteer.organisms.train import (
+        BASE_MIX,
+        THINKING_MIX,
+        PhaseConfig,
+        TrainingConfig,
+        train_organisms,
+    )
+
+    config = TrainingConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        window=384,
+        batch_size=2,
+        base=PhaseConfig(steps=3, learning_rate=1e-2, warmup_steps=1, mix=BASE_MIX),
+        thinking=PhaseConfig(steps=2, learning_rate=1e-3, warmup_steps=1, mix=THINKING_MIX),
+        n_train_problems=200,
+    )
+    report = train_organisms(tmp_path, seed=0, config=config, threads=1)
+    assert report["base"]["steps"] == 3 and report["thinking"]["steps"] == 2
+    assert report["base"]["tokens"] > 0 and report["wall_seconds"] > 0
+    assert json.loads((tmp_path / "training_report.json").read_text())["seed"] == 0
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    thinking = AutoModelForCausalLM.from_pretrained(tmp_path / "thinking")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "thinking")
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(base.state_dict().values(), thinking.state_dict().values(), strict=True)
+    ]
+    assert any(changed), "the thinking phase must update the weights"
+    batch = tokenizer(["Q: hi\nA:\n"], return_tensors="pt")
+    assert torch.isfinite(base(**batch).logits).all()
