@@ -177,10 +177,15 @@ class HTTPJudge:
     ``MECHSTEER_JUDGE_API_KEY`` (else ``OPENAI_API_KEY``; optional, local servers need none).
     ``base_url`` may or may not end in ``/v1``; see :func:`chat_completions_url`.
 
-    Failures: 429 (and 408, 409), 5xx, timeouts and connection errors are retried ``max_retries`` times (so at
-    most ``max_retries + 1`` attempts) with exponential backoff ``backoff * 2**attempt``, or the
-    server's ``Retry-After`` if that is longer; then :class:`JudgeHTTPError`. Other 4xx fail at
-    once. A 200 that is not a chat completion raises :class:`JudgeResponseError` at once.
+    The request body is ``{model, messages, max_tokens, temperature}``, which OpenAI chat
+    models, vLLM, ollama and llama.cpp all accept (OpenAI's o-series reasoning models reject
+    ``max_tokens``/``temperature`` and are not supported).
+
+    Failures: 429 (and 408, 409), 5xx, timeouts and connection errors are retried
+    ``max_retries`` times (so at most ``max_retries + 1`` attempts) with exponential backoff
+    ``backoff * 2**attempt``, or the server's ``Retry-After`` if that is longer; then
+    :class:`JudgeHTTPError`. Other 4xx fail at once. A 200 that is not a chat completion
+    raises :class:`JudgeResponseError` at once (no retry).
 
     ``max_concurrency`` bounds simultaneous requests across threads (see :func:`complete_many`).
     With ``cache_dir``, each answer is stored as ``<cache_dir>/<hash[:2]>/<hash>.json`` keyed by
