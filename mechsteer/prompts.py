@@ -1,0 +1,188 @@
+"""Named, overridable prompt templates, and splitting thinking output into its two parts.
+
+A template is either a plain completion prompt (a format string with one ``{question}``
+field) or ``chat``: the question as a single user turn through the tokenizer's chat
+template, ending with an opened ``<think>`` block.
+
+Built-in templates:
+
+- ``thinking_chat``: for thinking models (R1 distills, QwQ ...). Needs a tokenizer with a
+  chat template; a tokenizer without one raises ValueError (no plain fallback, because a
+  thinking model prompted without its template is a different experiment).
+- ``base_paper``: the paper's base-model prompt, ``BASE_PAPER_TEMPLATE``.
+- ``organism``: the organism task's prompt, read lazily from
+  ``mechsteer.organisms.grammar.PROMPT_TEMPLATE``.
+
+Override or add templates with ``register_template(PromptTemplate(...), replace=True)``;
+``render_prompt`` also accepts a ``PromptTemplate`` object directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+BASE_PAPER_TEMPLATE = (
+    "Task: Answer the question below. Explain your reasoning step by step.\n\n\n\n"
+    "Question:\n{question}\n\nStep by step answer:\n"
+)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named prompt template.
+
+    ``text`` is a format string containing ``{question}``, or a zero-argument callable
+    returning one (resolved at render time, for templates owned by other modules).
+    ``chat=True`` means: render through the tokenizer's chat template instead; ``text``
+    must then be None.
+    """
+
+    name: str
+    text: str | Callable[[], str] | None = None
+    chat: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a PromptTemplate needs a non-empty name")
+        if self.chat and self.text is not None:
+            raise ValueError(f"template {self.name!r}: a chat template takes no text")
+        if not self.chat and self.text is None:
+            raise ValueError(f"template {self.name!r}: a plain template needs text")
+        if isinstance(self.text, str):
+            _check_format_string(self.name, self.text)
+
+    def format_string(self) -> str:
+        """The plain format string (resolving a lazy one); ValueError for chat templates."""
+        if self.chat or self.text is None:
+            raise ValueError(f"template {self.name!r} is a chat template; it has no text")
+        text = self.text() if callable(self.text) else self.text
+        _check_format_string(self.name, text)
+        return text
+
+
+def _check_format_string(name: str, text: str) -> None:
+    if not isinstance(text, str) or "{question}" not in text:
+        raise ValueError(f"template {name!r} must be a str containing '{{question}}'")
+
+
+def _organism_template_text() -> str:
+    # Lazy: the organisms stage owns this string and may not be installed/imported.
+    grammar = importlib.import_module("mechsteer.organisms.grammar")
+    return grammar.PROMPT_TEMPLATE
+
+
+_REGISTRY: dict[str, PromptTemplate] = {}
+
+
+def register_template(template: PromptTemplate, *, replace: bool = False) -> None:
+    """Add a template to the registry; ``replace=True`` overrides an existing name."""
+    if template.name in _REGISTRY and not replace:
+        raise ValueError(
+            f"template {template.name!r} already exists; pass replace=True to override it"
+        )
+    _REGISTRY[template.name] = template
+
+
+def get_template(name: str) -> PromptTemplate:
+    """The registered template called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown prompt template {name!r}; registered: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def template_names() -> list[str]:
+    """Names of all registered templates, sorted."""
+    return sorted(_REGISTRY)
+
+
+def render_prompt(template: str | PromptTemplate, question: str, tokenizer: Any = None) -> str:
+    """The prompt text for ``question`` under ``template`` (a registered name or a template).
+
+    Chat templates need ``tokenizer`` (a Hugging Face tokenizer with ``apply_chat_template``
+    and a ``chat_template``); the result ends with an opened ``<think>`` block (added only if
+    the model's generation prompt does not already open one, as R1 distills' does).
+    Plain templates ignore ``tokenizer``.
+    """
+    if isinstance(template, str):
+        template = get_template(template)
+    if not isinstance(question, str):
+        raise ValueError(f"question must be a str, got {type(question).__name__}")
+    if not template.chat:
+        # str.replace, not str.format: questions and templates contain literal braces (LaTeX).
+        return template.format_string().replace("{question}", question)
+    if tokenizer is None:
+        raise ValueError(f"template {template.name!r} needs a tokenizer with a chat template")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"template {template.name!r}: tokenizer {type(tokenizer).__name__} has no chat "
+            "template; use a thinking model's tokenizer, or a plain template such as 'base_paper'"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str):
+        raise ValueError(f"apply_chat_template returned {type(rendered).__name__}, not str")
+    # Open the thinking block unless the generation prompt already did (after the question).
+    tail = rendered[rendered.rfind(question) + len(question) :] if question else rendered
+    if THINK_OPEN in tail and THINK_CLOSE not in tail.split(THINK_OPEN)[-1]:
+        return rendered
+    return rendered + THINK_OPEN + "\n"
+
+
+def split_thinking(text: str, *, opened_in_prompt: bool = False) -> tuple[str, str]:
+    """Split generated text into (thinking part, answer part), both stripped.
+
+    - ``<think>A</think>B`` -> (A, B); text before ``<think>`` is dropped.
+    - ``A</think>B`` (the opening tag was in the prompt, as with R1 distills) -> (A, B).
+    - ``<think>A`` without a closing tag (ran out of tokens) -> (A, "").
+    - No tags at all -> ("", text), unless ``opened_in_prompt`` is True, in which case the
+      whole text is an unfinished thinking block -> (text, "").
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    close = text.find(THINK_CLOSE)
+    if close >= 0:
+        thinking = text[:close]
+        opening = thinking.rfind(THINK_OPEN)
+        if opening >= 0:
+            thinking = thinking[opening + len(THINK_OPEN) :]
+        return thinking.strip(), text[close + len(THINK_CLOSE) :].strip()
+    opening = text.find(THINK_OPEN)
+    if opening >= 0:
+        return text[opening + len(THINK_OPEN) :].strip(), ""
+    if opened_in_prompt:
+        return text.strip(), ""
+    return "", text.strip()
+
+
+register_template(
+    PromptTemplate(
+        name="thinking_chat",
+        chat=True,
+        description="question as one user turn via the tokenizer's chat template, <think> opened",
+    )
+)
+register_template(
+    PromptTemplate(
+        name="base_paper",
+        text=BASE_PAPER_TEMPLATE,
+        description="the paper's base-model prompt",
+    )
+)
+register_template(
+    PromptTemplate(
+        name="organism",
+        text=_organism_template_text,
+        description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)",
+    )
+)
