@@ -18,6 +18,7 @@ tokenizer that adds BOS gets BOS, one that does not (SmolLM2, chat templates) ge
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -98,46 +99,116 @@ def position_ids_for(attention_mask: Int[Tensor, "batch total"], n_new: int) -> 
 
 
 class CachedRunner:
-    """Runs one model incrementally over a left-padded batch, keeping its KV cache.
+    """Runs one model incrementally over a padded batch, keeping its KV cache.
 
-    Holds the attention mask, the cache and the :class:`PositionFrame` that steering hooks read,
-    so every forward sees the right absolute positions. The hybrid generator uses two of these.
+    Rows live in one padded layout: ``tokens``/``attention_mask`` of shape (batch, length),
+    with padding (mask 0) wherever rows differ in length: at the left of the prompts, and
+    inside the sequence where rows received different numbers of tokens in one call (ragged
+    appends, rewinds). Pads are never attended to, and position ids count real tokens only,
+    so every row computes exactly what it would alone. ``frame`` tells steering hooks the
+    absolute position of each token of the current call. The hybrid generator uses two.
     """
 
     def __init__(self, model: TransformerBridge, token_ids: Sequence[Sequence[int]]):
         self.model = model
+        self.pad_id = pad_token_id(model)
         device = next(model.parameters()).device
-        self.tokens, self.attention_mask, n_pad = left_pad(token_ids, pad_token_id(model), device)
-        self.frame = PositionFrame(cache_len=0, n_pad=n_pad)
+        self.tokens, self.attention_mask, _ = left_pad(token_ids, self.pad_id, device)
+        self.frame = PositionFrame()
         self.cache = None
-        self.pending: Tensor = self.tokens  # tokens not yet fed to the model
+        self.n_fed = 0  # padded positions already in the cache
 
     @property
     def batch_size(self) -> int:
         return int(self.tokens.shape[0])
 
+    @property
+    def n_pending(self) -> int:
+        return int(self.tokens.shape[1]) - self.n_fed
+
+    def n_real(self) -> list[int]:
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def real_tokens(self, row: int) -> list[int]:
+        return self.tokens[row][self.attention_mask[row].bool()].tolist()
+
     def forward(self) -> Float[Tensor, "batch pos vocab"]:
         """Feed the pending tokens; return their logits and extend the cache."""
-        n_new = int(self.pending.shape[1])
+        n_new = self.n_pending
+        if n_new <= 0:
+            raise ValueError("no pending tokens to feed")
         mask = self.attention_mask
+        positions = position_ids_for(mask, n_new)
+        self.frame.positions = torch.where(mask[:, -n_new:].bool(), positions, -1)
         logits, self.cache = self.model(
-            self.pending,
+            self.tokens[:, self.n_fed :],
             return_type="logits_and_cache",
             past_key_values=self.cache,
             attention_mask=mask,
-            position_ids=position_ids_for(mask, n_new),
+            position_ids=positions,
             use_cache=True,
         )
-        self.frame.cache_len += n_new
-        self.pending = self.tokens[:, :0]
+        self.n_fed = int(self.tokens.shape[1])
         return logits
 
-    def append(self, new_tokens: Int[Tensor, " batch"]) -> None:
-        """Queue one token per row for the next forward."""
+    def append(self, new_tokens: Int[Tensor, " batch"], real: Bool[Tensor, " batch"] | None = None) -> None:
+        """Queue one token per row for the next forward (``real`` False: a masked filler)."""
         column = new_tokens[:, None].to(self.tokens.device)
+        mask_column = torch.ones_like(column) if real is None else real[:, None].long().to(column.device)
         self.tokens = torch.cat([self.tokens, column], dim=1)
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(column)], dim=1)
-        self.pending = torch.cat([self.pending, column], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask, mask_column], dim=1)
+
+    def append_ragged(self, suffixes: Sequence[Sequence[int]]) -> None:
+        """Queue a different number of tokens per row, left-padded (masked) within the chunk."""
+        if len(suffixes) != self.batch_size:
+            raise ValueError(f"need one suffix per row ({self.batch_size}); got {len(suffixes)}")
+        if not any(suffixes):
+            return
+        chunk, chunk_mask, _ = left_pad([list(s) or [self.pad_id] for s in suffixes], self.pad_id, self.tokens.device)
+        for row, suffix in enumerate(suffixes):
+            if not suffix:
+                chunk_mask[row] = 0
+        self.tokens = torch.cat([self.tokens, chunk], dim=1)
+        self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        """Keep the first ``keep[row]`` real tokens of each row and drop the rest.
+
+        The cache is cropped at the earliest cut over the rows; kept tokens after that point
+        are queued again (ragged), so the next forward recomputes only them.
+        """
+        n_real = self.n_real()
+        cuts, requeue = [], []
+        for row, (count, kept) in enumerate(zip(n_real, keep, strict=True)):
+            if not 0 <= kept <= count:
+                raise ValueError(f"row {row}: cannot keep {kept} of {count} real tokens")
+            real_index = torch.nonzero(self.attention_mask[row]).flatten().tolist()
+            cuts.append(real_index[kept] if kept < count else int(self.tokens.shape[1]))
+        crop = min(min(cuts), self.n_fed)
+        for row, (cut, kept) in enumerate(zip(cuts, keep, strict=True)):
+            segment = self.tokens[row, crop:cut][self.attention_mask[row, crop:cut].bool()]
+            requeue.append(segment.tolist())
+        self.tokens = self.tokens[:, :crop]
+        self.attention_mask = self.attention_mask[:, :crop]
+        if self.cache is not None:
+            self.cache.crop(crop)
+        self.n_fed = crop
+        self.append_ragged(requeue)
+
+    def fork(self) -> CachedRunner:
+        """An independent copy (own cache and tokens) sharing the model."""
+        twin = copy.copy(self)
+        twin.tokens, twin.attention_mask = self.tokens.clone(), self.attention_mask.clone()
+        twin.cache = copy.deepcopy(self.cache)
+        twin.frame = PositionFrame()
+        return twin
+
+    def repeat_rows(self, times: int) -> None:
+        """Repeat each row ``times`` times in place (row r becomes rows r*times .. r*times+times-1)."""
+        self.tokens = self.tokens.repeat_interleave(times, dim=0)
+        self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(times)
 
 
 @dataclass

@@ -8,9 +8,9 @@ context managers below wire the first two into ``blocks.{L}.hook_{site}`` of a
 Positions and the KV cache
 --------------------------
 Steering positions are *absolute indices in each sequence's own tokens*: 0 is the sequence's
-first real token, left padding excluded. A hook only sees the positions of the current forward
-call, so a :class:`PositionFrame` tells it where the call starts (the cache length) and how many
-pad tokens each row has. With a KV cache:
+first real token, padding excluded. A hook only sees the tokens of the current forward call,
+so a :class:`PositionFrame` tells it each input token's absolute position (the runner in
+:mod:`mechsteer.generation` keeps it up to date). With a KV cache:
 
 - prompt positions are steered once, during the prefill; later tokens read their steered
   keys/values from the cache, exactly as a full recompute with the same steering would;
@@ -121,22 +121,24 @@ def check_layer(model: TransformerBridge, layer: int) -> None:
 
 @dataclass
 class PositionFrame:
-    """Where the current forward call sits in each sequence (see the module docstring).
+    """Absolute positions of the tokens of the current forward call (see the module docstring).
 
-    ``cache_len``: positions (padded coordinates) already in the KV cache before this call.
-    ``n_pad``: left-pad count of each row; None means no padding.
+    ``positions`` is (batch, n_new): each input token's index among its own sequence's real
+    tokens, and -1 for padding. A runner with a KV cache sets it before every call; left as
+    None, a call's tokens are positions 0..n-1 of unpadded sequences (a plain forward).
     """
 
-    cache_len: int = 0
-    n_pad: Int[Tensor, " batch"] | None = None
+    positions: Int[Tensor, "batch n_new"] | None = None
 
     def absolute_positions(self, batch: int, n_new: int, device: torch.device) -> Tensor:
-        """(batch, n_new) absolute position of each input token in its own sequence (pads < 0)."""
-        padded = torch.arange(self.cache_len, self.cache_len + n_new, device=device)
-        padded = padded.expand(batch, -1)
-        if self.n_pad is None:
-            return padded
-        return padded - self.n_pad.to(device)[:, None]
+        if self.positions is None:
+            return torch.arange(n_new, device=device).expand(batch, -1)
+        if tuple(self.positions.shape) != (batch, n_new):
+            raise ValueError(
+                f"position frame holds {tuple(self.positions.shape)} positions but the forward "
+                f"call has (batch, n_new) = ({batch}, {n_new})"
+            )
+        return self.positions.to(device)
 
 
 HookFn = Callable[[Tensor, object], Tensor]

@@ -1,0 +1,404 @@
+"""Stage 2: sentence activations, mean-pooled from the residual stream, sharded on disk.
+
+For each trace, the reasoning is split into sentences (:mod:`mechsteer.sentences`); the
+full text (prompt + generation) is re-tokenized with an offset mapping, and each sentence's
+token span comes from the offsets, never from a string search. The model runs on those
+tokens and ``blocks.L.hook_resid_post`` is averaged over each span (:func:`mean_over_spans`).
+
+Pooling default: ``include_previous_token=True``, as the paper's code does. The token before
+a sentence is where the model decides how the sentence starts, and it is the position a
+timing policy reads during generation, so pooling it in aligns the SAE's training vectors
+with what the hybrid classifies. Pass ``False`` to pool the sentence's own tokens only.
+
+On disk (``out_dir``):
+
+- ``shard_00000.safetensors`` ...: raw (uncentred) pooled vectors, one tensor per layer
+  (``layer_{L}``, float32, (n_sentences, d_model));
+- ``sentences.jsonl``: one line per pooled sentence (trace index, problem id, text, char and
+  token spans, ground-truth label where the traces have one), in shard order;
+- ``manifest.json``: model, layers, hook site, pooling, normalisation, and for each shard its
+  file, first sentence index, sentence count and trace range; ``complete`` once all traces
+  are done, with the centring means in ``centring_mean.safetensors``.
+
+Resumable and bitwise reproducible: traces go through the model in fixed batches
+(``traces[i:i + batch_size]`` for ``i`` a multiple of ``batch_size``) and shards close only at
+batch ends, so a rerun restarts at the first trace of an unwritten shard with exactly the
+batches an uninterrupted run would use. Shards and the manifest are written to temporary
+files and renamed into place. Memory holds at most one shard of vectors.
+
+Centring: the mean over all pooled sentences of the run (or over ``centre_on`` trace ids,
+e.g. the training split) is stored per layer; :func:`load_sentence_vectors` subtracts it and
+optionally L2-normalises, as the SAE expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechsteer.hooks import mean_over_spans
+from mechsteer.models import resid_hook_name
+from mechsteer.sentences import attach_token_spans, segment_sentences
+from mechsteer.tensor_types import Float, Tensor, typechecked
+from mechsteer.traces import TraceRecord, load_traces
+
+MANIFEST = "manifest.json"
+SENTENCES = "sentences.jsonl"
+CENTRING = "centring_mean.safetensors"
+
+UNLABELLED = "other"  # a labelled trace's sentence that the labeller did not recognise
+# Labels a trace's sentences by ground truth: (reasoning text) -> {(start, end): label}.
+Labeller = Callable[[str], dict[tuple[int, int], str]]
+
+
+@dataclass
+class SentenceRecord:
+    trace_index: int
+    problem_id: str
+    sentence_index: int  # within the trace's kept sentences
+    text: str
+    char_start: int  # in the trace's full text
+    char_end: int
+    tok_start: int  # token span of the sentence itself (before any previous-token pooling)
+    tok_end: int
+    label: str | None = None
+
+
+@dataclass
+class ActivationConfig:
+    layers: list[int]
+    site: str = "resid_post"
+    include_previous_token: bool = True
+    min_words: int = 3
+    batch_size: int = 8
+    shard_size: int = 2048  # sentences per shard (a shard closes at the first batch end past it)
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    first_sentence: int
+    n_sentences: int
+    first_trace: int
+    end_trace: int  # exclusive
+
+
+@dataclass
+class Manifest:
+    model: str
+    config: dict[str, Any]
+    n_traces: int
+    d_model: int
+    shards: list[ShardInfo] = field(default_factory=list)
+    complete: bool = False
+    normalisation: str = "centre with centring_mean.safetensors, then optionally L2-normalise"
+    throughput: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_sentences(self) -> int:
+        return sum(shard.n_sentences for shard in self.shards)
+
+    def save(self, out_dir: Path) -> None:
+        _atomic_write_text(out_dir / MANIFEST, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Manifest:
+        data = json.loads((Path(out_dir) / MANIFEST).read_text())
+        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+        return cls(**data)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    staging = path.with_suffix(path.suffix + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def organism_labeller(reasoning: str) -> dict[tuple[int, int], str]:
+    """Ground-truth behaviour labels of an organism trace, from the organism grammar."""
+    from mechsteer.organisms.grammar import parse_trace
+
+    return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
+
+
+def trace_sentences(
+    record: TraceRecord,
+    trace_index: int,
+    tokenizer: Any,
+    *,
+    min_words: int = 3,
+    labeller: Labeller | None = None,
+) -> tuple[list[int], list[SentenceRecord]]:
+    """Token ids of the trace's full text and its kept sentences with exact spans."""
+    encoded = tokenizer(record.text, return_offsets_mapping=True, add_special_tokens=True)
+    labels = labeller(record.reasoning) if labeller is not None else {}
+    kept = [s for s in segment_sentences(record.reasoning, min_words=min_words) if s.kept]
+    attached = attach_token_spans(kept, encoded["offset_mapping"], char_offset=record.reasoning_char_start)
+    sentences = [
+        SentenceRecord(
+            trace_index=trace_index, problem_id=record.problem_id, sentence_index=index,
+            text=sentence.text, char_start=sentence.char_start, char_end=sentence.char_end,
+            tok_start=sentence.tok_start, tok_end=sentence.tok_end,
+            label=labels.get((original.char_start, original.char_end), UNLABELLED) if labeller else None,
+        )
+        for index, (original, sentence) in enumerate(zip(kept, attached, strict=True))
+    ]
+    return list(encoded["input_ids"]), sentences
+
+
+@typechecked
+def pool_batch(
+    model: TransformerBridge,
+    token_ids: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int, int]],
+    layers: Sequence[int],
+    site: str = "resid_post",
+) -> dict[int, Float[Tensor, "n_spans d_model"]]:
+    """Mean residual activation over each ``(row, start, end)`` token span, per layer.
+
+    Rows are right-padded: causal attention never lets a real token see the padding after it,
+    so real positions are computed exactly as without padding.
+    """
+    longest = max(len(ids) for ids in token_ids)
+    pad = model.tokenizer.pad_token_id or 0
+    tokens = torch.full((len(token_ids), longest), pad, dtype=torch.long)
+    for row, ids in enumerate(token_ids):
+        tokens[row, : len(ids)] = torch.tensor(list(ids))
+    names = [resid_hook_name(layer, site) for layer in layers]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens.to(device), names_filter=names)
+    span_tensor = torch.tensor(list(spans), dtype=torch.long).reshape(-1, 3).to(device)
+    return {
+        layer: mean_over_spans(cache[name].float(), span_tensor).cpu()
+        for layer, name in zip(layers, names, strict=True)
+    }
+
+
+def extract_activations(
+    model: TransformerBridge,
+    traces: Sequence[TraceRecord],
+    out_dir: str | Path,
+    config: ActivationConfig,
+    *,
+    labeller: Labeller | None = None,
+    centre_on: set[str] | None = None,
+    stop_after_shards: int | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Pool sentence activations of ``traces`` into ``out_dir`` (resuming if it has a manifest).
+
+    ``stop_after_shards`` stops early after writing that many new shards (for tests of
+    resumption); the manifest then stays incomplete.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.layers:
+        raise ValueError("config.layers is empty; pass at least one layer")
+    for layer in config.layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"layer must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
+    if config.batch_size <= 0 or config.shard_size <= 0:
+        raise ValueError("batch_size and shard_size must be positive")
+    manifest = _open_manifest(out, model, traces, config)
+    if manifest.complete:
+        return manifest
+    next_trace = manifest.shards[-1].end_trace if manifest.shards else 0
+    _truncate_sentences(out, manifest.n_sentences)
+
+    started = time.perf_counter()
+    n_tokens = 0
+    n_new_sentences = 0
+    written = 0
+    buffer_vectors: dict[int, list[Tensor]] = {layer: [] for layer in config.layers}
+    buffer_sentences: list[SentenceRecord] = []
+    shard_first_trace = next_trace
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(traces), initial=next_trace, desc="activations", disable=not progress)
+    for batch_start in range(next_trace, len(traces), config.batch_size):
+        batch = traces[batch_start : batch_start + config.batch_size]
+        batch_ids, spans, batch_sentences = [], [], []
+        for row, record in enumerate(batch):
+            ids, sentences = trace_sentences(record, batch_start + row, model.tokenizer,
+                                             min_words=config.min_words, labeller=labeller)
+            batch_ids.append(ids)
+            n_tokens += len(ids)
+            for sentence in sentences:
+                start = sentence.tok_start - 1 if config.include_previous_token and sentence.tok_start > 0 else sentence.tok_start
+                spans.append((row, start, sentence.tok_end))
+                batch_sentences.append(sentence)
+        if spans:
+            pooled = pool_batch(model, batch_ids, spans, config.layers, config.site)
+            for layer in config.layers:
+                buffer_vectors[layer].append(pooled[layer])
+        buffer_sentences.extend(batch_sentences)
+        bar.update(len(batch))
+        batch_end = batch_start + len(batch)
+        if len(buffer_sentences) >= config.shard_size or batch_end == len(traces):
+            _write_shard(out, manifest, buffer_vectors, buffer_sentences, shard_first_trace, batch_end, model.cfg.d_model)
+            n_new_sentences += len(buffer_sentences)
+            buffer_vectors = {layer: [] for layer in config.layers}
+            buffer_sentences = []
+            shard_first_trace = batch_end
+            written += 1
+            if stop_after_shards is not None and written >= stop_after_shards and batch_end < len(traces):
+                bar.close()
+                return manifest
+    bar.close()
+    elapsed = time.perf_counter() - started
+    manifest.throughput = {
+        "seconds": elapsed,
+        "sentences_per_s": n_new_sentences / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": n_tokens / elapsed if elapsed > 0 else 0.0,
+    }
+    _write_centring_mean(out, manifest, traces, centre_on)
+    manifest.complete = True
+    manifest.save(out)
+    return manifest
+
+
+def _open_manifest(out: Path, model: TransformerBridge, traces: Sequence[TraceRecord], config: ActivationConfig) -> Manifest:
+    fresh = Manifest(model=model.cfg.model_name, config=asdict(config), n_traces=len(traces), d_model=model.cfg.d_model)
+    if not (out / MANIFEST).exists():
+        fresh.save(out)
+        return fresh
+    existing = Manifest.load(out)
+    for key, mine, theirs in (("model", fresh.model, existing.model), ("config", fresh.config, existing.config),
+                              ("n_traces", fresh.n_traces, existing.n_traces)):
+        if mine != theirs:
+            raise ValueError(f"{out} holds a run with a different {key} ({theirs!r} != {mine!r}); "
+                             "use another --out or delete it")
+    return existing
+
+
+def _truncate_sentences(out: Path, n_sentences: int) -> None:
+    """Drop sentence lines written after the last complete shard (an interrupted write)."""
+    path = out / SENTENCES
+    if not path.exists():
+        path.touch()
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) != n_sentences:
+        _atomic_write_text(path, "".join(line for line in lines[:n_sentences] if line.endswith("\n")))
+
+
+def _write_shard(out: Path, manifest: Manifest, vectors: dict[int, list[Tensor]], sentences: list[SentenceRecord],
+                 first_trace: int, end_trace: int, d_model: int) -> None:
+    index = len(manifest.shards)
+    name = f"shard_{index:05d}.safetensors"
+    tensors = {
+        f"layer_{layer}": torch.cat(parts) if parts else torch.zeros(0, d_model)
+        for layer, parts in vectors.items()
+    }
+    staging = out / (name + ".tmp")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging))
+    os.replace(staging, out / name)
+    with (out / SENTENCES).open("a") as handle:
+        for sentence in sentences:
+            handle.write(json.dumps(asdict(sentence)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    manifest.shards.append(ShardInfo(name, manifest.n_sentences, len(sentences), first_trace, end_trace))
+    manifest.save(out)
+
+
+def _write_centring_mean(out: Path, manifest: Manifest, traces: Sequence[TraceRecord], centre_on: set[str] | None) -> None:
+    sentences = read_sentences(out)
+    use = torch.tensor([centre_on is None or traces[s.trace_index].problem_id in centre_on for s in sentences])
+    if not bool(use.any()):
+        raise ValueError("no sentences to compute the centring mean from")
+    means = {}
+    for layer in manifest.config["layers"]:
+        total = torch.zeros(manifest.d_model, dtype=torch.float64)
+        offset = 0
+        for shard, vectors in iter_shards(out, layer):
+            chosen = use[offset : offset + shard.n_sentences]
+            total += vectors[chosen].double().sum(0)
+            offset += shard.n_sentences
+        means[f"layer_{layer}"] = (total / use.sum()).float()
+    save_file(means, str(out / CENTRING))
+
+
+def read_sentences(out_dir: str | Path) -> list[SentenceRecord]:
+    with (Path(out_dir) / SENTENCES).open() as handle:
+        return [SentenceRecord(**json.loads(line)) for line in handle]
+
+
+def iter_shards(out_dir: str | Path, layer: int) -> Iterator[tuple[ShardInfo, Float[Tensor, "n d_model"]]]:
+    """Raw pooled vectors of one layer, shard by shard (memory holds one shard at a time)."""
+    out = Path(out_dir)
+    manifest = Manifest.load(out)
+    if layer not in manifest.config["layers"]:
+        raise ValueError(f"layer {layer} not in this run's layers {manifest.config['layers']}")
+    for shard in manifest.shards:
+        yield shard, load_file(str(out / shard.file))[f"layer_{layer}"]
+
+
+def centring_mean(out_dir: str | Path, layer: int) -> Float[Tensor, " d_model"]:
+    path = Path(out_dir) / CENTRING
+    if not path.exists():
+        raise ValueError(f"{out_dir} has no centring mean yet: the activation run is incomplete")
+    return load_file(str(path))[f"layer_{layer}"]
+
+
+@typechecked
+def centre_and_normalise(
+    vectors: Float[Tensor, "n d_model"], mean: Float[Tensor, " d_model"], normalise: bool = True
+) -> Float[Tensor, "n d_model"]:
+    centred = vectors - mean
+    if normalise:
+        centred = centred / centred.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    return centred
+
+
+def load_sentence_vectors(out_dir: str | Path, layer: int, *, normalise: bool = True) -> Float[Tensor, "n d_model"]:
+    """All sentence vectors of a layer, centred (and L2-normalised), as one tensor."""
+    manifest = Manifest.load(out_dir)
+    if not manifest.complete:
+        raise ValueError(f"{out_dir}: the activation run is incomplete; rerun it to finish")
+    mean = centring_mean(out_dir, layer)
+    parts = [centre_and_normalise(vectors, mean, normalise) for _, vectors in iter_shards(out_dir, layer)]
+    return torch.cat(parts) if parts else torch.zeros(0, manifest.d_model)
+
+
+def run_activations_cli(args: argparse.Namespace) -> int:
+    from mechsteer.models import load_model
+
+    model = load_model(args.model, device=args.device)
+    traces = load_traces(args.traces)
+    if not traces:
+        raise SystemExit(f"no traces found in {args.traces}")
+    labeller = organism_labeller if traces[0].benchmark == "organism" else None
+    config = ActivationConfig(
+        layers=[int(layer) for layer in args.layers.split(",")],
+        include_previous_token=not args.no_previous_token,
+        batch_size=args.batch_size,
+    )
+    manifest = extract_activations(model, traces, args.out, config, labeller=labeller)
+    print(json.dumps({"n_sentences": manifest.n_sentences, "shards": len(manifest.shards),
+                      "throughput": manifest.throughput, "out": str(args.out)}))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("activations", help="pool sentence activations of traces")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--traces", required=True, help="folder with traces.jsonl")
+    parser.add_argument("--layers", required=True, help="comma-separated layers, e.g. 2,3")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-previous-token", action="store_true",
+                        help="pool only the sentence's own tokens (default includes the one before)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_activations_cli)
