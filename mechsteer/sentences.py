@@ -43,6 +43,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 TERMINATORS = frozenset(".!?;")
 # Closing quotes/brackets that stay with the sentence they close, e.g. `(see above.)`.
 CLOSERS = frozenset("\"')]\u201d\u2019")
@@ -226,24 +228,30 @@ def split_sentences(text: str, *, min_words: int = 3) -> list[Sentence]:
     return [sentence for sentence in segment_sentences(text, min_words=min_words) if sentence.kept]
 
 
-def _as_offset_pairs(offset_mapping: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    if hasattr(offset_mapping, "tolist"):  # a tensor or array of shape (n_tokens, 2)
-        offset_mapping = offset_mapping.tolist()
-    pairs: list[tuple[int, int]] = []
-    for index, pair in enumerate(offset_mapping):
-        if len(pair) != 2:
-            raise ValueError(
-                f"offset_mapping[{index}] must be a (char_start, char_end) pair, got {pair!r}"
-            )
-        start, end = int(pair[0]), int(pair[1])
-        if end < start:
-            raise ValueError(f"offset_mapping[{index}] = {pair!r} ends before it starts")
-        pairs.append((start, end))
-    return pairs
+def _offset_array(offset_mapping: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+    """The offsets as an (n_tokens, 2) int64 array, validated."""
+    if isinstance(offset_mapping, np.ndarray):
+        offsets = offset_mapping
+    else:
+        if hasattr(offset_mapping, "tolist"):  # a torch tensor
+            offset_mapping = offset_mapping.tolist()
+        for index, pair in enumerate(offset_mapping):
+            if len(pair) != 2:
+                raise ValueError(
+                    f"offset_mapping[{index}] must be a (char_start, char_end) pair, got {pair!r}"
+                )
+        offsets = np.asarray(offset_mapping, dtype=np.int64).reshape(-1, 2)
+    if offsets.ndim != 2 or offsets.shape[1] != 2:
+        raise ValueError(f"offset_mapping must have shape (n_tokens, 2), got {offsets.shape}")
+    backwards = np.nonzero(offsets[:, 1] < offsets[:, 0])[0]
+    if len(backwards):
+        index = int(backwards[0])
+        raise ValueError(f"offset_mapping[{index}] = {offsets[index].tolist()} ends before it starts")
+    return offsets.astype(np.int64, copy=False)
 
 
 def token_span(
-    char_start: int, char_end: int, offset_mapping: Sequence[Sequence[int]]
+    char_start: int, char_end: int, offset_mapping: Sequence[Sequence[int]] | np.ndarray
 ) -> tuple[int, int]:
     """Half-open range of the tokens whose character range overlaps ``[char_start, char_end)``.
 
@@ -252,11 +260,9 @@ def token_span(
     """
     if char_end <= char_start:
         raise ValueError(f"empty character span [{char_start}, {char_end})")
-    overlapping = [
-        index
-        for index, (start, end) in enumerate(_as_offset_pairs(offset_mapping))
-        if start < end and start < char_end and end > char_start
-    ]
+    offsets = _offset_array(offset_mapping)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    overlapping = np.nonzero((starts < ends) & (starts < char_end) & (ends > char_start))[0].tolist()
     if not overlapping:
         raise ValueError(
             f"no token overlaps characters [{char_start}, {char_end}); "
@@ -272,7 +278,7 @@ def token_span(
 
 def attach_token_spans(
     sentences: Sequence[Sentence],
-    offset_mapping: Sequence[Sequence[int]],
+    offset_mapping: Sequence[Sequence[int]] | np.ndarray,
     *,
     char_offset: int = 0,
 ) -> list[Sentence]:
@@ -283,11 +289,11 @@ def attach_token_spans(
     split from a substring of it that starts at ``char_offset`` (the thinking part inside
     prompt + generation); the returned sentences carry character spans in the full text.
     """
-    pairs = _as_offset_pairs(offset_mapping)
+    offsets = _offset_array(offset_mapping)
     attached: list[Sentence] = []
     for sentence in sentences:
         shifted = sentence.shifted(char_offset)
-        tok_start, tok_end = token_span(shifted.char_start, shifted.char_end, pairs)
+        tok_start, tok_end = token_span(shifted.char_start, shifted.char_end, offsets)
         attached.append(dataclasses.replace(shifted, tok_start=tok_start, tok_end=tok_end))
     return attached
 

@@ -186,7 +186,9 @@ def segment_items(draw):
     # The last word is a plain word so that the terminator is not a factorial or abbreviation.
     words.append(draw(st.sampled_from(PLAIN_WORDS)))
     terminator = draw(st.sampled_from(TERMINATORS))
-    return " ".join(words) + terminator, keep, terminator == ""
+    sentence = " ".join(words) + terminator
+    # Kept iff it has >= 3 whitespace-separated words (a boxed token holds several).
+    return sentence, len(sentence.split()) >= 3, terminator == ""
 
 
 @st.composite
