@@ -11,19 +11,21 @@
    answer with one ``\\pm`` as the two values it stands for.
 3. Scalars: a small recursive-descent parser of our own turns LaTeX into a tuple AST (no
    ``eval``, no antlr4). Pure rational arithmetic is compared exactly in-process with
-   ``Fraction``. Anything else (radicals, pi, symbols, functions) is compared with sympy in
-   a separate worker process under a hard per-call timeout: constants numerically to ~1e-12
-   relative, expressions by ``expand(a - b) == 0`` or agreement at fixed probe points,
-   equations by a constant nonzero ratio of their ``lhs - rhs``.
+   ``Fraction``. Anything else (radicals, pi, symbols, functions, ``i``, ``e``) goes to
+   sympy in a child process (``mechsteer.sympy_worker``) under a hard per-call timeout:
+   constants agree to 1e-25 relative at 40 digits, expressions at five fixed probe points,
+   equations when their ``lhs - rhs`` have a constant nonzero ratio.
 
-Never hanging and never crashing: inputs are length-capped before any regex; the parser
-caps nesting depth and node count, rejects numeric exponents above ``MAX_EXPONENT`` (so
-``9^{9^{9}}`` is refused before sympy sees it), big factorials and very long literals.
-Whatever still runs long is killed: sympy runs in a ``spawn``-ed child process, the parent
-waits on a pipe with a timeout, and on timeout terminates the child and starts a fresh one
-on the next call. This is thread-safe (a lock serialises calls), does not rely on signals
-(so works off the main thread and inside pytest), and survives a child crash. Anything the
-parser or sympy cannot handle counts as "not equivalent".
+Never hanging and never crashing: answers are length-capped before any regex; the parser
+caps nesting depth, node count and literal length, and refuses numeric exponents above
+``MAX_EXPONENT``, constant powers above ``MAX_RESULT_DIGITS`` digits, power towers higher
+than ``MAX_TOWER_HEIGHT`` and big factorials (so ``9^{9^{9}}`` never reaches sympy).
+Whatever still runs long is killed: the parent waits for the child's reply with ``select``
+and a deadline, kills the child on timeout and starts a fresh one on the next call. This is
+thread-safe (a lock serialises calls), needs no signals (so works off the main thread and
+inside pytest), needs no ``__main__`` guard (a plain subprocess, not ``multiprocessing``),
+and survives a child crash. Anything the parser or sympy cannot handle, or that times out,
+counts as "not equivalent".
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ MAX_NODES = 300  # AST nodes per expression
 MAX_EXPONENT = 1000  # |numeric exponent|
 MAX_FACTORIAL = 500
 MAX_RESULT_DIGITS = 5000  # decimal digits of a constant power
+MAX_TOWER_HEIGHT = 2  # x^{y^{z}} is refused: sympy can take minutes on such towers
 MAX_LITERAL_DIGITS = 60
 MAX_ITEMS = 24  # elements of a tuple, set or matrix
 SYMPY_TIMEOUT_S = 3.0
@@ -96,7 +99,7 @@ _MIXED_NUMBER = re.compile(r"^(-?)(\d+)\\frac\{(\d+)\}\{(\d+)\}$")
 def normalize_math_answer(text: str) -> str:
     """The canonical string form of a MATH answer (see the module docstring).
 
-    Idempotent; never raises on a str. Answers longer than ``MAX_ANSWER_CHARS`` are only
+    Idempotent on well-formed answers; never raises on a str. Answers longer than ``MAX_ANSWER_CHARS`` are only
     stripped.
     """
     answer = text.strip()
@@ -696,7 +699,27 @@ def parse_latex(text: str) -> AST:
         raise LatexParseError("expression too long")
     ast = _Parser(text).parse()
     _check_magnitudes(ast)
+    if _tower_height(ast) > MAX_TOWER_HEIGHT:
+        raise LatexParseError("power tower too high")
     return ast
+
+
+def _tower_height(ast: AST) -> int:
+    """How many powers are stacked in exponents: x^2 is 1, x^{y^2} is 2."""
+    if ast[0] == "pow":
+        return max(_tower_height(ast[1]), 1 + _tower_height(ast[2]))
+    return max((_tower_height(child) for child in _children(ast)), default=0)
+
+
+def _children(ast: AST) -> list[AST]:
+    """The sub-expressions of a node: ("add", (a, b)) and ("div", a, b) both give [a, b]."""
+    children: list[AST] = []
+    for part in ast[1:]:
+        if isinstance(part, tuple) and part and isinstance(part[0], str):
+            children.append(part)
+        elif isinstance(part, tuple):
+            children.extend(part)
+    return children
 
 
 def _check_magnitudes(ast: AST) -> None:
@@ -715,13 +738,8 @@ def _check_magnitudes(ast: AST) -> None:
         argument = _float_value(ast[1])
         if argument is None or not abs(argument) <= MAX_FACTORIAL:
             raise LatexParseError("factorial/binomial argument too large or symbolic")
-    for part in ast[1:]:
-        if isinstance(part, tuple) and part and isinstance(part[0], str):
-            _check_magnitudes(part)
-        elif isinstance(part, tuple):
-            for child in part:
-                if isinstance(child, tuple):
-                    _check_magnitudes(child)
+    for child in _children(ast):
+        _check_magnitudes(child)
 
 
 def _float_value(ast: AST) -> float | None:
@@ -870,7 +888,7 @@ class SympyWorker:
         self.starts += 1
         try:
             ready = self._read_line(time.monotonic() + WORKER_START_TIMEOUT_S)
-        except EOFError:
+        except (EOFError, OSError):
             ready = None
         if ready != b"ready":
             logger.warning("the sympy grading worker did not start (got %r)", ready)
@@ -926,7 +944,13 @@ class SympyWorker:
                 logger.info("sympy comparison timed out after %.1f s; restarting worker", timeout_s)
                 self._stop()
                 return None
-            result = json.loads(reply)
+            try:
+                result = json.loads(reply)
+            except ValueError:
+                # The protocol is out of step (should not happen: the child keeps its stdout
+                # for replies only); start afresh.
+                self._stop()
+                return None
             return result if isinstance(result, bool) else None
 
     def close(self) -> None:

@@ -133,7 +133,8 @@ def render_prompt(template: str | PromptTemplate, question: str, tokenizer: Any 
     if not isinstance(rendered, str):
         raise ValueError(f"apply_chat_template returned {type(rendered).__name__}, not str")
     # Open the thinking block unless the generation prompt already did (after the question).
-    tail = rendered[rendered.rfind(question) + len(question) :] if question else rendered
+    question_at = rendered.rfind(question) if question else -1
+    tail = rendered[question_at + len(question) :] if question_at >= 0 else rendered
     if THINK_OPEN in tail and THINK_CLOSE not in tail.split(THINK_OPEN)[-1]:
         return rendered
     return rendered + THINK_OPEN + "\n"
