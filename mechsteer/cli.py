@@ -15,6 +15,7 @@ import sys
 STAGE_MODULES: tuple[str, ...] = (
     "mechsteer.info",
     "mechsteer.organisms.cli",
+    "mechsteer.taxonomy",
 )
 
 
