@@ -60,7 +60,9 @@ def extract_answer(text: str, benchmark: str) -> str | None:
     """The final answer in ``text`` (a model output or a reference solution), or None.
 
     If ``text`` contains ``</think>``, only what follows the last ``</think>`` is searched
-    (an unfinished thinking block therefore has no answer).
+    (an unfinished thinking block therefore has no answer). A base model's continuation into
+    a new question of the paper's prompt (``"\n\nQuestion:\n"`` or ``"\nTask: Answer the
+    question below"``) is cut off first.
 
     - ``organism``: N in the first "The answer is N" (the organism grammar's answer
       sentence; later text may be a new, hallucinated problem); None if absent.
@@ -78,10 +80,20 @@ def extract_answer(text: str, benchmark: str) -> str | None:
         text = text.rsplit(THINK_CLOSE, 1)[1]
     if benchmark == "organism":
         return _extract_organism_answer(text[:MAX_SEARCH_CHARS])
-    text = text[-MAX_SEARCH_CHARS:]
+    text = _cut_continuation(text)[-MAX_SEARCH_CHARS:]
     if benchmark == "gsm8k":
         return _extract_number_answer(text)
     return _extract_math_answer(text)
+
+
+# A base model given the paper's prompt may go on to write the next "Question:" (or a whole
+# new "Task: ..." block) after answering; its numbers must not count as the answer.
+_CONTINUATION_MARKERS = ("\nTask: Answer the question below", "\n\nQuestion:\n")
+
+
+def _cut_continuation(text: str) -> str:
+    cut = min((text.find(marker) for marker in _CONTINUATION_MARKERS if marker in text), default=-1)
+    return text if cut < 0 else text[:cut]
 
 
 def _clean_for_numbers(text: str) -> str:

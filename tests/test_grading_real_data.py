@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from fractions import Fraction
 
@@ -120,3 +121,40 @@ def test_math500_numeric_answers_plus_one_grade_wrong(math500):
     print(f"\nMATH-500 +1 perturbations graded correct: {len(graded_right)} / {len(numeric)}")
     assert len(graded_right) <= 0.01 * len(numeric)
     assert graded_right == []  # in fact none
+
+
+# Distinct MATH-500 answer strings that denote the same answer: all 12 such pairs among the
+# 301 distinct answers (found by grading every ordered pair once, ~2 min, offline).
+SAME_ANSWER_PAIRS = {
+    frozenset(pair)
+    for pair in [
+        ("-2,1", "1,-2"),
+        ("10,\\!080", "10080"),
+        ("120", "120^\\circ"),
+        ("15", "15\\mbox{ cm}^2"),
+        ("2 \\sqrt{5}", "2\\sqrt{5}"),
+        ("30", "30^\\circ"),
+        ("36", "36^\\circ"),
+        ("36", "\\$36"),
+        ("36^\\circ", "\\$36"),
+        ("5", "x=5"),
+        ("90", "90^\\circ"),
+        ("\\frac14", "\\frac{1}{4}"),
+    ]
+}
+
+
+def test_distinct_math500_answers_are_not_confused(math500):
+    answers = sorted({p.answer for p in math500})
+    rng = random.Random(0)
+    pairs = {frozenset(rng.sample(answers, 2)) for _ in range(1500)} | SAME_ANSWER_PAIRS
+    confused = []
+    for pair in pairs:
+        first, second = sorted(pair)
+        graded_equal = is_correct(first, second, "math500")
+        assert graded_equal == is_correct(second, first, "math500"), pair
+        if graded_equal != (pair in SAME_ANSWER_PAIRS):
+            confused.append((first, second, graded_equal))
+    for item in confused:
+        print("  confused:", item)
+    assert confused == []
