@@ -16,6 +16,8 @@ STAGE_MODULES: tuple[str, ...] = (
     "mechsteer.info",
     "mechsteer.organisms.cli",
     "mechsteer.taxonomy",
+    "mechsteer.directions",
+    "mechsteer.ablations",
 )
 
 

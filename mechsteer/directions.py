@@ -51,6 +51,7 @@ titles, norms, provenance).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -836,3 +837,144 @@ def build_optimised_directions(
 def default_layer(n_layers: int) -> int:
     """The paper's choice, about 37.5% of the depth (10 of 28, 12 of 32)."""
     return max(0, min(n_layers - 1, math.floor(0.375 * n_layers)))
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class BehaviourLabels:
+    """Where sentence labels come from: the taxonomy's assignments, or an organism's ground truth."""
+
+    labeller: SentenceLabeller
+    behaviour_ids: list[int]
+    titles: list[str]
+    text_labeller: Callable[[str], dict[tuple[int, int], str]] | None = None
+    taxonomy: Any = None  # mechsteer.taxonomy.Taxonomy when labels come from one
+    source: str = ""
+
+
+def ground_truth_labels() -> BehaviourLabels:
+    """The organisms' planted behaviours; ids are indices into ``grammar.BEHAVIOURS``."""
+    from mechsteer.activations import organism_labeller
+    from mechsteer.organisms.grammar import BEHAVIOURS
+
+    return BehaviourLabels(ground_truth_labeller(BEHAVIOURS), list(range(len(BEHAVIOURS))), list(BEHAVIOURS),
+                           organism_labeller, None, "organism ground truth (mechsteer.organisms.grammar)")
+
+
+def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None) -> BehaviourLabels:
+    """Labels from a taxonomy: its sentence assignments, matched to sentences by trace index and span.
+
+    The traces must be the ones (same file, same order) the taxonomy's activations came from.
+    """
+    from mechsteer.activations import Manifest, read_sentences
+    from mechsteer.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.load(taxonomy_dir)
+    activations_dir = taxonomy.provenance.activations_dir
+    if n_traces is not None and Manifest.load(activations_dir).n_traces != n_traces:
+        raise ValueError(f"the taxonomy's activations ({activations_dir}) cover "
+                         f"{Manifest.load(activations_dir).n_traces} traces, but {n_traces} traces were given; "
+                         "pass the traces the taxonomy was built from")
+    sentences = read_sentences(activations_dir)
+    labeller = aligned_labeller(sentences, taxonomy.assignments.tolist())
+    return BehaviourLabels(labeller, taxonomy.behaviour_ids, [b.title for b in taxonomy.behaviours], None, taxonomy,
+                           f"taxonomy {taxonomy_dir}")
+
+
+def labels_from_args(args: argparse.Namespace, n_traces: int) -> BehaviourLabels:
+    if args.taxonomy and args.ground_truth:
+        raise SystemExit("pass either --taxonomy or --ground-truth, not both")
+    if args.taxonomy:
+        return taxonomy_labels(args.taxonomy, n_traces)
+    if args.ground_truth:
+        return ground_truth_labels()
+    raise SystemExit("sentence labels needed: pass --taxonomy DIR (SAE labels) or --ground-truth (organisms)")
+
+
+def load_framed_traces(traces_dir: str | Path, tokenizer: Any, split: str) -> list[TraceRecord]:
+    """Traces from a folder, framed for the base model (questions from the benchmark when re-framing)."""
+    from mechsteer.data import load_benchmark
+    from mechsteer.traces import load_traces
+
+    traces = load_traces(traces_dir)
+    if not traces:
+        raise SystemExit(f"no traces in {traces_dir}")
+    benchmark = traces[0].benchmark
+    questions = None
+    if any(t.settings.get("template") != base_template_for(t.benchmark) for t in traces):
+        questions = {p.id: p.question for p in load_benchmark(benchmark, split)}
+    return frame_for_base(traces, questions, tokenizer)
+
+
+def add_pair_and_label_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", required=True, help="BASE,THINKING model specs, e.g. organism-base,organism-thinking")
+    parser.add_argument("--traces", required=True, help="folder with the thinking model's traces.jsonl")
+    parser.add_argument("--taxonomy", default=None, help="taxonomy folder: SAE labels of the traces' sentences")
+    parser.add_argument("--ground-truth", action="store_true",
+                        help="label sentences with the organism grammar instead of a taxonomy")
+    parser.add_argument("--split", default="test", help="benchmark split of the traces (to re-frame prompts)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def split_pair(pair: str) -> tuple[str, str]:
+    parts = pair.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise SystemExit(f"--pair must be BASE,THINKING; got {pair!r}")
+    return parts[0], parts[1]
+
+
+def run_directions_cli(args: argparse.Namespace) -> int:
+    from mechsteer.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_spec, thinking_spec = split_pair(args.pair)
+    base = load_model(base_spec, device=args.device)
+    layer = default_layer(base.cfg.n_layers) if args.layer is None else args.layer
+    thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split)
+    base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split) if args.base_traces else None
+    labels = labels_from_args(args, len(thinking_traces))
+    if args.method == "mean":
+        result = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
+                                       layer, base_traces=base_traces, pooling=args.pooling,
+                                       text_labeller=labels.text_labeller)
+    elif args.method == "sae":
+        if labels.taxonomy is None:
+            raise SystemExit("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
+        thinking = load_model(thinking_spec, device=args.device)
+        result = build_sae_directions(base, thinking, labels.taxonomy.load_sae(), labels.behaviour_ids,
+                                      labels.titles, layer, thinking_traces, sae_layer=labels.taxonomy.provenance.layer,
+                                      mapping=args.mapping, base_traces=base_traces, pooling=args.pooling)
+    else:
+        config = OptimisationConfig(steps=args.steps, max_examples=args.max_examples, seed=args.seed)
+        result = build_optimised_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids,
+                                            labels.titles, layer, config, text_labeller=labels.text_labeller)
+    result.provenance.update({"labels": labels.source, "traces": str(args.traces),
+                              "base_traces": str(args.base_traces) if args.base_traces else None,
+                              "pair": [base_spec, thinking_spec]})
+    result.save(args.out)
+    print(json.dumps({"out": str(args.out), "method": result.method, "layer": layer,
+                      "norms": dict(zip(result.titles, result.norms.tolist(), strict=True)),
+                      "bias_norm": None if result.bias is None else float(result.bias.norm())}))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("directions", help="behaviour steering directions in the base model")
+    add_pair_and_label_args(parser)
+    parser.add_argument("--method", choices=("mean", "sae", "optimised"), default="mean")
+    parser.add_argument("--layer", type=int, default=None, help="default: about 37.5%% of the depth")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base-traces", default=None,
+                        help="the base model's own traces (for the bias of mean/sae sets)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="sentence")
+    parser.add_argument("--mapping", choices=("auto", "identity", "linear"), default="auto",
+                        help="SAE directions: thinking -> base space")
+    parser.add_argument("--steps", type=int, default=50, help="optimised: steps per vector")
+    parser.add_argument("--max-examples", type=int, default=2048, help="optimised: examples per vector")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_directions_cli)

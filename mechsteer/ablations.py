@@ -1,0 +1,558 @@
+"""Stage: causal validation of each behaviour direction, necessity and sufficiency.
+
+**Necessity, in the thinking model.** Each behaviour's direction is projected out of the
+thinking model's residual stream (``resid_post``): at the set's layer, and at every layer as
+a variant. The thinking model regenerates its traces (greedy) and we measure, per behaviour,
+the *rate*: sentences of that behaviour per trace, against the unablated traces. Also the
+other behaviours' rates and the accuracy. A direction made in the base model is applied
+to the thinking model as is when both share d_model (a thinking model post-trained from
+the base keeps its residual basis; ``check_model(..., allow_other_name=True)``); pass a set
+made in the thinking model to test it there instead.
+
+**Sufficiency, in the base model.** Contexts are the thinking traces (base framing) cut at
+a sentence boundary where the thinking trace's next sentence belongs to *another*
+behaviour. The base model generates the next sentence (greedy) with ``coeff * direction``
+added at ``resid_post`` of the layer at the last ``window`` context positions (and, with
+``steer_generation``, at every generated position), and we count how often that sentence
+is behaviour b: steered, unsteered, and with a norm-matched random direction at the same
+coefficient (:meth:`DirectionSet.random_like`).
+
+Behaviours of generated text come from a :class:`BehaviourLabeller`: the organisms'
+ground-truth grammar (:func:`organism_behaviour_labeller`), or for real models the
+taxonomy's SAE on the thinking model's pooled sentence activations
+(:class:`SAEBehaviourLabeller`).
+
+Output: one row per behaviour (per variant / coefficient) as dataclasses, CSV files and a
+matplotlib figure (:func:`write_outputs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechsteer.activations import pool_batch, trace_sentences
+from mechsteer.data import Problem
+from mechsteer.directions import DirectionSet, SentenceLabeller
+from mechsteer.generation import generate
+from mechsteer.hooks import Ablation, HookFn, PositionFrame, check_direction, check_layer
+from mechsteer.models import resid_hook_name
+from mechsteer.tensor_types import Float, Tensor
+from mechsteer.traces import TraceRecord
+
+NECESSITY_CSV = "necessity.csv"
+SUFFICIENCY_CSV = "sufficiency.csv"
+ABLATIONS_PLOT = "ablations.png"
+ABLATIONS_JSON = "ablations.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Labelling generated text
+
+
+class BehaviourLabeller(Protocol):
+    """Behaviour ids (None: no behaviour) of each sentence of each continuation, given its context."""
+
+    def __call__(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]: ...
+
+
+def organism_behaviour_labeller(titles: Sequence[str], behaviour_ids: Sequence[int]) -> BehaviourLabeller:
+    """Ground truth from the organism grammar; a sentence of behaviour ``titles[i]`` gets ``behaviour_ids[i]``."""
+    from mechsteer.organisms.grammar import parse_trace
+
+    ids = {title: int(b) for title, b in zip(titles, behaviour_ids, strict=True)}
+
+    def label(contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]:
+        return [[ids.get(sentence.behaviour) for sentence in parse_trace(text)] for text in continuations]
+
+    return label
+
+
+@dataclass
+class SAEBehaviourLabeller:
+    """The taxonomy's classifier: pool each continuation sentence in ``model`` at ``layer``, argmax SAE latent."""
+
+    model: TransformerBridge
+    sae: Any  # mechsteer.sae.TopKSAE
+    layer: int
+    include_previous_token: bool = True
+    min_words: int = 3
+    batch_size: int = 8
+
+    def __call__(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]:
+        results: list[list[int | None]] = []
+        for start in range(0, len(contexts), self.batch_size):
+            batch_ids, spans, owners = [], [], []
+            chunk = list(zip(contexts[start : start + self.batch_size], continuations[start : start + self.batch_size],
+                             strict=True))
+            for row, (context, continuation) in enumerate(chunk):
+                ids, sentences = trace_sentences(_text_record(context, continuation), row, self.model.tokenizer,
+                                                 min_words=self.min_words)
+                batch_ids.append(ids)
+                for sentence in sentences:
+                    first = sentence.tok_start - 1 if self.include_previous_token and sentence.tok_start > 0 else sentence.tok_start
+                    spans.append((row, first, sentence.tok_end))
+                    owners.append(row)
+            labels: list[list[int | None]] = [[] for _ in chunk]
+            if spans:
+                pooled = pool_batch(self.model, batch_ids, spans, [self.layer])[self.layer]
+                for owner, latent in zip(owners, self.sae.classify_tokens(pooled).tolist(), strict=True):
+                    labels[owner].append(int(latent))
+            results.extend(labels)
+        return results
+
+
+def _text_record(context: str, continuation: str) -> TraceRecord:
+    return TraceRecord(
+        problem_id="", benchmark="", prompt=context, text=context + continuation, generation=continuation,
+        reasoning=continuation, answer_part="", reasoning_char_start=len(context),
+        reasoning_char_end=len(context) + len(continuation), token_ids=[], n_prompt_tokens=0, prediction=None,
+        reference="", correct=False, finish_reason="", model="",
+    )
+
+
+def behaviour_rates(labels: Sequence[Sequence[int | None]], behaviour_ids: Sequence[int]) -> dict[int, float]:
+    """Sentences of each behaviour per trace (mean over traces)."""
+    if not labels:
+        raise ValueError("no traces to measure rates on")
+    return {int(b): sum(list(trace).count(int(b)) for trace in labels) / len(labels) for b in behaviour_ids}
+
+
+def relative_change(before: float, after: float) -> float:
+    """(after - before) / before; 0 when both are 0, inf when only ``before`` is 0."""
+    if before == 0:
+        return 0.0 if after == 0 else float("inf")
+    return (after - before) / before
+
+
+# --------------------------------------------------------------------------------------------
+# Necessity
+
+
+@dataclass
+class NecessityRow:
+    behaviour_id: int
+    title: str
+    variant: str  # "layer L" or "all layers"
+    n_traces: int
+    rate_before: float  # this behaviour's sentences per trace, unablated
+    rate_after: float
+    relative_change: float  # (after - before) / before
+    other_rates_before: dict[int, float]
+    other_rates_after: dict[int, float]
+    max_other_relative_change: float  # largest |relative change| of another behaviour
+    mean_other_relative_change: float
+    accuracy_before: float
+    accuracy_after: float
+
+
+def _generate_traces(model: TransformerBridge, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                     interventions: Sequence[Any] = ()) -> list[str]:
+    output = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      interventions=interventions)
+    return output.texts
+
+
+def _accuracy(texts: Sequence[str], problems: Sequence[Problem]) -> float:
+    from mechsteer.evals import extract_answer, is_correct
+
+    correct = [is_correct(extract_answer(text, p.benchmark), p.answer, p.benchmark)
+               for text, p in zip(texts, problems, strict=True)]
+    return sum(correct) / len(correct)
+
+
+def necessity(
+    thinking_model: TransformerBridge,
+    directions: DirectionSet,
+    problems: Sequence[Problem],
+    labeller: BehaviourLabeller,
+    *,
+    template: str,
+    max_new_tokens: int,
+    variants: Sequence[str] = ("layer", "all"),
+    batch_size: int = 64,
+    behaviour_ids: Sequence[int] | None = None,
+) -> list[NecessityRow]:
+    """Project each behaviour's direction out of the thinking model and regenerate (module docstring)."""
+    from mechsteer.prompts import render_prompt
+
+    directions.check_model(thinking_model, allow_other_name=True)
+    for variant in variants:
+        if variant not in ("layer", "all"):
+            raise ValueError(f"necessity variants are 'layer' and 'all'; got {variant!r}")
+    if not problems:
+        raise ValueError("necessity needs at least one problem")
+    prompts = [render_prompt(template, p.question, thinking_model.tokenizer) for p in problems]
+    chosen = list(directions.behaviour_ids if behaviour_ids is None else behaviour_ids)
+    baseline = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size)
+    rates_before = behaviour_rates(labeller(prompts, baseline), directions.behaviour_ids)
+    accuracy_before = _accuracy(baseline, problems)
+    rows = []
+    for behaviour in chosen:
+        direction = directions.direction(behaviour)
+        for variant in variants:
+            layers = [directions.layer] if variant == "layer" else list(range(thinking_model.cfg.n_layers))
+            texts = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size,
+                                     [Ablation(layer, direction, directions.site) for layer in layers])
+            rates_after = behaviour_rates(labeller(prompts, texts), directions.behaviour_ids)
+            others = [b for b in directions.behaviour_ids if b != behaviour]
+            other_changes = [abs(relative_change(rates_before[b], rates_after[b])) for b in others]
+            rows.append(NecessityRow(
+                behaviour_id=int(behaviour), title=directions.title(behaviour),
+                variant=f"layer {directions.layer}" if variant == "layer" else "all layers",
+                n_traces=len(problems), rate_before=rates_before[behaviour], rate_after=rates_after[behaviour],
+                relative_change=relative_change(rates_before[behaviour], rates_after[behaviour]),
+                other_rates_before={b: rates_before[b] for b in others},
+                other_rates_after={b: rates_after[b] for b in others},
+                max_other_relative_change=max(other_changes, default=0.0),
+                mean_other_relative_change=sum(other_changes) / len(other_changes) if other_changes else 0.0,
+                accuracy_before=accuracy_before, accuracy_after=_accuracy(texts, problems),
+            ))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Sufficiency
+
+
+@dataclass
+class RowWindowSteering:
+    """Add ``coeff * direction`` at ``resid_post`` of ``layer`` at absolute positions ``[starts[r], ends[r])`` of row r.
+
+    Unlike :class:`mechsteer.hooks.Steering` (one position list for every row), the window
+    is per row, so contexts of different lengths can share a batch. It follows the same
+    protocol (``validate``, ``hook_name``, ``make_hook``) and is exact under the KV cache.
+    """
+
+    layer: int
+    direction: Float[Tensor, " d_model"]
+    coeff: float
+    starts: Sequence[int]
+    ends: Sequence[int]
+    site: str = "resid_post"
+
+    @property
+    def hook_name(self) -> str:
+        return resid_hook_name(self.layer, self.site)
+
+    def validate(self, model: TransformerBridge) -> None:
+        check_layer(model, self.layer)
+        check_direction(model, self.direction)
+        if len(self.starts) != len(self.ends):
+            raise ValueError(f"need as many window starts as ends; got {len(self.starts)} and {len(self.ends)}")
+
+    def make_hook(self, frame: PositionFrame) -> HookFn:
+        def hook(resid: Tensor, hook: object) -> Tensor:
+            batch, n_new, _ = resid.shape
+            if batch != len(self.starts):
+                raise ValueError(f"window steering has {len(self.starts)} rows but the batch has {batch}")
+            absolute = frame.absolute_positions(batch, n_new, resid.device)
+            starts = torch.tensor(list(self.starts), device=resid.device)[:, None]
+            ends = torch.tensor(list(self.ends), device=resid.device)[:, None]
+            mask = (absolute >= starts) & (absolute < ends) & (absolute >= 0)
+            delta = self.coeff * self.direction.to(resid.device, resid.dtype)
+            return resid + mask[..., None].to(resid.dtype) * delta
+
+        return hook
+
+
+@dataclass(frozen=True)
+class SteeringContext:
+    """A trace cut just before one of its sentences; ``next_behaviour`` is that sentence's behaviour."""
+
+    text: str
+    next_behaviour: int | None
+    trace_index: int
+    sentence_index: int
+
+
+def sufficiency_contexts(
+    traces: Sequence[TraceRecord], tokenizer: Any, labeller: SentenceLabeller, *,
+    text_labeller: Any = None, min_words: int = 3,
+) -> list[SteeringContext]:
+    """Every kept sentence of ``traces`` (base framing) gives a context: the text before it."""
+    contexts = []
+    for index, record in enumerate(traces):
+        _, sentences = trace_sentences(record, index, tokenizer, min_words=min_words, labeller=text_labeller)
+        for sentence in sentences:
+            contexts.append(SteeringContext(record.text[: sentence.char_start], labeller(sentence),
+                                            index, sentence.sentence_index))
+    return contexts
+
+
+@dataclass
+class SufficiencyRow:
+    behaviour_id: int
+    title: str
+    coeff: float
+    window: int
+    steer_generation: bool
+    n_contexts: int
+    rate_unsteered: float  # share of next sentences that are this behaviour
+    rate_steered: float
+    rate_random: float  # mean over the random seeds
+    ratio_vs_random: float  # rate_steered / max(rate_random, 1 / n_contexts)
+    random_rates: list[float] = field(default_factory=list)
+
+
+def _first_labels(labeller: BehaviourLabeller, contexts: Sequence[str], continuations: Sequence[str]) -> list[int | None]:
+    return [labels[0] if labels else None for labels in labeller(contexts, continuations)]
+
+
+def _next_sentences(
+    model: TransformerBridge, contexts: Sequence[str], *, direction: Tensor | None, coeff: float, layer: int,
+    window: int, steer_generation: bool, max_new_tokens: int, stop_strings: Sequence[str], batch_size: int,
+) -> list[str]:
+    from mechsteer.generation import tokenize_prompts
+
+    token_ids = tokenize_prompts(model, contexts)
+    texts: list[str] = []
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start : start + batch_size]
+        interventions = []
+        if direction is not None:
+            lengths = [len(ids) for ids in chunk]
+            ends = [length + max_new_tokens + 1 if steer_generation else length for length in lengths]
+            interventions.append(RowWindowSteering(layer, direction, coeff, [max(0, n - window) for n in lengths], ends))
+        output = generate(model, chunk, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                          interventions=interventions)
+        texts.extend(output.texts)
+    return texts
+
+
+def sufficiency(
+    base_model: TransformerBridge,
+    directions: DirectionSet,
+    contexts: Sequence[SteeringContext],
+    labeller: BehaviourLabeller,
+    *,
+    coeffs: Sequence[float] = (1.0,),
+    window: int = 1,
+    steer_generation: bool = True,
+    n_contexts: int = 64,
+    n_random: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    stop_strings: Sequence[str] = ("\n",),
+    batch_size: int = 64,
+    behaviour_ids: Sequence[int] | None = None,
+) -> list[SufficiencyRow]:
+    """For each behaviour b: contexts whose next sentence is another behaviour; steer toward b (module docstring)."""
+    directions.check_model(base_model)
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1; got {n_random}")
+    controls = [directions.random_like(seed + index) for index in range(n_random)]
+    rows = []
+    settings = dict(layer=directions.layer, window=window, steer_generation=steer_generation,
+                    max_new_tokens=max_new_tokens, stop_strings=stop_strings, batch_size=batch_size)
+    for behaviour in directions.behaviour_ids if behaviour_ids is None else behaviour_ids:
+        eligible = [c for c in contexts if c.next_behaviour is not None and c.next_behaviour != behaviour]
+        if not eligible:
+            raise ValueError(f"no contexts whose next sentence is another behaviour than {behaviour}")
+        chosen = random.Random(f"{seed}-{behaviour}").sample(eligible, min(n_contexts, len(eligible)))
+        texts = [c.text for c in chosen]
+
+        def rate(continuations: Sequence[str], behaviour: int = int(behaviour), texts: list[str] = texts) -> float:
+            labels = _first_labels(labeller, texts, continuations)
+            return sum(label == behaviour for label in labels) / len(labels)
+
+        unsteered = rate(_next_sentences(base_model, texts, direction=None, coeff=0.0, **settings))
+        for coeff in coeffs:
+            steered = rate(_next_sentences(base_model, texts, direction=directions.direction(behaviour),
+                                           coeff=coeff, **settings))
+            random_rates = [rate(_next_sentences(base_model, texts, direction=control.direction(behaviour),
+                                                 coeff=coeff, **settings)) for control in controls]
+            mean_random = sum(random_rates) / len(random_rates)
+            rows.append(SufficiencyRow(
+                behaviour_id=int(behaviour), title=directions.title(behaviour), coeff=float(coeff), window=window,
+                steer_generation=steer_generation, n_contexts=len(chosen), rate_unsteered=unsteered,
+                rate_steered=steered, rate_random=mean_random,
+                ratio_vs_random=steered / max(mean_random, 1 / len(chosen)), random_rates=random_rates,
+            ))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _csv_value(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
+def write_rows_csv(rows: Sequence[Any], path: str | Path) -> Path:
+    """One CSV line per row dataclass (dict and list fields as JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError(f"no rows to write to {path}")
+    records = [dataclasses.asdict(row) for row in rows]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        for record in records:
+            writer.writerow({key: _csv_value(value) for key, value in record.items()})
+    return path
+
+
+def plot_ablations(necessity_rows: Sequence[NecessityRow], sufficiency_rows: Sequence[SufficiencyRow],
+                   path: str | Path) -> Path:
+    """Left: each behaviour's rate before/after ablation; right: next-sentence rate unsteered/random/steered."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if necessity_rows:
+        variants = sorted({row.variant for row in necessity_rows})
+        titles = list(dict.fromkeys(row.title for row in necessity_rows))
+        width = 0.8 / (len(variants) + 1)
+        before = {row.title: row.rate_before for row in necessity_rows}
+        left.bar([i for i in range(len(titles))], [before[t] for t in titles], width, label="unablated")
+        for offset, variant in enumerate(variants, start=1):
+            after = {row.title: row.rate_after for row in necessity_rows if row.variant == variant}
+            left.bar([i + offset * width for i in range(len(titles))], [after.get(t, 0.0) for t in titles], width,
+                     label=f"ablated, {variant}")
+        left.set_xticks([i + width * len(variants) / 2 for i in range(len(titles))], titles, rotation=20)
+        left.set_ylabel("sentences per trace")
+        left.set_title("necessity (thinking model)")
+        left.legend(fontsize=8)
+    if sufficiency_rows:
+        best: dict[str, SufficiencyRow] = {}
+        for row in sufficiency_rows:  # the largest coefficient's row per behaviour
+            if row.title not in best or row.coeff > best[row.title].coeff:
+                best[row.title] = row
+        titles = list(best)
+        for offset, (name, attribute) in enumerate((("unsteered", "rate_unsteered"), ("random", "rate_random"),
+                                                     ("steered", "rate_steered"))):
+            right.bar([i + offset * 0.27 for i in range(len(titles))], [getattr(best[t], attribute) for t in titles],
+                      0.27, label=name)
+        right.set_xticks([i + 0.27 for i in range(len(titles))], titles, rotation=20)
+        right.set_ylabel("share of next sentences of the behaviour")
+        coeffs = sorted({row.coeff for row in best.values()})
+        right.set_title(f"sufficiency (base model), coeff {', '.join(f'{c:g}' for c in coeffs)}")
+        right.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_outputs(out_dir: str | Path, necessity_rows: Sequence[NecessityRow],
+                  sufficiency_rows: Sequence[SufficiencyRow], settings: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``necessity.csv``, ``sufficiency.csv``, ``ablations.json`` and ``ablations.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if necessity_rows:
+        paths["necessity"] = write_rows_csv(necessity_rows, out / NECESSITY_CSV)
+    if sufficiency_rows:
+        paths["sufficiency"] = write_rows_csv(sufficiency_rows, out / SUFFICIENCY_CSV)
+    document = {"settings": settings or {}, "necessity": [dataclasses.asdict(r) for r in necessity_rows],
+                "sufficiency": [dataclasses.asdict(r) for r in sufficiency_rows]}
+    (out / ABLATIONS_JSON).write_text(json.dumps(document, indent=2, default=str) + "\n")
+    paths["json"] = out / ABLATIONS_JSON
+    paths["plot"] = plot_ablations(necessity_rows, sufficiency_rows, out / ABLATIONS_PLOT)
+    return paths
+
+
+__all__ = [
+    "BehaviourLabeller", "NecessityRow", "RowWindowSteering", "SAEBehaviourLabeller", "SteeringContext",
+    "SufficiencyRow", "behaviour_rates", "necessity", "organism_behaviour_labeller", "plot_ablations",
+    "relative_change", "sufficiency", "sufficiency_contexts", "write_outputs", "write_rows_csv",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def run_ablate_cli(args: argparse.Namespace) -> int:
+    from mechsteer.data import load_benchmark
+    from mechsteer.directions import labels_from_args, load_framed_traces, split_pair
+    from mechsteer.models import load_model
+    from mechsteer.traces import default_template
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_spec, thinking_spec = split_pair(args.pair)
+    base = load_model(base_spec, device=args.device)
+    thinking = load_model(thinking_spec, device=args.device)
+    directions = DirectionSet.load(args.directions)
+    traces = load_framed_traces(args.traces, base.tokenizer, args.split)
+    labels = labels_from_args(args, len(traces))
+    benchmark = traces[0].benchmark
+    if labels.taxonomy is not None:
+        sae_labeller = SAEBehaviourLabeller(thinking, labels.taxonomy.load_sae(), labels.taxonomy.provenance.layer,
+                                            labels.taxonomy.provenance.include_previous_token)
+        behaviour_labeller: BehaviourLabeller = sae_labeller
+    else:
+        behaviour_labeller = organism_behaviour_labeller(labels.titles, labels.behaviour_ids)
+    organism = benchmark == "organism"
+    necessity_set = DirectionSet.load(args.necessity_directions) if args.necessity_directions else directions
+    problems = load_benchmark(benchmark, args.eval_split, args.n_problems)
+    necessity_rows = necessity(thinking, necessity_set, problems, behaviour_labeller,
+                               template=default_template(thinking, benchmark), max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+    contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+    sufficiency_rows = sufficiency(base, directions, contexts, behaviour_labeller, coeffs=parse_floats(args.coeffs),
+                                   window=args.window, steer_generation=not args.context_only,
+                                   n_contexts=args.n_contexts, n_random=args.n_random, seed=args.seed,
+                                   max_new_tokens=args.sentence_tokens,
+                                   stop_strings=("\n",) if organism else (), batch_size=args.batch_size)
+    settings = {key: value for key, value in vars(args).items() if key != "func"}
+    paths = write_outputs(args.out, necessity_rows, sufficiency_rows, settings)
+    summary = {
+        "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,
+                       "max_other_relative_change": r.max_other_relative_change} for r in necessity_rows],
+        "sufficiency": [{"behaviour": r.title, "coeff": r.coeff, "steered": r.rate_steered, "random": r.rate_random,
+                         "unsteered": r.rate_unsteered} for r in sufficiency_rows],
+        "outputs": {key: str(value) for key, value in paths.items()},
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    from mechsteer.directions import add_pair_and_label_args
+
+    parser = subparsers.add_parser("ablate", help="necessity and sufficiency of behaviour directions")
+    add_pair_and_label_args(parser)
+    parser.add_argument("--directions", required=True, help="a DirectionSet folder (made in the base model)")
+    parser.add_argument("--necessity-directions", default=None,
+                        help="a DirectionSet for the thinking model (default: --directions, applied as is)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--eval-split", default="test", help="benchmark split of the necessity problems")
+    parser.add_argument("--n-problems", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=384)
+    parser.add_argument("--coeffs", default="1,2,4", help="steering coefficients for sufficiency")
+    parser.add_argument("--window", type=int, default=1, help="steer the last N context positions")
+    parser.add_argument("--context-only", action="store_true", help="do not steer the generated positions")
+    parser.add_argument("--n-contexts", type=int, default=64)
+    parser.add_argument("--n-random", type=int, default=1, help="norm-matched random controls per behaviour")
+    parser.add_argument("--sentence-tokens", type=int, default=48, help="max tokens of the generated next sentence")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_ablate_cli)
