@@ -332,6 +332,11 @@ def _equivalent(prediction: str, reference: str, timeout_s: float) -> bool:
         return True
     kind_pred, body_pred = _structure(prediction)
     kind_ref, body_ref = _structure(reference)
+    # A one-element set is its element: \{5\} and 5.
+    if kind_pred == "unordered" and len(body_pred) == 1 and kind_ref == "scalar":
+        kind_pred, body_pred = "scalar", normalize_math_answer(body_pred[0])
+    if kind_ref == "unordered" and len(body_ref) == 1 and kind_pred == "scalar":
+        kind_ref, body_ref = "scalar", normalize_math_answer(body_ref[0])
     if kind_pred != kind_ref:
         return False
     if kind_pred == "scalar":

@@ -94,6 +94,8 @@ EQUIVALENCE_TABLE = [
     ("1+\\sqrt{19}, 1-\\sqrt{19}", "1 \\pm \\sqrt{19}", True),
     ("-2, 1+\\sqrt5, 1-\\sqrt5", "\\{1\\pm\\sqrt{5},-2\\}", True),
     ("3+2\\sqrt{2}", "3 \\pm 2 \\sqrt{2}", False),
+    ("\\{5\\}", "5", True),
+    ("\\{5\\}", "6", False),
     # matrices and vectors
     ("\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", True),
     ("\\begin{bmatrix}-1&0\\\\0&-1\\end{bmatrix}", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", True),
