@@ -177,29 +177,50 @@ class CachedRunner:
         The cache is cropped at the earliest cut over the rows; kept tokens after that point
         are queued again (ragged), so the next forward recomputes only them.
         """
-        n_real = self.n_real()
-        cuts, requeue = [], []
-        for row, (count, kept) in enumerate(zip(n_real, keep, strict=True)):
+        self._crop_and_requeue(keep, drop_after_cut=True)
+
+    def uncache(self, n_last: Sequence[int]) -> None:
+        """Make the last ``n_last[row]`` real tokens of each row pending again (recomputed by the
+        next forward, e.g. with steering), without dropping any token."""
+        counts = self.n_real()
+        self._crop_and_requeue([max(count - n, 0) for count, n in zip(counts, n_last, strict=True)],
+                               drop_after_cut=False)
+
+    def _crop_and_requeue(self, keep: Sequence[int], drop_after_cut: bool) -> None:
+        length = int(self.tokens.shape[1])
+        cuts = []
+        for row, (count, kept) in enumerate(zip(self.n_real(), keep, strict=True)):
             if not 0 <= kept <= count:
                 raise ValueError(f"row {row}: cannot keep {kept} of {count} real tokens")
             real_index = torch.nonzero(self.attention_mask[row]).flatten().tolist()
-            cuts.append(real_index[kept] if kept < count else int(self.tokens.shape[1]))
+            cuts.append(real_index[kept] if kept < count else length)
         crop = min(min(cuts), self.n_fed)
-        for row, (cut, kept) in enumerate(zip(cuts, keep, strict=True)):
-            segment = self.tokens[row, crop:cut][self.attention_mask[row, crop:cut].bool()]
+        requeue = []
+        for row, cut in enumerate(cuts):
+            end = cut if drop_after_cut else length
+            segment = self.tokens[row, crop:end][self.attention_mask[row, crop:end].bool()]
             requeue.append(segment.tolist())
         self.tokens = self.tokens[:, :crop]
         self.attention_mask = self.attention_mask[:, :crop]
-        if self.cache is not None:
-            self.cache.crop(crop)
+        if crop == 0:
+            self.cache = None  # an emptied cache object would ignore later batch reshapes
+        elif self.cache is not None:
+            # transformers 5.x: crop(-n) removes the last n cached positions
+            surplus = self.cache.get_seq_length() - crop
+            if surplus > 0:
+                self.cache.crop(-surplus)
         self.n_fed = crop
         self.append_ragged(requeue)
 
-    def fork(self) -> CachedRunner:
-        """An independent copy (own cache and tokens) sharing the model."""
+    def fork(self, rows: Sequence[int] | None = None) -> CachedRunner:
+        """An independent copy (own cache and tokens) of ``rows`` (all if None), sharing the model."""
         twin = copy.copy(self)
-        twin.tokens, twin.attention_mask = self.tokens.clone(), self.attention_mask.clone()
+        index = torch.arange(self.batch_size) if rows is None else torch.tensor(list(rows), dtype=torch.long)
+        index = index.to(self.tokens.device)
+        twin.tokens, twin.attention_mask = self.tokens[index].clone(), self.attention_mask[index].clone()
         twin.cache = copy.deepcopy(self.cache)
+        if twin.cache is not None and rows is not None:
+            twin.cache.batch_select_indices(index)
         twin.frame = PositionFrame()
         return twin
 

@@ -214,8 +214,19 @@ class ModelPair:
 
     @property
     def shares_tokenizer(self) -> bool:
-        """True when both models map text to the same token ids (same vocabulary)."""
-        return self.base.tokenizer.get_vocab() == self.thinking.tokenizer.get_vocab()
+        """True when every base token means the same string to the thinking model."""
+        return tokenizers_compatible(self.base.tokenizer, self.thinking.tokenizer)
+
+
+def tokenizers_compatible(base_tokenizer, thinking_tokenizer) -> bool:
+    """True when every token of the base vocabulary has the same id in the thinking vocabulary.
+
+    Then the thinking model can read the base model's token ids directly. Extra thinking-only
+    tokens (TL adds e.g. ``<|endoftext|>`` to Qwen2 tokenizers) do not matter: the base model
+    never emits them.
+    """
+    thinking_vocab = thinking_tokenizer.get_vocab()
+    return all(thinking_vocab.get(token) == index for token, index in base_tokenizer.get_vocab().items())
 
 
 def load_pair(

@@ -40,6 +40,8 @@ def test_pair_knows_whether_tokenizers_match(tiny_model_dirs, tmp_path):
 
     pair = load_pair(str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"]))
     assert pair.shares_tokenizer
+    # TL adds <|endoftext|> to Qwen2 tokenizers: a superset still shares every base token
+    assert load_pair(str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])).shares_tokenizer
     merged = save_tiny_model(tmp_path / "bpe", "llama", extra_merges=True)
     assert not load_pair(str(tiny_model_dirs["llama"]), str(merged)).shares_tokenizer
 
