@@ -15,9 +15,12 @@ import sys
 STAGE_MODULES: tuple[str, ...] = (
     "mechsteer.info",
     "mechsteer.organisms.cli",
+    "mechsteer.traces",
+    "mechsteer.activations",
     "mechsteer.taxonomy",
     "mechsteer.directions",
     "mechsteer.ablations",
+    "mechsteer.pipeline",
 )
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from mechsteer.data import Problem, load_benchmark
 from mechsteer.evals import extract_answer, is_correct
 from mechsteer.generation import generate
 from mechsteer.prompts import THINK_CLOSE, get_template, render_prompt
+from mechsteer.store import append_jsonl, read_jsonl
 
 TRACES_FILE = "traces.jsonl"
 
@@ -86,25 +86,7 @@ def default_template(model: TransformerBridge, benchmark: str) -> str:
 
 def read_traces(path: Path) -> list[TraceRecord]:
     """All complete records of a traces file (a torn last line is ignored)."""
-    records: list[TraceRecord] = []
-    if not path.exists():
-        return records
-    with path.open() as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break  # torn write from an interrupted run
-            records.append(TraceRecord.from_json(line))
-    return records
-
-
-def _truncate_torn_tail(path: Path) -> None:
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
+    return [TraceRecord(**record) for record in read_jsonl(path)]
 
 
 def load_traces(traces_dir: str | Path) -> list[TraceRecord]:
@@ -135,8 +117,6 @@ def generate_traces(
     template_name = template or default_template(model, benchmark)
     chat = get_template(template_name).chat
     out_path = Path(out_dir) / TRACES_FILE
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _truncate_torn_tail(out_path)
     done = {record.problem_id for record in read_traces(out_path)}
     todo = [problem for problem in problems if problem.id not in done]
     settings = {
@@ -147,39 +127,38 @@ def generate_traces(
     model_name = model.cfg.model_name
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"traces {model_name}",
                disable=not progress)
-    with out_path.open("a") as handle:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            prompts = [render_prompt(template_name, p.question, model.tokenizer) for p in batch]
-            output = generate(
-                model, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature,
-                # one seed per batch position, so a resumed run samples what a fresh run would
-                seed=None if seed is None else seed + len(done) + start,
-                stop_strings=stop_strings,
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        prompts = [render_prompt(template_name, p.question, model.tokenizer) for p in batch]
+        output = generate(
+            model, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature,
+            # one seed per batch position, so a resumed run samples what a fresh run would
+            seed=None if seed is None else seed + len(done) + start,
+            stop_strings=stop_strings,
+        )
+        records = []
+        for row, problem in enumerate(batch):
+            generation = output.texts[row]
+            r_start, r_end = reasoning_span(generation, chat)
+            prompt = prompts[row]
+            answer_part = generation[r_end:].strip() if chat else generation.strip()
+            prediction = extract_answer(answer_part or generation, benchmark)
+            record = TraceRecord(
+                problem_id=problem.id, benchmark=benchmark, prompt=prompt,
+                text=prompt + generation, generation=generation,
+                reasoning=generation[r_start:r_end], answer_part=answer_part,
+                reasoning_char_start=len(prompt) + r_start,
+                reasoning_char_end=len(prompt) + r_end,
+                token_ids=output.prompt_token_ids[row] + output.token_ids[row],
+                n_prompt_tokens=len(output.prompt_token_ids[row]),
+                prediction=prediction, reference=problem.answer,
+                correct=is_correct(prediction, problem.answer, benchmark),
+                finish_reason=output.finish_reasons[row], model=model_name, settings=settings,
             )
-            for row, problem in enumerate(batch):
-                generation = output.texts[row]
-                r_start, r_end = reasoning_span(generation, chat)
-                prompt = prompts[row]
-                answer_part = generation[r_end:].strip() if chat else generation.strip()
-                prediction = extract_answer(answer_part or generation, benchmark)
-                record = TraceRecord(
-                    problem_id=problem.id, benchmark=benchmark, prompt=prompt,
-                    text=prompt + generation, generation=generation,
-                    reasoning=generation[r_start:r_end], answer_part=answer_part,
-                    reasoning_char_start=len(prompt) + r_start,
-                    reasoning_char_end=len(prompt) + r_end,
-                    token_ids=output.prompt_token_ids[row] + output.token_ids[row],
-                    n_prompt_tokens=len(output.prompt_token_ids[row]),
-                    prediction=prediction, reference=problem.answer,
-                    correct=is_correct(prediction, problem.answer, benchmark),
-                    finish_reason=output.finish_reasons[row], model=model_name, settings=settings,
-                )
-                handle.write(json.dumps(asdict(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            bar.update(len(batch))
+            records.append(asdict(record))
+        append_jsonl(out_path, records)
+        bar.update(len(batch))
     bar.close()
     by_id = {record.problem_id: record for record in read_traces(out_path)}
     return [by_id[problem.id] for problem in problems]

@@ -3,10 +3,14 @@
 import pytest
 import torch
 
-from mechsteer.generation import StopChecker, tokenize_prompts
-from mechsteer.hooks import add_direction
-from mechsteer.hybrid import HybridConfig, SteeringVectors, ThinkingText, hybrid_generate
-from mechsteer.models import load_model, resid_hook_name
+from mechsteer.hybrid import (
+    HybridConfig,
+    SteeringVectors,
+    ThinkingText,
+    hybrid_generate,
+    reference_hybrid_generate,
+)
+from mechsteer.models import load_model
 from mechsteer.timing import (
     BIAS_ONLY,
     AlwaysBiasPolicy,
@@ -51,59 +55,8 @@ def make_vectors(d_model: int, n_behaviours: int = 4, seed: int = 0) -> Steering
 
 
 def oracle(base, thinking, base_prompt, think_prompt, vectors, policy, config, shared):
-    """Batch size 1, no caches: every step reruns both models on their whole sequences."""
-    base_ids = tokenize_prompts(base, [base_prompt])[0]
-    think_prompt_ids = tokenize_prompts(thinking, [think_prompt])[0]
-    stopper = StopChecker(base, config.stop_strings, None)
-    generated: list[int] = []
-    steered: list[bool] = []
-    read_name, steer_name = resid_hook_name(config.read_layer), resid_hook_name(config.steer_layer)
-    with torch.no_grad():
-        for step in range(config.max_new_tokens):
-            sequence = base_ids + generated
-            base_logits = base(torch.tensor([sequence]))[0, -1]
-            if shared:
-                think_ids = think_prompt_ids + generated
-            else:
-                text = base.tokenizer.decode(generated, skip_special_tokens=True)
-                think_ids = think_prompt_ids + thinking.tokenizer(text, add_special_tokens=False)["input_ids"]
-            think_logits, cache = thinking.run_with_cache(torch.tensor([think_ids]), names_filter=[read_name])
-            think_logits = think_logits[0, -1]
-            act = cache[read_name][0, -1]
-            base_greedy, think_greedy = int(base_logits.argmax()), int(think_logits.argmax())
-            if shared:
-                agree = base_greedy == think_greedy
-            else:
-                agree = base.tokenizer.decode([base_greedy]) == thinking.tokenizer.decode([think_greedy])
-            decision = policy.decide(PolicyInput(step, act[None].float(), base_logits[None].float(),
-                                                 think_logits[None].float(), torch.tensor([agree])))
-            token = base_greedy
-            if bool(decision.steer[0]):
-                vector = vectors.vectors(decision.behaviour[:1])[0]
-                think_logprobs = think_logits.float().log_softmax(-1)
-                best_score, token = None, None
-                for coeff, window in config.candidates:
-                    width = min(window, len(sequence))
-                    mask = torch.zeros(1, len(sequence), dtype=torch.bool)
-                    mask[0, -width:] = True
-
-                    def hook(resid, hook, mask=mask, coeff=coeff):
-                        return add_direction(resid, vector, coeff, mask)
-
-                    with base.hooks(fwd_hooks=[(steer_name, hook)]):
-                        candidate = int(base(torch.tensor([sequence]))[0, -1].argmax())
-                    if shared:
-                        score = float(think_logprobs[candidate])
-                    else:
-                        ids = thinking.tokenizer(base.tokenizer.decode([candidate]), add_special_tokens=False)["input_ids"]
-                        score = float(think_logprobs[ids[0]]) if ids else float("-inf")
-                    if best_score is None or score > best_score:
-                        best_score, token = score, candidate
-            generated.append(token)
-            steered.append(bool(decision.steer[0]))
-            if stopper.reason(generated) is not None:
-                break
-    return generated, steered
+    return reference_hybrid_generate(base, thinking, base_prompt, think_prompt, vectors, policy, config,
+                                     shared_tokenizer=shared)
 
 
 CONFIGS = {
