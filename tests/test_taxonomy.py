@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mechsteer.activations import CENTRING, MANIFEST, SENTENCES, Manifest, SentenceRecord, ShardInfo
+from mechsteer.activations import (
+    CENTRING,
+    MANIFEST,
+    SENTENCES,
+    Manifest,
+    SentenceRecord,
+    ShardInfo,
+    read_sentences,
+)
 from mechsteer.cli import main as cli_main
 from mechsteer.taxonomy import (
     SELECTION_GEOMETRIC,
@@ -214,3 +222,60 @@ def test_cli_oracle_without_labels_is_a_clear_error(tmp_path):
         cli_main(["taxonomy", "--activations", str(folder), "--n-latents", "3", "--judge", "oracle",
                   "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "taxonomy.json").exists()
+
+
+# --- acceptance on the thinking organism -------------------------------------------------
+
+ORGANISM_DIR = Path(__file__).resolve().parents[1] / "mechsteer" / "organisms" / "weights" / "thinking"
+MISSING_ORGANISM_FILES = [
+    str(ORGANISM_DIR / name) for name in ("config.json", "model.safetensors")
+    if not (ORGANISM_DIR / name).is_file()
+]
+N_ORGANISM_PROBLEMS = 160
+# The longest thinking trace (plan, four risky steps each with check and correction, answer)
+# is about 340 characters, one token each, so this always reaches the end of the trace.
+ORGANISM_MAX_NEW_TOKENS = 384
+ORGANISM_LAYERS = [1, 2]
+ORGANISM_GRID = [4, 5, 6, 7]  # around the five planted behaviours
+
+
+@pytest.fixture
+def one_torch_thread():
+    # Tiny models on a shared 2-core machine: two intra-op threads fight over the cores and
+    # make each decoding step several times slower than one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(MISSING_ORGANISM_FILES), reason=f"organism weights missing: {MISSING_ORGANISM_FILES}")
+def test_organism_taxonomy_recovers_planted_behaviours(tmp_path, one_torch_thread):
+    from mechsteer.activations import ActivationConfig, extract_activations, organism_labeller
+    from mechsteer.data import load_benchmark
+    from mechsteer.models import load_model
+    from mechsteer.organisms.grammar import BEHAVIOURS
+    from mechsteer.traces import generate_traces
+
+    model = load_model("organism-thinking")
+    problems = load_benchmark("organism", "test", N_ORGANISM_PROBLEMS)
+    traces = generate_traces(
+        model, problems, tmp_path / "traces", max_new_tokens=ORGANISM_MAX_NEW_TOKENS,
+        batch_size=N_ORGANISM_PROBLEMS, progress=False,
+    )
+    assert all(trace.finish_reason != "length" for trace in traces)
+    extract_activations(
+        model, traces, tmp_path / "activations", ActivationConfig(layers=ORGANISM_LAYERS, batch_size=32),
+        labeller=organism_labeller, progress=False,
+    )
+    rows, best = sweep_taxonomies(tmp_path / "activations", ORGANISM_LAYERS, ORGANISM_GRID, seed=0)
+    labels = [sentence.label for sentence in read_sentences(tmp_path / "activations")]
+    assert set(BEHAVIOURS) <= set(labels)  # the thinking organism shows every planted behaviour
+    print("organism sweep:", json.dumps([{k: r[k] for k in ("layer", "n_latents", "silhouette", "ari", "nmi")} for r in rows]))
+    print("selected:", best.provenance.layer, best.provenance.n_latents, "ARI", best.metrics.ari, "NMI", best.metrics.nmi)
+    for behaviour in best.behaviours:
+        print(behaviour.id, behaviour.size, behaviour.matched_label, behaviour.label_precision, behaviour.label_recall)
+    assert best.metrics.ari >= 0.7
+    # Every planted behaviour is the majority label of some behaviour the SAE found.
+    assert set(BEHAVIOURS) <= {b.matched_label for b in best.behaviours if b.size}
