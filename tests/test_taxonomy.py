@@ -84,6 +84,16 @@ def write_activation_folder(
     return labels
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Small tensors on a shared 2-core machine: two intra-op threads fight over the cores and
+    # make these tests (and each decoding step of the organism) several times slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def labelled_run(tmp_path_factory) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("planted") / "activations"
@@ -239,19 +249,9 @@ ORGANISM_LAYERS = [1, 2]
 ORGANISM_GRID = [4, 5, 6, 7]  # around the five planted behaviours
 
 
-@pytest.fixture
-def one_torch_thread():
-    # Tiny models on a shared 2-core machine: two intra-op threads fight over the cores and
-    # make each decoding step several times slower than one thread.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(bool(MISSING_ORGANISM_FILES), reason=f"organism weights missing: {MISSING_ORGANISM_FILES}")
-def test_organism_taxonomy_recovers_planted_behaviours(tmp_path, one_torch_thread):
+def test_organism_taxonomy_recovers_planted_behaviours(tmp_path):
     from mechsteer.activations import ActivationConfig, extract_activations, organism_labeller
     from mechsteer.data import load_benchmark
     from mechsteer.models import load_model
