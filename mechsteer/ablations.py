@@ -338,7 +338,7 @@ def sufficiency(
     *,
     coeffs: Sequence[float] = (1.0,),
     window: int = 1,
-    steer_generation: bool = True,
+    steer_generation: bool = False,
     n_contexts: int = 64,
     n_random: int = 1,
     seed: int = 0,
@@ -517,8 +517,11 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
                                template=default_template(thinking, benchmark), max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size)
     contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+    # Optimised vectors are trained added over the whole target sentence, so they are tested that way.
+    steer_generation = args.steer_generation == "on" or (args.steer_generation == "auto" and
+                                                          directions.method == "optimised")
     sufficiency_rows = sufficiency(base, directions, contexts, behaviour_labeller, coeffs=parse_floats(args.coeffs),
-                                   window=args.window, steer_generation=not args.context_only,
+                                   window=args.window, steer_generation=steer_generation,
                                    n_contexts=args.n_contexts, n_random=args.n_random, seed=args.seed,
                                    max_new_tokens=args.sentence_tokens,
                                    stop_strings=("\n",) if organism else (), batch_size=args.batch_size)
@@ -549,7 +552,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=384)
     parser.add_argument("--coeffs", default="1,2,4", help="steering coefficients for sufficiency")
     parser.add_argument("--window", type=int, default=1, help="steer the last N context positions")
-    parser.add_argument("--context-only", action="store_true", help="do not steer the generated positions")
+    parser.add_argument("--steer-generation", choices=("auto", "on", "off"), default="auto",
+                        help="also steer the generated sentence's positions (auto: only for optimised sets)")
     parser.add_argument("--n-contexts", type=int, default=64)
     parser.add_argument("--n-random", type=int, default=1, help="norm-matched random controls per behaviour")
     parser.add_argument("--sentence-tokens", type=int, default=48, help="max tokens of the generated next sentence")

@@ -437,6 +437,19 @@ def mean_centred_norm(vectors: Float[Tensor, "n d_model"]) -> float:
     return float(centred.norm(dim=-1).mean())
 
 
+def _present_behaviours(labels: Tensor, behaviour_ids: Sequence[int], titles: Sequence[str], skip_empty: bool
+                        ) -> tuple[list[int], list[str], list[int]]:
+    """The behaviours with labelled sentences (all of them, unless ``skip_empty``), and those left out."""
+    present = set(labels.tolist())
+    skipped = [int(b) for b in behaviour_ids if int(b) not in present]
+    if not skip_empty:
+        return list(behaviour_ids), list(titles), []
+    kept = [(int(b), t) for b, t in zip(behaviour_ids, titles, strict=True) if int(b) in present]
+    if not kept:
+        raise ValueError("no behaviour has labelled sentences")
+    return [b for b, _ in kept], [t for _, t in kept], skipped
+
+
 def _provenance(model: TransformerBridge, method: str, **extra: Any) -> dict[str, Any]:
     return {"method": method, "model": model.cfg.model_name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "site": SITE, **extra}
@@ -454,16 +467,20 @@ def build_mean_directions(
     pooling: str = "sentence",
     text_labeller: Callable[[str], dict[tuple[int, int], str]] | None = None,
     batch_size: int = 8,
+    skip_empty: bool = False,
 ) -> DirectionSet:
     """Difference-of-means directions in the base model (see the module docstring).
 
     ``thinking_traces`` and ``base_traces`` must already be under the base framing
     (:func:`frame_for_base`). ``text_labeller`` attaches ground-truth labels while pooling
-    (for :func:`ground_truth_labeller`). Without ``base_traces`` the bias is None.
+    (for :func:`ground_truth_labeller`). Without ``base_traces`` the bias is None. A
+    behaviour without labelled sentences raises, unless ``skip_empty`` leaves it out (it is
+    then listed in ``provenance["skipped_behaviours"]``).
     """
     pooled = pool_sentences(base_model, thinking_traces, layer, pooling=pooling, labeller=text_labeller,
                             batch_size=batch_size)
     labels = sentence_labels(pooled.sentences, labeller)
+    behaviour_ids, titles, skipped = _present_behaviours(labels, behaviour_ids, titles, skip_empty)
     directions = difference_of_means(pooled.vectors, labels, behaviour_ids)
     bias = None
     n_base = 0
@@ -479,6 +496,7 @@ def build_mean_directions(
         provenance=_provenance(base_model, "mean", pooling=pooling, n_thinking_traces=len(thinking_traces),
                                n_sentences=len(pooled.sentences), sentences_per_behaviour=counts,
                                n_base_sentences=n_base, mean_centred_norm=mean_centred_norm(pooled.vectors),
+                               skipped_behaviours=skipped,
                                bias="mean(thinking traces) - mean(base traces)" if bias is not None else None),
     )
 
@@ -809,9 +827,23 @@ def build_optimised_directions(
     *,
     text_labeller: Callable[[str], dict[tuple[int, int], str]] | None = None,
     min_words: int = 3,
+    skip_empty: bool = False,
 ) -> DirectionSet:
-    """The bias on whole traces, then each behaviour's vector with the bias added (see the module docstring)."""
+    """The bias on whole traces, then each behaviour's vector with the bias added (see the module docstring).
+
+    ``skip_empty`` leaves out behaviours with fewer than 2 labelled sentences (listed in
+    ``provenance["skipped_behaviours"]``) instead of raising.
+    """
     tokenizer = base_model.tokenizer
+    if skip_empty:
+        counts = {int(b): len(sentence_examples(thinking_traces, tokenizer, labeller, int(b),
+                                                text_labeller=text_labeller, min_words=min_words))
+                  for b in behaviour_ids}
+        kept = [(int(b), t) for b, t in zip(behaviour_ids, titles, strict=True) if counts[int(b)] >= 2]
+        skipped = [b for b in counts if counts[b] < 2]
+        behaviour_ids, titles = [b for b, _ in kept], [t for _, t in kept]
+    else:
+        skipped = []
     bias, bias_report = optimise_vector(base_model, [reasoning_example(r, tokenizer) for r in thinking_traces],
                                         layer, config)
     vectors, reports = [], {}
@@ -829,7 +861,7 @@ def build_optimised_directions(
         directions=torch.stack(vectors), bias=bias,
         provenance=_provenance(base_model, "optimised", config=dataclasses.asdict(config),
                                bias_report=dataclasses.asdict(bias_report), behaviour_reports=reports,
-                               n_thinking_traces=len(thinking_traces),
+                               n_thinking_traces=len(thinking_traces), skipped_behaviours=skipped,
                                hook_note="trained and injected at resid_post of the layer"),
     )
 
@@ -941,7 +973,7 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     if args.method == "mean":
         result = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
                                        layer, base_traces=base_traces, pooling=args.pooling,
-                                       text_labeller=labels.text_labeller)
+                                       text_labeller=labels.text_labeller, skip_empty=True)
     elif args.method == "sae":
         if labels.taxonomy is None:
             raise SystemExit("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
@@ -952,14 +984,16 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     else:
         config = OptimisationConfig(steps=args.steps, max_examples=args.max_examples, seed=args.seed)
         result = build_optimised_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids,
-                                            labels.titles, layer, config, text_labeller=labels.text_labeller)
+                                            labels.titles, layer, config, text_labeller=labels.text_labeller,
+                                            skip_empty=True)
     result.provenance.update({"labels": labels.source, "traces": str(args.traces),
                               "base_traces": str(args.base_traces) if args.base_traces else None,
                               "pair": [base_spec, thinking_spec]})
     result.save(args.out)
     print(json.dumps({"out": str(args.out), "method": result.method, "layer": layer,
                       "norms": dict(zip(result.titles, result.norms.tolist(), strict=True)),
-                      "bias_norm": None if result.bias is None else float(result.bias.norm())}))
+                      "bias_norm": None if result.bias is None else float(result.bias.norm()),
+                      "skipped_behaviours": result.provenance.get("skipped_behaviours", [])}))
     return 0
 
 

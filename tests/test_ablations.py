@@ -131,3 +131,72 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
     assert (rows[3].rate_after, rows[3].other_rates_after) == (after[1], {0: after[0]})
     paths = write_outputs(tmp_path, rows, [], {})
     assert paths["necessity"].read_text().count("\n") == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Organism acceptance (slow): the shipped organisms, ground-truth labels from the grammar.
+
+ORGANISM_LAYER = 1  # default_layer(4): about 37.5% of the depth
+ORGANISM_POOLING = "boundary"
+ORGANISM_COEFF = 4.0
+ORGANISM_TRACES = 64
+ORGANISM_PROBLEMS = 32
+
+
+@pytest.fixture(scope="module")
+def organism_study(tmp_path_factory):
+    from mechsteer.ablations import sufficiency_contexts
+    from mechsteer.data import load_benchmark
+    from mechsteer.directions import build_mean_directions, ground_truth_labels
+    from mechsteer.models import load_model
+    from mechsteer.traces import generate_traces
+
+    try:
+        base, thinking = load_model("organism-base"), load_model("organism-thinking")
+    except FileNotFoundError as error:
+        pytest.skip(f"organism weights not shipped yet: {error}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("organism_study")
+    problems = load_benchmark("organism", "train", ORGANISM_TRACES)
+    thinking_traces = generate_traces(thinking, problems, root / "thinking", max_new_tokens=384,
+                                      batch_size=ORGANISM_TRACES, progress=False)
+    base_traces = generate_traces(base, problems[: ORGANISM_TRACES // 2], root / "base", max_new_tokens=384,
+                                  batch_size=ORGANISM_TRACES, progress=False)
+    labels = ground_truth_labels()
+    directions = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
+                                       ORGANISM_LAYER, base_traces=base_traces, pooling=ORGANISM_POOLING,
+                                       text_labeller=labels.text_labeller)
+    labeller = organism_behaviour_labeller(labels.titles, labels.behaviour_ids)
+    necessity_rows = necessity(thinking, directions, load_benchmark("organism", "test", ORGANISM_PROBLEMS), labeller,
+                               template="organism", max_new_tokens=384, variants=("layer",),
+                               batch_size=ORGANISM_PROBLEMS)
+    contexts = sufficiency_contexts(thinking_traces, base.tokenizer, labels.labeller,
+                                    text_labeller=labels.text_labeller)
+    sufficiency_rows = sufficiency(base, directions, contexts, labeller, coeffs=(ORGANISM_COEFF,),
+                                   n_contexts=ORGANISM_PROBLEMS, max_new_tokens=40, batch_size=ORGANISM_PROBLEMS)
+    write_outputs(root / "out", necessity_rows, sufficiency_rows)
+    for row in necessity_rows:
+        print(f"necessity {row.title}: {row.rate_before:.2f} -> {row.rate_after:.2f} ({row.relative_change:+.0%}), "
+              f"others max {row.max_other_relative_change:.0%}, accuracy {row.accuracy_before:.2f} -> "
+              f"{row.accuracy_after:.2f}")
+    for row in sufficiency_rows:
+        print(f"sufficiency {row.title}: unsteered {row.rate_unsteered:.2f}, random {row.rate_random:.2f}, "
+              f"steered {row.rate_steered:.2f}")
+    yield necessity_rows, sufficiency_rows
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.slow
+def test_organism_ablation_removes_each_behaviour(organism_study):
+    necessity_rows, _ = organism_study
+    for row in necessity_rows:
+        assert row.relative_change <= -0.5, row
+        assert row.max_other_relative_change < 0.5 * abs(row.relative_change), row
+
+
+@pytest.mark.slow
+def test_organism_steering_invokes_each_behaviour(organism_study):
+    _, sufficiency_rows = organism_study
+    for row in sufficiency_rows:
+        assert row.rate_steered > 0 and row.rate_steered >= 3 * row.rate_random, row

@@ -234,3 +234,40 @@ def test_reframe_trace_keeps_the_reasoning_verbatim():
     framed = reframe_trace(trace, "Question:\nsum?\n")
     assert framed.text == "Question:\nsum?\n" + trace.reasoning
     assert framed.text[framed.reasoning_char_start:framed.reasoning_char_end] == trace.reasoning
+
+
+def test_directions_and_ablate_cli_on_tiny_models(tiny_model_dirs, tmp_path):
+    import dataclasses
+    import json
+
+    from mechsteer.ablations import NECESSITY_CSV, SUFFICIENCY_CSV
+    from mechsteer.cli import main
+
+    traces_dir = tmp_path / "traces"
+    traces_dir.mkdir()
+    lines = []
+    for index in range(6):
+        start = 20 + index
+        sentences = [f"Plan: {start} + 9 - 2.", f"{start} + 9 = {start + 9}.", f"Check: {start + 9} - 9 = {start}.",
+                     f"{start + 9} - 2 = {start + 7}.", f"The answer is {start + 7}."]
+        lines.append(json.dumps(dataclasses.asdict(make_trace(index, sentences, prompt=f"Q: {start}?\nA:\n"))))
+    (traces_dir / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    pair = f"{tiny_model_dirs['llama']},{tiny_model_dirs['llama']}"
+    out = tmp_path / "directions"
+    assert main(["directions", "--pair", pair, "--traces", str(traces_dir), "--ground-truth", "--method", "mean",
+                 "--layer", "1", "--out", str(out), "--base-traces", str(traces_dir), "--threads", "1"]) == 0
+    loaded = DirectionSet.load(out)
+    assert loaded.titles == ["plan", "compute", "verify", "answer"]  # "correct" never occurs: left out
+    assert loaded.behaviour_ids == [0, 1, 2, 4] and loaded.provenance["skipped_behaviours"] == [3]
+    with pytest.raises(SystemExit, match="--taxonomy"):
+        main(["directions", "--pair", pair, "--traces", str(traces_dir), "--layer", "1", "--out", str(out)])
+    trimmed = DirectionSet(loaded.model_name, loaded.d_model, loaded.n_layers, loaded.layer, loaded.site,
+                           loaded.method, [0, 2], ["plan", "verify"], loaded.directions[[0, 2]], loaded.bias)
+    trimmed.save(tmp_path / "trimmed")
+    ablations = tmp_path / "ablations"
+    assert main(["ablate", "--pair", pair, "--traces", str(traces_dir), "--ground-truth", "--directions",
+                 str(tmp_path / "trimmed"), "--out", str(ablations), "--n-problems", "2", "--max-new-tokens", "4",
+                 "--n-contexts", "3", "--coeffs", "2", "--sentence-tokens", "4", "--threads", "1"]) == 0
+    assert (ablations / NECESSITY_CSV).read_text().count("\n") == 1 + 2 * 2
+    assert (ablations / SUFFICIENCY_CSV).read_text().count("\n") == 1 + 2
+    assert (ablations / "ablations.png").is_file()
