@@ -199,4 +199,5 @@ def test_organism_ablation_removes_each_behaviour(organism_study):
 def test_organism_steering_invokes_each_behaviour(organism_study):
     _, sufficiency_rows = organism_study
     for row in sufficiency_rows:
-        assert row.rate_steered > 0 and row.rate_steered >= 3 * row.rate_random, row
+        # ratio_vs_random floors the random rate at one context in n, so 0 vs 0 never passes
+        assert row.ratio_vs_random >= 3.0, row

@@ -271,3 +271,43 @@ def test_directions_and_ablate_cli_on_tiny_models(tiny_model_dirs, tmp_path):
     assert (ablations / NECESSITY_CSV).read_text().count("\n") == 1 + 2 * 2
     assert (ablations / SUFFICIENCY_CSV).read_text().count("\n") == 1 + 2
     assert (ablations / "ablations.png").is_file()
+
+
+def test_taxonomy_adapter_and_sae_directions(tiny_models, tmp_path):
+    from mechsteer.activations import (
+        ActivationConfig,
+        extract_activations,
+        organism_labeller,
+        read_sentences,
+    )
+    from mechsteer.directions import (
+        build_sae_directions,
+        pool_sentences,
+        sentence_labels,
+        taxonomy_labels,
+    )
+    from mechsteer.taxonomy import build_taxonomy
+
+    model = tiny_models["llama"]
+    traces = [make_trace(i, [f"Plan: {20 + i} + 9 - 2.", f"{20 + i} + 9 = {29 + i}.", f"The answer is {27 + i}."])
+              for i in range(8)]
+    extract_activations(model, traces, tmp_path / "acts", ActivationConfig(layers=[1]), labeller=organism_labeller,
+                        progress=False)
+    taxonomy = build_taxonomy(tmp_path / "acts", 1, n_latents=3, k=1, sae_options={"max_epochs": 5})
+    taxonomy.save(tmp_path / "taxonomy")
+    labels = taxonomy_labels(tmp_path / "taxonomy", n_traces=len(traces))
+    assert labels.behaviour_ids == taxonomy.behaviour_ids
+    pooled = pool_sentences(model, traces, 1)
+    assert [(s.trace_index, s.char_start) for s in pooled.sentences] == [
+        (s.trace_index, s.char_start) for s in read_sentences(tmp_path / "acts")]
+    assert sentence_labels(pooled.sentences, labels.labeller).tolist() == taxonomy.assignments.tolist()
+    with pytest.raises(ValueError, match="cover 8 traces"):
+        taxonomy_labels(tmp_path / "taxonomy", n_traces=3)
+    sae = taxonomy.load_sae()
+    result = build_sae_directions(model, model, sae, labels.behaviour_ids, labels.titles, 1, traces)
+    assert result.method == "sae" and result.provenance["mapping"] == "identity"
+    scale = result.provenance["scale"]
+    assert torch.allclose(result.directions, sae.decoder_directions[labels.behaviour_ids] * scale, atol=1e-5)
+    linear = build_sae_directions(model, model, sae, labels.behaviour_ids, labels.titles, 1, traces, mapping="linear")
+    assert linear.provenance["n_pairs"] == 24
+    assert torch.allclose(linear.norms, torch.full((3,), scale), atol=1e-4)
