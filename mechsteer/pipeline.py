@@ -256,12 +256,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     state.run("activations", activations, log)
 
     def taxonomy() -> dict[str, Any]:
-        from mechsteer.taxonomy import run_taxonomy_sweep
-
-        result = run_taxonomy_sweep(out / "activations", layers, config.n_latents, out / "taxonomy",
-                                    method=config.taxonomy_method, k=config.sae_k, judge=config.judge,
-                                    seed=config.seed)
-        return result
+        return _taxonomy_stage(config, out, layers)
 
     taxonomy_summary = state.run("taxonomy", taxonomy, log)
 
@@ -302,6 +297,29 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
 
     write_report(report, out)
     return report
+
+
+def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str, Any]:
+    """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
+    from mechsteer import taxonomy as taxonomy_stage
+    from mechsteer.activations import load_sentence_vectors
+
+    activations_dir, taxonomy_dir = out / "activations", out / "taxonomy"
+    judge = taxonomy_stage.make_judge(config.judge, activations_dir, taxonomy_dir)
+    rows, best = taxonomy_stage.sweep_taxonomies(activations_dir, layers, config.n_latents,
+                                                 method=config.taxonomy_method, k=config.sae_k,
+                                                 seed=config.seed, judge=judge)
+    best.save(taxonomy_dir)
+    taxonomy_stage.write_metrics_csv(rows, taxonomy_dir / taxonomy_stage.METRICS_CSV)
+    taxonomy_stage.plot_metrics_vs_k(rows, taxonomy_dir / taxonomy_stage.METRICS_PLOT)
+    vectors = load_sentence_vectors(activations_dir, best.provenance.layer)
+    taxonomy_stage.plot_sentence_map(best, vectors, taxonomy_dir / taxonomy_stage.SENTENCE_MAP_PLOT,
+                                     seed=config.seed)
+    metrics = asdict(best.metrics)
+    return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
+            "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),
+            "metrics": {key: value for key, value in metrics.items() if key != "sizes"},
+            "sizes": metrics.get("sizes"), "sweep": rows}
 
 
 def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> dict[str, Any]:
@@ -376,9 +394,42 @@ def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> 
 
 def _run_ablations(config, state, pair, out, log) -> dict[str, Any]:
     def body() -> dict[str, Any]:
-        from mechsteer.ablations import run_ablations_for_run
+        from mechsteer import ablations
+        from mechsteer.data import load_benchmark
+        from mechsteer.directions import DirectionSet, frame_for_base, taxonomy_labels
+        from mechsteer.traces import load_traces
 
-        return run_ablations_for_run(pair, out, n_contexts=config.ablation_contexts, seed=config.seed)
+        direction_set = DirectionSet.load(out / "directions")
+        labels = taxonomy_labels(out / "taxonomy")
+        train = load_benchmark(config.benchmark, config.train_split, config.n_train)
+        traces = frame_for_base(load_traces(out / "traces" / "thinking_train"), {p.id: p.question for p in train},
+                                pair.base.tokenizer)
+        if config.benchmark == "organism":
+            # ground truth measures the behaviours of generated text; taxonomy ids map by title
+            from mechsteer.organisms.grammar import BEHAVIOURS
+
+            titles = [title if title in BEHAVIOURS else f"unmatched:{title}" for title in labels.titles]
+            labeller = ablations.organism_behaviour_labeller(titles, labels.behaviour_ids)
+        else:
+            taxonomy = labels.taxonomy
+            labeller = ablations.SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
+                                                      taxonomy.provenance.include_previous_token)
+        problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
+        necessity_rows = ablations.necessity(pair.thinking, direction_set, problems, labeller,
+                                             template=config.resolved_thinking_template,
+                                             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        contexts = ablations.sufficiency_contexts(traces, pair.base.tokenizer, labels.labeller)
+        sufficiency_rows = ablations.sufficiency(
+            pair.base, direction_set, contexts, labeller, coeffs=tuple(config.coefficients),
+            n_contexts=config.ablation_contexts, seed=config.seed,
+            stop_strings=("\n",) if config.benchmark == "organism" else (), batch_size=config.batch_size)
+        ablations.write_outputs(out / "ablations", necessity_rows, sufficiency_rows, {"source": "mechsteer run"})
+        return {
+            "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,
+                           "max_other_relative_change": r.max_other_relative_change} for r in necessity_rows],
+            "sufficiency": [{"behaviour": r.title, "coeff": r.coeff, "steered": r.rate_steered,
+                             "random": r.rate_random, "unsteered": r.rate_unsteered} for r in sufficiency_rows],
+        }
 
     return state.run("ablations", body, log)
 
