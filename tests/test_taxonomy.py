@@ -127,7 +127,7 @@ def test_save_load_round_trip(labelled_run, tmp_path):
     with pytest.raises(ValueError, match="different mean"):
         sae.classify_tokens(raw, centring_mean=mean + 1.0)
     # Directions are the unit decoder rows, in the model's residual width.
-    assert loaded.directions.shape == (5, D_MODEL)
+    assert torch.equal(loaded.directions, sae.decoder_directions)
     assert torch.allclose(loaded.directions.norm(dim=-1), torch.ones(5), atol=1e-5)
 
 
