@@ -218,9 +218,13 @@ class CachedRunner:
         index = torch.arange(self.batch_size) if rows is None else torch.tensor(list(rows), dtype=torch.long)
         index = index.to(self.tokens.device)
         twin.tokens, twin.attention_mask = self.tokens[index].clone(), self.attention_mask[index].clone()
-        twin.cache = copy.deepcopy(self.cache)
-        if twin.cache is not None and rows is not None:
-            twin.cache.batch_select_indices(index)
+        if self.cache is not None:
+            # Shallow copies suffice: cache layers only ever rebind their tensors (cat, slice,
+            # index), never write into them, so the fork's changes cannot reach this runner.
+            twin.cache = copy.copy(self.cache)
+            twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            if rows is not None:
+                twin.cache.batch_select_indices(index)
         twin.frame = PositionFrame()
         return twin
 
