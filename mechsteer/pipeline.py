@@ -104,6 +104,9 @@ DEMO_CONFIG = RunConfig(
     coefficients=[1.0],
     windows=[1],
     ablation_contexts=30,
+    # The organisms are tiny (d_model 128): one thread is as fast as two, and far faster when
+    # anything else runs on the machine (OpenMP threads spin-wait for a busy core).
+    threads=1,
 )
 
 # ------------------------------------------------------------------------------------------

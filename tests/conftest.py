@@ -9,7 +9,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+import torch  # noqa: E402
+
 from tests.tiny_models import save_tiny_model  # noqa: E402
+
+# The test models are tiny (d_model 32-576): one thread is as fast, and two OpenMP threads
+# spin-waiting on a busy 2-core machine make small matmuls ~10x slower.
+torch.set_num_threads(1)
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
