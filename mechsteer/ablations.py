@@ -13,7 +13,8 @@ made in the thinking model to test it there instead.
 a sentence boundary where the thinking trace's next sentence belongs to *another*
 behaviour. The base model generates the next sentence (greedy) with ``coeff * direction``
 added at ``resid_post`` of the layer at the last ``window`` context positions (and, with
-``steer_generation``, at every generated position), and we count how often that sentence
+``steer_generation``, at every generated position; with ``with_bias``, ``coeff * (bias +
+direction)`` as in the hybrid, which is how optimised vectors are trained), and we count how often that sentence
 is behaviour b: steered, unsteered, and with a norm-matched random direction at the same
 coefficient (:meth:`DirectionSet.random_like`).
 
@@ -297,6 +298,7 @@ class SufficiencyRow:
     coeff: float
     window: int
     steer_generation: bool
+    with_bias: bool
     n_contexts: int
     rate_unsteered: float  # share of next sentences that are this behaviour
     rate_steered: float
@@ -339,6 +341,7 @@ def sufficiency(
     coeffs: Sequence[float] = (1.0,),
     window: int = 1,
     steer_generation: bool = False,
+    with_bias: bool = False,
     n_contexts: int = 64,
     n_random: int = 1,
     seed: int = 0,
@@ -347,8 +350,14 @@ def sufficiency(
     batch_size: int = 64,
     behaviour_ids: Sequence[int] | None = None,
 ) -> list[SufficiencyRow]:
-    """For each behaviour b: contexts whose next sentence is another behaviour; steer toward b (module docstring)."""
+    """For each behaviour b: contexts whose next sentence is another behaviour; steer toward b (module docstring).
+
+    ``with_bias`` steers with ``coeff * (bias + direction)``, as the hybrid generator does (the
+    random control then uses its own norm-matched random bias).
+    """
     directions.check_model(base_model)
+    if with_bias and directions.bias is None:
+        raise ValueError("with_bias needs a direction set with a bias")
     if window < 1:
         raise ValueError(f"window must be >= 1; got {window}")
     if n_random < 1:
@@ -369,15 +378,18 @@ def sufficiency(
             return sum(label == behaviour for label in labels) / len(labels)
 
         unsteered = rate(_next_sentences(base_model, texts, direction=None, coeff=0.0, **settings))
+        def vector(source: DirectionSet, behaviour: int = int(behaviour)) -> Tensor:
+            return source.direction(behaviour) + source.bias if with_bias else source.direction(behaviour)
+
         for coeff in coeffs:
-            steered = rate(_next_sentences(base_model, texts, direction=directions.direction(behaviour),
-                                           coeff=coeff, **settings))
-            random_rates = [rate(_next_sentences(base_model, texts, direction=control.direction(behaviour),
-                                                 coeff=coeff, **settings)) for control in controls]
+            steered = rate(_next_sentences(base_model, texts, direction=vector(directions), coeff=coeff, **settings))
+            random_rates = [rate(_next_sentences(base_model, texts, direction=vector(control), coeff=coeff,
+                                                 **settings)) for control in controls]
             mean_random = sum(random_rates) / len(random_rates)
             rows.append(SufficiencyRow(
                 behaviour_id=int(behaviour), title=directions.title(behaviour), coeff=float(coeff), window=window,
-                steer_generation=steer_generation, n_contexts=len(chosen), rate_unsteered=unsteered,
+                steer_generation=steer_generation, with_bias=with_bias, n_contexts=len(chosen),
+                rate_unsteered=unsteered,
                 rate_steered=steered, rate_random=mean_random,
                 ratio_vs_random=steered / max(mean_random, 1 / len(chosen)), random_rates=random_rates,
             ))
@@ -518,10 +530,11 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size)
     contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
     # Optimised vectors are trained added over the whole target sentence, so they are tested that way.
-    steer_generation = args.steer_generation == "on" or (args.steer_generation == "auto" and
-                                                          directions.method == "optimised")
+    optimised = directions.method == "optimised"
+    steer_generation = args.steer_generation == "on" or (args.steer_generation == "auto" and optimised)
+    with_bias = args.with_bias == "on" or (args.with_bias == "auto" and optimised)
     sufficiency_rows = sufficiency(base, directions, contexts, behaviour_labeller, coeffs=parse_floats(args.coeffs),
-                                   window=args.window, steer_generation=steer_generation,
+                                   window=args.window, steer_generation=steer_generation, with_bias=with_bias,
                                    n_contexts=args.n_contexts, n_random=args.n_random, seed=args.seed,
                                    max_new_tokens=args.sentence_tokens,
                                    stop_strings=("\n",) if organism else (), batch_size=args.batch_size)
@@ -554,6 +567,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--window", type=int, default=1, help="steer the last N context positions")
     parser.add_argument("--steer-generation", choices=("auto", "on", "off"), default="auto",
                         help="also steer the generated sentence's positions (auto: only for optimised sets)")
+    parser.add_argument("--with-bias", choices=("auto", "on", "off"), default="auto",
+                        help="steer with bias + direction, as the hybrid does (auto: only for optimised sets)")
     parser.add_argument("--n-contexts", type=int, default=64)
     parser.add_argument("--n-random", type=int, default=1, help="norm-matched random controls per behaviour")
     parser.add_argument("--sentence-tokens", type=int, default=48, help="max tokens of the generated next sentence")
