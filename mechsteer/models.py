@@ -219,14 +219,19 @@ class ModelPair:
 
 
 def tokenizers_compatible(base_tokenizer, thinking_tokenizer) -> bool:
-    """True when every token of the base vocabulary has the same id in the thinking vocabulary.
+    """True when the thinking model can read the base model's token ids as they are.
 
-    Then the thinking model can read the base model's token ids directly. Extra thinking-only
-    tokens (TL adds e.g. ``<|endoftext|>`` to Qwen2 tokenizers) do not matter: the base model
-    never emits them.
+    Every base token must have the same id in the thinking vocabulary, and the thinking
+    vocabulary may add only *special* tokens (TL adds e.g. ``<|endoftext|>`` to Qwen2
+    tokenizers; the base model never emits them). Extra ordinary tokens (other merges) mean
+    the thinking tokenizer would split the same text differently, so the pair is treated as
+    cross-tokenizer and the text is re-encoded.
     """
-    thinking_vocab = thinking_tokenizer.get_vocab()
-    return all(thinking_vocab.get(token) == index for token, index in base_tokenizer.get_vocab().items())
+    base_vocab, thinking_vocab = base_tokenizer.get_vocab(), thinking_tokenizer.get_vocab()
+    special = {token.content for token in thinking_tokenizer.added_tokens_decoder.values() if token.special}
+    if any(token not in special for token in set(thinking_vocab) - set(base_vocab)):
+        return False
+    return all(thinking_vocab.get(token) == index for token, index in base_vocab.items())
 
 
 def load_pair(
