@@ -72,8 +72,11 @@ SELECTION_DOC = (
     "(cosine distance, on a seeded sample of at most 2000 sentences; singletons score 0). "
     "The silhouette rewards behaviours that are tight and apart, so it falls both when one "
     "behaviour merges two groups and when a group is split between two behaviours, unlike "
-    "the FVU, which keeps improving as behaviours are added. Ties go to fewer behaviours, "
-    "then the lower layer. A taxonomy with fewer than two non-empty behaviours scores -inf. "
+    "the FVU, which keeps improving as behaviours are added. The sweep may also try the "
+    "vectors with and without L2 normalisation: normalising does not change cosines, so "
+    "the silhouette measures both in the same geometry. Ties go to fewer behaviours, then "
+    "the lower layer, then normalised vectors. A taxonomy with fewer than two non-empty "
+    "behaviours scores -inf. "
     "ARI and NMI need ground truth and are never used."
 )
 SILHOUETTE_MAX_POINTS = 2000
@@ -573,7 +576,8 @@ def build_taxonomy(
 
 
 SWEEP_COLUMNS = (
-    "layer", "n_latents", "method", "k", "seed", "selection_criterion", "selection_score",
+    "layer", "n_latents", "normalised", "method", "k", "seed", "selection_criterion",
+    "selection_score",
     "fvu", "mean_direction_dissimilarity", "silhouette", "n_nonempty", "largest_fraction",
     "size_entropy", "consistency_f1", "completeness", "orthogonality", "judge_final",
     "judge_unparsable", "ari", "nmi", "train_epochs", "train_seconds", "selected",
@@ -584,7 +588,8 @@ def _row(taxonomy: Taxonomy) -> dict[str, Any]:
     metrics = asdict(taxonomy.metrics)
     provenance = taxonomy.provenance
     row = {
-        "layer": provenance.layer, "n_latents": provenance.n_latents, "method": provenance.method,
+        "layer": provenance.layer, "n_latents": provenance.n_latents,
+        "normalised": provenance.normalised, "method": provenance.method,
         "k": provenance.k, "seed": provenance.seed, "selected": False,
     }
     row.update({column: metrics[column] for column in SWEEP_COLUMNS if column in metrics})
@@ -600,12 +605,13 @@ def sweep_taxonomies(
     k: int = 3,
     seed: int = 0,
     judge: Judge | None = None,
-    normalise: bool = True,
+    normalise: bool | Sequence[bool] = True,
     judge_settings: JudgeSettings | None = None,
     sae_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], Taxonomy]:
-    """Build a taxonomy for every (layer, n_latents) and pick one by :data:`SELECTION_DOC`.
+    """Build a taxonomy for every (layer, normalisation, n_latents) and pick one by
+    :data:`SELECTION_DOC`. ``normalise`` is one choice or several, e.g. ``(True, False)``.
 
     Returns one row per sweep point (the columns of :data:`SWEEP_COLUMNS`; ``selected`` marks
     the pick) and the selected taxonomy.
@@ -614,24 +620,29 @@ def sweep_taxonomies(
         raise ValueError(f"need at least one layer and one n_latents, got {list(layers)}, {list(n_latents_grid)}")
     if any(n < 2 for n in n_latents_grid):
         raise ValueError(f"every n_latents must be >= 2 to compare behaviours, got {list(n_latents_grid)}")
+    normalisations = [normalise] if isinstance(normalise, bool) else list(dict.fromkeys(normalise))
+    if not normalisations:
+        raise ValueError("normalise is an empty sequence; pass True, False or both")
     rows: list[dict[str, Any]] = []
     best: Taxonomy | None = None
-    best_key: tuple[float, int, int] | None = None
+    best_key: tuple[float, int, int, bool] | None = None
     best_row = -1
     for layer in layers:
-        data = _load_layer(activations_dir, layer, normalise)
-        for n_latents in n_latents_grid:
-            taxonomy = _build(
-                data, method=method, n_latents=n_latents, k=k, seed=seed, judge=judge,
-                judge_settings=judge_settings or JudgeSettings(), sae_options=sae_options or {},
-            )
-            rows.append(_row(taxonomy))
-            if progress:
-                print(json.dumps({key: rows[-1][key] for key in ("layer", "n_latents", "selection_score", "ari")}))
-            # Higher score first; ties to fewer behaviours, then the lower layer.
-            key = (taxonomy.metrics.selection_score, -n_latents, -layer)
-            if best_key is None or key > best_key:
-                best, best_key, best_row = taxonomy, key, len(rows) - 1
+        for normalised in normalisations:
+            data = _load_layer(activations_dir, layer, bool(normalised))
+            for n_latents in n_latents_grid:
+                taxonomy = _build(
+                    data, method=method, n_latents=n_latents, k=k, seed=seed, judge=judge,
+                    judge_settings=judge_settings or JudgeSettings(), sae_options=sae_options or {},
+                )
+                rows.append(_row(taxonomy))
+                if progress:
+                    shown = ("layer", "normalised", "n_latents", "selection_score", "ari")
+                    print(json.dumps({key: rows[-1][key] for key in shown}))
+                # Higher score first; ties to fewer behaviours, the lower layer, normalised.
+                key = (taxonomy.metrics.selection_score, -n_latents, -layer, bool(normalised))
+                if best_key is None or key > best_key:
+                    best, best_key, best_row = taxonomy, key, len(rows) - 1
     rows[best_row]["selected"] = True
     return rows, best
 
@@ -683,11 +694,13 @@ def plot_metrics_vs_k(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     lines = math.ceil(len(names) / columns)
     figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines), squeeze=False)
     for axis, name in zip(axes.flat, names, strict=False):
-        for layer in sorted({row["layer"] for row in rows}):
+        for layer, normalised in sorted({(row["layer"], row["normalised"]) for row in rows}):
             points = sorted((row["n_latents"], row[name]) for row in rows
-                            if row["layer"] == layer and _finite(row.get(name)))
+                            if (row["layer"], row["normalised"]) == (layer, normalised)
+                            and _finite(row.get(name)))
             if points:
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"layer {layer}")
+                label = f"layer {layer}" + ("" if normalised else ", not normalised")
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         chosen = [row for row in rows if row["selected"] and _finite(row.get(name))]
         for row in chosen:
             axis.scatter([row["n_latents"]], [row[name]], s=120, facecolors="none", edgecolors="black")
@@ -753,6 +766,7 @@ def plot_sentence_map(
     return Path(path)
 
 
+NORMALISE_CHOICES: dict[str, tuple[bool, ...]] = {"yes": (True,), "no": (False,), "both": (True, False)}
 JUDGE_CHOICES_HELP = (
     "none (geometric selection), oracle (ground-truth labels of sentences.jsonl; organisms only), "
     "http, http:<model>, or local:<model spec>"
@@ -786,18 +800,19 @@ def run_taxonomy_cli(args: argparse.Namespace) -> int:
         n_per_behaviour=args.n_judged, concurrency=args.judge_concurrency,
     )
     sae_options = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    normalise = NORMALISE_CHOICES[args.normalise]
     rows, best = sweep_taxonomies(
         activations_dir, layers, grid, method=args.method, k=args.k, seed=args.seed, judge=judge,
-        normalise=not args.no_normalise, judge_settings=settings, sae_options=sae_options,
-        progress=True,
+        normalise=normalise, judge_settings=settings, sae_options=sae_options, progress=True,
     )
     best.save(out)
     write_metrics_csv(rows, out / METRICS_CSV)
     plot_metrics_vs_k(rows, out / METRICS_PLOT)
-    vectors = load_sentence_vectors(activations_dir, best.provenance.layer, normalise=not args.no_normalise)
+    vectors = load_sentence_vectors(activations_dir, best.provenance.layer, normalise=best.provenance.normalised)
     plot_sentence_map(best, vectors, out / SENTENCE_MAP_PLOT, seed=args.seed)
     summary = {
         "out": str(out), "layer": best.provenance.layer, "n_latents": best.provenance.n_latents,
+        "normalised": best.provenance.normalised,
         "selection_criterion": best.metrics.selection_criterion,
         "selection_score": best.metrics.selection_score, "ari": best.metrics.ari,
         "nmi": best.metrics.nmi, "behaviours": [b.title for b in best.behaviours],
@@ -820,8 +835,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", choices=CLUSTERING_METHODS, default="sae")
     parser.add_argument("--judge", default="none", help=JUDGE_CHOICES_HELP)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-normalise", action="store_true",
-                        help="centre the vectors but do not L2-normalise them")
+    parser.add_argument("--normalise", choices=sorted(NORMALISE_CHOICES), default="yes",
+                        help="L2-normalise the centred vectors: yes (default), no, or both (swept)")
     parser.add_argument("--max-epochs", type=int, default=None, help="SAE epochs cap (default 300)")
     parser.add_argument("--n-examples", type=int, default=100,
                         help="top-activating and random examples per behaviour, each (default 100)")

@@ -208,7 +208,8 @@ def test_cli_end_to_end_with_oracle_judge(labelled_run, tmp_path, capsys):
     out = tmp_path / "cli"
     code = cli_main([
         "taxonomy", "--activations", str(folder), "--layers", "1,2", "--k", "3",
-        "--n-latents", "4:5", "--method", "sae", "--judge", "oracle", "--out", str(out),
+        "--n-latents", "4:5", "--method", "sae", "--judge", "oracle", "--normalise", "both",
+        "--out", str(out),
         "--max-epochs", "30", "--n-examples", "10", "--n-repeats", "2", "--n-judged", "20",
     ])
     assert code == 0
@@ -219,7 +220,8 @@ def test_cli_end_to_end_with_oracle_judge(labelled_run, tmp_path, capsys):
     assert sorted(b.title for b in taxonomy.behaviours) == sorted(PLANTED)
     with (out / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert [(int(r["layer"]), int(r["n_latents"])) for r in rows] == [(1, 4), (1, 5), (2, 4), (2, 5)]
+    points = [(int(r["layer"]), r["normalised"], int(r["n_latents"])) for r in rows]
+    assert points == [(layer, normalised, n) for layer in (1, 2) for normalised in ("True", "False") for n in (4, 5)]
     assert [r["selected"] for r in rows].count("True") == 1
     for plot in ("metrics_vs_k.png", "sentence_map.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -269,13 +271,16 @@ def test_organism_taxonomy_recovers_planted_behaviours(tmp_path):
         model, traces, tmp_path / "activations", ActivationConfig(layers=ORGANISM_LAYERS, batch_size=32),
         labeller=organism_labeller, progress=False,
     )
-    rows, best = sweep_taxonomies(tmp_path / "activations", ORGANISM_LAYERS, ORGANISM_GRID, seed=0)
+    rows, best = sweep_taxonomies(
+        tmp_path / "activations", ORGANISM_LAYERS, ORGANISM_GRID, normalise=(True, False), seed=0
+    )
     labels = [sentence.label for sentence in read_sentences(tmp_path / "activations")]
     assert set(BEHAVIOURS) <= set(labels)  # the thinking organism shows every planted behaviour
-    print("organism sweep:", json.dumps([{k: r[k] for k in ("layer", "n_latents", "silhouette", "ari", "nmi")} for r in rows]))
-    print("selected:", best.provenance.layer, best.provenance.n_latents, "ARI", best.metrics.ari, "NMI", best.metrics.nmi)
+    shown = ("layer", "normalised", "n_latents", "silhouette", "ari", "nmi")
+    print("organism sweep:", json.dumps([{key: row[key] for key in shown} for row in rows]))
+    print("selected:", best.provenance.layer, best.provenance.normalised, best.provenance.n_latents,
+          "ARI", best.metrics.ari, "NMI", best.metrics.nmi)
     for behaviour in best.behaviours:
         print(behaviour.id, behaviour.size, behaviour.matched_label, behaviour.label_precision, behaviour.label_recall)
+    assert best.metrics.selection_score == max(row["selection_score"] for row in rows)
     assert best.metrics.ari >= 0.7
-    # Every planted behaviour is the majority label of some behaviour the SAE found.
-    assert set(BEHAVIOURS) <= {b.matched_label for b in best.behaviours if b.size}
