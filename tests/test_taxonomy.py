@@ -18,6 +18,7 @@ from mechsteer.activations import (
     Manifest,
     SentenceRecord,
     ShardInfo,
+    load_sentence_vectors,
     read_sentences,
 )
 from mechsteer.cli import main as cli_main
@@ -128,6 +129,7 @@ def test_save_load_round_trip(labelled_run, tmp_path):
         sae.classify_tokens(raw, centring_mean=mean + 1.0)
     # Directions are the unit decoder rows, in the model's residual width.
     assert torch.equal(loaded.directions, sae.decoder_directions)
+    assert torch.equal(loaded.sentence_vectors(), load_sentence_vectors(folder, 2, normalise=True))
     assert torch.allclose(loaded.directions.norm(dim=-1), torch.ones(5), atol=1e-5)
 
 
