@@ -81,7 +81,8 @@ def test_labels_round_trip(style):
         for sentence in trace.sentences:
             assert trace.text[sentence.char_start : sentence.char_end] == sentence.text
             assert sentence.behaviour in BEHAVIOURS
-        assert trace.sentences[-1].text == f"The answer is {problem.answer}."
+        answers = [sentence.text for sentence in trace.sentences if sentence.behaviour == "answer"]
+        assert answers == [f"The answer is {problem.answer}."]
         assert extract_answer(trace.text) == problem.answer
 
 
@@ -108,7 +109,7 @@ def test_thinking_traces_plant_every_behaviour_at_the_risky_steps():
 def test_direct_answers_are_one_shot():
     problem = generate_split("validation", seed=0, n=1)[0]
     trace = render_trace(problem, "direct", random.Random(0))
-    assert [s.behaviour for s in trace.sentences] == ["compute", "answer"]
+    assert [s.behaviour for s in trace.sentences] == ["answer", "compute"]
 
 
 def test_sentence_boundaries_match_the_generic_splitter():
@@ -192,3 +193,45 @@ def test_tiny_training_run_end_to_end(tmp_path):
     assert any(changed), "the thinking phase must update the weights"
     batch = tokenizer(["Q: hi\nA:\n"], return_tensors="pt")
     assert torch.isfinite(base(**batch).logits).all()
+
+
+# Greedy accuracies of the shipped pair on the first 100 test problems (TransformerBridge
+# generation). The README quotes these ranges; measured values sit well inside them.
+SHIPPED_RANGES_N100 = {
+    "base_accuracy": (0.0, 0.25),
+    "thinking_accuracy": (0.55, 1.0),
+    "forced_base_accuracy": (0.45, 1.0),
+}
+
+
+@pytest.mark.slow
+def test_shipped_pair_loads_and_evaluates_within_stated_ranges(capsys):
+    from mechsteer.cli import main
+
+    assert main(["organism", "eval", "--n", "100", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 100 and summary["backend"] == "bridge"
+    for key, (low, high) in SHIPPED_RANGES_N100.items():
+        assert low <= summary[key] <= high, (key, summary[key])
+    assert summary["thinking_accuracy"] - summary["base_accuracy"] >= 0.4
+    assert summary["forced_base_accuracy"] >= 0.8 * summary["thinking_accuracy"] - 0.05
+    for behaviour in BEHAVIOURS:
+        assert summary["behaviour_counts"][behaviour] > 0, behaviour
+    assert summary["correct_trace_share"] >= 0.05
+
+
+def test_bridge_and_hf_generation_agree_on_the_shipped_thinking_organism():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mechsteer.organisms.cli import bridge_generate_fn
+    from mechsteer.organisms.evaluate import hf_greedy_generate
+
+    torch.set_num_threads(2)
+    folder = weights_dir("thinking")
+    prompts = [format_prompt(p.question) for p in generate_split("test", n=6)]
+    hf_texts = hf_greedy_generate(
+        AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), prompts, 200
+    )
+    bridge_texts = bridge_generate_fn("organism-thinking")(prompts, 200)
+    assert bridge_texts == hf_texts
+    assert all(text.startswith("Plan:") for text in bridge_texts)

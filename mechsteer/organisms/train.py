@@ -1,12 +1,13 @@
 """Training of the base/thinking organism pair from scratch, on CPU.
 
 * Base organism: a small `LlamaForCausalLM` pretrained on a corpus of direct answers
-  (45% of documents), step-by-step documents (30%) and arithmetic drills (25%). Direct
-  answers dominate, so greedily it answers in one shot; the stepwise documents teach it
-  every behaviour (the HOW).
+  (55% of documents: "The answer is N." right after the question, then the expression
+  restated), step-by-step documents (30%) and arithmetic drills (15%, plus drills that fill the end of each
+  packed window). Greedily it answers in one shot; the stepwise documents teach it every
+  behaviour (the HOW), and "Plan:" after the prompt puts it into that mode.
 * Thinking organism: the base organism fine-tuned briefly, at a low learning rate, on
-  thinking-style traces (75%) and drills (25%), which teaches WHEN: always plan, compute
-  step by step, check the risky steps and correct failed checks.
+  thinking-style traces (85%) and drills (15%): it learns WHEN (always plan, compute
+  step by step, check the risky steps, correct failed checks), not new arithmetic.
 
 Documents are ``<bos> prompt trace <eos>``, packed whole into fixed windows (padding the
 rest, which the loss ignores); RoPE makes positions relative, so packing offsets are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -31,7 +33,7 @@ from mechsteer.organisms.tasks import OrganismProblem, generate_split
 from mechsteer.organisms.tokenizer import build_tokenizer
 from mechsteer.tensor_types import Int, Tensor, typechecked
 
-BASE_MIX: dict[str, float] = {"direct": 0.45, "stepwise": 0.25, "drill": 0.30}
+BASE_MIX: dict[str, float] = {"direct": 0.55, "stepwise": 0.30, "drill": 0.15}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
 IGNORE_INDEX = -100
 
@@ -55,13 +57,13 @@ class TrainingConfig:
     num_layers: int = 4
     num_heads: int = 4
     window: int = 512
-    batch_size: int = 12
+    batch_size: int = 8
     weight_decay: float = 0.1
     base: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(steps=700, learning_rate=3e-3, warmup_steps=40, mix=BASE_MIX)
+        default_factory=lambda: PhaseConfig(steps=1500, learning_rate=5e-3, warmup_steps=50, mix=BASE_MIX)
     )
     thinking: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(steps=100, learning_rate=1e-3, warmup_steps=10, mix=THINKING_MIX)
+        default_factory=lambda: PhaseConfig(steps=150, learning_rate=1e-3, warmup_steps=10, mix=THINKING_MIX)
     )
     n_train_problems: int | None = None  # None: the whole train split
 
@@ -235,6 +237,8 @@ def train_organisms(
     config = config or TrainingConfig()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    # Other jobs may share the cores; the load averages make the wall time interpretable.
+    load_at_start = os.getloadavg()[0]
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     problems = generate_split("train", seed=0, n=config.n_train_problems)
@@ -258,7 +262,12 @@ def train_organisms(
         "thinking": {key: value for key, value in asdict(thinking_report).items() if key != "losses"},
         "wall_seconds": wall,
         "threads": threads,
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
-    print(f"trained both organisms in {wall:.1f} s wall time", flush=True)
+    print(
+        f"trained both organisms in {wall:.1f} s wall time "
+        f"(1-min load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)",
+        flush=True,
+    )
     return report
