@@ -700,6 +700,7 @@ def plot_metrics_vs_k(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = ["selection_score", "fvu", "mean_direction_dissimilarity", "silhouette",
              "consistency_f1", "completeness", "orthogonality", "ari", "nmi"]
@@ -720,6 +721,7 @@ def plot_metrics_vs_k(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
             axis.scatter([row["n_latents"]], [row[name]], s=120, facecolors="none", edgecolors="black")
         axis.set_title(name + (" (reported, not selected on)" if name in ("ari", "nmi") else ""), fontsize=9)
         axis.set_xlabel("behaviours (n_latents)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(names):]:
         axis.set_visible(False)
@@ -759,14 +761,15 @@ def plot_sentence_map(
         sample = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
         vectors, labels = vectors[sample], labels[sample]
     coordinates = pca_2d(vectors.float())
-    colours = plt.get_cmap("tab20")
+    n_colours = 10 if len(taxonomy.behaviours) <= 10 else 20
+    colours = plt.get_cmap(f"tab{n_colours}")
     figure, axis = plt.subplots(figsize=(7, 6))
     for position, behaviour in enumerate(taxonomy.behaviours):
         chosen = labels == behaviour.id
         if not bool(chosen.any()):
             continue
         axis.scatter(coordinates[chosen, 0], coordinates[chosen, 1], s=6, alpha=0.6,
-                     color=colours(position % 20), label=f"{behaviour.id}: {behaviour.title[:40]}")
+                     color=colours(position % n_colours), label=f"{behaviour.id}: {behaviour.title[:40]}")
     provenance = taxonomy.provenance
     axis.set_title(f"{provenance.model} layer {provenance.layer}, {provenance.method} "
                    f"n={provenance.n_latents}", fontsize=9)
