@@ -2,7 +2,8 @@
 
 **Necessity, in the thinking model.** Each behaviour's direction is projected out of the
 thinking model's residual stream (``resid_post``): at the set's layer, and at every layer as
-a variant. The thinking model regenerates its traces (greedy) and we measure, per behaviour,
+a variant (the same direction everywhere, or with ``per_layer`` each layer's own direction,
+e.g. difference-of-means sets made in the thinking model at every layer). The thinking model regenerates its traces (greedy) and we measure, per behaviour,
 the *rate*: sentences of that behaviour per trace, against the unablated traces. Also the
 other behaviours' rates and the accuracy. A direction made in the base model is applied
 to the thinking model as is when both share d_model (a thinking model post-trained from
@@ -34,7 +35,7 @@ import csv
 import dataclasses
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ NECESSITY_CSV = "necessity.csv"
 SUFFICIENCY_CSV = "sufficiency.csv"
 ABLATIONS_PLOT = "ablations.png"
 ABLATIONS_JSON = "ablations.json"
+NECESSITY_VARIANTS: tuple[str, ...] = ("layer", "all", "per_layer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def relative_change(before: float, after: float) -> float:
 class NecessityRow:
     behaviour_id: int
     title: str
-    variant: str  # "layer L" or "all layers"
+    variant: str  # "layer L", "all layers" or "all layers, per-layer directions"
     n_traces: int
     rate_before: float  # this behaviour's sentences per trace, unablated
     rate_after: float
@@ -183,14 +185,28 @@ def necessity(
     variants: Sequence[str] = ("layer", "all"),
     batch_size: int = 64,
     behaviour_ids: Sequence[int] | None = None,
+    layer_directions: Mapping[int, DirectionSet] | None = None,
 ) -> list[NecessityRow]:
-    """Project each behaviour's direction out of the thinking model and regenerate (module docstring)."""
+    """Project each behaviour's direction out of the thinking model and regenerate (module docstring).
+
+    Variants: ``"layer"`` (the set's layer), ``"all"`` (the set's direction at every layer) and
+    ``"per_layer"`` (at every layer L, the direction ``layer_directions[L]`` made at L).
+    """
     from mechsteer.prompts import render_prompt
 
     directions.check_model(thinking_model, allow_other_name=True)
     for variant in variants:
-        if variant not in ("layer", "all"):
-            raise ValueError(f"necessity variants are 'layer' and 'all'; got {variant!r}")
+        if variant not in NECESSITY_VARIANTS:
+            raise ValueError(f"necessity variants are {NECESSITY_VARIANTS}; got {variant!r}")
+    if "per_layer" in variants:
+        missing = [layer for layer in range(thinking_model.cfg.n_layers) if layer not in (layer_directions or {})]
+        if missing:
+            raise ValueError(f"the per_layer variant needs a direction set for every layer; missing {missing}")
+        for layer, layer_set in (layer_directions or {}).items():
+            layer_set.check_model(thinking_model, allow_other_name=True)
+            if layer_set.layer != layer or layer_set.behaviour_ids != directions.behaviour_ids:
+                raise ValueError(f"layer_directions[{layer}] must be made at layer {layer} for behaviours "
+                                 f"{directions.behaviour_ids}; got layer {layer_set.layer}, {layer_set.behaviour_ids}")
     if not problems:
         raise ValueError("necessity needs at least one problem")
     prompts = [render_prompt(template, p.question, thinking_model.tokenizer) for p in problems]
@@ -202,15 +218,21 @@ def necessity(
     for behaviour in chosen:
         direction = directions.direction(behaviour)
         for variant in variants:
-            layers = [directions.layer] if variant == "layer" else list(range(thinking_model.cfg.n_layers))
-            texts = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size,
-                                     [Ablation(layer, direction, directions.site) for layer in layers])
+            if variant == "layer":
+                ablations = [Ablation(directions.layer, direction, directions.site)]
+            elif variant == "all":
+                ablations = [Ablation(layer, direction, directions.site) for layer in range(thinking_model.cfg.n_layers)]
+            else:
+                ablations = [Ablation(layer, layer_set.direction(behaviour), layer_set.site)
+                             for layer, layer_set in sorted((layer_directions or {}).items())]
+            texts = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size, ablations)
             rates_after = behaviour_rates(labeller(prompts, texts), directions.behaviour_ids)
             others = [b for b in directions.behaviour_ids if b != behaviour]
             other_changes = [abs(relative_change(rates_before[b], rates_after[b])) for b in others]
             rows.append(NecessityRow(
                 behaviour_id=int(behaviour), title=directions.title(behaviour),
-                variant=f"layer {directions.layer}" if variant == "layer" else "all layers",
+                variant={"layer": f"layer {directions.layer}", "all": "all layers",
+                         "per_layer": "all layers, per-layer directions"}[variant],
                 n_traces=len(problems), rate_before=rates_before[behaviour], rate_after=rates_after[behaviour],
                 relative_change=relative_change(rates_before[behaviour], rates_after[behaviour]),
                 other_rates_before={b: rates_before[b] for b in others},
@@ -503,7 +525,12 @@ def parse_floats(text: str) -> list[float]:
 
 def run_ablate_cli(args: argparse.Namespace) -> int:
     from mechsteer.data import load_benchmark
-    from mechsteer.directions import labels_from_args, load_framed_traces, split_pair
+    from mechsteer.directions import (
+        build_mean_directions,
+        labels_from_args,
+        load_framed_traces,
+        split_pair,
+    )
     from mechsteer.models import load_model
     from mechsteer.traces import default_template
 
@@ -525,9 +552,20 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
     organism = benchmark == "organism"
     necessity_set = DirectionSet.load(args.necessity_directions) if args.necessity_directions else directions
     problems = load_benchmark(benchmark, args.eval_split, args.n_problems)
+    layer_directions = None
+    variants = ["layer", "all"]
+    if args.per_layer:
+        # Difference-of-means in the thinking model itself, one set per layer, on the same traces and labels.
+        layer_directions = {
+            layer: build_mean_directions(thinking, traces, labels.labeller, necessity_set.behaviour_ids,
+                                         necessity_set.titles, layer, pooling=args.per_layer_pooling,
+                                         text_labeller=labels.text_labeller)
+            for layer in range(thinking.cfg.n_layers)
+        }
+        variants.append("per_layer")
     necessity_rows = necessity(thinking, necessity_set, problems, behaviour_labeller,
                                template=default_template(thinking, benchmark), max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, variants=variants, layer_directions=layer_directions)
     contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
     # Optimised vectors are trained added over the whole target sentence, so they are tested that way.
     optimised = directions.method == "optimised"
@@ -559,6 +597,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--directions", required=True, help="a DirectionSet folder (made in the base model)")
     parser.add_argument("--necessity-directions", default=None,
                         help="a DirectionSet for the thinking model (default: --directions, applied as is)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also ablate per-layer difference-of-means directions of the thinking model at every layer")
+    parser.add_argument("--per-layer-pooling", choices=("sentence", "boundary"), default="boundary")
     parser.add_argument("--out", required=True)
     parser.add_argument("--eval-split", default="test", help="benchmark split of the necessity problems")
     parser.add_argument("--n-problems", type=int, default=64)

@@ -267,8 +267,9 @@ def test_directions_and_ablate_cli_on_tiny_models(tiny_model_dirs, tmp_path):
     ablations = tmp_path / "ablations"
     assert main(["ablate", "--pair", pair, "--traces", str(traces_dir), "--ground-truth", "--directions",
                  str(tmp_path / "trimmed"), "--out", str(ablations), "--n-problems", "2", "--max-new-tokens", "4",
-                 "--n-contexts", "3", "--coeffs", "2", "--sentence-tokens", "4", "--threads", "1"]) == 0
-    assert (ablations / NECESSITY_CSV).read_text().count("\n") == 1 + 2 * 2
+                 "--n-contexts", "3", "--coeffs", "2", "--sentence-tokens", "4", "--threads", "1", "--per-layer"]) == 0
+    assert (ablations / NECESSITY_CSV).read_text().count("\n") == 1 + 2 * 3
+    assert "all layers, per-layer directions" in (ablations / NECESSITY_CSV).read_text()
     assert (ablations / SUFFICIENCY_CSV).read_text().count("\n") == 1 + 2
     assert (ablations / "ablations.png").is_file()
 
