@@ -506,10 +506,79 @@ def write_outputs(out_dir: str | Path, necessity_rows: Sequence[NecessityRow],
 
 
 __all__ = [
-    "BehaviourLabeller", "NecessityRow", "RowWindowSteering", "SAEBehaviourLabeller", "SteeringContext",
+    "BehaviourLabeller", "NecessityRow", "OrganismStudy", "organism_study", "RowWindowSteering", "SAEBehaviourLabeller", "SteeringContext",
     "SufficiencyRow", "behaviour_rates", "necessity", "organism_behaviour_labeller", "plot_ablations",
     "relative_change", "sufficiency", "sufficiency_contexts", "write_outputs", "write_rows_csv",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# The organism study (the acceptance check of the issue, also runnable on any organism pair)
+
+
+@dataclass
+class OrganismStudy:
+    necessity: list[NecessityRow]
+    sufficiency: list[SufficiencyRow]
+    directions: DirectionSet
+    settings: dict[str, Any]
+
+
+def organism_study(
+    base_model: TransformerBridge,
+    thinking_model: TransformerBridge,
+    work_dir: str | Path,
+    *,
+    layer: int = 1,
+    pooling: str = "boundary",
+    coeff: float = 4.0,
+    n_traces: int = 64,
+    n_problems: int = 32,
+    max_new_tokens: int = 384,
+) -> OrganismStudy:
+    """Ground-truth causal validation of an organism pair, end to end.
+
+    Thinking traces on ``n_traces`` train problems (and base traces on half as many, for the
+    bias); difference-of-means directions in the base model at ``layer``; necessity on
+    ``n_problems`` test problems with the base set at its layer and, per layer, sets made in
+    the thinking model at every layer; sufficiency at ``coeff`` on ``n_problems`` contexts per
+    behaviour (last context position only). Outputs go to ``work_dir/out``.
+    """
+    from mechsteer.data import load_benchmark
+    from mechsteer.directions import build_mean_directions, ground_truth_labels
+    from mechsteer.traces import generate_traces
+
+    work = Path(work_dir)
+    problems = load_benchmark("organism", "train", n_traces)
+    thinking_traces = generate_traces(thinking_model, problems, work / "thinking_traces",
+                                      max_new_tokens=max_new_tokens, batch_size=n_traces, progress=False)
+    base_traces = generate_traces(base_model, problems[: max(1, n_traces // 2)], work / "base_traces",
+                                  max_new_tokens=max_new_tokens, batch_size=n_traces, progress=False)
+    labels = ground_truth_labels()
+
+    def mean_set(model: TransformerBridge, at: int, bias: bool) -> DirectionSet:
+        return build_mean_directions(model, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
+                                     at, base_traces=base_traces if bias else None, pooling=pooling,
+                                     text_labeller=labels.text_labeller, skip_empty=True)
+
+    directions = mean_set(base_model, layer, True)
+    directions.save(work / "directions")
+    layer_sets = {at: mean_set(thinking_model, at, False) for at in range(thinking_model.cfg.n_layers)}
+    for layer_set in layer_sets.values():
+        if layer_set.behaviour_ids != directions.behaviour_ids:
+            raise ValueError("the thinking traces lack sentences of some behaviour at some layer")
+    labeller = organism_behaviour_labeller(directions.titles, directions.behaviour_ids)
+    necessity_rows = necessity(thinking_model, directions, load_benchmark("organism", "test", n_problems), labeller,
+                               template="organism", max_new_tokens=max_new_tokens, variants=("layer", "per_layer"),
+                               batch_size=n_problems, layer_directions=layer_sets)
+    contexts = sufficiency_contexts(thinking_traces, base_model.tokenizer, labels.labeller,
+                                    text_labeller=labels.text_labeller)
+    sufficiency_rows = sufficiency(base_model, directions, contexts, labeller, coeffs=(coeff,), n_contexts=n_problems,
+                                   max_new_tokens=40, batch_size=n_problems)
+    settings = {"layer": layer, "pooling": pooling, "coeff": coeff, "n_traces": n_traces, "n_problems": n_problems,
+                "base": base_model.cfg.model_name, "thinking": thinking_model.cfg.model_name}
+    write_outputs(work / "out", necessity_rows, sufficiency_rows, settings)
+    return OrganismStudy(necessity_rows, sufficiency_rows, directions, settings)
 
 
 # --------------------------------------------------------------------------------------------
