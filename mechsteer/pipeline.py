@@ -49,6 +49,7 @@ class RunConfig:
     activation_layers: list[int] | None = None  # thinking-model layers to pool (default: depth/8 grid)
     include_previous_token: bool = True
     taxonomy_method: str = "sae"
+    normalise: list[bool] = field(default_factory=lambda: [True])  # L2-normalise sentence vectors (sweepable)
     n_latents: list[int] = field(default_factory=lambda: [5, 10, 15])
     sae_k: int = 3
     judge: str = "none"  # none | oracle | http | http:MODEL | local:SPEC
@@ -305,18 +306,17 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
 def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str, Any]:
     """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
     from mechsteer import taxonomy as taxonomy_stage
-    from mechsteer.activations import load_sentence_vectors
 
     activations_dir, taxonomy_dir = out / "activations", out / "taxonomy"
     judge = taxonomy_stage.make_judge(config.judge, activations_dir, taxonomy_dir)
     rows, best = taxonomy_stage.sweep_taxonomies(activations_dir, layers, config.n_latents,
                                                  method=config.taxonomy_method, k=config.sae_k,
-                                                 seed=config.seed, judge=judge)
+                                                 seed=config.seed, judge=judge,
+                                                 normalise=tuple(config.normalise))
     best.save(taxonomy_dir)
     taxonomy_stage.write_metrics_csv(rows, taxonomy_dir / taxonomy_stage.METRICS_CSV)
     taxonomy_stage.plot_metrics_vs_k(rows, taxonomy_dir / taxonomy_stage.METRICS_PLOT)
-    vectors = load_sentence_vectors(activations_dir, best.provenance.layer)
-    taxonomy_stage.plot_sentence_map(best, vectors, taxonomy_dir / taxonomy_stage.SENTENCE_MAP_PLOT,
+    taxonomy_stage.plot_sentence_map(best, best.sentence_vectors(), taxonomy_dir / taxonomy_stage.SENTENCE_MAP_PLOT,
                                      seed=config.seed)
     metrics = asdict(best.metrics)
     return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
