@@ -96,10 +96,13 @@ DEMO_CONFIG = RunConfig(
     benchmark="organism",
     n_train=200,
     n_eval=200,
-    max_new_tokens=160,
+    max_new_tokens=288,  # the longest thinking-organism traces run ~265 tokens
     batch_size=50,
     activation_layers=None,
-    n_latents=[5, 6, 8],
+    # Without L2 normalisation the organism's sentence clusters separate far better (compute
+    # sentences dominate the centring mean); the sweep tries both and the silhouette picks.
+    normalise=[True, False],
+    n_latents=[4, 5, 6, 8],
     judge="oracle",
     direction_method="mean",
     coefficients=[1.0],

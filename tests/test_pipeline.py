@@ -64,7 +64,8 @@ def test_behaviour_statistics_by_hand():
 
 
 SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organism-thinking", benchmark="organism",
-                 n_train=50, n_eval=50, max_new_tokens=160, batch_size=25, n_latents=[5, 6], judge="oracle",
+                 n_train=50, n_eval=50, max_new_tokens=288, batch_size=25, n_latents=[4, 5],
+                 normalise=[True, False], judge="oracle", threads=1,
                  ablation_contexts=10)
 
 KILL_DURING_HYBRID = textwrap.dedent("""
