@@ -9,7 +9,7 @@ sentence start:
 label     example                                 role
 ========  ======================================  =====================================
 plan      ``Plan: 38 + 9 - 4 + 2.``               restate the question as an expression
-compute   ``38 + 9 = 47.``                        one step (or all, in a direct answer)
+compute   ``38 + 9 = 47.``                        one step
 verify    ``Check: 47 - 9 = 38.``                 undo the step and compare
 correct   ``Wait, 38 + 9 is 47, not 37.``         repair a step that failed its check
 answer    ``The answer is 45.``                   the final answer (graders extract it)
@@ -17,12 +17,11 @@ answer    ``The answer is 45.``                   the final answer (graders extr
 
 Three trace styles exist:
 
-* ``direct``: the answer first, then the whole expression restated in one compute
-  sentence. Most pretraining documents do this, so the base organism answers in one
-  shot. The restatement practises parsing the question (copying its numbers in order),
-  which the organisms otherwise learn too slowly; it comes after the answer because a
-  direct answer that started with the expression (one of seven digits) lost to "Plan:"
-  (one character) under greedy decoding despite 45:30 odds.
+* ``direct``: the answer sentence alone, right after the prompt. Most pretraining
+  documents do this, so the base organism is meant to answer in one shot. (Two variants
+  were tried: starting with the restated expression, whose first character is one of
+  seven digits, lost to "Plan:" under greedy decoding despite 45:30 odds; answering first
+  and restating after it kept the base direct but slowed its arithmetic learning.)
 * ``stepwise``: the base corpus's step-by-step documents. Plan, then one compute per
   step; checks follow random steps; rare random slips are always caught by a failing
   check and corrected. The base organism knows all behaviours from these (the HOW).
@@ -150,7 +149,6 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
     meta = problem.metadata
     if style == "direct":
         writer.sentence(f"The answer is {problem.answer}.", "answer")
-        writer.sentence(f"{_expression(problem)} = {problem.answer}.", "compute")
         return writer.finish()
     writer.sentence(f"Plan: {_expression(problem)}.", "plan")
     total = meta["start"]

@@ -1,10 +1,11 @@
 """Training of the base/thinking organism pair from scratch, on CPU.
 
 * Base organism: a small `LlamaForCausalLM` pretrained on a corpus of direct answers
-  (55% of documents: "The answer is N." right after the question, then the expression
-  restated), step-by-step documents (30%) and arithmetic drills (15%, plus drills that fill the end of each
-  packed window). Greedily it answers in one shot; the stepwise documents teach it every
-  behaviour (the HOW), and "Plan:" after the prompt puts it into that mode.
+  (45% of documents: "The answer is N." right after the question), step-by-step
+  documents (30%) and arithmetic drills (25%, plus drills that fill the end of each
+  packed window). It is meant to answer in one shot greedily (the shipped base does not:
+  see the README); the stepwise documents teach it every behaviour (the HOW), and
+  "Plan:" after the prompt puts it into that mode.
 * Thinking organism: the base organism fine-tuned briefly, at a low learning rate, on
   thinking-style traces (85%) and drills (15%): it learns WHEN (always plan, compute
   step by step, check the risky steps, correct failed checks), not new arithmetic.
@@ -33,7 +34,7 @@ from mechsteer.organisms.tasks import OrganismProblem, generate_split
 from mechsteer.organisms.tokenizer import build_tokenizer
 from mechsteer.tensor_types import Int, Tensor, typechecked
 
-BASE_MIX: dict[str, float] = {"direct": 0.55, "stepwise": 0.30, "drill": 0.15}
+BASE_MIX: dict[str, float] = {"direct": 0.45, "stepwise": 0.30, "drill": 0.25}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
 IGNORE_INDEX = -100
 
