@@ -310,17 +310,9 @@ def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str
     """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
     from mechsteer import taxonomy as taxonomy_stage
 
-    activations_dir, taxonomy_dir = out / "activations", out / "taxonomy"
-    judge = taxonomy_stage.make_judge(config.judge, activations_dir, taxonomy_dir)
-    rows, best = taxonomy_stage.sweep_taxonomies(activations_dir, layers, config.n_latents,
-                                                 method=config.taxonomy_method, k=config.sae_k,
-                                                 seed=config.seed, judge=judge,
-                                                 normalise=tuple(config.normalise))
-    best.save(taxonomy_dir)
-    taxonomy_stage.write_metrics_csv(rows, taxonomy_dir / taxonomy_stage.METRICS_CSV)
-    taxonomy_stage.plot_metrics_vs_k(rows, taxonomy_dir / taxonomy_stage.METRICS_PLOT)
-    taxonomy_stage.plot_sentence_map(best, best.sentence_vectors(), taxonomy_dir / taxonomy_stage.SENTENCE_MAP_PLOT,
-                                     seed=config.seed)
+    rows, best = taxonomy_stage.sweep_to_folder(
+        out / "activations", layers, config.n_latents, out / "taxonomy", judge_spec=config.judge,
+        method=config.taxonomy_method, k=config.sae_k, seed=config.seed, normalise=tuple(config.normalise))
     metrics = asdict(best.metrics)
     return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
             "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),

@@ -801,6 +801,30 @@ def make_judge(spec: str, activations_dir: str | Path, out_dir: str | Path) -> J
     return judge_from_spec(spec, cache_dir=Path(out_dir) / "judge_cache")
 
 
+def sweep_to_folder(
+    activations_dir: str | Path,
+    layers: Sequence[int],
+    n_latents_grid: Sequence[int],
+    out_dir: str | Path,
+    *,
+    judge_spec: str = "none",
+    seed: int = 0,
+    **sweep_options: Any,
+) -> tuple[list[dict[str, Any]], Taxonomy]:
+    """:func:`sweep_taxonomies` with the judge named by ``judge_spec``, then write the selected
+    taxonomy, ``metrics.csv`` and both plots into ``out_dir``. The CLI and ``mechsteer run``
+    both use it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    judge = make_judge(judge_spec, activations_dir, out)
+    rows, best = sweep_taxonomies(activations_dir, layers, n_latents_grid, judge=judge, seed=seed, **sweep_options)
+    best.save(out)
+    write_metrics_csv(rows, out / METRICS_CSV)
+    plot_metrics_vs_k(rows, out / METRICS_PLOT)
+    plot_sentence_map(best, best.sentence_vectors(), out / SENTENCE_MAP_PLOT, seed=seed)
+    return rows, best
+
+
 def run_taxonomy_cli(args: argparse.Namespace) -> int:
     activations_dir = Path(args.activations)
     if not (activations_dir / "manifest.json").is_file():
@@ -809,23 +833,17 @@ def run_taxonomy_cli(args: argparse.Namespace) -> int:
     layers = parse_grid(args.layers) if args.layers else list(manifest.config["layers"])
     grid = parse_grid(args.n_latents)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    judge = make_judge(args.judge, activations_dir, out)
     settings = JudgeSettings(
         n_top_examples=args.n_examples, n_random_examples=args.n_examples,
         n_repeats=args.n_repeats, n_in=args.n_judged, n_out=args.n_judged,
         n_per_behaviour=args.n_judged, concurrency=args.judge_concurrency,
     )
     sae_options = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    normalise = NORMALISE_CHOICES[args.normalise]
-    rows, best = sweep_taxonomies(
-        activations_dir, layers, grid, method=args.method, k=args.k, seed=args.seed, judge=judge,
-        normalise=normalise, judge_settings=settings, sae_options=sae_options, progress=True,
+    rows, best = sweep_to_folder(
+        activations_dir, layers, grid, out, judge_spec=args.judge, method=args.method, k=args.k,
+        seed=args.seed, normalise=NORMALISE_CHOICES[args.normalise], judge_settings=settings,
+        sae_options=sae_options, progress=True,
     )
-    best.save(out)
-    write_metrics_csv(rows, out / METRICS_CSV)
-    plot_metrics_vs_k(rows, out / METRICS_PLOT)
-    plot_sentence_map(best, best.sentence_vectors(), out / SENTENCE_MAP_PLOT, seed=args.seed)
     summary = {
         "out": str(out), "layer": best.provenance.layer, "n_latents": best.provenance.n_latents,
         "normalised": best.provenance.normalised,

@@ -206,3 +206,30 @@ def test_smollm2_gsm8k_traces_through_the_whole_stage(tmp_path):
     pooled = torch.cat([v for _, v in iter_shards(tmp_path / "acts", 10)])[0]
     assert (pooled - expected).abs().max() < 1e-4
     assert load_sentence_vectors(tmp_path / "acts", 20).shape == (len(sentences), model.cfg.d_model)
+
+
+@pytest.mark.slow
+def test_organism_traces_keep_every_ground_truth_label(tmp_path):
+    """200 thinking-organism traces through the whole stage: every pooled sentence carries the
+    label the organism grammar gives its exact span."""
+    from mechsteer.activations import organism_labeller
+    from mechsteer.data import load_benchmark
+    from mechsteer.models import load_model
+    from mechsteer.organisms.grammar import BEHAVIOURS, parse_trace
+
+    model = load_model("organism-thinking")
+    problems = load_benchmark("organism", "test", 200)
+    traces = generate_traces(model, problems, tmp_path / "traces", max_new_tokens=288, batch_size=100,
+                             progress=False)
+    manifest = extract_activations(model, traces, tmp_path / "acts", ActivationConfig(layers=[1, 2], batch_size=50),
+                                   labeller=organism_labeller, progress=False)
+    sentences = read_sentences(tmp_path / "acts")
+    assert manifest.complete and len(sentences) == manifest.n_sentences > 200
+    seen = set()
+    for sentence in sentences:
+        record = traces[sentence.trace_index]
+        offset = record.reasoning_char_start
+        truth = {(s.char_start + offset, s.char_end + offset): s.behaviour for s in parse_trace(record.reasoning)}
+        assert sentence.label == truth[(sentence.char_start, sentence.char_end)]
+        seen.add(sentence.label)
+    assert set(BEHAVIOURS) <= seen  # the thinking organism uses every planted behaviour
