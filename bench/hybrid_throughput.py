@@ -33,7 +33,12 @@ import time
 import torch
 
 from mechsteer.generation import generate
-from mechsteer.hybrid import HybridConfig, SteeringVectors, hybrid_generate, reference_hybrid_generate
+from mechsteer.hybrid import (
+    HybridConfig,
+    SteeringVectors,
+    hybrid_generate,
+    reference_hybrid_generate,
+)
 from mechsteer.models import load_pair
 from mechsteer.timing import SAEArgmaxPolicy
 

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from tests.tiny_models import save_tiny_model  # noqa: E402
 
 # The test models are tiny (d_model 32-576): one thread is as fast, and two OpenMP threads
-# spin-waiting on a busy 2-core machine make small matmuls ~10x slower.
+# spin-waiting on a busy 2-core machine make small matmuls ~10x slower. Set once for the
+# whole session; tests do not change it.
 torch.set_num_threads(1)
 
 ARCHITECTURES = ("llama", "qwen2", "gpt2")

@@ -21,14 +21,6 @@ from mechsteer.generation import generate
 from mechsteer.hooks import Steering
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_row_window_steering_matches_per_row_steering(tiny_models):
     model = tiny_models["llama"]
     direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
@@ -156,10 +148,7 @@ def organism_results(tmp_path_factory):
         base, thinking = load_model("organism-base"), load_model("organism-thinking")
     except FileNotFoundError as error:
         pytest.skip(f"organism weights not shipped yet: {error}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
     study = organism_study(base, thinking, tmp_path_factory.mktemp("organism_study"))
-    torch.set_num_threads(previous)
     for row in study.necessity:
         print(f"necessity {row.title} ({row.variant}): {row.rate_before:.2f} -> {row.rate_after:.2f} "
               f"({row.relative_change:+.0%}), others max {row.max_other_relative_change:.0%}")

@@ -18,16 +18,6 @@ from mechsteer.clustering import (
 from mechsteer.taxonomy_metrics import adjusted_rand_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: with two intra-op threads on a busy 2-core machine, thread
-    hand-offs cost more than the maths (measured 6x slower). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_unit_vectors(n_clusters=8, d=64, per_cluster=150, noise=0.5, seed=0):
     generator = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(n_clusters, d, generator=generator), dim=-1)

@@ -24,15 +24,6 @@ from mechsteer.traces import TraceRecord
 from tests.tiny_models import char_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster than two on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_trace(index: int, sentences: list[str], prompt: str = "Q: sum?\nA:\n") -> TraceRecord:
     reasoning = "\n".join(sentences)
     return TraceRecord(

@@ -103,4 +103,4 @@ def test_steer_context_adds_at_chosen_positions(tiny_models):
 
 def test_steering_validates_site(tiny_models):
     with pytest.raises(ValueError, match="unknown residual site"):
-        Steering(0, torch.zeros(32), site="resid_after").hook_name
+        _ = Steering(0, torch.zeros(32), site="resid_after").hook_name

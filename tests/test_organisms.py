@@ -239,7 +239,6 @@ def test_bridge_and_hf_generation_agree_on_the_shipped_thinking_organism():
     from mechsteer.organisms.cli import bridge_generate_fn
     from mechsteer.organisms.evaluate import hf_greedy_generate
 
-    torch.set_num_threads(2)
     folder = weights_dir("thinking")
     prompts = [format_prompt(p.question) for p in generate_split("test", n=6)]
     hf_texts = hf_greedy_generate(

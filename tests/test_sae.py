@@ -13,16 +13,6 @@ from mechsteer.sae import SAE_CONFIG_FILE, SAE_WEIGHTS_FILE, SAEConfig, TopKSAE,
 from mechsteer.taxonomy_metrics import adjusted_rand_index
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: with two intra-op threads on a busy 2-core machine, thread
-    hand-offs cost more than the maths (measured 6x slower). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def planted_activations(n_clusters=8, d=64, per_cluster=150, noise=0.5, seed=0):
     """Raw "activations" with planted clusters: scaled unit directions plus noise plus an offset.
 

@@ -85,16 +85,6 @@ def write_activation_folder(
     return labels
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Small tensors on a shared 2-core machine: two intra-op threads fight over the cores and
-    # make these tests (and each decoding step of the organism) several times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def labelled_run(tmp_path_factory) -> tuple[Path, list[str]]:
     folder = tmp_path_factory.mktemp("planted") / "activations"
