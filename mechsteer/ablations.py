@@ -47,8 +47,7 @@ from mechsteer.activations import pool_batch, trace_sentences
 from mechsteer.data import Problem
 from mechsteer.directions import DirectionSet, SentenceLabeller
 from mechsteer.generation import generate
-from mechsteer.hooks import Ablation, HookFn, PositionFrame, check_direction, check_layer
-from mechsteer.models import resid_hook_name
+from mechsteer.hooks import Ablation, HookFn, PositionFrame, ResidSiteIntervention
 from mechsteer.tensor_types import Float, Tensor
 from mechsteer.traces import TraceRecord
 
@@ -249,7 +248,7 @@ def necessity(
 
 
 @dataclass
-class RowWindowSteering:
+class RowWindowSteering(ResidSiteIntervention):
     """Add ``coeff * direction`` at ``resid_post`` of ``layer`` at absolute positions ``[starts[r], ends[r])`` of row r.
 
     Unlike :class:`mechsteer.hooks.Steering` (one position list for every row), the window
@@ -264,13 +263,8 @@ class RowWindowSteering:
     ends: Sequence[int]
     site: str = "resid_post"
 
-    @property
-    def hook_name(self) -> str:
-        return resid_hook_name(self.layer, self.site)
-
     def validate(self, model: TransformerBridge) -> None:
-        check_layer(model, self.layer)
-        check_direction(model, self.direction)
+        super().validate(model)
         if len(self.starts) != len(self.ends):
             raise ValueError(f"need as many window starts as ends; got {len(self.starts)} and {len(self.ends)}")
 

@@ -144,8 +144,26 @@ class PositionFrame:
 HookFn = Callable[[Tensor, object], Tensor]
 
 
+class ResidSiteIntervention:
+    """What every intervention at ``blocks.{layer}.hook_{site}`` shares: its hook name and the
+    checks of its layer and direction against a model. Subclasses are dataclasses with
+    ``layer``, ``direction`` and ``site`` fields and a ``make_hook(frame)``."""
+
+    layer: int
+    direction: Tensor
+    site: str
+
+    @property
+    def hook_name(self) -> str:
+        return resid_hook_name(self.layer, self.site)
+
+    def validate(self, model: TransformerBridge) -> None:
+        check_layer(model, self.layer)
+        check_direction(model, self.direction)
+
+
 @dataclass
-class Steering:
+class Steering(ResidSiteIntervention):
     """Add ``coeff * direction`` to ``blocks.{layer}.hook_{site}`` at ``positions``.
 
     ``positions`` is None (every real position), or a sequence of absolute positions applied
@@ -157,14 +175,6 @@ class Steering:
     coeff: float = 1.0
     positions: Sequence[int] | None = None
     site: str = "resid_post"
-
-    @property
-    def hook_name(self) -> str:
-        return resid_hook_name(self.layer, self.site)
-
-    def validate(self, model: TransformerBridge) -> None:
-        check_layer(model, self.layer)
-        check_direction(model, self.direction)
 
     def make_hook(self, frame: PositionFrame) -> HookFn:
         def hook(resid: Tensor, hook: object) -> Tensor:
@@ -180,20 +190,15 @@ class Steering:
 
 
 @dataclass
-class Ablation:
+class Ablation(ResidSiteIntervention):
     """Project ``direction`` out of ``blocks.{layer}.hook_{site}`` at every position."""
 
     layer: int
     direction: Float[Tensor, " d_model"]
     site: str = "resid_post"
 
-    @property
-    def hook_name(self) -> str:
-        return resid_hook_name(self.layer, self.site)
-
     def validate(self, model: TransformerBridge) -> None:
-        check_layer(model, self.layer)
-        check_direction(model, self.direction)
+        super().validate(model)
         if float(self.direction.norm()) == 0.0:
             raise ValueError("cannot project out a zero direction")
 
