@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from mechsteer.store import append_jsonl, read_jsonl, write_json_atomic
+from mechsteer.tracking import NullTracker, Tracker
 
 # ------------------------------------------------------------------------------------------
 # Config
@@ -64,6 +65,12 @@ class RunConfig:
     ablation_contexts: int = 40
     seed: int = 0
     threads: int | None = None
+    # Tracking (mechsteer.tracking), off by default. Not part of the digest: logging does not
+    # change what a run computes, so a tracked rerun resumes an untracked run folder.
+    wandb: bool = False
+    wandb_project: str = "mechsteer"
+    wandb_group: str | None = None  # default: the config's name (runs are grouped by experiment)
+    wandb_mode: str | None = None  # online | offline; default: WANDB_MODE, else online
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -78,7 +85,8 @@ class RunConfig:
         return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        computed = {key: value for key, value in asdict(self).items() if key not in TRACKING_KEYS}
+        return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def resolved_base_template(self) -> str:
@@ -88,6 +96,8 @@ class RunConfig:
     def resolved_thinking_template(self) -> str:
         return self.thinking_template or ("organism" if self.benchmark == "organism" else "thinking_chat")
 
+
+TRACKING_KEYS = ("wandb", "wandb_project", "wandb_group", "wandb_mode")
 
 DEMO_CONFIG = RunConfig(
     name="organism-demo",
@@ -120,8 +130,9 @@ DEMO_CONFIG = RunConfig(
 class RunState:
     """``stages.json``: which stages are done, their timings and summaries."""
 
-    def __init__(self, out: Path, config: RunConfig):
+    def __init__(self, out: Path, config: RunConfig, tracker: Tracker | None = None):
         self.out = out
+        self.tracker = tracker or NullTracker()
         self.path = out / "stages.json"
         out.mkdir(parents=True, exist_ok=True)
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -146,15 +157,18 @@ class RunState:
     def run(self, stage: str, body: Callable[[], dict[str, Any]], log: Callable[[str], None]) -> dict[str, Any]:
         if self.done(stage):
             log(f"[{stage}] already done, skipping")
-            return self.summary(stage)
-        log(f"[{stage}] running")
-        started = time.perf_counter()
-        summary = body()
-        seconds = time.perf_counter() - started
-        self.state["stages"][stage] = {"seconds": round(seconds, 2), "summary": summary}
-        self.save()
-        log(f"[{stage}] done in {seconds:.1f}s")
-        return summary
+        else:
+            log(f"[{stage}] running")
+            started = time.perf_counter()
+            summary = body()
+            seconds = time.perf_counter() - started
+            self.state["stages"][stage] = {"seconds": round(seconds, 2), "summary": summary}
+            self.save()
+            log(f"[{stage}] done in {seconds:.1f}s")
+        # a resumed run logs the stages it skipped too, so its tracked run is complete
+        entry = self.state["stages"][stage]
+        self.tracker.log_metrics(stage, {**entry["summary"], "seconds": entry["seconds"]})
+        return entry["summary"]
 
     def timings(self) -> dict[str, float]:
         return {name: entry["seconds"] for name, entry in self.state["stages"].items()}
@@ -218,7 +232,26 @@ def default_activation_layers(n_layers: int) -> list[int]:
 
 
 def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every stage; write ``report.json`` and ``report.md``; return the report."""
+    """Run (or resume) every stage; write ``report.json`` and ``report.md``; return the report.
+
+    With ``config.wandb`` on, the run is tracked (mechsteer.tracking): the config first, each
+    stage's summary as it finishes, then the report's tables, plots and artefacts."""
+    from mechsteer.tracking import open_tracker
+
+    out = Path(out_dir)
+    state = RunState(out, config)  # refuses a folder of another config before anything is logged
+    state.tracker = open_tracker(config, out)
+    try:
+        report = _run_stages(config, out, state, log)
+        track_report(state.tracker, report, out)
+    except BaseException:
+        state.tracker.finish(exit_code=1)
+        raise
+    state.tracker.finish()
+    return report
+
+
+def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[str], None]) -> dict[str, Any]:
     from mechsteer import directions as directions_stage
     from mechsteer.activations import ActivationConfig, extract_activations, organism_labeller
     from mechsteer.data import load_benchmark
@@ -227,8 +260,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = Path(out_dir)
-    state = RunState(out, config)
+    state.tracker.log_config(asdict(config))
     started = time.perf_counter()
     pair = load_pair(config.base_model, config.thinking_model)
     train = load_benchmark(config.benchmark, config.train_split, config.n_train)
@@ -469,6 +501,58 @@ def build_report(config, state, evaluations, taxonomy_summary, ablation_summary,
     }
 
 
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline numbers as one flat row (a sweep's results table, wandb's summary)."""
+    taxonomy = report.get("taxonomy") or {}
+    row = {
+        "base_accuracy": report["base_accuracy"],
+        "thinking_accuracy": report["thinking_accuracy"],
+        "hybrid_accuracy": report["hybrid_accuracy"],
+        "gap_recovered": report["gap_recovered"],
+        "tokens_steered_fraction": report["tokens_steered_fraction"],
+    }
+    for name, control in report["controls"].items():
+        row[f"{name}_accuracy"] = control["accuracy"]
+        row[f"{name}_gap_recovered"] = control["gap_recovered"]
+        row[f"{name}_steered_fraction"] = control["steered_fraction"]
+    row["taxonomy_layer"] = taxonomy.get("layer")
+    row["n_behaviours"] = taxonomy.get("n_behaviours")
+    row["taxonomy_ari"] = taxonomy.get("ari")
+    row["steer_layer"] = (report.get("directions") or {}).get("layer")
+    return row
+
+
+def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated model (base, thinking, hybrid, controls), as report.md's table."""
+    rows = [("base", report["base_accuracy"], None, None),
+            ("thinking", report["thinking_accuracy"], None, None),
+            ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
+    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in report["controls"].items()]
+    intervals = report["accuracy_intervals"]
+    return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
+             "gap_recovered": gap, "steered_fraction": steered} for name, accuracy, gap, steered in rows]
+
+
+def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
+    """Log the finished report: headline metrics, its tables, its plots, and the artefacts."""
+    tracker.log_metrics("report", headline_metrics(report))
+    tracker.log_table("accuracy", accuracy_rows(report))
+    taxonomy = report.get("taxonomy") or {}
+    tracker.log_table("taxonomy_sweep", list(taxonomy.get("sweep") or []))
+    statistics = report.get("behaviour_statistics") or {}
+    tracker.log_table("behaviour_onset", [{"behaviour": name, **entry}
+                                          for name, entry in statistics.get("onset", {}).items()])
+    tracker.log_table("behaviour_transitions", list(statistics.get("transitions", [])))
+    ablations = report.get("ablations") or {}
+    tracker.log_table("ablation_necessity", list(ablations.get("necessity", [])))
+    tracker.log_table("ablation_sufficiency", list(ablations.get("sufficiency", [])))
+    for plot in [*sorted(out.glob("*.png")), *sorted((out / "taxonomy").glob("*.png"))]:
+        tracker.log_image(str(plot.relative_to(out).with_suffix("")), plot)
+    tracker.log_artifact(f"{report['name']}-taxonomy", "taxonomy", [out / "taxonomy"])
+    tracker.log_artifact(f"{report['name']}-directions", "directions", [out / "directions"])
+    tracker.log_artifact(f"{report['name']}-report", "report", [out / "report.json", out / "report.md"])
+
+
 # ------------------------------------------------------------------------------------------
 # CLI
 
@@ -488,6 +572,8 @@ def report_table(report: dict[str, Any]) -> str:
 
 def run_cli(args: argparse.Namespace) -> int:
     config = RunConfig.from_yaml(args.config)
+    if args.wandb:
+        config = dataclasses.replace(config, wandb=True)
     report = run_pipeline(config, args.out)
     print(report_table(report))
     print(json.dumps({"report": str(Path(args.out) / "report.json")}))
@@ -498,18 +584,26 @@ def demo_cli(args: argparse.Namespace) -> int:
     print("mechsteer demo: the full pipeline (traces -> activations -> SAE taxonomy -> directions -> "
           "hybrid + controls -> ablations) on the shipped organism pair and the organism task.")
     config = DEMO_CONFIG if args.n is None else dataclasses.replace(DEMO_CONFIG, n_eval=args.n, n_train=args.n)
+    if args.wandb:
+        config = dataclasses.replace(config, wandb=True)
     report = run_pipeline(config, args.out)
     print(report_table(report))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
+WANDB_HELP = ("track the run with wandb (sets wandb: true; WANDB_MODE=offline keeps it local; "
+              "wandb's files go under OUT/wandb)")
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("run", help="run the whole pipeline for one pair and benchmark")
     parser.add_argument("--config", required=True, help="experiments/<name>.yaml")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     parser.set_defaults(func=run_cli)
     demo = subparsers.add_parser("demo", help="the pipeline on the shipped organism pair (runs/demo)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--n", type=int, default=None, help="problems for training and evaluation (default 200)")
+    demo.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     demo.set_defaults(func=demo_cli)
