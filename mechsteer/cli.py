@@ -21,6 +21,7 @@ STAGE_MODULES: tuple[str, ...] = (
     "mechsteer.directions",
     "mechsteer.ablations",
     "mechsteer.pipeline",
+    "mechsteer.sweep",
 )
 
 
