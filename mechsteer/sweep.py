@@ -547,13 +547,16 @@ def wandb_sweep_config(spec: SweepSpec, out: str | Path) -> dict[str, Any]:
 
 
 def run_one_point(spec: SweepSpec, out: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Run the point with these overrides (a wandb agent's call), tracked, in the sweep's folder."""
+    """Run the point with these overrides (a wandb agent's call), tracked, in the sweep's folder.
+
+    It starts from any finished point folder there with the same upstream settings. One attempt
+    only: the agent owns the wandb run (WANDB_RUN_ID), and reruns failed points itself."""
     _check_values("point", overrides, reserved=(*RESERVED_KEYS, *TRACKING_KEYS))
     single = dataclasses.replace(spec, grid={}, points=[overrides], wandb=True)
     point = plan_points(single, out)[0]
     point = dataclasses.replace(point, donor=find_donor(point, Path(out) / "points"))
     with wandb_environment(Path(out) / "wandb"):
-        return run_point(point, spec.retries)
+        return run_point(point, retries=0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -162,8 +163,12 @@ class WandbTracker:
         self.run.log_artifact(artifact)
 
     def finish(self, exit_code: int = 0) -> None:
+        """Finish the run and wait until its log on disk is complete (see the module notes)."""
         try:
+            log_file = None if self.run.settings.mode == "disabled" else Path(self.run.settings.sync_file)
             self.run.finish(exit_code=exit_code)
+            if log_file is not None:
+                wait_for_complete_log(log_file)
         finally:
             self._environment.__exit__(None, None, None)
 
@@ -266,6 +271,26 @@ def read_run_files(run_folder: str | Path) -> LoggedRun:
                      name=run_record.display_name, config=config)
 
 
+def wait_for_complete_log(log_file: Path, timeout_s: float = 60.0) -> None:
+    """Wait until the run's exit record is on disk.
+
+    wandb's service writes the transaction log in its own process and may still be writing it
+    when ``run.finish()`` returns; a sweep reads its points' runs right after they finish."""
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if log_file.exists():
+            for payload in _transaction_log_records(log_file.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                if record.WhichOneof("record_type") == "exit":
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"wandb had not written the end of {log_file} {timeout_s:.0f}s after finishing")
+        time.sleep(0.1)
+
+
 def _apply_config(config: dict[str, Any], record) -> None:
     for item in record.update:
         keys = list(item.nested_key) or [item.key]
@@ -300,6 +325,8 @@ def _transaction_log_records(data: bytes) -> Iterator[bytes]:
         if kind == 0 and length == 0:
             position += left_in_block  # zero padding up to the next block
             continue
+        if position + _RECORD_HEADER + length > len(data):
+            return  # a record still being written
         body = data[position + _RECORD_HEADER : position + _RECORD_HEADER + length]
         position += _RECORD_HEADER + length
         if kind == _FULL:
