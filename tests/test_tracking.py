@@ -137,3 +137,13 @@ def test_offline_tracked_run_stays_in_its_folder_and_its_config_reproduces_it(tm
     assert rebuilt == config
     assert json.loads((out / "stages.json").read_text())["config_digest"] == rebuilt.digest()
     RunState(out, rebuilt)  # the folder accepts the rebuilt config as its own
+
+
+def test_wandb_flag_switches_tracking_on_for_run_demo_and_sweep():
+    from mechsteer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "--config", "x.yaml", "--out", "o", "--wandb"]).wandb is True
+    assert parser.parse_args(["run", "--config", "x.yaml", "--out", "o"]).wandb is False
+    assert parser.parse_args(["demo", "--wandb"]).wandb is True
+    assert parser.parse_args(["sweep", "--config", "s.yaml", "--wandb"]).wandb is True
