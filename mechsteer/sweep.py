@@ -588,7 +588,8 @@ def sweep_cli(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sweep", help="run the pipeline over a grid/list of config values")
+    parser = subparsers.add_parser(
+        "sweep", help="run the pipeline over a grid/list of config values (exits 1 if any point failed)")
     parser.add_argument("--config", required=True, help="experiments/sweeps/<name>.yaml")
     parser.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<name>)")
     parser.add_argument("--executor", choices=EXECUTORS, default=None, help="override the file's executor")
