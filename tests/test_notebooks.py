@@ -52,7 +52,9 @@ def test_notebook_is_committed_without_outputs(path):
 def kernel_environment(tmp_path: Path) -> dict[str, str]:
     return {
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "MPLBACKEND": "Agg", "MPLCONFIGDIR": str(tmp_path / "mpl"),
+        "MPLBACKEND": "Agg",
+        # the kernel's IPython profile and connection files, not in the home folder
+        "IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter_runtime"),
         "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"),
         "WANDB_CACHE_DIR": str(tmp_path / "wandb"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb"),
         "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
