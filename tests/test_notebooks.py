@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel the notebooks run in; the dev extra installs all three)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat", reason="the dev extra installs nbformat")
-nbclient = pytest.importorskip("nbclient", reason="the dev extra installs nbclient")
-pytest.importorskip("ipykernel", reason="the dev extra installs ipykernel")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
