@@ -528,7 +528,7 @@ def organism_study(
     coeff: float = 4.0,
     n_traces: int = 64,
     n_problems: int = 32,
-    max_new_tokens: int = 384,
+    max_new_tokens: int = 192,  # organism traces end within ~175 tokens
 ) -> OrganismStudy:
     """Ground-truth causal validation of an organism pair, end to end.
 

@@ -22,7 +22,7 @@ from mechsteer.organisms.grammar import (
     render_trace,
     split_sentences,
 )
-from mechsteer.organisms.tasks import SPLITS, generate_split, sample_problem, split_of
+from mechsteer.organisms.tasks import SPLITS, generate_split, make_problem, split_of, split_size
 from mechsteer.organisms.tokenizer import build_tokenizer
 
 
@@ -52,23 +52,33 @@ def test_splits_are_disjoint_and_answers_follow_the_operations():
             assert problem.answer == problem.metadata["start"] + sum(_signed(problem))
             assert problem.metadata["totals"][-1] == problem.answer
             assert all(10 <= total <= 99 for total in problem.metadata["totals"])
-            assert problem.metadata["n_steps"] in (3, 4)
-            assert f"has {problem.metadata['start']} " in problem.question
+            meta = problem.metadata
+            assert meta["n_steps"] in (3, 4, 5)
+            assert len(set(_signed(problem))) == 1  # one operation, repeated every day
+            # Every value a step needs sits at a fixed cue of the question.
+            assert f"has {meta['start']} " in problem.question
+            assert "Each day " in problem.question and f" {meta['operands'][0]}. " in problem.question
+            assert problem.question.endswith(f"How many after {meta['n_steps']} days?")
     assert not keys["train"] & keys["test"]
     assert not keys["train"] & keys["validation"]
     assert not keys["validation"] & keys["test"]
 
 
 def test_difficulty_parameters_and_bad_input():
-    rng = random.Random(0)
-    for n_steps in (2, 5):
-        problem = sample_problem(rng, "x", n_steps=n_steps, max_operand=3)
-        assert problem.metadata["n_steps"] == n_steps
-        assert max(problem.metadata["operands"]) <= 3
+    problem = make_problem("x", start=38, signed_operand=-9, n_steps=2, name="Ann", item="pens")
+    assert problem.question == "Ann has 38 pens. Each day Ann eats 9. How many after 2 days?"
+    assert problem.answer == 20 and problem.metadata["totals"] == [38, 29, 20]
     with pytest.raises(ValueError, match="n_steps"):
-        sample_problem(rng, "x", n_steps=7)
+        make_problem("x", start=38, signed_operand=2, n_steps=7, name="Ann", item="pens")
+    with pytest.raises(ValueError, match="one-digit"):
+        make_problem("x", start=38, signed_operand=12, n_steps=2, name="Ann", item="pens")
+    with pytest.raises(ValueError, match="leave"):
+        make_problem("x", start=95, signed_operand=4, n_steps=2, name="Ann", item="pens")
     with pytest.raises(ValueError, match="split"):
         generate_split("dev")
+    assert split_size("test") >= 500  # the held-out set the README's numbers use
+    with pytest.raises(ValueError, match="n must be"):
+        generate_split("test", n=split_size("test") + 1)
 
 
 @pytest.mark.parametrize("style", TRACE_STYLES)
@@ -128,28 +138,42 @@ def test_unknown_sentences_are_other_and_cues_are_recognised():
     assert label_sentence("Check: 12 + 3 = 15.") == "verify"
     assert label_sentence("Check: 12 + 3 = 15, not 16.") == "verify"
     assert label_sentence("Wait, 12 + 3 is 15, not 16.") == "correct"
-    assert label_sentence("Plan: 12 + 3 - 4.") == "plan"
-    assert label_sentence("12 + 3 - 4 = 11.") == "compute"
+    assert label_sentence("Plan: start at 12, add 3 for 2 days.") == "plan"
+    assert label_sentence("Plan: start at 12, take 3 for 2 days.") == "plan"
+    assert label_sentence("Plan: 12 + 3 - 4.") == OTHER
+    assert label_sentence("Day 2: 12 + 3 = 15.") == "compute"
+    assert label_sentence("12 + 3 = 15.") == "compute"  # drill lines
+    assert label_sentence("Day two: 12 + 3 = 15.") == OTHER
     assert label_sentence("The answer is 11.") == "answer"
     assert extract_answer("blah. the answer is -4.") == -4
     assert extract_answer("no answer here") is None
     assert "{question}" in PROMPT_TEMPLATE and format_prompt("Q?").startswith("Q: Q?")
 
 
-def test_tokenizer_is_character_level_with_distinct_pad(tmp_path):
+def test_tokenizer_has_one_token_per_number_and_word_with_exact_offsets(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
-    text = format_prompt("Ann has 38 pens, gets 9. How many now?") + "Plan: 38 + 9.\n"
+    text = format_prompt("Ann has 38 pens, gets 9. How many now?") + "Plan: 38 + 9.\n38 + 9 = 47.\n"
     encoded = loaded(text, return_offsets_mapping=True)
     assert encoded["input_ids"][0] == loaded.bos_token_id
-    assert len(encoded["input_ids"]) == len(text) + 1
-    assert [text[s:e] for s, e in encoded["offset_mapping"][1:]] == list(text)
+    pieces = [text[s:e] for s, e in encoded["offset_mapping"][1:]]
+    assert "".join(pieces) == text  # offsets tile the text exactly
+    assert pieces == loaded.convert_ids_to_tokens(encoded["input_ids"][1:])
+    for number in (" 38", "38", " 9", " 47"):
+        assert number in pieces
+    for word in (" has", "Plan", " pens", " gets"):
+        assert word in pieces
     assert loaded.decode(encoded["input_ids"], skip_special_tokens=True) == text
     assert loaded.pad_token_id != loaded.eos_token_id
     assert loaded.unk_token_id not in encoded["input_ids"]
+    # Anything outside the grammar still tokenizes, by characters; numbers above 99 split.
+    odd = "Zoe has 123 kites"
+    odd_pieces = loaded.convert_ids_to_tokens(loaded(odd, add_special_tokens=False)["input_ids"])
+    assert "".join(odd_pieces) == odd and " 12" in odd_pieces and "3" in odd_pieces
+    assert loaded.unk_token_id not in loaded(odd)["input_ids"]
 
 
 def test_weights_dir_rejects_unknown_names():
@@ -196,21 +220,21 @@ def test_tiny_training_run_end_to_end(tmp_path):
 
 
 # Greedy accuracies of the shipped pair on the first 100 test problems (TransformerBridge
-# generation), as the README states them. Measured: 0.01 / 0.01 / 0.01 (n=500: 0.032 /
-# 0.034 / 0.030). The targets (gap >= 0.4, forced >= 0.8 x thinking) are NOT met
-# by this pair: it has not learned to copy the question's numbers (see the README).
+# generation), as the README states them. Measured: base 0.58, thinking 0.97, forced base
+# 0.93 (n=500: 0.52 / 0.956 / 0.926). The ranges are the README's.
 SHIPPED_RANGES_N100 = {
-    "base_accuracy": (0.0, 0.1),
-    "thinking_accuracy": (0.0, 0.1),
-    "forced_base_accuracy": (0.0, 0.1),
+    "base_accuracy": (0.4, 0.7),
+    "thinking_accuracy": (0.9, 1.0),
+    "forced_base_accuracy": (0.85, 1.0),
 }
-# Per-behaviour share of the thinking organism's traces (measured n=100: verify 0.24,
-# correct 0.23; plan, compute and answer 1.0), and the base's verify share (0.02).
+# Per-behaviour share of the thinking organism's traces (measured n=100: verify 0.08,
+# correct 0.07; plan, compute and answer 1.0). Only the operand-9 problems (about 1 in 9)
+# call for a check.
 THINKING_TRACE_RATE_RANGES_N100 = {
     "plan": (0.95, 1.0),
     "compute": (0.95, 1.0),
-    "verify": (0.1, 0.4),
-    "correct": (0.1, 0.4),
+    "verify": (0.03, 0.2),
+    "correct": (0.03, 0.2),
     "answer": (0.95, 1.0),
 }
 
@@ -227,10 +251,15 @@ def test_shipped_pair_loads_and_evaluates_within_stated_ranges(capsys):
     for behaviour, (low, high) in THINKING_TRACE_RATE_RANGES_N100.items():
         assert low <= summary["thinking_trace_rates"][behaviour] <= high, behaviour
         assert summary["behaviour_counts"][behaviour] > 0, behaviour
-    # The base knows how to check and correct but rarely does: the WHEN differs.
-    assert summary["base_trace_rates"]["verify"] < 0.1
+    # The targets: the thinking organism is far better, and the base forced into the
+    # step-by-step format nearly as good (the base knows HOW; the WHEN differs).
+    assert summary["thinking_accuracy"] - summary["base_accuracy"] >= 0.3
+    assert summary["forced_base_accuracy"] >= 0.8 * summary["thinking_accuracy"]
+    # Prompted normally, the base answers in one shot: no plan, no check, no correction.
+    assert summary["base_trace_rates"]["plan"] < 0.05
+    assert summary["base_trace_rates"]["verify"] < 0.05
     assert summary["base_trace_rates"]["correct"] < 0.05
-    assert summary["correct_trace_share"] >= 0.05
+    assert summary["correct_trace_share"] >= 0.03
 
 
 def test_bridge_and_hf_generation_agree_on_the_shipped_thinking_organism():

@@ -22,6 +22,7 @@ from mechsteer.activations import (
     read_sentences,
 )
 from mechsteer.cli import main as cli_main
+from mechsteer.organisms.evaluate import MAX_NEW_TOKENS as ORGANISM_EVAL_MAX_NEW_TOKENS
 from mechsteer.taxonomy import (
     SELECTION_GEOMETRIC,
     SELECTION_JUDGE,
@@ -236,9 +237,8 @@ MISSING_ORGANISM_FILES = [
     if not (ORGANISM_DIR / name).is_file()
 ]
 N_ORGANISM_PROBLEMS = 160
-# The longest thinking trace (plan, four risky steps each with check and correction, answer)
-# is about 340 characters, one token each, so this always reaches the end of the trace.
-ORGANISM_MAX_NEW_TOKENS = 384
+# The organism evaluation's budget always reaches the end of a thinking trace.
+ORGANISM_MAX_NEW_TOKENS = ORGANISM_EVAL_MAX_NEW_TOKENS
 ORGANISM_LAYERS = [1, 2]
 ORGANISM_GRID = [4, 5, 6, 7]  # around the five planted behaviours
 

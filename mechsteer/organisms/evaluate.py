@@ -31,8 +31,9 @@ from mechsteer.organisms.grammar import (
 )
 from mechsteer.organisms.tasks import OrganismProblem
 
-# Longest trace: plan, four risky steps (compute, check, correct), answer: about 340 characters.
-MAX_NEW_TOKENS = 384
+# Longest thinking trace (plan, four steps, one risky step with check and correction, answer):
+# about 75 tokens; stepwise base traces that check every step stay under ~175.
+MAX_NEW_TOKENS = 192
 
 GenerateFn = Callable[[list[str], int], list[str]]
 

@@ -8,8 +8,8 @@ sentence start:
 ========  ======================================  =====================================
 label     example                                 role
 ========  ======================================  =====================================
-plan      ``Plan: 38 + 9 - 4 + 2.``               restate the question as an expression
-compute   ``38 + 9 = 47.``                        one step
+plan      ``Plan: start at 38, add 9 for 3 days.`` restate the goal: start, operation, days
+compute   ``Day 1: 38 + 9 = 47.``                 one day's step
 verify    ``Check: 47 - 9 = 38.``                 undo the step and compare
 correct   ``Wait, 38 + 9 is 47, not 37.``         repair a step that failed its check
 answer    ``The answer is 45.``                   the final answer (graders extract it)
@@ -26,7 +26,7 @@ Three trace styles exist:
   step; checks follow random steps; rare random slips are always caught by a failing
   check and corrected. The base organism knows all behaviours from these (the HOW).
 * ``thinking``: the post-training traces (the WHEN). Always plan; check exactly the
-  risky steps (operand 9); the trace writer's first pass on a ±9 step keeps the tens
+  risky steps (operand 9); the trace writer's first pass on the first ±9 day keeps the tens
   digit (38 + 9 = 37 instead of 47), which the check exposes and a correction repairs.
   This planted, deterministic slip is what makes "correct" occur under greedy decoding.
 """
@@ -54,8 +54,8 @@ STEPWISE_SLIP_RATE = 0.06
 RISKY_OPERAND = 9
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("plan", re.compile(r"Plan: \d+(?: [+-] \d+)+\.")),
-    ("compute", re.compile(r"\d+(?: [+-] \d+)+ = -?\d+\.")),
+    ("plan", re.compile(r"Plan: start at \d+, (?:add|take) \d+ for \d+ days\.")),
+    ("compute", re.compile(r"(?:Day \d+: )?\d+ [+-] \d+ = -?\d+\.")),
     ("verify", re.compile(r"Check: \d+ [+-] \d+ = -?\d+(?:, not -?\d+)?\.")),
     ("correct", re.compile(r"Wait, \d+ [+-] \d+ is -?\d+, not -?\d+\.")),
     ("answer", re.compile(r"The answer is -?\d+\.")),
@@ -85,14 +85,6 @@ class OrganismTrace:
 def format_prompt(question: str) -> str:
     """The normal prompt, shared by the base and the thinking organism."""
     return PROMPT_TEMPLATE.format(question=question)
-
-
-def _expression(problem: OrganismProblem) -> str:
-    meta = problem.metadata
-    parts = [str(meta["start"])]
-    for operand, sign in zip(meta["operands"], meta["signs"], strict=True):
-        parts.append(f"{sign} {operand}")
-    return " ".join(parts)
 
 
 def _apply(value: int, sign: str, operand: int) -> int:
@@ -126,9 +118,9 @@ class _TraceWriter:
         self.parts.append(text + "\n")
         self.length += len(text) + 1
 
-    def step(self, before: int, sign: str, operand: int, written: int, checked: bool) -> None:
+    def step(self, day: int, before: int, sign: str, operand: int, written: int, checked: bool) -> None:
         correct = _apply(before, sign, operand)
-        self.sentence(f"{before} {sign} {operand} = {written}.", "compute")
+        self.sentence(f"Day {day}: {before} {sign} {operand} = {written}.", "compute")
         if not checked:
             return
         undone = _apply(written, _inverse(sign), operand)
@@ -150,9 +142,10 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
     if style == "direct":
         writer.sentence(f"The answer is {problem.answer}.", "answer")
         return writer.finish()
-    writer.sentence(f"Plan: {_expression(problem)}.", "plan")
+    operation = "add" if meta["signs"][0] == "+" else "take"
+    writer.sentence(f"Plan: start at {meta['start']}, {operation} {meta['operands'][0]} for {meta['n_steps']} days.", "plan")
     total = meta["start"]
-    for operand, sign in zip(meta["operands"], meta["signs"], strict=True):
+    for day, (operand, sign) in enumerate(zip(meta["operands"], meta["signs"], strict=True), start=1):
         correct = _apply(total, sign, operand)
         if style == "stepwise":
             slipped = rng.random() < STEPWISE_SLIP_RATE
@@ -160,9 +153,11 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
             checked = slipped or rng.random() < STEPWISE_CHECK_RATE
         else:
             risky = operand == RISKY_OPERAND
-            written = _tens_kept_slip(total, correct) if risky else correct
+            # The slip comes on the first risky day only: one correction per trace is
+            # enough to plant the behaviour and keeps traces short.
+            written = _tens_kept_slip(total, correct) if risky and day == 1 else correct
             checked = risky
-        writer.step(total, sign, operand, written, checked)
+        writer.step(day, total, sign, operand, written, checked)
         total = correct
     writer.sentence(f"The answer is {problem.answer}.", "answer")
     return writer.finish()

@@ -1,37 +1,66 @@
-"""The organisms' character-level tokenizer (one token per character), built with `tokenizers`.
+"""The organisms' tokenizer, built with `tokenizers`: every number 0-99 and every word of the
+grammar is ONE token, anything else falls back to single characters.
 
-Offsets are exact character spans, so sentence spans map to token positions directly.
-The tokenizer prepends ``<bos>`` to every encoded text; ``<pad>`` differs from ``<eos>``.
+Why not one token per character: copying a number from the question into the plan, or a
+result into the next step, is then a single-token copy, and each arithmetic step
+"38 + 9 = 47" is one of ~1.6k token-level facts. With characters, the ~1M-parameter
+organisms learned the per-step arithmetic but never learned to copy the question's
+numbers in a 20-minute CPU budget (see docs/organisms.md).
+
+Text is split (pre-tokenized) into an optional leading space plus a run of letters, an
+optional leading space plus a run of digits, an optional leading space plus one other
+character, or one whitespace character; each piece is then matched greedily, longest
+vocabulary entry first (WordPiece with no continuation prefix), so "123" becomes "12", "3"
+and an unknown word becomes its characters. Offsets are exact character spans (sentence
+spans map to token positions directly). The tokenizer prepends ``<bos>`` to every encoded
+text; ``<pad>`` differs from ``<eos>``; decoding concatenates the tokens.
 """
 
 from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, decoders, models, processors
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from mechsteer.organisms.tasks import ITEMS, NAMES
+from mechsteer.organisms.tasks import ADD_VERBS, ITEMS, NAMES, SUB_VERBS
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)
+MAX_NUMBER_TOKEN = 99
+PIECE_PATTERN = r" ?[A-Za-z]+| ?\d+| ?[^A-Za-z\d\s]|\s"
+# Words of the prompts and the grammar (see grammar.py); the verbs come from tasks.py.
+GRAMMAR_WORDS: tuple[str, ...] = (
+    "Q", "A", "How", "many", "now", "has", "Plan", "Check", "Wait", "The", "answer", "is", "not",
+    "start", "at", "add", "take", "for", "Each", "day", "Day", "days", "after",
+)
 
 
 def charset() -> list[str]:
-    """Every character the organisms' documents use (plus digits, letters, punctuation)."""
-    chars = set(string.ascii_letters + string.digits + " \n.,:;!?+-=()'\"")
-    for word in NAMES + ITEMS:
-        chars.update(word)
-    return sorted(chars)
+    """The single characters in the vocabulary: printable ASCII except tabs and form feeds."""
+    return sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+
+
+def vocabulary() -> list[str]:
+    """Every non-special token, in id order: characters, numbers, words (bare and with a space)."""
+    pieces: list[str] = list(charset())
+    for number in range(MAX_NUMBER_TOKEN + 1):
+        pieces += [str(number), f" {number}"]
+    for word in (*GRAMMAR_WORDS, *NAMES, *ITEMS, *ADD_VERBS, *SUB_VERBS):
+        pieces += [word, f" {word}"]
+    pieces += [f" {symbol}" for symbol in "+-=?"]
+    return list(dict.fromkeys(pieces))  # drops repeats, keeps the first id
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh character-level tokenizer wrapped for `transformers` (save with save_pretrained)."""
+    """A fresh organism tokenizer wrapped for `transformers` (save with save_pretrained)."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for char in charset():
-        vocab[char] = len(vocab)
-    # BPE without merges splits text into single characters and keeps exact offsets.
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    for piece in vocabulary():
+        vocab.setdefault(piece, len(vocab))
+    core = Tokenizer(
+        models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix="", max_input_chars_per_word=100)
+    )
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
@@ -45,4 +74,5 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK,
         padding_side="left",
         model_max_length=1024,
+        clean_up_tokenization_spaces=False,
     )

@@ -1,18 +1,19 @@
 """Training of the base/thinking organism pair from scratch, on CPU.
 
 * Base organism: a small `LlamaForCausalLM` pretrained on a corpus of direct answers
-  (45% of documents: "The answer is N." right after the question), step-by-step
-  documents (30%) and arithmetic drills (25%, plus drills that fill the end of each
-  packed window). It is meant to answer in one shot greedily (the shipped base does not:
-  see the README); the stepwise documents teach it every behaviour (the HOW), and
-  "Plan:" after the prompt puts it into that mode.
+  (50% of documents: "The answer is N." right after the question), step-by-step
+  documents (25%) and arithmetic drills (25%, plus drills that fill the end of each
+  packed window). Prompted normally it answers in one shot (the direct documents
+  outnumber the step-by-step ones 2:1); the step-by-step documents teach it every
+  behaviour (the HOW), and "Plan:" after the prompt puts it into that mode.
 * Thinking organism: the base organism fine-tuned briefly, at a low learning rate, on
   thinking-style traces (85%) and drills (15%): it learns WHEN (always plan, compute
-  step by step, check the risky steps, correct failed checks), not new arithmetic.
+  day by day, check the risky steps, correct failed checks), not new arithmetic.
 
 Documents are ``<bos> prompt trace <eos>``, packed whole into fixed windows (padding the
 rest, which the loss ignores); RoPE makes positions relative, so packing offsets are
-harmless. Everything is seeded; the wall time is measured and reported.
+harmless, and a document that does not fit is dropped, so that every style opens a
+window as often as its share. Everything is seeded; the wall time is measured and reported.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mechsteer.organisms.tasks import OrganismProblem, generate_split
 from mechsteer.organisms.tokenizer import build_tokenizer
 from mechsteer.tensor_types import Int, Tensor, typechecked
 
-BASE_MIX: dict[str, float] = {"direct": 0.45, "stepwise": 0.30, "drill": 0.25}
+BASE_MIX: dict[str, float] = {"direct": 0.50, "stepwise": 0.25, "drill": 0.25}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
 IGNORE_INDEX = -100
 
@@ -57,11 +58,12 @@ class TrainingConfig:
     intermediate_size: int = 512
     num_layers: int = 4
     num_heads: int = 4
-    window: int = 512
-    batch_size: int = 8
+    window: int = 256
+    batch_size: int = 16
     weight_decay: float = 0.1
+    tie_embeddings: bool = False  # tied, per-step arithmetic was learned ~5x slower
     base: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(steps=1500, learning_rate=5e-3, warmup_steps=50, mix=BASE_MIX)
+        default_factory=lambda: PhaseConfig(steps=1800, learning_rate=5e-3, warmup_steps=50, mix=BASE_MIX)
     )
     thinking: PhaseConfig = field(
         default_factory=lambda: PhaseConfig(steps=150, learning_rate=1e-3, warmup_steps=10, mix=THINKING_MIX)
@@ -87,9 +89,8 @@ def document_text(problem: OrganismProblem | None, style: str, rng: random.Rando
     return format_prompt(problem.question) + render_trace(problem, style, rng).text
 
 
-def _char_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    vocab = tokenizer.get_vocab()
-    return {token: index for token, index in vocab.items() if len(token) == 1}
+def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def packed_batches(
@@ -102,7 +103,6 @@ def packed_batches(
     window: int,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless (input_ids, labels) batches of whole documents packed into windows."""
-    char_ids = _char_ids(tokenizer)
     styles = list(mix)
     weights = [mix[style] for style in styles]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -116,16 +116,21 @@ def packed_batches(
                 if pending is None:
                     style = rng.choices(styles, weights)[0]
                     text = document_text(rng.choice(problems) if style != "drill" else None, style, rng)
-                    pending = [bos] + [char_ids[char] for char in text] + [eos]
+                    pending = [bos] + _token_ids(tokenizer, text) + [eos]
                     if len(pending) > window:
                         raise ValueError(f"a document of {len(pending)} tokens exceeds window {window}")
                 if len(row) + len(pending) > window:
-                    # Fill the gap with a drill that fits (lines are at most 13 characters),
+                    # Fill the gap with a drill that fits (lines are at most 7 tokens),
                     # so windows carry ~97% real tokens instead of ~75%.
-                    filler_lines = (window - len(row) - 2) // 13
+                    filler_lines = (window - len(row) - 2) // 7
                     if filler_lines > 0:
                         drill = render_drill(rng, n_lines=filler_lines).text
-                        row.extend([bos] + [char_ids[char] for char in drill] + [eos])
+                        row.extend([bos] + _token_ids(tokenizer, drill) + [eos])
+                    # Drop the document that did not fit rather than start the next window
+                    # with it: long (step-by-step) documents would otherwise open windows far
+                    # more often than short direct ones, and the base organism, evaluated at
+                    # a window start, planned 65% of the time despite 2:1 direct documents.
+                    pending = None
                     break
                 row.extend(pending)
                 pending = None
@@ -149,7 +154,7 @@ def new_model(tokenizer: PreTrainedTokenizerFast, config: TrainingConfig) -> Lla
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config.tie_embeddings,
     )
     return LlamaForCausalLM(llama_config)
 
