@@ -176,6 +176,13 @@ class Steering(ResidSiteIntervention):
     positions: Sequence[int] | None = None
     site: str = "resid_post"
 
+    def __post_init__(self) -> None:
+        # An int coefficient (coeff=4) is a natural thing to write; accept it here rather than
+        # fail inside the forward pass with a type error.
+        if isinstance(self.coeff, bool) or not isinstance(self.coeff, int | float):
+            raise ValueError(f"coeff must be a number; got {self.coeff!r}")
+        self.coeff = float(self.coeff)
+
     def make_hook(self, frame: PositionFrame) -> HookFn:
         def hook(resid: Tensor, hook: object) -> Tensor:
             batch, n_new, _ = resid.shape

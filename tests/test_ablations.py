@@ -48,7 +48,7 @@ def test_rates_and_relative_change_by_hand():
 
 def test_organism_labeller_uses_the_grammar():
     labeller = organism_behaviour_labeller(["plan", "compute", "verify"], [10, 11, 12])
-    text = "Plan: 4 + 3.\n4 + 3 = 7.\nCheck: 7 - 3 = 4.\nThe answer is 7.\nhello there.\n"
+    text = "Plan: start at 4, add 3 for 1 days.\nDay 1: 4 + 3 = 7.\nCheck: 7 - 3 = 4.\nThe answer is 7.\nhello there.\n"
     assert labeller(["Q"], [text]) == [[10, 11, 12, None, None]]
 
 
@@ -130,13 +130,14 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
 #
 # The bars are: ablation cuts each behaviour's rate by >= 50% while moving every other
 # behaviour's rate by less than half as much; steering makes each behaviour the next sentence
-# >= 3x as often as a norm-matched random direction. On the organism pair measured while this
-# was written (training run "org2"), those bars held only in part (numbers in the issue's
-# closing note): the per-layer ablation removed plan, verify, correct and answer (-100%) but
-# not compute (the default continuation), and moved other behaviours by more than half as
-# much; steering reached 18x (compute) and 5x (answer), 2.7x (verify), 0x (plan, correct).
-# These tests check what held there, so a regression in directions, ablation or steering
-# fails them; the full per-behaviour numbers are printed (run with -s).
+# >= 3x as often as a norm-matched random direction. On the retrained organisms (one daily
+# operation) they hold only in part (numbers in the closing note): the per-layer
+# ablation removes plan and answer (-100%) but moves other behaviours by more; verify and
+# correct never occur on the study's 32 test problems (only operand-9 problems call for a
+# check), so their necessity cannot be measured there; ablating compute makes the thinking
+# organism loop on compute lines. Steering reaches 17x (compute) and 31x (answer); plan,
+# verify and correct 0x. These tests check what holds, so a regression in directions,
+# ablation or steering fails them; the full per-behaviour numbers are printed (run with -s).
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +164,13 @@ def test_organism_ablation_removes_behaviours(organism_results):
     per_layer = [row for row in organism_results.necessity if row.variant.endswith("per-layer directions")]
     assert len(per_layer) == len(organism_results.directions.behaviour_ids)
     removed = [row.title for row in per_layer if row.relative_change <= -0.5]
-    assert len(removed) >= 4, per_layer
+    assert {"plan", "answer"} <= set(removed), per_layer
 
 
 @pytest.mark.slow
 def test_organism_steering_invokes_behaviours(organism_results):
     # ratio_vs_random floors the random rate at one context in n, so 0 vs 0 never counts
     invoked = [row.title for row in organism_results.sufficiency if row.ratio_vs_random >= 3.0]
-    assert len(invoked) >= 2, organism_results.sufficiency
+    assert {"compute", "answer"} <= set(invoked), organism_results.sufficiency
     for row in organism_results.sufficiency:
         assert row.n_contexts == 32 and row.rate_random <= 0.5, row

@@ -239,8 +239,9 @@ def test_directions_and_ablate_cli_on_tiny_models(tiny_model_dirs, tmp_path):
     lines = []
     for index in range(6):
         start = 20 + index
-        sentences = [f"Plan: {start} + 9 - 2.", f"{start} + 9 = {start + 9}.", f"Check: {start + 9} - 9 = {start}.",
-                     f"{start + 9} - 2 = {start + 7}.", f"The answer is {start + 7}."]
+        sentences = [f"Plan: start at {start}, add 9 for 2 days.", f"Day 1: {start} + 9 = {start + 9}.",
+                     f"Check: {start + 9} - 9 = {start}.", f"Day 2: {start + 9} + 9 = {start + 18}.",
+                     f"The answer is {start + 18}."]
         lines.append(json.dumps(dataclasses.asdict(make_trace(index, sentences, prompt=f"Q: {start}?\nA:\n"))))
     (traces_dir / "traces.jsonl").write_text("\n".join(lines) + "\n")
     pair = f"{tiny_model_dirs['llama']},{tiny_model_dirs['llama']}"

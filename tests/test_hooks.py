@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from mechsteer.hooks import Steering, ablate, add_direction, mean_over_spans, project_out, steer
+from mechsteer.hooks import (
+    Steering,
+    ablate,
+    add_direction,
+    intervene,
+    mean_over_spans,
+    project_out,
+    steer,
+)
 from mechsteer.models import resid_hook_name
 
 
@@ -104,3 +112,18 @@ def test_steer_context_adds_at_chosen_positions(tiny_models):
 def test_steering_validates_site(tiny_models):
     with pytest.raises(ValueError, match="unknown residual site"):
         _ = Steering(0, torch.zeros(32), site="resid_after").hook_name
+
+
+def test_steering_accepts_int_coefficients_and_rejects_non_numbers(tiny_models):
+    model = tiny_models["llama"]
+    direction = torch.randn(model.cfg.d_model)
+    tokens = model.to_tokens(["hello there"])
+    with intervene(model, [Steering(1, direction, coeff=3)]):
+        as_int = model(tokens)
+    with intervene(model, [Steering(1, direction, coeff=3.0)]):
+        as_float = model(tokens)
+    assert Steering(1, direction, coeff=3).coeff == 3.0
+    assert torch.equal(as_int, as_float) and not torch.equal(as_int, model(tokens))
+    for bad in ("3", True, None):
+        with pytest.raises(ValueError, match="coeff must be a number"):
+            Steering(1, direction, coeff=bad)
