@@ -66,7 +66,8 @@ def test_behaviour_statistics_by_hand():
 SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organism-thinking", benchmark="organism",
                  n_train=50, n_eval=50, max_new_tokens=288, batch_size=25, n_latents=[4, 5],
                  normalise=[True, False], judge="oracle", threads=1,
-                 ablation_contexts=10)
+                 direction_method="optimised", optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
+                 coefficients=[1.0, 2.0, 4.0], ablation_contexts=10)
 
 KILL_DURING_HYBRID = textwrap.dedent("""
     import os, signal, sys
@@ -126,10 +127,6 @@ def test_short_organism_run_writes_the_full_report(short_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issues 7/8: the organisms now have a gap (base ~0.5, thinking ~0.95), but "
-                                       "the base model's difference-of-means 'plan' direction does not make the "
-                                       "base start a plan at the prompt's end, so the hybrid falls below the base; "
-                                       "remove this mark when the directions invoke the behaviours")
 def test_short_organism_run_hybrid_beats_base(short_run):
     _, report = short_run
     assert report["hybrid_accuracy"] > report["base_accuracy"]
@@ -151,3 +148,16 @@ def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
     assert 0 < len(hybrid_lines) < config.n_eval
     resumed = run_pipeline(config, tmp_path / "resumed", log=lambda message: None)
     assert comparable(resumed) == comparable(report)
+
+
+def test_optimisation_settings_reach_the_vectors_and_unknown_keys_are_refused():
+    from mechsteer.pipeline import optimisation_config
+
+    config = RunConfig.from_dict({**SHORT_RUN, "optimisation": {"lr": 0.1, "steps": 7}, "seed": 3})
+    settings = optimisation_config(config)
+    assert (settings.lr, settings.steps, settings.seed) == (0.1, 7, 3)
+    with pytest.raises(ValueError, match="unknown optimisation keys"):
+        optimisation_config(RunConfig.from_dict({**SHORT_RUN, "optimisation": {"learning_rate": 0.1}}))
+    # The settings change what a run computes, so they are part of its digest.
+    plain = RunConfig.from_dict({**SHORT_RUN, "seed": 3})
+    assert plain.digest() != config.digest()
