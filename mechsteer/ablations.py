@@ -518,6 +518,23 @@ class OrganismStudy:
     settings: dict[str, Any]
 
 
+def necessity_problems(n_problems: int) -> list:
+    """``n_problems`` organism test problems, half of them ones that call for a check.
+
+    Only problems whose operand is the grammar's risky operand (about 1 in 9) make the
+    thinking organism verify and correct; a plain prefix of the test split may hold none, and
+    then those behaviours' necessity cannot be measured.
+    """
+    from mechsteer.data import load_benchmark
+    from mechsteer.organisms.grammar import RISKY_OPERAND
+
+    test = load_benchmark("organism", "test")
+    risky = [problem for problem in test if problem.metadata["operands"][0] == RISKY_OPERAND]
+    n_risky = min(len(risky), n_problems // 2)
+    others = [problem for problem in test if problem.metadata["operands"][0] != RISKY_OPERAND]
+    return risky[:n_risky] + others[: n_problems - n_risky]
+
+
 def organism_study(
     base_model: TransformerBridge,
     thinking_model: TransformerBridge,
@@ -534,7 +551,8 @@ def organism_study(
 
     Thinking traces on ``n_traces`` train problems (and base traces on half as many, for the
     bias); difference-of-means directions in the base model at ``layer``; necessity on
-    ``n_problems`` test problems with the base set at its layer and, per layer, sets made in
+    ``n_problems`` test problems (half of them calling for a check: `necessity_problems`) with
+    the base set at its layer and, per layer, sets made in
     the thinking model at every layer; sufficiency at ``coeff`` on ``n_problems`` contexts per
     behaviour (last context position only). Outputs go to ``work_dir/out``.
     """
@@ -562,7 +580,7 @@ def organism_study(
         if layer_set.behaviour_ids != directions.behaviour_ids:
             raise ValueError("the thinking traces lack sentences of some behaviour at some layer")
     labeller = organism_behaviour_labeller(directions.titles, directions.behaviour_ids)
-    necessity_rows = necessity(thinking_model, directions, load_benchmark("organism", "test", n_problems), labeller,
+    necessity_rows = necessity(thinking_model, directions, necessity_problems(n_problems), labeller,
                                template="organism", max_new_tokens=max_new_tokens, variants=("layer", "per_layer"),
                                batch_size=n_problems, layer_directions=layer_sets)
     contexts = sufficiency_contexts(thinking_traces, base_model.tokenizer, labels.labeller,

@@ -131,12 +131,11 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
 # The bars are: ablation cuts each behaviour's rate by >= 50% while moving every other
 # behaviour's rate by less than half as much; steering makes each behaviour the next sentence
 # >= 3x as often as a norm-matched random direction. On the retrained organisms (one daily
-# operation) they hold only in part (numbers in the closing note): the per-layer
-# ablation removes plan and answer (-100%) but moves other behaviours by more; verify and
-# correct never occur on the study's 32 test problems (only operand-9 problems call for a
-# check), so their necessity cannot be measured there; ablating compute makes the thinking
-# organism loop on compute lines. Steering reaches 17x (compute) and 31x (answer); plan,
-# verify and correct 0x. These tests check what holds, so a regression in directions,
+# operation) they hold only in part (numbers in the closing note): on 32 test
+# problems, half of them calling for a check, the per-layer ablation removes plan, verify and
+# correct (-100%) and answer (-69%) but moves other behaviours by more; ablating compute makes
+# the thinking organism loop on compute lines. Steering reaches 17x (compute) and 31x
+# (answer); plan, verify and correct 0x. These tests check what holds, so a regression in directions,
 # ablation or steering fails them; the full per-behaviour numbers are printed (run with -s).
 
 
@@ -164,7 +163,7 @@ def test_organism_ablation_removes_behaviours(organism_results):
     per_layer = [row for row in organism_results.necessity if row.variant.endswith("per-layer directions")]
     assert len(per_layer) == len(organism_results.directions.behaviour_ids)
     removed = [row.title for row in per_layer if row.relative_change <= -0.5]
-    assert {"plan", "answer"} <= set(removed), per_layer
+    assert {"plan", "verify", "correct", "answer"} <= set(removed), per_layer
 
 
 @pytest.mark.slow
@@ -174,3 +173,13 @@ def test_organism_steering_invokes_behaviours(organism_results):
     assert {"compute", "answer"} <= set(invoked), organism_results.sufficiency
     for row in organism_results.sufficiency:
         assert row.n_contexts == 32 and row.rate_random <= 0.5, row
+
+
+def test_necessity_problems_include_the_ones_that_call_for_a_check():
+    from mechsteer.ablations import necessity_problems
+    from mechsteer.organisms.grammar import RISKY_OPERAND
+
+    problems = necessity_problems(32)
+    risky = [p for p in problems if p.metadata["operands"][0] == RISKY_OPERAND]
+    assert len(problems) == 32 and len(risky) == 16
+    assert len({p.id for p in problems}) == 32 and all(p.id.startswith("test-") for p in problems)
