@@ -18,10 +18,7 @@ answer    ``The answer is 45.``                   the final answer (graders extr
 Three trace styles exist:
 
 * ``direct``: the answer sentence alone, right after the prompt. Most pretraining
-  documents do this, so the base organism is meant to answer in one shot. (Two variants
-  were tried: starting with the restated expression, whose first character is one of
-  seven digits, lost to "Plan:" under greedy decoding despite 45:30 odds; answering first
-  and restating after it kept the base direct but slowed its arithmetic learning.)
+  documents do this, so the base organism answers in one shot when prompted normally.
 * ``stepwise``: the base corpus's step-by-step documents. Plan, then one compute per
   step; checks follow random steps; rare random slips are always caught by a failing
   check and corrected. The base organism knows all behaviours from these (the HOW).
