@@ -22,7 +22,7 @@ from mechsteer.activations import (
     read_sentences,
 )
 from mechsteer.cli import main as cli_main
-from mechsteer.organisms.evaluate import MAX_NEW_TOKENS as ORGANISM_EVAL_MAX_NEW_TOKENS
+from mechsteer.organisms.evaluate import MAX_NEW_TOKENS as ORGANISM_MAX_NEW_TOKENS
 from mechsteer.taxonomy import (
     SELECTION_GEOMETRIC,
     SELECTION_JUDGE,
@@ -237,8 +237,6 @@ MISSING_ORGANISM_FILES = [
     if not (ORGANISM_DIR / name).is_file()
 ]
 N_ORGANISM_PROBLEMS = 160
-# The organism evaluation's budget always reaches the end of a thinking trace.
-ORGANISM_MAX_NEW_TOKENS = ORGANISM_EVAL_MAX_NEW_TOKENS
 ORGANISM_LAYERS = [1, 2]
 ORGANISM_GRID = [4, 5, 6, 7]  # around the five planted behaviours
 
@@ -255,6 +253,7 @@ def test_organism_taxonomy_recovers_planted_behaviours(tmp_path):
     model = load_model("organism-thinking")
     problems = load_benchmark("organism", "test", N_ORGANISM_PROBLEMS)
     traces = generate_traces(
+        # the organism evaluation's budget always reaches the end of a thinking trace
         model, problems, tmp_path / "traces", max_new_tokens=ORGANISM_MAX_NEW_TOKENS,
         batch_size=N_ORGANISM_PROBLEMS, progress=False,
     )
