@@ -1,7 +1,11 @@
 """Throughput of the hybrid generator against plain generation and the paper-style reference loop.
 
 One run, same models, same prompts, greedy, EOS ignored so every run generates exactly
-``--new-tokens`` tokens per prompt:
+``--new-tokens`` tokens per prompt. Each measurement is run ``--warmup`` times untimed, then
+``--repeats`` times timed, and its median time is reported (all times are in the output): the
+first full-length run of a generator is up to 30% slower than later ones (the allocator grows
+its pools for the long KV caches), and measuring whichever generator happens to run first cold
+would bias the ratios.
 
 - ``hybrid_b1`` / ``hybrid_b8``: :func:`mechsteer.hybrid.hybrid_generate` at batch 1 and 8;
 - ``plain_pair_b8``: KV-cached :func:`mechsteer.generation.generate` of the base model, then of
@@ -28,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -67,10 +74,27 @@ class RandomClassifier:
         return x @ self.encoder
 
 
-def timed(function) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
+def measure_round_robin(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                        log: Callable[[str], None]) -> dict[str, tuple[list[float], Any]]:
+    """Each run ``warmup`` times untimed, then ``repeats`` timed rounds of every run in turn.
+
+    Interleaving spreads slow drifts of the machine (other load, frequency) over all runs alike
+    instead of charging them to whichever run happens to be measured at the time.
+    Returns, per run, its times and its last result.
+    """
+    for name, run in runs.items():
+        for _ in range(warmup):
+            log(f"warm-up {name}")
+            run()
+    measured: dict[str, tuple[list[float], Any]] = {name: ([], None) for name in runs}
+    for round_index in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            result = run()
+            times = measured[name][0] + [time.perf_counter() - started]
+            measured[name] = (times, result)
+            log(f"round {round_index + 1}/{repeats} {name}: {times[-1]:.2f} s")
+    return measured
 
 
 def main() -> None:
@@ -79,6 +103,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--reference-prompts", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--json", action="store_true", help="print only the JSON result line at the end")
     args = parser.parse_args()
     if args.threads:
@@ -94,49 +120,56 @@ def main() -> None:
     prompts = PROMPT_STEMS[:8]
     config = HybridConfig(steer_layer=layer, read_layer=layer, max_new_tokens=args.new_tokens, batch_size=8,
                           ignore_eos=True)
-    results: dict[str, dict[str, float]] = {}
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error("--warmup must be >= 0 and --repeats >= 1")
+    config_b1 = HybridConfig(steer_layer=layer, read_layer=layer, max_new_tokens=args.new_tokens, batch_size=1,
+                             ignore_eos=True)
+    shared = pair.shares_tokenizer
+    reference_prompts = prompts[: args.reference_prompts]
 
-    def record(name: str, seconds: float, n_tokens: int, **extra: float) -> None:
-        results[name] = {"seconds": round(seconds, 3), "tokens": n_tokens,
+    def reference_run() -> list[list[int]]:
+        return [reference_hybrid_generate(pair.base, pair.thinking, prompt, prompt, vectors, policy, config,
+                                          shared_tokenizer=shared)[0] for prompt in reference_prompts]
+
+    runs: dict[str, Callable[[], Any]] = {
+        "hybrid_b8": lambda: hybrid_generate(pair.base, pair.thinking, prompts, prompts, vectors, policy, config),
+        "hybrid_b1": lambda: hybrid_generate(pair.base, pair.thinking, prompts[:2], prompts[:2], vectors, policy,
+                                             config_b1),
+        "plain_base_b8": lambda: generate(pair.base, prompts, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "plain_thinking_b8": lambda: generate(pair.thinking, prompts, max_new_tokens=args.new_tokens, eos_token_id=[]),
+        "reference_b1": reference_run,
+    }
+    measured = measure_round_robin(runs, args.warmup, args.repeats,
+                                   (lambda message: None) if args.json else (lambda message: print(message, flush=True)))
+    results: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, times: list[float], n_tokens: int, **extra: float) -> None:
+        seconds = statistics.median(times)
+        results[name] = {"seconds": round(seconds, 3), "all_seconds": [round(t, 3) for t in times], "tokens": n_tokens,
                          "tokens_per_s": round(n_tokens / seconds, 2), **extra}
         if not args.json:
             print(name, results[name], flush=True)
 
-    # warm-up (first calls allocate and compile kernels)
-    hybrid_generate(pair.base, pair.thinking, prompts[:2], prompts[:2], vectors, policy,
-                    HybridConfig(layer, layer, max_new_tokens=4, ignore_eos=True))
+    def n_tokens(name: str) -> int:
+        result = measured[name][1]
+        return sum(len(ids) for ids in (result if name == "reference_b1" else result.token_ids))
 
-    seconds, out = timed(lambda: hybrid_generate(pair.base, pair.thinking, prompts, prompts, vectors, policy, config))
-    steered = sum(out.steered_fractions) / len(out.steered_fractions)
-    record("hybrid_b8", seconds, sum(len(t) for t in out.token_ids), steered_fraction=round(steered, 4))
-
-    config_b1 = HybridConfig(steer_layer=layer, read_layer=layer, max_new_tokens=args.new_tokens, batch_size=1,
-                             ignore_eos=True)
-    seconds, out = timed(lambda: hybrid_generate(pair.base, pair.thinking, prompts[:2], prompts[:2], vectors, policy,
-                                                 config_b1))
-    record("hybrid_b1", seconds, sum(len(t) for t in out.token_ids))
-
-    seconds_base, base_out = timed(lambda: generate(pair.base, prompts, max_new_tokens=args.new_tokens, eos_token_id=[]))
-    seconds_think, think_out = timed(lambda: generate(pair.thinking, prompts, max_new_tokens=args.new_tokens,
-                                                      eos_token_id=[]))
-    plain_tokens = sum(len(t) for t in base_out.token_ids)
-    record("plain_base_b8", seconds_base, plain_tokens)
-    record("plain_thinking_b8", seconds_think, sum(len(t) for t in think_out.token_ids))
-    record("plain_pair_b8", seconds_base + seconds_think, plain_tokens)
-
-    shared = pair.shares_tokenizer
-    reference_tokens, reference_seconds = 0, 0.0
-    for prompt in prompts[: args.reference_prompts]:
-        seconds, (tokens, _) = timed(lambda prompt=prompt: reference_hybrid_generate(
-            pair.base, pair.thinking, prompt, prompt, vectors, policy, config, shared_tokenizer=shared))
-        reference_tokens += len(tokens)
-        reference_seconds += seconds
-    record("reference_b1", reference_seconds, reference_tokens)
+    hybrid_out = measured["hybrid_b8"][1]
+    record("hybrid_b8", measured["hybrid_b8"][0], n_tokens("hybrid_b8"),
+           steered_fraction=round(sum(hybrid_out.steered_fractions) / len(hybrid_out.steered_fractions), 4))
+    for name in ("hybrid_b1", "plain_base_b8", "plain_thinking_b8", "reference_b1"):
+        record(name, measured[name][0], n_tokens(name))
+    # running base then thinking generation back to back: the per-round sums
+    record("plain_pair_b8", [base + think for base, think in zip(measured["plain_base_b8"][0],
+                                                                 measured["plain_thinking_b8"][0], strict=True)],
+           n_tokens("plain_base_b8"))
 
     summary = {
         "pair": args.pair,
         "new_tokens": args.new_tokens,
         "threads": torch.get_num_threads(),
+        "warmup": args.warmup,
+        "repeats": args.repeats,
         "hybrid_vs_plain_pair": round(results["hybrid_b8"]["tokens_per_s"] / results["plain_pair_b8"]["tokens_per_s"], 3),
         "hybrid_vs_reference": round(results["hybrid_b8"]["tokens_per_s"] / results["reference_b1"]["tokens_per_s"], 2),
         "hybrid_b1_vs_reference": round(results["hybrid_b1"]["tokens_per_s"] / results["reference_b1"]["tokens_per_s"], 2),
