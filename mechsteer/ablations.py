@@ -513,9 +513,11 @@ __all__ = [
 @dataclass
 class OrganismStudy:
     necessity: list[NecessityRow]
-    sufficiency: list[SufficiencyRow]
+    sufficiency: list[SufficiencyRow]  # contexts from the thinking organism's traces
     directions: DirectionSet
     settings: dict[str, Any]
+    # contexts from the base organism's own traces: the prompt, where it answers directly
+    sufficiency_base_contexts: list[SufficiencyRow] = field(default_factory=list)
 
 
 def necessity_problems(n_problems: int) -> list:
@@ -546,19 +548,32 @@ def organism_study(
     n_traces: int = 64,
     n_problems: int = 32,
     max_new_tokens: int = 192,  # organism traces end within ~175 tokens
+    direction_method: str = "mean",
+    optimisation: Any = None,  # mechsteer.directions.OptimisationConfig for direction_method="optimised"
 ) -> OrganismStudy:
     """Ground-truth causal validation of an organism pair, end to end.
 
     Thinking traces on ``n_traces`` train problems (and base traces on half as many, for the
-    bias); difference-of-means directions in the base model at ``layer``; necessity on
-    ``n_problems`` test problems (half of them calling for a check: `necessity_problems`) with
-    the base set at its layer and, per layer, sets made in
-    the thinking model at every layer; sufficiency at ``coeff`` on ``n_problems`` contexts per
-    behaviour (last context position only). Outputs go to ``work_dir/out``.
+    bias); directions in the base model at ``layer``, by difference of means or optimised
+    (``direction_method``); necessity on ``n_problems`` test problems (half of them calling
+    for a check: `necessity_problems`) with the base set at its layer and, per layer,
+    difference-of-means sets made in the thinking model at every layer; sufficiency at
+    ``coeff`` on ``n_problems`` contexts per behaviour (last context position only), once on
+    contexts from the thinking traces and once on the base organism's own contexts (its
+    prompts, where it answers directly: the grammar's only place for a plan). Optimised
+    vectors steer with the bias added, as they were trained. Outputs go to ``work_dir/out``.
     """
     from mechsteer.data import load_benchmark
-    from mechsteer.directions import build_mean_directions, ground_truth_labels
+    from mechsteer.directions import (
+        OptimisationConfig,
+        build_mean_directions,
+        build_optimised_directions,
+        ground_truth_labels,
+    )
     from mechsteer.traces import generate_traces
+
+    if direction_method not in ("mean", "optimised"):
+        raise ValueError(f"direction_method must be 'mean' or 'optimised'; got {direction_method!r}")
 
     work = Path(work_dir)
     problems = load_benchmark("organism", "train", n_traces)
@@ -573,7 +588,12 @@ def organism_study(
                                      at, base_traces=base_traces if bias else None, pooling=pooling,
                                      text_labeller=labels.text_labeller, skip_empty=True)
 
-    directions = mean_set(base_model, layer, True)
+    if direction_method == "mean":
+        directions = mean_set(base_model, layer, True)
+    else:
+        directions = build_optimised_directions(base_model, thinking_traces, labels.labeller, labels.behaviour_ids,
+                                                labels.titles, layer, optimisation or OptimisationConfig(),
+                                                text_labeller=labels.text_labeller, skip_empty=True)
     directions.save(work / "directions")
     layer_sets = {at: mean_set(thinking_model, at, False) for at in range(thinking_model.cfg.n_layers)}
     for layer_set in layer_sets.values():
@@ -583,14 +603,23 @@ def organism_study(
     necessity_rows = necessity(thinking_model, directions, necessity_problems(n_problems), labeller,
                                template="organism", max_new_tokens=max_new_tokens, variants=("layer", "per_layer"),
                                batch_size=n_problems, layer_directions=layer_sets)
-    contexts = sufficiency_contexts(thinking_traces, base_model.tokenizer, labels.labeller,
-                                    text_labeller=labels.text_labeller)
-    sufficiency_rows = sufficiency(base_model, directions, contexts, labeller, coeffs=(coeff,), n_contexts=n_problems,
-                                   max_new_tokens=40, batch_size=n_problems)
+    with_bias = direction_method == "optimised"
+
+    def steer_rows(traces: Sequence[TraceRecord]) -> list[SufficiencyRow]:
+        contexts = sufficiency_contexts(traces, base_model.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+        # a behaviour is measured where some context's next sentence is another behaviour
+        measurable = [b for b in directions.behaviour_ids if any(c.next_behaviour not in (None, b) for c in contexts)]
+        return sufficiency(base_model, directions, contexts, labeller, coeffs=(coeff,), n_contexts=n_problems,
+                           max_new_tokens=40, batch_size=n_problems, with_bias=with_bias, behaviour_ids=measurable)
+
+    sufficiency_rows = steer_rows(thinking_traces)
+    base_context_rows = steer_rows(base_traces)
     settings = {"layer": layer, "pooling": pooling, "coeff": coeff, "n_traces": n_traces, "n_problems": n_problems,
+                "direction_method": direction_method, "sufficiency_with_bias": with_bias,
                 "base": base_model.cfg.model_name, "thinking": thinking_model.cfg.model_name}
     write_outputs(work / "out", necessity_rows, sufficiency_rows, settings)
-    return OrganismStudy(necessity_rows, sufficiency_rows, directions, settings)
+    write_rows_csv(base_context_rows, work / "out" / "sufficiency_base_contexts.csv")
+    return OrganismStudy(necessity_rows, sufficiency_rows, directions, settings, base_context_rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -222,6 +222,15 @@ class DirectionSet:
             bias = bias / bias.norm()
         return self._derived(self.directions / self.norms[:, None], bias, {"op": "normalised"})
 
+    def subset(self, behaviour_ids: Sequence[int]) -> DirectionSet:
+        """Only ``behaviour_ids``, in that order (the bias is kept)."""
+        rows = [self.index_of(b) for b in behaviour_ids]
+        if not rows or len(set(rows)) != len(rows):
+            raise ValueError(f"subset needs distinct behaviour ids, at least one; got {list(behaviour_ids)}")
+        chosen = dataclasses.replace(self, behaviour_ids=[self.behaviour_ids[r] for r in rows],
+                                     titles=[self.titles[r] for r in rows], directions=self.directions[rows])
+        return chosen._derived(chosen.directions, chosen.bias, {"op": "subset", "behaviour_ids": chosen.behaviour_ids})
+
     def random_like(self, seed: int) -> DirectionSet:
         """Norm-matched random controls: one Gaussian direction per behaviour, same norms; bias too."""
         generator = torch.Generator().manual_seed(seed)

@@ -455,12 +455,27 @@ def _run_ablations(config, state, pair, out, log) -> dict[str, Any]:
         train = load_benchmark(config.benchmark, config.train_split, config.n_train)
         traces = frame_for_base(load_traces(out / "traces" / "thinking_train"), {p.id: p.question for p in train},
                                 pair.base.tokenizer)
+        settings: dict[str, Any] = {"source": "mechsteer run"}
         if config.benchmark == "organism":
-            # ground truth measures the behaviours of generated text; taxonomy ids map by title
+            # Ground truth measures the behaviours of generated text, and taxonomy latents map to
+            # it by title. Several latents can share a title (the oracle judge names each by its
+            # majority behaviour) and ground truth cannot tell them apart, so each behaviour is
+            # measured once, with the direction of its first latent; latents whose title is no
+            # behaviour of the grammar cannot be measured at all. Both are listed in the output.
             from mechsteer.organisms.grammar import BEHAVIOURS
 
-            titles = [title if title in BEHAVIOURS else f"unmatched:{title}" for title in labels.titles]
-            labeller = ablations.organism_behaviour_labeller(titles, labels.behaviour_ids)
+            first_latent: dict[str, int] = {}
+            for behaviour in direction_set.behaviour_ids:
+                title = direction_set.title(behaviour)
+                if title in BEHAVIOURS and title not in first_latent:
+                    first_latent[title] = behaviour
+            settings["not_measured"] = {str(b): direction_set.title(b) for b in direction_set.behaviour_ids
+                                        if b not in first_latent.values()}
+            if not first_latent:
+                raise ValueError(f"no taxonomy latent is titled with a behaviour of the organism grammar "
+                                 f"({sorted(BEHAVIOURS)}); titles: {direction_set.titles}")
+            direction_set = direction_set.subset(list(first_latent.values()))
+            labeller = ablations.organism_behaviour_labeller(direction_set.titles, direction_set.behaviour_ids)
         else:
             taxonomy = labels.taxonomy
             labeller = ablations.SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
@@ -470,16 +485,20 @@ def _run_ablations(config, state, pair, out, log) -> dict[str, Any]:
                                              template=config.resolved_thinking_template,
                                              max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
         contexts = ablations.sufficiency_contexts(traces, pair.base.tokenizer, labels.labeller)
+        # optimised behaviour vectors were trained on top of the bias: steer with both, as the hybrid does
+        with_bias = direction_set.method == "optimised" and direction_set.bias is not None
+        settings["sufficiency_with_bias"] = with_bias
         sufficiency_rows = ablations.sufficiency(
             pair.base, direction_set, contexts, labeller, coeffs=tuple(config.coefficients),
-            n_contexts=config.ablation_contexts, seed=config.seed,
+            n_contexts=config.ablation_contexts, seed=config.seed, with_bias=with_bias,
             stop_strings=("\n",) if config.benchmark == "organism" else (), batch_size=config.batch_size)
-        ablations.write_outputs(out / "ablations", necessity_rows, sufficiency_rows, {"source": "mechsteer run"})
+        ablations.write_outputs(out / "ablations", necessity_rows, sufficiency_rows, settings)
         return {
             "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,
                            "max_other_relative_change": r.max_other_relative_change} for r in necessity_rows],
             "sufficiency": [{"behaviour": r.title, "coeff": r.coeff, "steered": r.rate_steered,
                              "random": r.rate_random, "unsteered": r.rate_unsteered} for r in sufficiency_rows],
+            "not_measured": settings.get("not_measured", {}),
         }
 
     return state.run("ablations", body, log)

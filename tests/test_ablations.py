@@ -139,8 +139,7 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
 # ablation or steering fails them; the full per-behaviour numbers are printed (run with -s).
 
 
-@pytest.fixture(scope="module")
-def organism_results(tmp_path_factory):
+def run_organism_study(tmp_path_factory, **settings):
     from mechsteer.ablations import organism_study
     from mechsteer.models import load_model
 
@@ -148,14 +147,30 @@ def organism_results(tmp_path_factory):
         base, thinking = load_model("organism-base"), load_model("organism-thinking")
     except FileNotFoundError as error:
         pytest.skip(f"organism weights not shipped yet: {error}")
-    study = organism_study(base, thinking, tmp_path_factory.mktemp("organism_study"))
+    study = organism_study(base, thinking, tmp_path_factory.mktemp("organism_study"), **settings)
+    method = study.settings["direction_method"]
     for row in study.necessity:
-        print(f"necessity {row.title} ({row.variant}): {row.rate_before:.2f} -> {row.rate_after:.2f} "
+        print(f"[{method}] necessity {row.title} ({row.variant}): {row.rate_before:.2f} -> {row.rate_after:.2f} "
               f"({row.relative_change:+.0%}), others max {row.max_other_relative_change:.0%}")
-    for row in study.sufficiency:
-        print(f"sufficiency {row.title}: unsteered {row.rate_unsteered:.2f}, random {row.rate_random:.2f}, "
-              f"steered {row.rate_steered:.2f} ({row.ratio_vs_random:.1f}x)")
+    for where, rows in (("thinking contexts", study.sufficiency), ("base contexts", study.sufficiency_base_contexts)):
+        for row in rows:
+            print(f"[{method}] sufficiency, {where}, {row.title}: unsteered {row.rate_unsteered:.2f}, "
+                  f"random {row.rate_random:.2f}, steered {row.rate_steered:.2f} ({row.ratio_vs_random:.1f}x)")
     return study
+
+
+@pytest.fixture(scope="module")
+def organism_results(tmp_path_factory):
+    return run_organism_study(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def organism_optimised_results(tmp_path_factory):
+    from mechsteer.directions import OptimisationConfig
+
+    # the demo's optimisation settings; coefficient 2 of the demo's grid (1, 2, 4)
+    return run_organism_study(tmp_path_factory, direction_method="optimised", coeff=2.0,
+                              optimisation=OptimisationConfig(lr=0.1, steps=100, init_norm=8.0))
 
 
 @pytest.mark.slow
@@ -173,6 +188,20 @@ def test_organism_steering_invokes_behaviours(organism_results):
     assert {"compute", "answer"} <= set(invoked), organism_results.sufficiency
     for row in organism_results.sufficiency:
         assert row.n_contexts == 32 and row.rate_random <= 0.5, row
+
+
+@pytest.mark.slow
+def test_organism_optimised_vectors_invoke_plan_and_verify(organism_optimised_results):
+    # Optimised vectors (with their bias) do what difference-of-means directions cannot: start a
+    # plan where the base organism would answer directly (its prompt), and insert a check
+    # mid-trace. Measured: plan 32x at the base's contexts, verify 11x at the thinking traces'.
+    at_base = {row.title: row for row in organism_optimised_results.sufficiency_base_contexts}
+    mid_trace = {row.title: row for row in organism_optimised_results.sufficiency}
+    assert "answer" not in at_base  # every base context is followed by an answer: nothing to steer away from
+    assert at_base["plan"].ratio_vs_random >= 3.0 and at_base["plan"].rate_steered >= 0.8, at_base["plan"]
+    assert mid_trace["verify"].ratio_vs_random >= 3.0, mid_trace["verify"]
+    assert organism_optimised_results.settings["sufficiency_with_bias"] is True
+    assert organism_optimised_results.directions.method == "optimised"
 
 
 def test_necessity_problems_include_the_ones_that_call_for_a_check():

@@ -193,6 +193,14 @@ def test_direction_set_arithmetic():
     other.layer = 2
     with pytest.raises(ValueError, match="different layer"):
         base.added(other)
+    picked = base.subset([9, 4])
+    assert picked.behaviour_ids == [9, 4] and picked.titles == ["answer", "plan"]
+    assert torch.equal(picked.directions, base.directions[[2, 0]]) and torch.equal(picked.bias, base.bias)
+    assert picked.provenance["history"][-1] == {"op": "subset", "behaviour_ids": [9, 4]}
+    with pytest.raises(ValueError, match="unknown behaviour id 5"):
+        base.subset([5])
+    with pytest.raises(ValueError, match="distinct"):
+        base.subset([4, 4])
 
 
 def test_direction_set_bad_inputs(tiny_models):
