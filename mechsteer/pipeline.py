@@ -136,7 +136,10 @@ DEMO_CONFIG = RunConfig(
     # the base (README, "The end-to-end demo").
     direction_method="optimised",
     optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
-    coefficients=[1.0, 2.0, 4.0],
+    # One coefficient, so no guardrail: with a grid, the thinking model's choice among the
+    # candidates lets any vector that can flip a token at some coefficient do so, and the
+    # controls borrow that choice (bias only recovers 0.99 of the gap with {1, 2, 4}; README).
+    coefficients=[2.0],
     windows=[1],
     ablation_contexts=30,
     # The organisms are tiny (d_model 128): one thread is as fast as two, and far faster when
@@ -378,7 +381,7 @@ def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> 
     from mechsteer.hybrid import HybridConfig, SteeringVectors
     from mechsteer.taxonomy import Taxonomy
     from mechsteer.timing import (
-        AlwaysBiasPolicy,
+        BiasOnlyPolicy,
         RandomFiringPolicy,
         SAEArgmaxPolicy,
         ThresholdPolicy,
@@ -429,7 +432,8 @@ def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> 
         if control == "only_bias":
             if direction_set.bias is None:
                 raise ValueError("the only_bias control needs a bias direction; the direction set has none")
-            body = hybrid_eval("only_bias", AlwaysBiasPolicy(), vectors)
+            # the paper's control: the hybrid's own timing, the bias without behaviour directions
+            body = hybrid_eval("only_bias", BiasOnlyPolicy(policy), vectors)
         elif control == "random_firing":
             body = hybrid_eval("random_firing", RandomFiringPolicy(hybrid["steered_fraction"], behaviour_ids,
                                                                    seed=config.seed), vectors)

@@ -14,7 +14,10 @@ Policies:
   activation (centred and normalised like the SAE's training vectors); steer only where the
   two models' greedy tokens disagree.
 - ``threshold``: steer where the top latent's pre-activation exceeds a threshold.
-- ``always``: bias only, at every token (the "only bias" control).
+- ``always``: bias only, at every token.
+- ``only_bias`` (:class:`BiasOnlyPolicy`, the paper's "only bias" control): another policy's
+  timing, with the bias alone instead of bias + behaviour direction; it isolates what the
+  behaviour directions add at the hybrid's own steering times.
 - ``random_firing``: steer each token with probability ``rate`` and a uniformly random
   behaviour (match ``rate`` to the hybrid's measured steering rate for the control).
 - ``never``: the base model alone.
@@ -108,6 +111,19 @@ class AlwaysBiasPolicy:
         batch = state.agree.shape[0]
         return PolicyDecision(steer=torch.ones(batch, dtype=torch.bool),
                               behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long))
+
+
+@dataclass
+class BiasOnlyPolicy:
+    """``timing``'s decisions (when to steer, and its latent log) with the bias only."""
+
+    timing: TimingPolicy
+    name: str = "only_bias"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        return PolicyDecision(steer=decision.steer, behaviour=torch.full_like(decision.behaviour, BIAS_ONLY),
+                              latent_values=decision.latent_values, latent_ids=decision.latent_ids)
 
 
 @dataclass

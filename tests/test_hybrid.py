@@ -14,6 +14,7 @@ from mechsteer.models import load_model
 from mechsteer.timing import (
     BIAS_ONLY,
     AlwaysBiasPolicy,
+    BiasOnlyPolicy,
     NeverPolicy,
     PolicyInput,
     RandomFiringPolicy,
@@ -129,6 +130,22 @@ def test_policies_never_and_always(pair_models):
     always = hybrid_generate(base, thinking, PROMPTS, PROMPTS, vectors, AlwaysBiasPolicy(), config)
     assert always.steered_fractions == [1.0, 1.0, 1.0]
     assert all(log.behaviour == BIAS_ONLY for logs in always.token_logs for log in logs)
+
+
+def test_bias_only_keeps_the_timing_and_drops_the_behaviour(pair_models):
+    base, thinking, _ = pair_models
+    config = HybridConfig(steer_layer=1, read_layer=1, max_new_tokens=8)
+    vectors = make_vectors(base.cfg.d_model)
+    timing = RandomFiringPolicy(rate=0.5, behaviour_ids=[0, 1, 2], seed=5)
+    with_behaviours = hybrid_generate(base, thinking, PROMPTS, PROMPTS, vectors, timing, config)
+    timing = RandomFiringPolicy(rate=0.5, behaviour_ids=[0, 1, 2], seed=5)
+    bias_only = hybrid_generate(base, thinking, PROMPTS, PROMPTS, vectors, BiasOnlyPolicy(timing), config)
+    steered = [[log.steered for log in logs] for logs in with_behaviours.token_logs]
+    assert any(any(row) for row in steered) and not all(all(row) for row in steered)
+    # the same steps steer (the random timing does not depend on the generated text)
+    assert [[log.steered for log in logs] for logs in bias_only.token_logs] == steered
+    assert all(log.behaviour == BIAS_ONLY for logs in bias_only.token_logs for log in logs if log.steered)
+    assert any(log.behaviour != BIAS_ONLY for logs in with_behaviours.token_logs for log in logs if log.steered)
 
 
 def test_random_firing_is_seeded_and_respects_rate():
