@@ -45,7 +45,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import pool_batch, trace_sentences
 from mechsteer.data import Problem
-from mechsteer.directions import DirectionSet, SentenceLabeller
+from mechsteer.directions import DirectionSet, OptimisationConfig, SentenceLabeller
 from mechsteer.generation import generate
 from mechsteer.hooks import Ablation, HookFn, PositionFrame, ResidSiteIntervention
 from mechsteer.tensor_types import Float, Tensor
@@ -348,6 +348,11 @@ def _next_sentences(
     return texts
 
 
+def contexts_for(contexts: Sequence[SteeringContext], behaviour: int) -> list[SteeringContext]:
+    """The contexts where steering toward ``behaviour`` can be measured: the next sentence is another behaviour."""
+    return [c for c in contexts if c.next_behaviour is not None and c.next_behaviour != behaviour]
+
+
 def sufficiency(
     base_model: TransformerBridge,
     directions: DirectionSet,
@@ -383,7 +388,7 @@ def sufficiency(
     settings = dict(layer=directions.layer, window=window, steer_generation=steer_generation,
                     max_new_tokens=max_new_tokens, stop_strings=stop_strings, batch_size=batch_size)
     for behaviour in directions.behaviour_ids if behaviour_ids is None else behaviour_ids:
-        eligible = [c for c in contexts if c.next_behaviour is not None and c.next_behaviour != behaviour]
+        eligible = contexts_for(contexts, behaviour)
         if not eligible:
             raise ValueError(f"no contexts whose next sentence is another behaviour than {behaviour}")
         chosen = random.Random(f"{seed}-{behaviour}").sample(eligible, min(n_contexts, len(eligible)))
@@ -502,7 +507,7 @@ def write_outputs(out_dir: str | Path, necessity_rows: Sequence[NecessityRow],
 __all__ = [
     "BehaviourLabeller", "NecessityRow", "OrganismStudy", "organism_study", "RowWindowSteering", "SAEBehaviourLabeller", "SteeringContext",
     "SufficiencyRow", "behaviour_rates", "necessity", "organism_behaviour_labeller", "plot_ablations",
-    "relative_change", "sufficiency", "sufficiency_contexts", "write_outputs", "write_rows_csv",
+    "contexts_for", "relative_change", "sufficiency", "sufficiency_contexts", "write_outputs", "write_rows_csv",
 ]
 
 
@@ -549,7 +554,7 @@ def organism_study(
     n_problems: int = 32,
     max_new_tokens: int = 192,  # organism traces end within ~175 tokens
     direction_method: str = "mean",
-    optimisation: Any = None,  # mechsteer.directions.OptimisationConfig for direction_method="optimised"
+    optimisation: OptimisationConfig | None = None,  # for direction_method="optimised"
 ) -> OrganismStudy:
     """Ground-truth causal validation of an organism pair, end to end.
 
@@ -565,7 +570,6 @@ def organism_study(
     """
     from mechsteer.data import load_benchmark
     from mechsteer.directions import (
-        OptimisationConfig,
         build_mean_directions,
         build_optimised_directions,
         ground_truth_labels,
@@ -607,8 +611,7 @@ def organism_study(
 
     def steer_rows(traces: Sequence[TraceRecord]) -> list[SufficiencyRow]:
         contexts = sufficiency_contexts(traces, base_model.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
-        # a behaviour is measured where some context's next sentence is another behaviour
-        measurable = [b for b in directions.behaviour_ids if any(c.next_behaviour not in (None, b) for c in contexts)]
+        measurable = [b for b in directions.behaviour_ids if contexts_for(contexts, b)]
         return sufficiency(base_model, directions, contexts, labeller, coeffs=(coeff,), n_contexts=n_problems,
                            max_new_tokens=40, batch_size=n_problems, with_bias=with_bias, behaviour_ids=measurable)
 
