@@ -11,6 +11,7 @@ setting. Usage: ``python experiments/organism_control_settings.py --run runs/dem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -20,9 +21,9 @@ import torch
 from mechsteer.data import load_benchmark
 from mechsteer.directions import DirectionSet
 from mechsteer.evals import gap_recovered
-from mechsteer.hybrid import HybridConfig, SteeringVectors
+from mechsteer.hybrid import SteeringVectors
 from mechsteer.models import load_pair
-from mechsteer.pipeline import RunConfig, evaluate_hybrid
+from mechsteer.pipeline import RunConfig, evaluate_hybrid, run_hybrid_config
 from mechsteer.taxonomy import Taxonomy
 from mechsteer.timing import AlwaysBiasPolicy, BiasOnlyPolicy, SAEArgmaxPolicy
 
@@ -49,9 +50,8 @@ def main() -> None:
     base, thinking = report["base_accuracy"], report["thinking_accuracy"]
 
     def evaluate(name: str, policy, steering: SteeringVectors, coefficients: list[float]) -> None:
-        hybrid_config = HybridConfig(steer_layer=direction_set.layer, read_layer=taxonomy.provenance.layer,
-                                     coefficients=tuple(coefficients), windows=tuple(config.windows),
-                                     max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        hybrid_config = run_hybrid_config(dataclasses.replace(config, coefficients=coefficients),
+                                          direction_set.layer, taxonomy.provenance.layer)
         with tempfile.TemporaryDirectory() as scratch:
             records = evaluate_hybrid(pair, problems, steering, policy, hybrid_config, Path(scratch) / "results.jsonl",
                                       base_template=config.resolved_base_template,

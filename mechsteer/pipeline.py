@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from mechsteer.store import append_jsonl, read_jsonl, write_json_atomic
+from mechsteer.store import append_jsonl, json_digest, read_jsonl, write_json_atomic
 from mechsteer.tracking import NullTracker, Tracker
 
 # ------------------------------------------------------------------------------------------
@@ -91,7 +90,7 @@ class RunConfig:
         computed = {key: value for key, value in asdict(self).items() if key not in TRACKING_KEYS}
         if not computed["optimisation"]:
             del computed["optimisation"]  # added later: configs without it keep their digests
-        return hashlib.sha256(json.dumps(computed, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(computed)
 
     @property
     def resolved_base_template(self) -> str:
@@ -104,6 +103,7 @@ class RunConfig:
 
 TRACKING_KEYS = ("wandb", "wandb_project", "wandb_group", "wandb_mode")
 
+
 def optimisation_config(config: RunConfig):
     """The run's `OptimisationConfig`: its ``optimisation`` settings, seeded by the run's seed."""
     from mechsteer.directions import OptimisationConfig
@@ -113,6 +113,15 @@ def optimisation_config(config: RunConfig):
     if unknown:
         raise ValueError(f"unknown optimisation keys {unknown}; known keys: {sorted(known)}")
     return OptimisationConfig(**config.optimisation, seed=config.seed)
+
+
+def run_hybrid_config(config: RunConfig, steer_layer: int, read_layer: int):
+    """The hybrid generator's settings for a run (its coefficients, windows, lengths and batch)."""
+    from mechsteer.hybrid import HybridConfig
+
+    return HybridConfig(steer_layer=steer_layer, read_layer=read_layer, coefficients=tuple(config.coefficients),
+                        windows=tuple(config.windows), max_new_tokens=config.max_new_tokens,
+                        batch_size=config.batch_size)
 
 
 DEMO_CONFIG = RunConfig(
@@ -154,9 +163,9 @@ DEMO_CONFIG = RunConfig(
 class RunState:
     """``stages.json``: which stages are done, their timings and summaries."""
 
-    def __init__(self, out: Path, config: RunConfig, tracker: Tracker | None = None):
+    def __init__(self, out: Path, config: RunConfig):
         self.out = out
-        self.tracker = tracker or NullTracker()
+        self.tracker: Tracker = NullTracker()  # run_pipeline sets the run's own once the folder is accepted
         self.path = out / "stages.json"
         out.mkdir(parents=True, exist_ok=True)
         state = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -284,7 +293,6 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    state.tracker.log_config(asdict(config))
     started = time.perf_counter()
     pair = load_pair(config.base_model, config.thinking_model)
     train = load_benchmark(config.benchmark, config.train_split, config.n_train)
@@ -378,7 +386,7 @@ def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str
 
 def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> dict[str, Any]:
     from mechsteer.directions import DirectionSet
-    from mechsteer.hybrid import HybridConfig, SteeringVectors
+    from mechsteer.hybrid import SteeringVectors
     from mechsteer.taxonomy import Taxonomy
     from mechsteer.timing import (
         BiasOnlyPolicy,
@@ -404,10 +412,7 @@ def _run_evaluations(config, state, pair, evaluation, out, steer_layer, log) -> 
     direction_set = DirectionSet.load(out / "directions")
     direction_set.check_model(pair.base)
     vectors = SteeringVectors.from_direction_set(direction_set)
-    hybrid_config = HybridConfig(
-        steer_layer=steer_layer, read_layer=taxonomy.provenance.layer, coefficients=tuple(config.coefficients),
-        windows=tuple(config.windows), max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-    )
+    hybrid_config = run_hybrid_config(config, steer_layer, taxonomy.provenance.layer)
     behaviour_ids = list(direction_set.behaviour_ids)
 
     def hybrid_eval(name: str, policy, steering: SteeringVectors) -> Callable[[], dict[str, Any]]:
@@ -605,12 +610,9 @@ def report_table(report: dict[str, Any]) -> str:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    rows = [("base", report["base_accuracy"], None, None),
-            ("thinking", report["thinking_accuracy"], None, None),
-            ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
-    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in report["controls"].items()]
     lines = [f"{'model':<16}{'accuracy':>10}{'gap rec.':>10}{'steered':>10}"]
-    lines += [f"{name:<16}{fmt(acc):>10}{fmt(g):>10}{fmt(s):>10}" for name, acc, g, s in rows]
+    lines += [f"{row['model']:<16}{fmt(row['accuracy']):>10}{fmt(row['gap_recovered']):>10}"
+              f"{fmt(row['steered_fraction']):>10}" for row in accuracy_rows(report)]
     return "\n".join(lines)
 
 

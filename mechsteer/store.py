@@ -7,6 +7,7 @@ appending, so a resumed run neither duplicates nor loses finished records.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -58,3 +59,8 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     staging = path.with_suffix(path.suffix + ".tmp")
     staging.write_text(json.dumps(data, indent=2, default=str))
     os.replace(staging, path)
+
+
+def json_digest(value: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``value`` as key-sorted JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -47,7 +46,7 @@ from typing import Any, Protocol, get_type_hints
 import yaml
 
 from mechsteer.pipeline import TRACKING_KEYS, RunConfig, headline_metrics, run_pipeline
-from mechsteer.store import write_json_atomic
+from mechsteer.store import json_digest, write_json_atomic
 from mechsteer.tracking import wandb_directories, wandb_environment
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "list", "executor", "retries", "resources", "ray", "wandb"}
@@ -201,14 +200,14 @@ class SweepPoint:
 
 
 def point_id(overrides: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+    return json_digest(overrides, length=10)
 
 
 def upstream_digest(config: RunConfig) -> str:
     """Digest of everything the shared stages read (all but downstream, naming and tracking keys)."""
     skipped = {*DOWNSTREAM_KEYS, "name", *TRACKING_KEYS}
     upstream = {key: value for key, value in asdict(config).items() if key not in skipped}
-    return hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(upstream)
 
 
 def plan_points(spec: SweepSpec, out: str | Path) -> list[SweepPoint]:
@@ -313,8 +312,12 @@ def run_point(point: SweepPoint, retries: int) -> dict[str, Any]:
             error = f"{type(failure).__name__}: {failure}"
             with (out / "errors.log").open("a") as errors:
                 errors.write(f"--- attempt {attempt}\n{traceback.format_exc()}\n")
-    return {**point_row(point), "status": "failed", "attempts": retries + 1, "error": error,
-            "seconds": round(time.perf_counter() - started, 2)}
+    return failed_row(point, retries + 1, error, round(time.perf_counter() - started, 2))
+
+
+def failed_row(point: SweepPoint, attempts: int, error: str | None, seconds: float | None) -> dict[str, Any]:
+    """The results row of a point that failed every attempt (no metrics)."""
+    return {**point_row(point), "status": "failed", "attempts": attempts, "error": error, "seconds": seconds}
 
 
 def point_row(point: SweepPoint) -> dict[str, Any]:
@@ -398,8 +401,7 @@ class RayExecutor:
             try:
                 row = ray.get(ready[0])
             except RayError as failure:  # the worker itself died, past Ray's own retries
-                row = {**point_row(point), "status": "failed", "attempts": retries + 1,
-                       "error": f"{type(failure).__name__}: {failure}"[:2000], "seconds": None}
+                row = failed_row(point, retries + 1, f"{type(failure).__name__}: {failure}"[:2000], None)
             rows.append(row)
             report(row)
         return rows

@@ -177,14 +177,12 @@ class WandbTracker:
         return self._step
 
 
-def open_tracker(config: RunConfig, out: str | Path, *, job_name: str | None = None) -> Tracker:
+def open_tracker(config: RunConfig, out: str | Path) -> Tracker:
     """A :class:`WandbTracker` if ``config.wandb`` is on, else a :class:`NullTracker`."""
     if not config.wandb:
         return NullTracker()
-    tracker = WandbTracker(out=Path(out), name=job_name or config.name, project=config.wandb_project,
-                           group=config.wandb_group or config.name, mode=config.wandb_mode,
-                           config=asdict(config))
-    return tracker
+    return WandbTracker(out=Path(out), name=config.name, project=config.wandb_project,
+                        group=config.wandb_group or config.name, mode=config.wandb_mode, config=asdict(config))
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,17 +245,13 @@ def find_run_folders(out: str | Path) -> list[Path]:
 
 def read_run_files(run_folder: str | Path) -> LoggedRun:
     """Read a run's ``run-<id>.wandb`` transaction log with wandb's own record schema."""
-    from wandb.proto import wandb_internal_pb2
-
     run_folder = Path(run_folder)
     logs = sorted(run_folder.glob("run-*.wandb"))
     if len(logs) != 1:
         raise ValueError(f"{run_folder} should hold one run-*.wandb file, found {len(logs)}")
     run_record = None
     config: dict[str, Any] = {}
-    for payload in _transaction_log_records(logs[0].read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in _parsed_records(logs[0].read_bytes()):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run_record = record.run
@@ -276,19 +270,24 @@ def wait_for_complete_log(log_file: Path, timeout_s: float = 60.0) -> None:
 
     wandb's service writes the transaction log in its own process and may still be writing it
     when ``run.finish()`` returns; a sweep reads its points' runs right after they finish."""
-    from wandb.proto import wandb_internal_pb2
-
     deadline = time.monotonic() + timeout_s
     while True:
         if log_file.exists():
-            for payload in _transaction_log_records(log_file.read_bytes()):
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(payload)
-                if record.WhichOneof("record_type") == "exit":
-                    return
+            if any(record.WhichOneof("record_type") == "exit" for record in _parsed_records(log_file.read_bytes())):
+                return
         if time.monotonic() > deadline:
             raise TimeoutError(f"wandb had not written the end of {log_file} {timeout_s:.0f}s after finishing")
         time.sleep(0.1)
+
+
+def _parsed_records(data: bytes) -> Iterator[Any]:
+    """The transaction log's records, parsed with wandb's own schema (``wandb_internal_pb2.Record``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    for payload in _transaction_log_records(data):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        yield record
 
 
 def _apply_config(config: dict[str, Any], record) -> None:
