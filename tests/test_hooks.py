@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mechsteer.hooks import (
+from mechsteer.interventions.hooks import (
     Steering,
     ablate,
     add_direction,
@@ -10,7 +10,7 @@ from mechsteer.hooks import (
     project_out,
     steer,
 )
-from mechsteer.models import resid_hook_name
+from mechsteer.core.models import resid_hook_name
 
 
 def test_project_out_removes_the_component():

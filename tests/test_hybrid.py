@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from mechsteer.hybrid import (
+from mechsteer.hybrid.generator import (
     HybridConfig,
     SteeringVectors,
     ThinkingText,
     hybrid_generate,
     reference_hybrid_generate,
 )
-from mechsteer.models import load_model
-from mechsteer.timing import (
+from mechsteer.core.models import load_model
+from mechsteer.hybrid.timing import (
     BIAS_ONLY,
     AlwaysBiasPolicy,
     BiasOnlyPolicy,
@@ -122,7 +122,7 @@ def test_policies_never_and_always(pair_models):
     config = HybridConfig(steer_layer=1, read_layer=1, max_new_tokens=6)
     vectors = make_vectors(base.cfg.d_model)
     never = hybrid_generate(base, thinking, PROMPTS, PROMPTS, vectors, NeverPolicy(), config)
-    from mechsteer.generation import generate
+    from mechsteer.interventions.generation import generate
 
     plain = generate(base, PROMPTS, max_new_tokens=6)
     assert never.token_ids == plain.token_ids

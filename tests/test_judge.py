@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from mechsteer import judge_prompts
-from mechsteer.judge import (
+from mechsteer.taxonomy.judge import prompts as judge_prompts
+from mechsteer.taxonomy.judge.clients import (
     ENV_API_KEY,
     ENV_MODEL,
     ENV_OPENAI_API_KEY,
@@ -35,7 +35,7 @@ from mechsteer.judge import (
     complete_many,
     judge_from_spec,
 )
-from mechsteer.judge_metrics import describe_behaviours, judge_score
+from mechsteer.taxonomy.judge.metrics import describe_behaviours, judge_score
 
 SECRET = "sk-test-SECRET-9f8e7d6c5b4a"
 MODEL = "judge-model-1"
@@ -455,7 +455,7 @@ def test_key_never_leaks(server: ChatServer, tmp_path: Path, caplog: pytest.LogC
     assert server.count == 6  # 429 + retry, 500 twice, 401, malformed
     assert all(r.headers["Authorization"] == f"Bearer {SECRET}" for r in server.received)
 
-    assert any(r.name == "mechsteer.judge" and r.levelno == logging.DEBUG for r in caplog.records)
+    assert any(r.name == "mechsteer.taxonomy.judge.clients" and r.levelno == logging.DEBUG for r in caplog.records)
     assert any(r.name.startswith("httpx") for r in caplog.records)  # third-party logs captured too
     leaks.append(caplog.text)
     leaks += [path.read_text() for path in tmp_path.rglob("*") if path.is_file()]

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mechsteer import judge_prompts
-from mechsteer.judge import OracleJudge
-from mechsteer.judge_metrics import (
+from mechsteer.taxonomy.judge import prompts as judge_prompts
+from mechsteer.taxonomy.judge.clients import OracleJudge
+from mechsteer.taxonomy.judge.metrics import (
     BehaviourDescription,
     JudgeParseError,
     completeness,
@@ -22,7 +22,7 @@ from mechsteer.judge_metrics import (
     independence,
     judge_score,
 )
-from mechsteer.judge_prompts import parse_prompt
+from mechsteer.taxonomy.judge.prompts import parse_prompt
 
 
 class ScriptedJudge:
@@ -404,8 +404,8 @@ def test_parse_description_answer(text: str, parsed: tuple[str, str] | None) -> 
 
 @pytest.mark.slow
 def test_local_judge_on_smollm2() -> None:
-    from mechsteer.judge import LocalJudge, complete_many
-    from mechsteer.models import load_model
+    from mechsteer.taxonomy.judge.clients import LocalJudge, complete_many
+    from mechsteer.core.models import load_model
 
     judge = LocalJudge(load_model("smollm2"))
     messages = judge_prompts.consistency_messages(

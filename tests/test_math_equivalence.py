@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from mechsteer import math_equivalence
-from mechsteer.evals import extract_answer, is_correct
-from mechsteer.math_equivalence import (
+from mechsteer.grading import math_equivalence
+from mechsteer.grading.answers import extract_answer, is_correct
+from mechsteer.grading.math_equivalence import (
     LatexParseError,
     SympyWorker,
     math_answers_equivalent,
     normalize_math_answer,
     parse_latex,
 )
-from mechsteer.sympy_worker import compare as sympy_compare
+from mechsteer.grading.sympy_worker import compare as sympy_compare
 
 # (prediction, reference, equivalent?). References are written as MATH-500 writes them.
 EQUIVALENCE_TABLE = [

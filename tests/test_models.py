@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from mechsteer.generation import generate
-from mechsteer.models import ModelNotAvailableError, load_model, load_pair, resolve_spec
+from mechsteer.interventions.generation import generate
+from mechsteer.core.models import ModelNotAvailableError, load_model, load_pair, resolve_spec
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

@@ -123,7 +123,7 @@ def test_direct_answers_are_one_shot():
 
 
 def test_sentence_boundaries_match_the_generic_splitter():
-    from mechsteer.sentences import split_sentences as generic_split
+    from mechsteer.data.sentences import split_sentences as generic_split
 
     rng = random.Random(1)
     texts = [render_trace(p, style, rng).text for p in generate_split("validation", n=30) for style in TRACE_STYLES]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mechsteer.pipeline import DEMO_CONFIG, RunConfig, RunState
-from mechsteer.report import behaviour_statistics
+from mechsteer.experiment.pipeline import DEMO_CONFIG, RunConfig, RunState
+from mechsteer.experiment.report import behaviour_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "tokens_steered_fraction",
@@ -72,10 +72,10 @@ SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organ
 KILL_DURING_HYBRID = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import mechsteer.pipeline as pipeline
+    import mechsteer.experiment.pipeline as pipeline
     real = pipeline.evaluate_hybrid
     def dying(*args, **kwargs):
-        from mechsteer import hybrid
+        from mechsteer.hybrid import generator as hybrid
         real_generate = hybrid.hybrid_generate
         calls = []
         def generate_then_die(*a, **k):
@@ -83,7 +83,7 @@ KILL_DURING_HYBRID = textwrap.dedent("""
             if len(calls) == 2:  # the first batch of the hybrid is on disk; die in the second
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_generate(*a, **k)
-        pipeline_hybrid = __import__("mechsteer.hybrid", fromlist=["x"])
+        pipeline_hybrid = __import__("mechsteer.hybrid.generator", fromlist=["x"])
         pipeline_hybrid.hybrid_generate = generate_then_die
         return real(*args, **kwargs)
     pipeline.evaluate_hybrid = dying
@@ -106,7 +106,7 @@ def comparable(value):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    from mechsteer.pipeline import run_pipeline
+    from mechsteer.experiment.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("short_run")
     return out, run_pipeline(RunConfig.from_dict(SHORT_RUN), out, log=lambda message: None)
@@ -134,7 +134,7 @@ def test_short_organism_run_hybrid_beats_base(short_run):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
-    from mechsteer.pipeline import run_pipeline
+    from mechsteer.experiment.pipeline import run_pipeline
 
     _, report = short_run
     config = RunConfig.from_dict(SHORT_RUN)
@@ -151,7 +151,7 @@ def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
 
 
 def test_optimisation_settings_reach_the_vectors_and_unknown_keys_are_refused():
-    from mechsteer.pipeline import optimisation_config
+    from mechsteer.experiment.pipeline import optimisation_config
 
     config = RunConfig.from_dict({**SHORT_RUN, "optimisation": {"lr": 0.1, "steps": 7}, "seed": 3})
     settings = optimisation_config(config)

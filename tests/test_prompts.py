@@ -11,8 +11,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from mechsteer import prompts
-from mechsteer.prompts import (
+from mechsteer.data import prompts
+from mechsteer.data.prompts import (
     BASE_PAPER_TEMPLATE,
     PromptTemplate,
     get_template,

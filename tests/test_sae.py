@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mechsteer.sae import SAE_CONFIG_FILE, SAE_WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
-from mechsteer.taxonomy_metrics import adjusted_rand_index
+from mechsteer.taxonomy.sae import SAE_CONFIG_FILE, SAE_WEIGHTS_FILE, SAEConfig, TopKSAE, train_sae
+from mechsteer.taxonomy.metrics import adjusted_rand_index
 
 
 def planted_activations(n_clusters=8, d=64, per_cluster=150, noise=0.5, seed=0):

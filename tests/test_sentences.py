@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from mechsteer.sentences import (
+from mechsteer.data.sentences import (
     DROP_TOO_FEW_WORDS,
     Sentence,
     attach_token_spans,

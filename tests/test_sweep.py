@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mechsteer.cli import main
-from mechsteer.sweep import (
+from mechsteer.experiment.sweep import (
     SHARED_STAGES,
     RayExecutor,
     SweepSpec,
@@ -18,7 +18,7 @@ from mechsteer.sweep import (
     run_sweep,
     wandb_sweep_config,
 )
-from mechsteer.tracking import find_run_folders, read_run_files
+from mechsteer.experiment.tracking import find_run_folders, read_run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = REPO / "experiments" / "sweeps"

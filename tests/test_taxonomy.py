@@ -23,7 +23,7 @@ from mechsteer.activations import (
 )
 from mechsteer.cli import main as cli_main
 from mechsteer.organisms.evaluate import MAX_NEW_TOKENS as ORGANISM_MAX_NEW_TOKENS
-from mechsteer.taxonomy import (
+from mechsteer.taxonomy.build import (
     SELECTION_GEOMETRIC,
     SELECTION_JUDGE,
     Taxonomy,
@@ -33,7 +33,7 @@ from mechsteer.taxonomy import (
     parse_grid,
     sweep_taxonomies,
 )
-from mechsteer.taxonomy_metrics import adjusted_rand_index
+from mechsteer.taxonomy.metrics import adjusted_rand_index
 
 PLANTED = ("plan", "compute", "verify", "correct", "answer")
 D_MODEL = 24
@@ -159,7 +159,7 @@ def test_unlabelled_runs_select_without_ground_truth(tmp_path):
 def test_oracle_judge_selection_and_titles(labelled_run):
     folder, _ = labelled_run
     judge = oracle_judge_from_activations(folder)
-    from mechsteer.taxonomy import JudgeSettings
+    from mechsteer.taxonomy.build import JudgeSettings
 
     settings = JudgeSettings(n_top_examples=10, n_random_examples=10, n_repeats=2, n_in=20, n_out=20, n_per_behaviour=20)
     rows, best = sweep_taxonomies(folder, [2], [4, 5, 7], judge=judge, judge_settings=settings, sae_options=FAST_SAE)
@@ -245,10 +245,10 @@ ORGANISM_GRID = [4, 5, 6, 7]  # around the five planted behaviours
 @pytest.mark.skipif(bool(MISSING_ORGANISM_FILES), reason=f"organism weights missing: {MISSING_ORGANISM_FILES}")
 def test_organism_taxonomy_recovers_planted_behaviours(tmp_path):
     from mechsteer.activations import ActivationConfig, extract_activations, organism_labeller
-    from mechsteer.data import load_benchmark
-    from mechsteer.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
+    from mechsteer.core.models import load_model
     from mechsteer.organisms.grammar import BEHAVIOURS
-    from mechsteer.traces import generate_traces
+    from mechsteer.data.traces import generate_traces
 
     model = load_model("organism-thinking")
     problems = load_benchmark("organism", "test", N_ORGANISM_PROBLEMS)

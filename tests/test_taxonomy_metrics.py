@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechsteer.taxonomy_metrics import (
+from mechsteer.taxonomy.metrics import (
     adjusted_rand_index,
     cluster_size_distribution,
     contingency_table,

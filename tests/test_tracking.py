@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechsteer.pipeline import DEMO_CONFIG, TRACKING_KEYS, RunConfig, RunState
-from mechsteer.tracking import (
+from mechsteer.experiment.pipeline import DEMO_CONFIG, TRACKING_KEYS, RunConfig, RunState
+from mechsteer.experiment.tracking import (
     WANDB_DIRECTORY_VARIABLES,
     NullTracker,
     WandbTracker,
@@ -32,7 +32,7 @@ TINY_RUN = yaml.safe_load((REPO / "experiments" / "sweeps" / "organism-tiny.yaml
 
 def test_tracking_is_off_by_default_and_never_imports_wandb(tmp_path):
     assert RunConfig.from_dict(TINY_RUN).wandb is False and DEMO_CONFIG.wandb is False
-    script = ("import sys; from mechsteer.pipeline import RunConfig; from mechsteer.tracking import open_tracker, "
+    script = ("import sys; from mechsteer.experiment.pipeline import RunConfig; from mechsteer.experiment.tracking import open_tracker, "
               f"NullTracker; t = open_tracker(RunConfig.from_dict({TINY_RUN!r}), {str(tmp_path)!r}); "
               "assert isinstance(t, NullTracker), t; assert 'wandb' not in sys.modules, 'wandb imported'")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -100,7 +100,7 @@ TRACKED_RUN = """
 import json, sys
 import torch
 torch.set_num_threads(1)
-from mechsteer.pipeline import RunConfig, run_pipeline
+from mechsteer.experiment.pipeline import RunConfig, run_pipeline
 run_pipeline(RunConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], log=lambda message: None)
 """
 

@@ -1,7 +1,7 @@
 """``mechsteer organism train`` and ``mechsteer organism eval``.
 
-``eval`` loads the pair with `mechsteer.models.load_model` into TransformerBridges and
-generates greedily with `mechsteer.generation.generate` (KV cache); ``--backend hf``
+``eval`` loads the pair with `mechsteer.core.models.load_model` into TransformerBridges and
+generates greedily with `mechsteer.interventions.generation.generate` (KV cache); ``--backend hf``
 runs the same evaluation with plain HF ``generate`` instead (a cross-check). The forced
 condition appends "Plan:" to the normal prompt (see `mechsteer.organisms.evaluate`).
 The LAST line printed with ``--json`` is one JSON object.
@@ -21,8 +21,8 @@ EVAL_BATCH_SIZE = 128
 
 def bridge_generate_fn(spec: str) -> GenerateFn:
     """A loaded organism (spec name or folder) as a greedy ``(prompts, max_new_tokens)`` function."""
-    from mechsteer.generation import generate
-    from mechsteer.models import load_model
+    from mechsteer.interventions.generation import generate
+    from mechsteer.core.models import load_model
 
     model = load_model(spec)
 

@@ -179,7 +179,7 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     A sentence ends at a newline, or after a run of ``. ! ? ;`` followed by whitespace or
     the end of the text (so ``3.14`` stays whole). Spans exclude surrounding whitespace;
     empty pieces are dropped. On organism traces this agrees with
-    `mechsteer.sentences.split_sentences` (checked in the tests).
+    `mechsteer.data.sentences.split_sentences` (checked in the tests).
     """
     cuts: list[tuple[int, int]] = []  # (end of a piece, start of the next piece)
     index = 0

@@ -1,0 +1,3 @@
+from mechsteer.cli import main
+
+raise SystemExit(main())

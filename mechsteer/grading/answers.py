@@ -1,0 +1,351 @@
+"""Answer extraction, deterministic grading (no LLM judge) and the metrics of the paper.
+
+Benchmarks are graded in one of two ways:
+
+- numeric (``gsm8k``, ``organism``): answers are numbers, compared exactly as fractions
+  (so ``18``, ``18.00``, ``$18``, ``1,000`` and ``18 dollars`` all read as numbers);
+- MATH (``math500``, ``math``): LaTeX answers, compared by
+  ``mechsteer.grading.math_equivalence.math_answers_equivalent`` (normalisation, structure, exact
+  rationals, and sympy in a sandboxed worker process under a timeout).
+
+``extract_answer(text, benchmark)`` finds the final answer in a model's output;
+``is_correct(prediction, reference, benchmark)`` grades an extracted answer. Neither raises
+on any str content (bad argument *types* or an unknown benchmark raise ValueError).
+
+Metrics: ``wilson_interval``, ``accuracy`` (with its Wilson interval), ``gap_recovered``
+(None when thinking == base, where the ratio is undefined) and ``paired_bootstrap_gap``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from mechsteer.data.benchmarks import last_boxed
+from mechsteer.grading.math_equivalence import math_answers_equivalent
+from mechsteer.data.prompts import THINK_CLOSE
+
+NUMERIC_BENCHMARKS: tuple[str, ...] = ("gsm8k", "organism")
+MATH_BENCHMARKS: tuple[str, ...] = ("math500", "math")
+GRADED_BENCHMARKS: tuple[str, ...] = NUMERIC_BENCHMARKS + MATH_BENCHMARKS
+
+# Only the end of very long outputs is searched (the start, for the organism's first answer
+# sentence): the final answer is there, and it bounds the regex work on pathological inputs.
+MAX_SEARCH_CHARS = 50_000
+MAX_NUMBER_CHARS = 200
+
+_ANSWER_PHRASE = re.compile(r"(?:final\s+)?answer\s*(?:is|:|=)\s*:?", re.IGNORECASE)
+_NUMBER = re.compile(
+    r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\w.\d])-?\.\d+"
+)
+_ORGANISM_ANSWER = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
+_FULL_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
+
+
+def _check_benchmark(benchmark: str) -> None:
+    if benchmark not in GRADED_BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {GRADED_BENCHMARKS}")
+
+
+# ---------------------------------------------------------------------------------------
+# Extraction
+
+
+def extract_answer(text: str, benchmark: str) -> str | None:
+    """The final answer in ``text`` (a model output or a reference solution), or None.
+
+    If ``text`` contains ``</think>``, only what follows the last ``</think>`` is searched
+    (an unfinished thinking block therefore has no answer). A base model's continuation into
+    a new question of the paper's prompt (``"\n\nQuestion:\n"`` or ``"\nTask: Answer the
+    question below"``) is cut off first.
+
+    - ``organism``: N in the first "The answer is N" (the organism grammar's answer
+      sentence; later text may be a new, hallucinated problem); None if absent.
+    - ``gsm8k``: the number after the last ``####``; else in the last
+      ``\\boxed{}``; else after the last "the answer is"/"answer:"; else the last number.
+      Commas, ``$``, units and trailing periods are dropped: ``"#### $1,000."`` -> ``"1000"``.
+    - MATH benchmarks: the content of the last ``\\boxed{...}``/``\\fbox{...}`` (braces
+      balanced); else what follows the last "the answer is" (a ``$...$`` span, or up to the
+      end of the sentence); else, as in the paper, the last number.
+    """
+    _check_benchmark(benchmark)
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if THINK_CLOSE in text:
+        text = text.rsplit(THINK_CLOSE, 1)[1]
+    if benchmark == "organism":
+        return _extract_organism_answer(text[:MAX_SEARCH_CHARS])
+    text = _cut_continuation(text)[-MAX_SEARCH_CHARS:]
+    if benchmark == "gsm8k":
+        return _extract_number_answer(text)
+    return _extract_math_answer(text)
+
+
+# A base model given the paper's prompt may go on to write the next "Question:" (or a whole
+# new "Task: ..." block) after answering; its numbers must not count as the answer.
+_CONTINUATION_MARKERS = ("\nTask: Answer the question below", "\n\nQuestion:\n")
+
+
+def _cut_continuation(text: str) -> str:
+    cut = min((text.find(marker) for marker in _CONTINUATION_MARKERS if marker in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _clean_for_numbers(text: str) -> str:
+    """Drop what hides numbers: LaTeX fractions become a/b, ``$`` and LaTeX spacing go."""
+    text = text.replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    text = re.sub(r"\{,\}|\\[,!]", "", text)  # 1{,}000 and 1\,000 / 1\!000
+    text = re.sub(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", text)
+    return text
+
+
+def _numbers(text: str) -> list[str]:
+    return [match.group(0).replace(",", "") for match in _NUMBER.finditer(_clean_for_numbers(text))]
+
+
+def _extract_number_answer(text: str) -> str | None:
+    if "####" in text:
+        after = text.rsplit("####", 1)[1].split("\n", 1)[0]
+        numbers = _numbers(after)
+        if numbers:
+            return numbers[0]
+    boxed = last_boxed(text)
+    if boxed is not None:
+        numbers = _numbers(boxed)
+        if numbers:
+            return numbers[-1]
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        numbers = _numbers(text[phrases[-1].end() : phrases[-1].end() + 200])
+        if numbers:
+            return numbers[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+def _extract_organism_answer(text: str) -> str | None:
+    # The organism's answer sentence is "The answer is N."; a small model may keep writing
+    # after it (a new problem, another answer), so the first one counts, as in
+    # mechsteer.organisms.grammar.
+    sentence = _ORGANISM_ANSWER.search(text)
+    return sentence.group(1) if sentence else None
+
+
+def _extract_math_answer(text: str) -> str | None:
+    boxed = last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        after = text[phrases[-1].end() : phrases[-1].end() + 500].lstrip()
+        if after.startswith("$"):
+            body = after.lstrip("$")
+            answer = body.split("$", 1)[0]
+        else:
+            answer = re.split(r"\n|\.\s|\.$", after, maxsplit=1)[0]
+        answer = answer.strip().rstrip(".").strip()
+        if answer:
+            return answer
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+# ---------------------------------------------------------------------------------------
+# Grading
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The exact value of a numeric answer, or None if it is not just a number.
+
+    Accepts ``18``, ``-3.5``, ``.5``, ``3/4``, ``\\frac{3}{4}``, ``1,000``, ``$18.00``,
+    ``50%``, ``18 dollars``, ``\\boxed{18}`` and a trailing period.
+    """
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
+    cleaned = text.strip()
+    boxed = last_boxed(cleaned)
+    if boxed is not None and cleaned.startswith(("\\boxed", "\\fbox")):
+        cleaned = boxed
+    cleaned = _clean_for_numbers(cleaned)
+    cleaned = re.sub(r"\\text\{[^{}]*\}|\\%|%", " ", cleaned)
+    cleaned = re.sub(r"(?:\s+[A-Za-z]+\.?)+$", "", " " + cleaned).strip()  # trailing unit words
+    cleaned = cleaned.rstrip(".").replace(",", "").replace(" ", "")
+    if not _FULL_NUMBER.fullmatch(cleaned):
+        return None
+    numerator_text, _, denominator_text = cleaned.partition("/")
+    numerator = Fraction(numerator_text)
+    if denominator_text:
+        denominator = Fraction(denominator_text)
+        if denominator == 0:
+            return None
+        return numerator / denominator
+    return numerator
+
+
+def is_correct(prediction: str | None, reference: str, benchmark: str) -> bool:
+    """Whether an extracted answer matches the reference answer.
+
+    ``prediction`` None (nothing extracted) is wrong. Numeric benchmarks compare exact
+    values; MATH benchmarks use ``math_answers_equivalent``. Never raises on str content;
+    an unparseable prediction is wrong. A numeric reference that is not a number raises
+    ValueError (that is a data error, not a model error).
+    """
+    _check_benchmark(benchmark)
+    if not isinstance(reference, str):
+        raise ValueError(f"reference must be a str, got {type(reference).__name__}")
+    if prediction is None:
+        return False
+    if not isinstance(prediction, str):
+        raise ValueError(f"prediction must be a str or None, got {type(prediction).__name__}")
+    if benchmark in NUMERIC_BENCHMARKS:
+        expected = parse_number(reference)
+        if expected is None:
+            raise ValueError(f"{benchmark} reference {reference!r} is not a number")
+        return parse_number(prediction) == expected
+    return math_answers_equivalent(prediction, reference)
+
+
+def grade(output: str, reference: str, benchmark: str) -> bool:
+    """``is_correct(extract_answer(output, benchmark), reference, benchmark)``."""
+    return is_correct(extract_answer(output, benchmark), reference, benchmark)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for ``k`` successes in ``n`` trials (95% for z=1.96)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an int in [0, n={n}], got {k!r}")
+    if not z > 0:
+        raise ValueError(f"z must be positive, got {z!r}")
+    p = k / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass(frozen=True)
+class AccuracySummary:
+    """Accuracy ``correct / total`` with its Wilson interval ``[ci_low, ci_high]``."""
+
+    correct: int
+    total: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+
+
+def accuracy(correct: Sequence[bool], z: float = 1.96) -> AccuracySummary:
+    """Accuracy of a list of per-problem grades, with a Wilson interval (95% by default)."""
+    grades = _as_bool_array(correct, "correct")
+    k, n = int(grades.sum()), int(grades.size)
+    low, high = wilson_interval(k, n, z)
+    return AccuracySummary(correct=k, total=n, accuracy=k / n, ci_low=low, ci_high=high)
+
+
+def gap_recovered(hybrid: float, base: float, thinking: float) -> float | None:
+    """(hybrid - base) / (thinking - base), or None when thinking == base (undefined).
+
+    Accuracies may be fractions or percentages (the ratio does not care). The result is not
+    clipped: below 0 the hybrid is worse than the base, above 1 better than the thinking model.
+    """
+    for name, value in (("hybrid", hybrid), ("base", base), ("thinking", thinking)):
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if math.isclose(thinking, base, rel_tol=0.0, abs_tol=1e-12):
+        return None
+    return (hybrid - base) / (thinking - base)
+
+
+@dataclass(frozen=True)
+class GapBootstrap:
+    """A paired bootstrap of the gap recovered.
+
+    ``estimate`` is the gap on the full data (None if undefined). ``ci_low``/``ci_high`` are
+    percentile bounds over the resamples where the gap is defined (None if none is);
+    ``n_undefined`` counts the resamples where thinking == base.
+    """
+
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    n_resamples: int
+    n_undefined: int
+
+
+def paired_bootstrap_gap(
+    base_correct: Sequence[bool],
+    thinking_correct: Sequence[bool],
+    hybrid_correct: Sequence[bool],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> GapBootstrap:
+    """Bootstrap interval for the gap recovered, resampling problems (pairs kept together).
+
+    The three lists grade the same problems in the same order.
+    """
+    base = _as_bool_array(base_correct, "base_correct")
+    thinking = _as_bool_array(thinking_correct, "thinking_correct")
+    hybrid = _as_bool_array(hybrid_correct, "hybrid_correct")
+    if not base.size == thinking.size == hybrid.size:
+        raise ValueError(
+            f"the grade lists must have equal lengths, got {base.size}, {thinking.size}, {hybrid.size}"
+        )
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    estimate = gap_recovered(float(hybrid.mean()), float(base.mean()), float(thinking.mean()))
+
+    # Per-problem grades as integers; the gap only needs the sums of each resample.
+    grades = np.stack([base, thinking, hybrid]).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    gaps: list[np.ndarray] = []
+    n_undefined = 0
+    size = base.size
+    chunk = max(1, 1_000_000 // size)
+    for start in range(0, n_resamples, chunk):
+        count = min(chunk, n_resamples - start)
+        indices = rng.integers(0, size, size=(count, size))
+        sums = grades[:, indices].sum(axis=2)  # (3, count)
+        denominator = sums[1] - sums[0]
+        defined = denominator != 0
+        n_undefined += int((~defined).sum())
+        gaps.append((sums[2][defined] - sums[0][defined]) / denominator[defined])
+    defined_gaps = np.concatenate(gaps)
+    if defined_gaps.size == 0:
+        low = high = None
+    else:
+        tail = (1 - confidence) / 2 * 100
+        low, high = (float(value) for value in np.percentile(defined_gaps, [tail, 100 - tail]))
+    return GapBootstrap(
+        estimate=estimate,
+        ci_low=low,
+        ci_high=high,
+        confidence=confidence,
+        n_resamples=n_resamples,
+        n_undefined=n_undefined,
+    )
+
+
+def _as_bool_array(values: Sequence[bool], name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of bools")
+    if array.dtype != np.bool_:
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError(f"{name} must hold bools (or 0/1), got values {np.unique(array)[:5]}")
+        array = array.astype(bool)
+    return array

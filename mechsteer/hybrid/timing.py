@@ -1,0 +1,158 @@
+"""Timing policies: when to steer the base model, and with which behaviour.
+
+At every generated token the hybrid generator hands a policy a :class:`PolicyInput` (the
+thinking model's residual activation at the SAE layer for the last position, and both
+models' next-token logits, plus whether their greedy tokens agree) and gets back a
+:class:`PolicyDecision`: per sequence, steer or not, and which behaviour.
+
+Behaviour ``-1`` means "bias only": the hybrid adds ``coeff * bias`` with no behaviour vector.
+The coefficient (and window) come from the hybrid's candidate grid; see :mod:`mechsteer.hybrid.generator`.
+
+Policies:
+
+- ``sae_argmax`` (the paper's): behaviour = argmax SAE latent of the thinking model's last-token
+  activation (centred and normalised like the SAE's training vectors); steer only where the
+  two models' greedy tokens disagree.
+- ``threshold``: steer where the top latent's pre-activation exceeds a threshold.
+- ``always``: bias only, at every token.
+- ``only_bias`` (:class:`BiasOnlyPolicy`, the paper's "only bias" control): another policy's
+  timing, with the bias alone instead of bias + behaviour direction; it isolates what the
+  behaviour directions add at the hybrid's own steering times.
+- ``random_firing``: steer each token with probability ``rate`` and a uniformly random
+  behaviour (match ``rate`` to the hybrid's measured steering rate for the control).
+- ``never``: the base model alone.
+
+The "random vectors" control is :class:`SAEArgmaxPolicy` run with norm-matched random
+directions in place of the behaviour vectors (``DirectionSet.random_like``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
+
+BIAS_ONLY = -1
+
+
+@dataclass
+class PolicyInput:
+    step: int
+    thinking_acts: Float[Tensor, "batch d_thinking"]  # raw residual at the SAE layer, last position
+    base_logits: Float[Tensor, "batch base_vocab"]
+    thinking_logits: Float[Tensor, "batch thinking_vocab"]
+    agree: Bool[Tensor, " batch"]  # the two models' greedy next tokens are the same text
+
+
+@dataclass
+class PolicyDecision:
+    steer: Bool[Tensor, " batch"]
+    behaviour: Int[Tensor, " batch"]  # a behaviour id, or BIAS_ONLY
+    # For the per-token log: the thinking model's top latents (values, ids), when known.
+    latent_values: Float[Tensor, "batch top"] | None = None
+    latent_ids: Int[Tensor, "batch top"] | None = None
+
+
+class TimingPolicy(Protocol):
+    name: str
+
+    def decide(self, state: PolicyInput) -> PolicyDecision: ...
+
+
+class BehaviourClassifier(Protocol):
+    """What a policy needs from an SAE: ``mechsteer.taxonomy.sae.TopKSAE`` satisfies it."""
+
+    def prepare(self, acts: Tensor, *, centring_mean: Tensor | None = None) -> Tensor: ...
+
+    def encode_pre(self, x: Tensor) -> Tensor: ...
+
+
+@dataclass
+class SAEArgmaxPolicy:
+    classifier: BehaviourClassifier
+    behaviour_ids: list[int] | None = None  # latents that have a direction; None: all latents
+    name: str = "sae_argmax"
+    top: int = 3
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        values, ids = self._latents(state)
+        return PolicyDecision(steer=~state.agree, behaviour=ids[:, 0], latent_values=values, latent_ids=ids)
+
+    def _latents(self, state: PolicyInput) -> tuple[Tensor, Tensor]:
+        pre = self.classifier.encode_pre(self.classifier.prepare(state.thinking_acts.float().cpu()))
+        if self.behaviour_ids is not None:
+            # only latents with a steering direction can be chosen
+            allowed = torch.full_like(pre, float("-inf"))
+            allowed[:, self.behaviour_ids] = 0.0
+            pre = pre + allowed
+        values, ids = pre.topk(min(self.top, pre.shape[-1]), dim=-1)
+        return values, ids
+
+
+@dataclass
+class ThresholdPolicy(SAEArgmaxPolicy):
+    threshold: float = 0.0
+    name: str = "threshold"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        values, ids = self._latents(state)
+        return PolicyDecision(steer=values[:, 0] > self.threshold, behaviour=ids[:, 0],
+                              latent_values=values, latent_ids=ids)
+
+
+@dataclass
+class AlwaysBiasPolicy:
+    name: str = "always"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        batch = state.agree.shape[0]
+        return PolicyDecision(steer=torch.ones(batch, dtype=torch.bool),
+                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long))
+
+
+@dataclass
+class BiasOnlyPolicy:
+    """``timing``'s decisions (when to steer, and its latent log) with the bias only."""
+
+    timing: TimingPolicy
+    name: str = "only_bias"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        return PolicyDecision(steer=decision.steer, behaviour=torch.full_like(decision.behaviour, BIAS_ONLY),
+                              latent_values=decision.latent_values, latent_ids=decision.latent_ids)
+
+
+@dataclass
+class NeverPolicy:
+    name: str = "never"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        batch = state.agree.shape[0]
+        return PolicyDecision(steer=torch.zeros(batch, dtype=torch.bool),
+                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long))
+
+
+@dataclass
+class RandomFiringPolicy:
+    rate: float
+    behaviour_ids: list[int]
+    seed: int = 0
+    name: str = "random_firing"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1]; got {self.rate}")
+        if not self.behaviour_ids:
+            raise ValueError("random_firing needs at least one behaviour id")
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        batch = state.agree.shape[0]
+        steer = torch.rand(batch, generator=self.generator) < self.rate
+        choice = torch.randint(len(self.behaviour_ids), (batch,), generator=self.generator)
+        behaviour = torch.tensor(self.behaviour_ids, dtype=torch.long)[choice]
+        return PolicyDecision(steer=steer, behaviour=behaviour)

@@ -1,0 +1,285 @@
+"""Every prompt the LLM judge sees, in one versioned module, plus the parsers for its answers.
+
+The paper's protocol (method notes, "Titles and descriptions" and "Metrics (LLM judge)"):
+
+- ``describe_behaviour``: ~200 example sentences of one cluster -> a Title and a Description
+  of the sentences' cognitive function;
+- ``consistency``: does a sentence match a behaviour's description? yes/no;
+- ``completeness``: 0-10, how well a sentence fits its assigned behaviour;
+- ``pair_similarity``: 0-10, how similar two behaviours are.
+
+Prompt layout is machine-readable on purpose, so that :class:`mechsteer.taxonomy.judge.clients.OracleJudge`
+can answer the very same prompts a real judge gets: the user message starts with a
+``Task: <name>`` line, and every free-text field sits on its own line as ``Key: "<json>"``
+(a JSON string literal, so sentences with newlines or quotes stay on one line and parse back
+exactly). Instruction lines never start with a field key. :func:`parse_prompt` inverts
+:func:`render_messages`.
+
+Bump ``PROMPT_VERSION`` whenever a template's wording changes: the HTTP judge's on-disk cache
+key includes it, so cached answers to old wording are never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+PROMPT_VERSION = "1"
+
+# Field keys that may appear as `Key: "<json string>"` lines in a user message.
+FIELD_KEYS: tuple[str, ...] = (
+    "Sentence",
+    "Title",
+    "Description",
+    "Title A",
+    "Description A",
+    "Title B",
+    "Description B",
+)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One named prompt: a system message, instructions, the fields it carries, its answer budget."""
+
+    name: str
+    system: str
+    instructions: str
+    answer_instruction: str
+    max_tokens: int
+
+
+SYSTEM_ANALYST = (
+    "You are an expert analyst of the chain-of-thought reasoning of language models. "
+    "You answer exactly in the format you are asked for."
+)
+
+DESCRIBE_BEHAVIOUR = PromptTemplate(
+    name="describe_behaviour",
+    system=SYSTEM_ANALYST,
+    instructions=(
+        "Below are sentences taken from the chain-of-thought reasoning of a language model. "
+        "They were grouped together because they perform the same kind of reasoning step. "
+        "Identify the cognitive function these sentences share in the reasoning (what the "
+        "model is doing at that step, for example checking a result or setting up a plan), "
+        "not their topic or subject matter."
+    ),
+    answer_instruction=(
+        "Reply with exactly two lines and nothing else:\n"
+        "Title: <a short title of two to five words>\n"
+        "Description: <one or two sentences describing the shared cognitive function>"
+    ),
+    max_tokens=256,
+)
+
+CONSISTENCY = PromptTemplate(
+    name="consistency",
+    system=SYSTEM_ANALYST,
+    instructions=(
+        "Here is a category of reasoning steps, given by a title and a description, and one "
+        "sentence from the chain-of-thought reasoning of a language model. Decide whether the "
+        "sentence matches the description of the category."
+    ),
+    answer_instruction="Does the sentence match the description? Answer with one word: yes or no.",
+    max_tokens=8,
+)
+
+COMPLETENESS = PromptTemplate(
+    name="completeness",
+    system=SYSTEM_ANALYST,
+    instructions=(
+        "Here is a category of reasoning steps, given by a title and a description, and one "
+        "sentence from the chain-of-thought reasoning of a language model that was assigned "
+        "to this category. Rate how well the sentence fits the category, from 0 (does not fit "
+        "at all) to 10 (fits perfectly)."
+    ),
+    answer_instruction="Answer with a single integer from 0 to 10 and nothing else.",
+    max_tokens=8,
+)
+
+PAIR_SIMILARITY = PromptTemplate(
+    name="pair_similarity",
+    system=SYSTEM_ANALYST,
+    instructions=(
+        "Here are two categories of reasoning steps from the chain-of-thought reasoning of a "
+        "language model, each given by a title and a description. Rate how similar the two "
+        "categories are, from 0 (completely different cognitive functions) to 10 (the same "
+        "cognitive function)."
+    ),
+    answer_instruction="Answer with a single integer from 0 to 10 and nothing else.",
+    max_tokens=8,
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    template.name: template
+    for template in (DESCRIBE_BEHAVIOUR, CONSISTENCY, COMPLETENESS, PAIR_SIMILARITY)
+}
+
+Messages = list[dict[str, str]]
+
+
+def render_messages(template: PromptTemplate, fields: Sequence[tuple[str, str]]) -> Messages:
+    """Chat messages (OpenAI format) for ``template`` carrying ``fields`` in the given order."""
+    lines = [f"Task: {template.name}", "", template.instructions, ""]
+    for key, value in fields:
+        if key not in FIELD_KEYS:
+            raise ValueError(f"unknown prompt field {key!r}; expected one of {FIELD_KEYS}")
+        if not isinstance(value, str):
+            raise ValueError(f"prompt field {key!r} must be a str, got {type(value).__name__}")
+        lines.append(f"{key}: {json.dumps(value, ensure_ascii=False)}")
+    lines += ["", template.answer_instruction]
+    return [
+        {"role": "system", "content": template.system},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+
+
+def describe_behaviour_messages(sentences: Sequence[str]) -> Messages:
+    if not sentences:
+        raise ValueError("describe_behaviour needs at least one example sentence")
+    return render_messages(DESCRIBE_BEHAVIOUR, [("Sentence", s) for s in sentences])
+
+
+def consistency_messages(title: str, description: str, sentence: str) -> Messages:
+    return render_messages(
+        CONSISTENCY, [("Title", title), ("Description", description), ("Sentence", sentence)]
+    )
+
+
+def completeness_messages(title: str, description: str, sentence: str) -> Messages:
+    return render_messages(
+        COMPLETENESS, [("Title", title), ("Description", description), ("Sentence", sentence)]
+    )
+
+
+def pair_similarity_messages(
+    title_a: str, description_a: str, title_b: str, description_b: str
+) -> Messages:
+    return render_messages(
+        PAIR_SIMILARITY,
+        [
+            ("Title A", title_a),
+            ("Description A", description_a),
+            ("Title B", title_b),
+            ("Description B", description_b),
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A judge prompt read back: the template name and each field's values, in order."""
+
+    task: str
+    fields: Mapping[str, tuple[str, ...]]
+
+    def one(self, key: str) -> str:
+        values = self.fields.get(key, ())
+        if len(values) != 1:
+            raise ValueError(f"{self.task} prompt must carry exactly one {key!r} field, got {len(values)}")
+        return values[0]
+
+
+_FIELD_LINE = re.compile(r"^(" + "|".join(re.escape(k) for k in FIELD_KEYS) + r'): (".*")$')
+
+
+def parse_prompt(messages: Sequence[Mapping[str, str]]) -> ParsedPrompt:
+    """Invert :func:`render_messages`: read the task and fields from the last user message."""
+    user_messages = [m for m in messages if m.get("role") == "user"]
+    if not user_messages:
+        raise ValueError("no user message in the judge prompt")
+    content = user_messages[-1].get("content", "")
+    lines = content.split("\n")
+    if not lines or not lines[0].startswith("Task: "):
+        raise ValueError("judge prompt does not start with a 'Task: <name>' line; not a mechsteer prompt")
+    task = lines[0][len("Task: ") :].strip()
+    if task not in TEMPLATES:
+        raise ValueError(f"unknown judge task {task!r}; expected one of {sorted(TEMPLATES)}")
+    fields: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        match = _FIELD_LINE.match(line)
+        if match is None:
+            continue
+        fields.setdefault(match.group(1), []).append(json.loads(match.group(2)))
+    return ParsedPrompt(task=task, fields={k: tuple(v) for k, v in fields.items()})
+
+
+# ---- answers ----------------------------------------------------------------------------------
+
+
+def format_description_answer(title: str, description: str) -> str:
+    """The answer layout DESCRIBE_BEHAVIOUR asks for (used by the oracle and scripted judges)."""
+    return f"Title: {title}\nDescription: {description}"
+
+
+# Markdown decoration judges like to add around keys and values: **Title:**, "# Title", quotes.
+_DECORATION = "*_`#>\"' \t"
+_KEYED_LINE = re.compile(r"^[\W_]*(title|description)[\W_]*?:\s*(.*)$", re.IGNORECASE)
+
+
+def parse_description_answer(text: str) -> tuple[str, str] | None:
+    """(title, description) from a DESCRIBE_BEHAVIOUR answer, or None if either is missing.
+
+    Tolerates markdown bold/headers, quotes and case in the keys, and a description that runs
+    over several lines (everything after ``Description:`` up to a further key line).
+    """
+    title: str | None = None
+    description_lines: list[str] | None = None
+    for line in text.splitlines():
+        match = _KEYED_LINE.match(line)
+        if match is not None:
+            key, value = match.group(1).lower(), match.group(2)
+            if key == "title" and title is None:
+                title = value.strip(_DECORATION)
+                continue
+            if key == "description" and description_lines is None:
+                description_lines = [value]
+                continue
+        if description_lines is not None and line.strip():
+            description_lines.append(line)
+    if not title or description_lines is None:
+        return None
+    description = " ".join(part.strip() for part in description_lines).strip(_DECORATION)
+    if not description:
+        return None
+    return title, description
+
+
+_YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for yes, False for no, None if the answer contains neither word.
+
+    Case and punctuation are ignored ("**Yes.**", "Answer: no"). When both words appear the
+    first one wins, since judges lead with the verdict. "none"/"not" do not count as "no".
+    """
+    match = _YES_NO.search(text)
+    if match is None:
+        return None
+    return match.group(1).lower() == "yes"
+
+
+_NUMBER = r"(-?\d+(?:\.\d+)?)"
+_OUT_OF_TEN = re.compile(_NUMBER + r"\s*(?:/|out of)\s*10\b", re.IGNORECASE)
+_LABELLED = re.compile(r"\b(?:score|rating|similarity|fit)\b\W{0,3}(?:is\s+)?" + _NUMBER, re.IGNORECASE)
+_ANY_NUMBER = re.compile(_NUMBER)
+# "from 0 to 10", "0-10", "(0–10)": the scale, not the verdict.
+_SCALE = re.compile(r"\b0\s*(?:-|–|to)\s*10\b", re.IGNORECASE)
+
+
+def parse_score(text: str) -> float | None:
+    """A 0-10 score from a judge answer, clamped to [0, 10]; None if the text has no number.
+
+    Mentions of the scale itself ("0 to 10", "0-10") are ignored, so "on a scale of 0 to 10
+    I give 7" reads as 7. Preference order: "N/10" or "N out of 10", then "score: N" /
+    "rating is N", then the first number.
+    """
+    text = _SCALE.sub(" ", text)
+    for pattern in (_OUT_OF_TEN, _LABELLED, _ANY_NUMBER):
+        match = pattern.search(text)
+        if match is not None:
+            return min(10.0, max(0.0, float(match.group(1))))
+    return None
