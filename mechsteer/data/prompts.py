@@ -10,8 +10,7 @@ Built-in templates:
   chat template; a tokenizer without one raises ValueError (no plain fallback, because a
   thinking model prompted without its template is a different experiment).
 - ``base_paper``: the paper's base-model prompt, ``BASE_PAPER_TEMPLATE``.
-- ``organism``: the organism task's prompt, read lazily from
-  ``mechsteer.organisms.grammar.PROMPT_TEMPLATE``.
+- plug-ins' templates (the organisms' ``organism``), registered when plug-ins load.
 
 Override or add templates with ``register_template(PromptTemplate(...), replace=True)``;
 ``render_prompt`` also accepts a ``PromptTemplate`` object directly.
@@ -19,13 +18,13 @@ Override or add templates with ``register_template(PromptTemplate(...), replace=
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from mechsteer.core.plugins import load_plugins
+from mechsteer.grading.answers import THINK_CLOSE, THINK_OPEN
+
 
 BASE_PAPER_TEMPLATE = (
     "Task: Answer the question below. Explain your reasoning step by step.\n\n\n\n"
@@ -72,12 +71,6 @@ def _check_format_string(name: str, text: str) -> None:
         raise ValueError(f"template {name!r} must be a str containing '{{question}}'")
 
 
-def _organism_template_text() -> str:
-    # Lazy: the organisms stage owns this string and may not be installed/imported.
-    grammar = importlib.import_module("mechsteer.organisms.grammar")
-    return grammar.PROMPT_TEMPLATE
-
-
 _REGISTRY: dict[str, PromptTemplate] = {}
 
 
@@ -92,6 +85,8 @@ def register_template(template: PromptTemplate, *, replace: bool = False) -> Non
 
 def get_template(name: str) -> PromptTemplate:
     """The registered template called ``name``."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -101,7 +96,8 @@ def get_template(name: str) -> PromptTemplate:
 
 
 def template_names() -> list[str]:
-    """Names of all registered templates, sorted."""
+    """Names of all registered templates (plug-ins loaded), sorted."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
@@ -179,12 +175,5 @@ register_template(
         name="base_paper",
         text=BASE_PAPER_TEMPLATE,
         description="the paper's base-model prompt",
-    )
-)
-register_template(
-    PromptTemplate(
-        name="organism",
-        text=_organism_template_text,
-        description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)",
     )
 )

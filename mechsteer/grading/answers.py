@@ -26,9 +26,11 @@ from fractions import Fraction
 
 import numpy as np
 
-from mechsteer.data.benchmarks import last_boxed
 from mechsteer.grading.math_equivalence import math_answers_equivalent
-from mechsteer.data.prompts import THINK_CLOSE
+
+# The tags around a thinking model's reasoning; the answer follows the closing one.
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 
 NUMERIC_BENCHMARKS: tuple[str, ...] = ("gsm8k", "organism")
 MATH_BENCHMARKS: tuple[str, ...] = ("math500", "math")
@@ -45,6 +47,34 @@ _NUMBER = re.compile(
 )
 _ORGANISM_ANSWER = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
 _FULL_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text``, braces balanced.
+
+    Also accepts the brace-less form ``\\boxed 5`` (content up to the next space or ``$``).
+    Returns None when there is no box or the last box's braces never close.
+    """
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    rest = text[start + (6 if text.startswith("\\boxed", start) else 5) :]
+    if rest.startswith(" ") and not rest.lstrip(" ").startswith("{"):
+        # "\boxed 5": the argument is the next token.
+        token = rest.lstrip(" ").split(" ", 1)[0].split("$", 1)[0]
+        return token or None
+    rest = rest.lstrip(" ")
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for position, char in enumerate(rest):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[1:position]
+    return None
 
 
 def _check_benchmark(benchmark: str) -> None:

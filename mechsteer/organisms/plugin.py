@@ -1,0 +1,59 @@
+"""The organisms as a mechsteer plug-in: their model specs, benchmark, prompt template and ground truth.
+
+Declared in ``pyproject.toml`` as the entry point ``mechsteer.plugins: organisms``; the generic
+registries run :func:`register` the first time they miss a name, so no generic stage imports
+this package.
+"""
+
+from __future__ import annotations
+
+from mechsteer.core.models import register_model_spec
+from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchmark
+from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
+from mechsteer.data.prompts import PromptTemplate, register_template
+from mechsteer.organisms import ORGANISM_NAMES, weights_dir
+from mechsteer.organisms.grammar import BEHAVIOURS, PROMPT_TEMPLATE, parse_trace
+from mechsteer.organisms.tasks import SPLITS, generate_split
+
+BENCHMARK = "organism"
+SOURCE_TAG = "mechsteer.organisms"
+
+# What the oracle judge says each behaviour is.
+DESCRIPTIONS: dict[str, str] = {
+    "plan": "Restates the question as the arithmetic expression to evaluate, before any step.",
+    "compute": "Carries out one arithmetic step (or the whole expression) and writes its result.",
+    "verify": "Checks a step by undoing it and comparing with the number it started from.",
+    "correct": "Repairs a step whose check failed, giving the right result instead of the wrong one.",
+    "answer": "States the final answer.",
+    UNLABELLED: "Text that follows none of the trace grammar's behaviours.",
+}
+
+
+def load_split(split: str) -> list[Problem]:
+    """The organism task's problems of ``split`` as benchmark records."""
+    return [
+        Problem(id=str(item.id), question=item.question, answer=str(item.answer), solution=None,
+                benchmark=BENCHMARK, metadata={**item.metadata, "source": SOURCE_TAG})
+        for item in generate_split(split)
+    ]
+
+
+def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:
+    """Ground-truth behaviour labels of an organism trace, from the organism grammar."""
+    return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
+
+
+GROUND_TRUTH = GroundTruth(benchmark=BENCHMARK, behaviours=BEHAVIOURS, label_reasoning=label_reasoning,
+                           descriptions=DESCRIPTIONS, source="organism ground truth (mechsteer.organisms.grammar)")
+
+
+def register() -> None:
+    for name in ORGANISM_NAMES:
+        register_model_spec(f"organism-{name}", lambda name=name: weights_dir(name))
+    register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split))
+    register_template(PromptTemplate(name=BENCHMARK, text=PROMPT_TEMPLATE,
+                                     description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))
+    register_ground_truth(GROUND_TRUTH)
+
+
+__all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "label_reasoning", "load_split", "register"]
