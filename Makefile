@@ -30,8 +30,10 @@ demo: install
 test: install
 	$(OFFLINE_ENV) $(PY) -m pytest -q
 
+# ruff, then the type checker over the whole package (zero errors expected; see [tool.mypy]).
 lint: install
 	$(VENV)/bin/ruff check mechsteer tests bench
+	$(VENV)/bin/mypy
 
 bench: install
 	$(OFFLINE_ENV) $(PY) bench/hybrid_throughput.py --json

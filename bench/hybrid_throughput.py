@@ -10,7 +10,7 @@ would bias the ratios.
 - ``hybrid_b1`` / ``hybrid_b8``: :func:`mechsteer.hybrid.generator.hybrid_generate` at batch 1 and 8;
 - ``plain_pair_b8``: KV-cached :func:`mechsteer.interventions.generation.generate` of the base model, then of
   the thinking model, back to back, at batch 8 (what running the two models costs anyway);
-- ``reference_b1``: :func:`mechsteer.hybrid.generator.reference_hybrid_generate`, which reruns both models
+- ``reference_b1``: :func:`mechsteer.hybrid.reference.reference_hybrid_generate`, which reruns both models
   on their whole sequences for every token at batch 1, as the paper's code does. It is
   quadratic, so it runs on ``--reference-prompts`` prompts only (tokens/s is per token).
 
@@ -39,15 +39,12 @@ from typing import Any
 
 import torch
 
-from mechsteer.interventions.generation import generate
-from mechsteer.hybrid.generator import (
-    HybridConfig,
-    SteeringVectors,
-    hybrid_generate,
-    reference_hybrid_generate,
-)
 from mechsteer.core.models import load_pair
+from mechsteer.hybrid.generator import HybridConfig, hybrid_generate
+from mechsteer.hybrid.reference import reference_hybrid_generate
 from mechsteer.hybrid.timing import SAEArgmaxPolicy
+from mechsteer.interventions.generation import generate
+from mechsteer.steering.direction_set import DirectionSet
 
 PROMPT_STEMS = [
     "Q: Tom has 38 apples and buys 9 more. He gives away 4. How many now?\nA:\n",
@@ -114,8 +111,12 @@ def main() -> None:
     n_layers = pair.base.cfg.n_layers
     layer = max(0, int(0.375 * n_layers))
     n_behaviours = 5
-    vectors = SteeringVectors(torch.randn(n_behaviours, pair.base.cfg.d_model, generator=torch.Generator().manual_seed(1)),
-                              list(range(n_behaviours)), bias=None)
+    vectors = DirectionSet(
+        model_name=pair.base.cfg.model_name, d_model=pair.base.cfg.d_model, n_layers=n_layers, layer=layer,
+        site="resid_post", method="random", behaviour_ids=list(range(n_behaviours)),
+        titles=[f"behaviour {b}" for b in range(n_behaviours)],
+        directions=torch.randn(n_behaviours, pair.base.cfg.d_model, generator=torch.Generator().manual_seed(1)),
+    )
     policy = SAEArgmaxPolicy(RandomClassifier(pair.thinking.cfg.d_model, n_behaviours))
     prompts = PROMPT_STEMS[:8]
     config = HybridConfig(steer_layer=layer, read_layer=layer, max_new_tokens=args.new_tokens, batch_size=8,

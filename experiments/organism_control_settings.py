@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from mechsteer.data.benchmarks import load_benchmark
-from mechsteer.steering.directions import DirectionSet
-from mechsteer.grading.answers import gap_recovered
-from mechsteer.hybrid.generator import SteeringVectors
 from mechsteer.core.models import load_pair
-from mechsteer.experiment.pipeline import RunConfig, evaluate_hybrid, run_hybrid_config
-from mechsteer.taxonomy.build import Taxonomy
+from mechsteer.data.benchmarks import load_benchmark
+from mechsteer.experiment.config import RunConfig, run_hybrid_config
+from mechsteer.experiment.pipeline import evaluate_hybrid
+from mechsteer.grading.statistics import gap_recovered
 from mechsteer.hybrid.timing import AlwaysBiasPolicy, BiasOnlyPolicy, SAEArgmaxPolicy
+from mechsteer.steering.direction_set import DirectionSet
+from mechsteer.taxonomy.artefact import Taxonomy
 
 COEFFICIENT_SETTINGS = ([1.0], [2.0], [4.0], [1.0, 2.0, 4.0])
 
@@ -43,13 +43,12 @@ def main() -> None:
     direction_set = DirectionSet.load(run / "directions")
     if direction_set.bias is None:
         raise SystemExit("the run's direction set has no bias; the bias-only controls need one")
-    vectors = SteeringVectors.from_direction_set(direction_set)
-    random_vectors = SteeringVectors.from_direction_set(direction_set.random_like(config.seed))
+    random_set = direction_set.random_like(config.seed)
     hybrid_policy = SAEArgmaxPolicy(taxonomy.load_sae(), list(direction_set.behaviour_ids))
     report = json.loads((run / "report.json").read_text())
     base, thinking = report["base_accuracy"], report["thinking_accuracy"]
 
-    def evaluate(name: str, policy, steering: SteeringVectors, coefficients: list[float]) -> None:
+    def evaluate(name: str, policy, steering: DirectionSet, coefficients: list[float]) -> None:
         hybrid_config = run_hybrid_config(dataclasses.replace(config, coefficients=coefficients),
                                           direction_set.layer, taxonomy.provenance.layer)
         with tempfile.TemporaryDirectory() as scratch:
@@ -65,14 +64,14 @@ def main() -> None:
         }), flush=True)
 
     for coefficients in COEFFICIENT_SETTINGS:
-        evaluate("hybrid", hybrid_policy, vectors, coefficients)
-        evaluate("only_bias", BiasOnlyPolicy(hybrid_policy), vectors, coefficients)
-        evaluate("bias_every_token", AlwaysBiasPolicy(), vectors, coefficients)
-        evaluate("random_vectors", hybrid_policy, random_vectors, coefficients)
+        evaluate("hybrid", hybrid_policy, direction_set, coefficients)
+        evaluate("only_bias", BiasOnlyPolicy(hybrid_policy), direction_set, coefficients)
+        evaluate("bias_every_token", AlwaysBiasPolicy(), direction_set, coefficients)
+        evaluate("random_vectors", hybrid_policy, random_set, coefficients)
     # the bias alone at the norm of bias + the behaviour the hybrid steers first (plan, on organisms)
     first = _first_steered_behaviour(run)
     scale = float((direction_set.bias + direction_set.direction(first)).norm() / direction_set.bias.norm())
-    matched = SteeringVectors(vectors.directions, vectors.behaviour_ids, vectors.bias * scale)
+    matched = dataclasses.replace(direction_set, bias=direction_set.bias * scale)
     evaluate(f"only_bias_norm_matched_to_{direction_set.title(first)}", BiasOnlyPolicy(hybrid_policy), matched,
              list(config.coefficients))
 

@@ -33,32 +33,30 @@ optionally L2-normalises, as the SAE expects.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.interventions.hooks import mean_over_spans
-from mechsteer.core.models import resid_hook_name
-from mechsteer.data.sentences import attach_token_spans, segment_sentences
+from mechsteer.core.models import ResidSite, resid_hook_name
+from mechsteer.core.store import append_jsonl, write_json_atomic, write_text_atomic
 from mechsteer.core.tensor_types import Float, Tensor, typechecked
-from mechsteer.data.traces import TraceRecord, load_traces
+from mechsteer.data.labels import UNLABELLED, TraceLabeller
+from mechsteer.data.sentences import attach_token_spans, segment_sentences
+from mechsteer.data.traces import TraceRecord
+from mechsteer.interventions.hooks import mean_over_spans
 
 MANIFEST = "manifest.json"
 SENTENCES = "sentences.jsonl"
 CENTRING = "centring_mean.safetensors"
-
-UNLABELLED = "other"  # a labelled trace's sentence that the labeller did not recognise
-# Labels a trace's sentences by ground truth: (reasoning text) -> {(start, end): label}.
-Labeller = Callable[[str], dict[tuple[int, int], str]]
 
 
 @dataclass
@@ -77,7 +75,7 @@ class SentenceRecord:
 @dataclass
 class ActivationConfig:
     layers: list[int]
-    site: str = "resid_post"
+    site: ResidSite = "resid_post"
     include_previous_token: bool = True
     min_words: int = 3
     batch_size: int = 8
@@ -103,13 +101,14 @@ class Manifest:
     complete: bool = False
     normalisation: str = "centre with centring_mean.safetensors, then optionally L2-normalise"
     throughput: dict[str, float] = field(default_factory=dict)
+    benchmark: str | None = None  # of the traces; absent from manifests written before it was recorded
 
     @property
     def n_sentences(self) -> int:
         return sum(shard.n_sentences for shard in self.shards)
 
     def save(self, out_dir: Path) -> None:
-        _atomic_write_text(out_dir / MANIFEST, json.dumps(asdict(self), indent=2))
+        write_json_atomic(out_dir / MANIFEST, asdict(self))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
@@ -118,26 +117,13 @@ class Manifest:
         return cls(**data)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    staging = path.with_suffix(path.suffix + ".tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
-
-
-def organism_labeller(reasoning: str) -> dict[tuple[int, int], str]:
-    """Ground-truth behaviour labels of an organism trace, from the organism grammar."""
-    from mechsteer.organisms.grammar import parse_trace
-
-    return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
-
-
 def trace_sentences(
     record: TraceRecord,
     trace_index: int,
     tokenizer: Any,
     *,
     min_words: int = 3,
-    labeller: Labeller | None = None,
+    labeller: TraceLabeller | None = None,
 ) -> tuple[list[int], list[SentenceRecord]]:
     """Token ids of the trace's full text and its kept sentences with exact spans."""
     encoded = tokenizer(record.text, return_offsets_mapping=True, add_special_tokens=True)
@@ -162,7 +148,7 @@ def pool_batch(
     token_ids: Sequence[Sequence[int]],
     spans: Sequence[tuple[int, int, int]],
     layers: Sequence[int],
-    site: str = "resid_post",
+    site: ResidSite = "resid_post",
 ) -> dict[int, Float[Tensor, "n_spans d_model"]]:
     """Mean residual activation over each ``(row, start, end)`` token span, per layer.
 
@@ -191,7 +177,7 @@ def extract_activations(
     out_dir: str | Path,
     config: ActivationConfig,
     *,
-    labeller: Labeller | None = None,
+    labeller: TraceLabeller | None = None,
     centre_on: set[str] | None = None,
     stop_after_shards: int | None = None,
     progress: bool = True,
@@ -223,8 +209,6 @@ def extract_activations(
     buffer_vectors: dict[int, list[Tensor]] = {layer: [] for layer in config.layers}
     buffer_sentences: list[SentenceRecord] = []
     shard_first_trace = next_trace
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(traces), initial=next_trace, desc="activations", disable=not progress)
     for batch_start in range(next_trace, len(traces), config.batch_size):
         batch = traces[batch_start : batch_start + config.batch_size]
@@ -269,7 +253,8 @@ def extract_activations(
 
 
 def _open_manifest(out: Path, model: TransformerBridge, traces: Sequence[TraceRecord], config: ActivationConfig) -> Manifest:
-    fresh = Manifest(model=model.cfg.model_name, config=asdict(config), n_traces=len(traces), d_model=model.cfg.d_model)
+    fresh = Manifest(model=model.cfg.model_name, config=asdict(config), n_traces=len(traces), d_model=model.cfg.d_model,
+                     benchmark=traces[0].benchmark if traces else None)
     if not (out / MANIFEST).exists():
         fresh.save(out)
         return fresh
@@ -290,7 +275,7 @@ def _truncate_sentences(out: Path, n_sentences: int) -> None:
         return
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) != n_sentences:
-        _atomic_write_text(path, "".join(line for line in lines[:n_sentences] if line.endswith("\n")))
+        write_text_atomic(path, "".join(line for line in lines[:n_sentences] if line.endswith("\n")))
 
 
 def _write_shard(out: Path, manifest: Manifest, vectors: dict[int, list[Tensor]], sentences: list[SentenceRecord],
@@ -304,11 +289,7 @@ def _write_shard(out: Path, manifest: Manifest, vectors: dict[int, list[Tensor]]
     staging = out / (name + ".tmp")
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(staging))
     os.replace(staging, out / name)
-    with (out / SENTENCES).open("a") as handle:
-        for sentence in sentences:
-            handle.write(json.dumps(asdict(sentence)) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(out / SENTENCES, (asdict(sentence) for sentence in sentences))
     manifest.shards.append(ShardInfo(name, manifest.n_sentences, len(sentences), first_trace, end_trace))
     manifest.save(out)
 
@@ -370,35 +351,3 @@ def load_sentence_vectors(out_dir: str | Path, layer: int, *, normalise: bool = 
     mean = centring_mean(out_dir, layer)
     parts = [centre_and_normalise(vectors, mean, normalise) for _, vectors in iter_shards(out_dir, layer)]
     return torch.cat(parts) if parts else torch.zeros(0, manifest.d_model)
-
-
-def run_activations_cli(args: argparse.Namespace) -> int:
-    from mechsteer.core.models import load_model
-
-    model = load_model(args.model, device=args.device)
-    traces = load_traces(args.traces)
-    if not traces:
-        raise SystemExit(f"no traces found in {args.traces}")
-    labeller = organism_labeller if traces[0].benchmark == "organism" else None
-    config = ActivationConfig(
-        layers=[int(layer) for layer in args.layers.split(",")],
-        include_previous_token=not args.no_previous_token,
-        batch_size=args.batch_size,
-    )
-    manifest = extract_activations(model, traces, args.out, config, labeller=labeller)
-    print(json.dumps({"n_sentences": manifest.n_sentences, "shards": len(manifest.shards),
-                      "throughput": manifest.throughput, "out": str(args.out)}))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("activations", help="pool sentence activations of traces")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--traces", required=True, help="folder with traces.jsonl")
-    parser.add_argument("--layers", required=True, help="comma-separated layers, e.g. 2,3")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--no-previous-token", action="store_true",
-                        help="pool only the sentence's own tokens (default includes the one before)")
-    parser.add_argument("--device", default="cpu")
-    parser.set_defaults(func=run_activations_cli)

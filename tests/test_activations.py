@@ -181,8 +181,8 @@ def test_traces_stream_and_resume_without_duplicates(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gsm8k_traces_through_the_whole_stage(tmp_path):
     """The real model: 3 GSM8K problems, 64 new tokens each, traces -> sentences -> activations."""
-    from mechsteer.data.benchmarks import load_benchmark
     from mechsteer.core.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
 
     model = load_model("smollm2")
     problems = load_benchmark("gsm8k", "test", 3)
@@ -212,9 +212,9 @@ def test_smollm2_gsm8k_traces_through_the_whole_stage(tmp_path):
 def test_organism_traces_keep_every_ground_truth_label(tmp_path):
     """200 thinking-organism traces through the whole stage: every pooled sentence carries the
     label the organism grammar gives its exact span."""
-    from mechsteer.activations import organism_labeller
-    from mechsteer.data.benchmarks import load_benchmark
     from mechsteer.core.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
+    from mechsteer.data.labels import ground_truth_for
     from mechsteer.organisms.grammar import BEHAVIOURS, parse_trace
 
     model = load_model("organism-thinking")
@@ -222,7 +222,7 @@ def test_organism_traces_keep_every_ground_truth_label(tmp_path):
     traces = generate_traces(model, problems, tmp_path / "traces", max_new_tokens=288, batch_size=100,
                              progress=False)
     manifest = extract_activations(model, traces, tmp_path / "acts", ActivationConfig(layers=[1, 2], batch_size=50),
-                                   labeller=organism_labeller, progress=False)
+                                   labeller=ground_truth_for("organism").label_reasoning, progress=False)
     sentences = read_sentences(tmp_path / "acts")
     assert manifest.complete and len(sentences) == manifest.n_sentences > 200
     seen = set()

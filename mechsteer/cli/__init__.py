@@ -9,7 +9,6 @@ it. Plug-ins add commands through the entry-point group ``mechsteer.commands`` (
 from __future__ import annotations
 
 import argparse
-import sys
 from importlib.metadata import entry_points
 
 from mechsteer.cli import ablate, activations, directions, info, run, sweep, taxonomy, traces

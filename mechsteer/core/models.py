@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mechsteer.core.plugins import load_plugins
 
@@ -44,7 +46,10 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Named specs added by plug-ins: name -> a function returning the local HF folder.
 _NAMED_SPECS: dict[str, Callable[[], Path]] = {}
 
-_DTYPES = {
+DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+ResidSite = Literal["resid_pre", "resid_mid", "resid_post"]  # where a block's residual stream is read
+
+_DTYPES: dict[DTypeName, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
@@ -64,7 +69,7 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mechsteer"
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: DTypeName | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -99,8 +104,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     The folder is written to a temporary sibling and renamed into place, so an interrupted
     conversion never leaves a half-written folder that a later load would trust.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir) if out_dir is not None else _gguf_cache_dir(gguf_path)
     if (out_dir / "config.json").is_file():
@@ -187,15 +190,13 @@ def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
 
 
 def load_model(
-    spec: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    spec: str, *, device: str | torch.device = "cpu", dtype: DTypeName | torch.dtype | None = None
 ) -> TransformerBridge:
     """Load ``spec`` (see the module docstring) into a TransformerLens 4 ``TransformerBridge``.
 
     The bridge is in eval mode, on ``device``, in ``dtype`` (default float32). Its
     ``cfg.model_name`` records the spec's name for artefact provenance.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = resolve_dtype(dtype)
     resolved = resolve_spec(spec)
     source = str(resolved.folder) if resolved.folder is not None else spec
@@ -256,7 +257,7 @@ def load_pair(
     thinking_spec: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype | None = None,
+    dtype: DTypeName | torch.dtype | None = None,
 ) -> ModelPair:
     return ModelPair(
         base=load_model(base_spec, device=device, dtype=dtype),
@@ -266,8 +267,8 @@ def load_pair(
     )
 
 
-def resid_hook_name(layer: int, site: str = "resid_post") -> str:
+def resid_hook_name(layer: int, site: ResidSite = "resid_post") -> str:
     """The bridge hook name of the residual stream at ``layer`` (``resid_pre``/``mid``/``post``)."""
-    if site not in ("resid_pre", "resid_mid", "resid_post"):
+    if site not in get_args(ResidSite):
         raise ValueError(f"unknown residual site {site!r}; expected resid_pre, resid_mid or resid_post")
     return f"blocks.{layer}.hook_{site}"

@@ -52,13 +52,18 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary sibling and rename it into place."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(path.suffix + ".tmp")
-    staging.write_text(json.dumps(data, indent=2, default=str))
+    staging.write_text(text)
     os.replace(staging, path)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to a temporary sibling and rename it into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def json_digest(value: Any, length: int = 16) -> str:

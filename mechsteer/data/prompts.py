@@ -25,7 +25,6 @@ from typing import Any
 from mechsteer.core.plugins import load_plugins
 from mechsteer.grading.answers import THINK_CLOSE, THINK_OPEN
 
-
 BASE_PAPER_TEMPLATE = (
     "Task: Answer the question below. Explain your reasoning step by step.\n\n\n\n"
     "Question:\n{question}\n\nStep by step answer:\n"
@@ -93,6 +92,14 @@ def get_template(name: str) -> PromptTemplate:
         raise ValueError(
             f"unknown prompt template {name!r}; registered: {sorted(_REGISTRY)}"
         ) from None
+
+
+def benchmark_template(benchmark: str) -> str | None:
+    """The template a plug-in benchmark brings, registered under the benchmark's own name (the
+    organisms' ``organism``); None for the built-in benchmarks, which are prompted by model."""
+    if benchmark not in _REGISTRY:
+        load_plugins()
+    return benchmark if benchmark in _REGISTRY else None
 
 
 def template_names() -> list[str]:

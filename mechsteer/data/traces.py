@@ -17,7 +17,6 @@ generation), so sentence spans index the same string the activations stage token
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,11 +26,11 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.data.benchmarks import Problem, load_benchmark
+from mechsteer.core.store import append_jsonl, read_jsonl
+from mechsteer.data.benchmarks import Problem
+from mechsteer.data.prompts import THINK_CLOSE, benchmark_template, get_template, render_prompt
 from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.interventions.generation import generate
-from mechsteer.data.prompts import THINK_CLOSE, get_template, render_prompt
-from mechsteer.core.store import append_jsonl, read_jsonl
 
 TRACES_FILE = "traces.jsonl"
 
@@ -77,8 +76,10 @@ def reasoning_span(generation: str, chat: bool) -> tuple[int, int]:
 
 
 def default_template(model: TransformerBridge, benchmark: str) -> str:
-    if benchmark == "organism":
-        return "organism"
+    """The benchmark's own template if it brings one, else by model: chat if it has a chat template."""
+    own = benchmark_template(benchmark)
+    if own is not None:
+        return own
     if getattr(model.tokenizer, "chat_template", None):
         return "thinking_chat"
     return "base_paper"
@@ -162,33 +163,3 @@ def generate_traces(
     bar.close()
     by_id = {record.problem_id: record for record in read_traces(out_path)}
     return [by_id[problem.id] for problem in problems]
-
-
-def run_traces_cli(args: argparse.Namespace) -> int:
-    from mechsteer.core.models import load_model
-
-    model = load_model(args.model, device=args.device)
-    problems = load_benchmark(args.benchmark, args.split, args.n)
-    records = generate_traces(
-        model, problems, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, do_sample=args.sample, seed=args.seed,
-    )
-    accuracy = sum(record.correct for record in records) / len(records)
-    print(json.dumps({"n": len(records), "accuracy": accuracy, "out": str(Path(args.out) / TRACES_FILE)}))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("traces", help="generate reasoning traces (resumable JSONL)")
-    parser.add_argument("--model", required=True, help="model spec (see mechsteer.core.models)")
-    parser.add_argument("--benchmark", required=True, help="gsm8k, math500, math or organism")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--n", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--template", default=None, help="prompt template name (default: by model)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.set_defaults(func=run_traces_cli)

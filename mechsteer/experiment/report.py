@@ -1,6 +1,7 @@
-"""The run report: ``report.json``, ``report.md`` and its plots.
+"""The run report: ``report.json``, ``report.md``, its plots, and what a tracked run logs of it.
 
-Besides accuracies, the report answers *when* each behaviour fired in the hybrid:
+Besides accuracies (with Wilson intervals and the gap recovered, with a paired bootstrap
+interval), the report answers *when* each behaviour fired in the hybrid:
 
 - a timeline of the behaviours steered at each token, for example problems;
 - onset statistics per behaviour: how often it fired, where in the generation (relative
@@ -10,11 +11,17 @@ Besides accuracies, the report answers *when* each behaviour fired in the hybrid
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mechsteer.core.store import read_jsonl, write_json_atomic
+from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.state import RunState
+from mechsteer.experiment.tracking import Tracker
+from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
 
 
 def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) -> dict[str, Any]:
@@ -46,6 +53,138 @@ def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) 
         "onset": onset,
         "transitions": [{"from": a, "to": b, "count": count} for (a, b), count in transitions.most_common()],
     }
+
+
+def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict[str, Any]],
+                 taxonomy_summary: dict[str, Any], ablation_summary: dict[str, Any] | None,
+                 total_seconds: float) -> dict[str, Any]:
+    """The report of a finished run: accuracies, gap recovered, controls, and every stage's summary."""
+    summary = {name: accuracy(result["correct"]) for name, result in evaluations.items()}
+    base, thinking = summary["base"].accuracy, summary["thinking"].accuracy
+
+    def gap(name: str) -> float | None:
+        return gap_recovered(summary[name].accuracy, base, thinking)
+
+    bootstrap = paired_bootstrap_gap(evaluations["base"]["correct"], evaluations["thinking"]["correct"],
+                                     evaluations["hybrid"]["correct"], n_resamples=1000, seed=config.seed)
+    controls = {
+        name: {"accuracy": summary[name].accuracy, "gap_recovered": gap(name),
+               "steered_fraction": evaluations[name].get("steered_fraction")}
+        for name in config.controls
+    }
+    return {
+        "name": config.name,
+        "pair": {"base": config.base_model, "thinking": config.thinking_model},
+        "benchmark": config.benchmark,
+        "n_eval": config.n_eval,
+        "base_accuracy": base,
+        "thinking_accuracy": thinking,
+        "hybrid_accuracy": summary["hybrid"].accuracy,
+        "accuracy_intervals": {name: [s.ci_low, s.ci_high] for name, s in summary.items()},
+        "gap_recovered": gap("hybrid"),
+        "gap_recovered_interval": [bootstrap.ci_low, bootstrap.ci_high] if bootstrap.ci_low is not None else None,
+        "tokens_steered_fraction": evaluations["hybrid"]["steered_fraction"],
+        "controls": controls,
+        "taxonomy": taxonomy_summary,
+        "directions": state.summary("directions"),
+        "ablations": ablation_summary,
+        "timings": {**state.timings(), "total_this_invocation": round(total_seconds, 2)},
+        "config": asdict(config),
+    }
+
+
+def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline numbers as one flat row (a sweep's results table, wandb's summary)."""
+    taxonomy = report.get("taxonomy") or {}
+    row = {
+        "base_accuracy": report["base_accuracy"],
+        "thinking_accuracy": report["thinking_accuracy"],
+        "hybrid_accuracy": report["hybrid_accuracy"],
+        "gap_recovered": report["gap_recovered"],
+        "tokens_steered_fraction": report["tokens_steered_fraction"],
+    }
+    for name, control in report["controls"].items():
+        row[f"{name}_accuracy"] = control["accuracy"]
+        row[f"{name}_gap_recovered"] = control["gap_recovered"]
+        row[f"{name}_steered_fraction"] = control["steered_fraction"]
+    row["taxonomy_layer"] = taxonomy.get("layer")
+    row["n_behaviours"] = taxonomy.get("n_behaviours")
+    row["taxonomy_ari"] = taxonomy.get("ari")
+    row["steer_layer"] = (report.get("directions") or {}).get("layer")
+    return row
+
+
+def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated model (base, thinking, hybrid, controls), as report.md's table."""
+    rows = [("base", report["base_accuracy"], None, None),
+            ("thinking", report["thinking_accuracy"], None, None),
+            ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
+    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in report["controls"].items()]
+    intervals = report["accuracy_intervals"]
+    return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
+             "gap_recovered": gap, "steered_fraction": steered} for name, accuracy, gap, steered in rows]
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """The accuracy table that ``mechsteer run`` and ``mechsteer demo`` print (and report.md holds)."""
+    lines = [f"{'model':<16}{'accuracy':>10}{'gap rec.':>10}{'steered':>10}"]
+    lines += [f"{row['model']:<16}{_fmt(row['accuracy']):>10}{_fmt(row['gap_recovered']):>10}"
+              f"{_fmt(row['steered_fraction']):>10}" for row in accuracy_rows(report)]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> None:
+    """Add behaviour statistics to ``report`` and write report.json, report.md and plots into ``out``."""
+    out = Path(out)
+    directions = report["directions"]
+    titles = dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl")
+    stats = behaviour_statistics(hybrid_records, titles)
+    report["behaviour_statistics"] = stats
+    write_json_atomic(out / "report.json", report)
+    plots = _plots(report, out, hybrid_records, titles, stats)
+
+    lines = [f"# mechsteer run: {report['name']}", "",
+             f"Pair: base `{report['pair']['base']}`, thinking `{report['pair']['thinking']}`; "
+             f"benchmark `{report['benchmark']}`, {report['n_eval']} problems.", "",
+             "```", report_table(report), "```", "",
+             f"Gap recovered {_fmt(report['gap_recovered'])} "
+             f"(95% paired bootstrap {report['gap_recovered_interval']}), "
+             f"tokens steered {_fmt(report['tokens_steered_fraction'])}.", ""]
+    taxonomy = report.get("taxonomy") or {}
+    lines += ["## Taxonomy", "", "```", _json_block(taxonomy), "```", ""]
+    lines += ["## When behaviours fired", "", "| behaviour | fired | mean position | first firing | problems |",
+              "|---|---|---|---|---|"]
+    for name, entry in stats["onset"].items():
+        lines.append(f"| {name} | {entry['n_fired']} | {entry['mean_relative_position']:.2f} | "
+                     f"{entry['mean_first_relative_position']:.2f} | {entry['share_of_problems']:.2f} |")
+    lines += ["", "Transitions between consecutive steering events:", "", "| from | to | count |", "|---|---|---|"]
+    lines += [f"| {t['from']} | {t['to']} | {t['count']} |" for t in stats["transitions"][:20]]
+    if report.get("ablations"):
+        lines += ["", "## Causal ablations", "", "```", _json_block(report["ablations"]), "```"]
+    lines += ["", "## Timings (s)", "", "```", _json_block(report["timings"]), "```", ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
+    """Log the finished report: headline metrics, its tables, its plots, and the artefacts."""
+    tracker.log_metrics("report", headline_metrics(report))
+    tracker.log_table("accuracy", accuracy_rows(report))
+    taxonomy = report.get("taxonomy") or {}
+    tracker.log_table("taxonomy_sweep", list(taxonomy.get("sweep") or []))
+    statistics = report.get("behaviour_statistics") or {}
+    tracker.log_table("behaviour_onset", [{"behaviour": name, **entry}
+                                          for name, entry in statistics.get("onset", {}).items()])
+    tracker.log_table("behaviour_transitions", list(statistics.get("transitions", [])))
+    ablations = report.get("ablations") or {}
+    tracker.log_table("ablation_necessity", list(ablations.get("necessity", [])))
+    tracker.log_table("ablation_sufficiency", list(ablations.get("sufficiency", [])))
+    for plot in [*sorted(out.glob("*.png")), *sorted((out / "taxonomy").glob("*.png"))]:
+        tracker.log_image(str(plot.relative_to(out).with_suffix("")), plot)
+    tracker.log_artifact(f"{report['name']}-taxonomy", "taxonomy", [out / "taxonomy"])
+    tracker.log_artifact(f"{report['name']}-directions", "directions", [out / "directions"])
+    tracker.log_artifact(f"{report['name']}-report", "report", [out / "report.json", out / "report.md"])
 
 
 def _plots(report: dict[str, Any], out: Path, hybrid_records: list[dict[str, Any]], titles: dict[int, str],
@@ -115,43 +254,5 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def write_report(report: dict[str, Any], out: str | Path) -> None:
-    """Add behaviour statistics to ``report`` and write report.json, report.md and plots into ``out``."""
-    from mechsteer.experiment.pipeline import report_table
-
-    out = Path(out)
-    directions = report["directions"]
-    titles = dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
-    hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl")
-    stats = behaviour_statistics(hybrid_records, titles)
-    report["behaviour_statistics"] = stats
-    write_json_atomic(out / "report.json", report)
-    plots = _plots(report, out, hybrid_records, titles, stats)
-
-    lines = [f"# mechsteer run: {report['name']}", "",
-             f"Pair: base `{report['pair']['base']}`, thinking `{report['pair']['thinking']}`; "
-             f"benchmark `{report['benchmark']}`, {report['n_eval']} problems.", "",
-             "```", report_table(report), "```", "",
-             f"Gap recovered {_fmt(report['gap_recovered'])} "
-             f"(95% paired bootstrap {report['gap_recovered_interval']}), "
-             f"tokens steered {_fmt(report['tokens_steered_fraction'])}.", ""]
-    taxonomy = report.get("taxonomy") or {}
-    lines += ["## Taxonomy", "", "```", _json_block(taxonomy), "```", ""]
-    lines += ["## When behaviours fired", "", "| behaviour | fired | mean position | first firing | problems |",
-              "|---|---|---|---|---|"]
-    for name, entry in stats["onset"].items():
-        lines.append(f"| {name} | {entry['n_fired']} | {entry['mean_relative_position']:.2f} | "
-                     f"{entry['mean_first_relative_position']:.2f} | {entry['share_of_problems']:.2f} |")
-    lines += ["", "Transitions between consecutive steering events:", "", "| from | to | count |", "|---|---|---|"]
-    lines += [f"| {t['from']} | {t['to']} | {t['count']} |" for t in stats["transitions"][:20]]
-    if report.get("ablations"):
-        lines += ["", "## Causal ablations", "", "```", _json_block(report["ablations"]), "```"]
-    lines += ["", "## Timings (s)", "", "```", _json_block(report["timings"]), "```", ""]
-    lines += [f"![{name}]({name})" for name in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
 def _json_block(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, default=str)[:6000]

@@ -22,59 +22,51 @@ attempts and error. A point that keeps failing is reported as a failed row; the 
 
 Points that differ only in keys read after the directions are built (coefficients, windows,
 policy, threshold, controls, ablations) share their upstream stages: the first point of each
-such group runs them, the others start from hard-linked copies of its finished stage folders.
+such group runs them, the others start from hard-linked copies of its finished stage folders
+(:mod:`mechsteer.experiment.points`). The points run on an executor
+(:mod:`mechsteer.experiment.executors`).
 
 ``results.csv``, ``results.parquet`` and ``results.png`` are written atomically into ``OUT``.
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import dataclasses
+import functools
 import itertools
-import json
+import operator
 import os
-import shutil
-import time
-import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+import types
+import typing
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import pyarrow
+import pyarrow.parquet
 import yaml
+from beartype import BeartypeConf
+from beartype.door import is_bearable
 
-from mechsteer.experiment.pipeline import TRACKING_KEYS, RunConfig, headline_metrics, run_pipeline
-from mechsteer.core.store import json_digest, write_json_atomic
-from mechsteer.experiment.tracking import wandb_directories, wandb_environment
+from mechsteer.core.store import write_json_atomic
+from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.experiment.executors import EXECUTORS, ExecutorKind, make_executor
+from mechsteer.experiment.points import (
+    SweepPoint,
+    find_donor,
+    point_id,
+    run_point,
+    upstream_digest,
+)
+from mechsteer.experiment.tracking import WandbTracker, wandb_environment
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "list", "executor", "retries", "resources", "ray", "wandb"}
-EXECUTORS = ("local", "ray")
 # Keys a sweep may not vary: the sweep names its points and groups their wandb runs.
 RESERVED_KEYS = ("name", "wandb_group")
-# Keys read only after the directions exist: points differing only in these share the rest.
-DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "threshold", "controls", "ablations", "ablation_contexts")
-# The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).
-SHARED_STAGES: dict[str, tuple[str, ...]] = {
-    "traces_thinking_train": ("traces/thinking_train",),
-    "traces_base_train": ("traces/base_train",),
-    "activations": ("activations",),
-    "taxonomy": ("taxonomy",),
-    "directions": ("directions",),
-    "eval_base": ("eval/base",),
-    "eval_thinking": ("eval/thinking",),
-}
 STATUS_COLUMNS = ("status", "attempts", "error", "seconds")
-# Environment a Ray worker inherits from the driver: offline switches, caches, wandb's folders.
-FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WANDB_MODE",
-                         "WANDB_PROJECT", "WANDB_ENTITY")
-# A local Ray cluster only moves result rows through its object store.
-LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024
-
-
-# ------------------------------------------------------------------------------------------
-# The sweep file
 
 
 @dataclass
@@ -84,7 +76,7 @@ class SweepSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     points: list[dict[str, Any]] = field(default_factory=list)  # the file's `list:`
-    executor: str = "local"
+    executor: ExecutorKind = "local"
     retries: int = 0
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -170,10 +162,7 @@ class SweepSpec:
 
 
 def _check_values(where: str, values: dict[str, Any], *, reserved: tuple[str, ...]) -> None:
-    from beartype import BeartypeConf
-    from beartype.door import is_bearable
-
-    hints = get_type_hints(RunConfig)
+    hints = {key: _without_choices(hint) for key, hint in get_type_hints(RunConfig).items()}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(f"sweep {where}: unknown config keys {unknown}; known keys: {sorted(hints)}")
@@ -185,29 +174,23 @@ def _check_values(where: str, values: dict[str, Any], *, reserved: tuple[str, ..
             raise ValueError(f"sweep {where}: {key} = {value!r} is not a {hints[key]}{example}")
 
 
+def _without_choices(hint: Any) -> Any:
+    """``hint`` with each ``Literal`` widened to the type of its choices (``Literal["a", "b"]`` -> ``str``).
+
+    A sweep checks types before anything runs and leaves choices to the stage that reads them,
+    so a point with an unknown choice fails as a point (a failed row) while the others finish."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return functools.reduce(operator.or_, dict.fromkeys(type(choice) for choice in get_args(hint)))
+    if origin is list:
+        return list[_without_choices(get_args(hint)[0])]
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, dict.fromkeys(_without_choices(arg) for arg in get_args(hint)))
+    return hint
+
+
 # ------------------------------------------------------------------------------------------
 # Points
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    index: int
-    overrides: dict[str, Any]
-    config: RunConfig
-    out: str  # this point's run folder
-    upstream: str  # digest of the keys its shared stages depend on
-    donor: str | None = None  # a run folder of the same upstream to start from
-
-
-def point_id(overrides: dict[str, Any]) -> str:
-    return json_digest(overrides, length=10)
-
-
-def upstream_digest(config: RunConfig) -> str:
-    """Digest of everything the shared stages read (all but downstream, naming and tracking keys)."""
-    skipped = {*DOWNSTREAM_KEYS, "name", *TRACKING_KEYS}
-    upstream = {key: value for key, value in asdict(config).items() if key not in skipped}
-    return json_digest(upstream)
 
 
 def plan_points(spec: SweepSpec, out: str | Path) -> list[SweepPoint]:
@@ -242,183 +225,6 @@ def phases(points: list[SweepPoint]) -> tuple[list[SweepPoint], list[SweepPoint]
     return list(leaders.values()), followers
 
 
-def seed_from_donor(point: SweepPoint) -> list[str]:
-    """Start a fresh point folder from its donor's finished shared stages (hard links where the
-    filesystem allows). Returns the stages taken; a folder with a run of its own is left alone."""
-    out, donor = Path(point.out), Path(point.donor or "")
-    if point.donor is None or (out / "stages.json").exists() or not (donor / "stages.json").exists():
-        return []
-    donor_state = json.loads((donor / "stages.json").read_text())
-    if upstream_digest(RunConfig.from_dict(donor_state["config"])) != point.upstream:
-        raise ValueError(f"{donor} ran other upstream settings than point {point.index}; cannot share its stages")
-    taken = {stage: entry for stage, entry in donor_state["stages"].items() if stage in SHARED_STAGES}
-    for stage in taken:
-        for folder in SHARED_STAGES[stage]:
-            shutil.rmtree(out / folder, ignore_errors=True)
-            shutil.copytree(donor / folder, out / folder, copy_function=_link_or_copy)
-    taxonomy_file = out / "taxonomy" / "taxonomy.json"
-    if taxonomy_file.exists():  # point the taxonomy at this folder's own activations
-        document = json.loads(taxonomy_file.read_text())
-        provenance = document.get("provenance", {})
-        if Path(provenance.get("activations_dir", "")).resolve() == (donor / "activations").resolve():
-            provenance["activations_dir"] = str(out / "activations")
-            write_json_atomic(taxonomy_file, document)  # a new file: the donor's link stays intact
-    write_json_atomic(out / "shared_from.json", {"donor": str(donor), "stages": sorted(taken)})
-    write_json_atomic(out / "stages.json", {"config_digest": point.config.digest(), "config": asdict(point.config),
-                                            "stages": taken})
-    return sorted(taken)
-
-
-def find_donor(point: SweepPoint, points_folder: Path) -> str | None:
-    """Another point folder of the same upstream with the most shared stages done, if any."""
-    best, best_count = None, 0
-    for stages_file in sorted(points_folder.glob("*/stages.json")):
-        if stages_file.parent == Path(point.out):
-            continue
-        state = json.loads(stages_file.read_text())
-        if upstream_digest(RunConfig.from_dict(state["config"])) != point.upstream:
-            continue
-        count = len(set(state["stages"]) & set(SHARED_STAGES))
-        if count > best_count:
-            best, best_count = str(stages_file.parent), count
-    return best
-
-
-def _link_or_copy(source: str, destination: str) -> str:
-    try:
-        os.link(source, destination)
-    except OSError:  # another filesystem, or links not allowed: a real copy
-        shutil.copy2(source, destination)
-    return destination
-
-
-def run_point(point: SweepPoint, retries: int) -> dict[str, Any]:
-    """Run one point, retrying a failure ``retries`` times (each retry resumes the folder).
-
-    Never raises for a failure inside the run: the row says ``status: failed``, the attempts and
-    the last error; the full tracebacks are in the point's ``errors.log``."""
-    out = Path(point.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    error = None
-    for attempt in range(1, retries + 2):
-        try:
-            seed_from_donor(point)
-            with (out / "run.log").open("a") as run_log:
-                report = run_pipeline(point.config, out, log=lambda message: print(message, file=run_log, flush=True))
-            return {**point_row(point), **headline_metrics(report), "status": "ok", "attempts": attempt,
-                    "error": None, "seconds": round(time.perf_counter() - started, 2)}
-        except Exception as failure:  # noqa: BLE001 - a failed point is reported, not raised
-            error = f"{type(failure).__name__}: {failure}"
-            with (out / "errors.log").open("a") as errors:
-                errors.write(f"--- attempt {attempt}\n{traceback.format_exc()}\n")
-    return failed_row(point, retries + 1, error, round(time.perf_counter() - started, 2))
-
-
-def failed_row(point: SweepPoint, attempts: int, error: str | None, seconds: float | None) -> dict[str, Any]:
-    """The results row of a point that failed every attempt (no metrics)."""
-    return {**point_row(point), "status": "failed", "attempts": attempts, "error": error, "seconds": seconds}
-
-
-def point_row(point: SweepPoint) -> dict[str, Any]:
-    """The point's own columns; list values as JSON so that CSV and Parquet hold the same text."""
-    row: dict[str, Any] = {"index": point.index, "point": Path(point.out).name}
-    for key, value in point.overrides.items():
-        row[key] = json.dumps(value) if isinstance(value, list | dict) else value
-    return row
-
-
-# ------------------------------------------------------------------------------------------
-# Executors
-
-
-class SweepExecutor(Protocol):
-    """Runs points (each through :func:`run_point`) and returns one row per point, any order."""
-
-    def run_points(self, points: list[SweepPoint], retries: int, report: Callable[[dict[str, Any]], None]
-                   ) -> list[dict[str, Any]]: ...
-
-
-class LocalExecutor:
-    """One point after another, in this process."""
-
-    def run_points(self, points, retries, report):
-        rows = []
-        for point in points:
-            rows.append(run_point(point, retries))
-            report(rows[-1])
-        return rows
-
-
-class RayExecutor:
-    """One Ray task per point, with the sweep's CPU/GPU request; rows gathered to the driver.
-
-    Connects to ``address`` when given, else starts a local cluster of ``num_cpus`` CPUs (and
-    shuts down only a cluster it started). A worker that dies is retried by Ray ``retries``
-    times and then reported as a failed row."""
-
-    def __init__(self, *, point_cpus: float = 1.0, point_gpus: float = 0.0, address: str | None = None,
-                 num_cpus: int | None = None, env_vars: dict[str, str] | None = None):
-        self.point_cpus, self.point_gpus = point_cpus, point_gpus
-        self.address, self.num_cpus = address, num_cpus
-        # a task that asks for n CPUs gets n threads (torch would otherwise take every core)
-        threads = str(max(1, int(point_cpus)))
-        self.env_vars = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                         **{name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ},
-                         **(env_vars or {})}
-
-    @contextmanager
-    def cluster(self) -> Iterator[None]:
-        os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
-        try:
-            import ray
-        except ImportError as missing:
-            raise ValueError("the ray executor needs Ray: pip install 'mechsteer[ray]'") from missing
-        started_here = not ray.is_initialized()
-        if started_here:
-            options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
-                                           runtime_env={"env_vars": self.env_vars})
-            if self.address is None:
-                options.update(num_cpus=self.num_cpus or os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES)
-            ray.init(address=self.address, **options)
-        try:
-            yield
-        finally:
-            if started_here:
-                ray.shutdown()
-
-    def run_points(self, points, retries, report):
-        import ray
-        from ray.exceptions import RayError
-
-        task = ray.remote(num_cpus=self.point_cpus, num_gpus=self.point_gpus, max_retries=retries)(run_point)
-        pending = {task.options(runtime_env={"env_vars": self.env_vars}).remote(point, retries): point
-                   for point in points}
-        rows = []
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            point = pending.pop(ready[0])
-            try:
-                row = ray.get(ready[0])
-            except RayError as failure:  # the worker itself died, past Ray's own retries
-                row = failed_row(point, retries + 1, f"{type(failure).__name__}: {failure}"[:2000], None)
-            rows.append(row)
-            report(row)
-        return rows
-
-
-def make_executor(spec: SweepSpec, out: Path) -> tuple[SweepExecutor, Any]:
-    """The executor and the context it runs in (a Ray cluster, or nothing)."""
-    if spec.executor == "local":
-        return LocalExecutor(), nullcontext()
-    env_vars = {}
-    if spec.wandb or spec.base.get("wandb"):
-        env_vars = {name: os.environ.get(name, value) for name, value in wandb_directories(out / "wandb").items()}
-    executor = RayExecutor(point_cpus=spec.num_cpus, point_gpus=spec.num_gpus, address=spec.ray_address,
-                           num_cpus=spec.ray_num_cpus, env_vars=env_vars)
-    return executor, executor.cluster()
-
-
 # ------------------------------------------------------------------------------------------
 # The sweep
 
@@ -438,7 +244,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, log: Callable[[str], None] = 
         log(f"  point {row['index']} ({row['point']}): {row['status']} after {row['attempts']} attempt(s); {detail}")
 
     tracking = any(point.config.wandb for point in points)
-    executor, context = make_executor(spec, out)
+    executor, context = make_executor(
+        spec.executor, point_cpus=spec.num_cpus, point_gpus=spec.num_gpus, address=spec.ray_address,
+        num_cpus=spec.ray_num_cpus, wandb_root=out / "wandb" if spec.wandb or spec.base.get("wandb") else None)
     with wandb_environment(out / "wandb") if tracking else nullcontext(), context:
         rows = executor.run_points(leaders, spec.retries, report)
         rows += executor.run_points(followers, spec.retries, report)
@@ -450,8 +258,6 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, log: Callable[[str], None] = 
 
 
 def _track_results(spec: SweepSpec, config: RunConfig, rows: list[dict[str, Any]], out: Path) -> None:
-    from mechsteer.experiment.tracking import WandbTracker
-
     tracker = WandbTracker(out=out, name=f"{spec.name}-results", project=config.wandb_project, group=spec.name,
                            mode=config.wandb_mode, config={"sweep": asdict(spec)})
     tracker.log_table("sweep_results", rows)
@@ -469,11 +275,6 @@ def results_columns(rows: list[dict[str, Any]], override_keys: list[str]) -> lis
 
 def write_results(rows: list[dict[str, Any]], out: Path, *, title: str, override_keys: list[str]) -> None:
     """results.csv, results.parquet and results.png, each written beside and renamed into place."""
-    import csv
-
-    import pyarrow
-    import pyarrow.parquet
-
     columns = results_columns(rows, override_keys)
     table = [{column: row.get(column) for column in columns} for row in rows]
 
@@ -559,46 +360,3 @@ def run_one_point(spec: SweepSpec, out: str | Path, overrides: dict[str, Any]) -
     point = dataclasses.replace(point, donor=find_donor(point, Path(out) / "points"))
     with wandb_environment(Path(out) / "wandb"):
         return run_point(point, retries=0)
-
-
-# ------------------------------------------------------------------------------------------
-# CLI
-
-
-def sweep_cli(args: argparse.Namespace) -> int:
-    spec = SweepSpec.from_yaml(args.config)
-    if args.executor:
-        spec = dataclasses.replace(spec, executor=args.executor)
-    if args.ray_address:
-        spec = dataclasses.replace(spec, ray_address=args.ray_address)
-    if args.wandb:
-        spec = dataclasses.replace(spec, wandb=True)
-    spec.validate()
-    out = Path(args.out or Path("runs") / "sweeps" / spec.name)
-    if args.export_wandb:
-        Path(args.export_wandb).write_text(yaml.safe_dump(wandb_sweep_config(spec, out), sort_keys=False))
-        print(json.dumps({"wandb_sweep": args.export_wandb, "run_it": f"wandb sweep {args.export_wandb}"}))
-        return 0
-    if args.point:
-        row = run_one_point(spec, out, json.loads(Path(args.point).read_text()))
-        print(json.dumps(row, default=str))
-        return 0 if row["status"] == "ok" else 1
-    rows = run_sweep(spec, out)
-    failed = sum(row["status"] != "ok" for row in rows)
-    print(json.dumps({"results": str(out / "results.csv"), "points": len(rows), "failed": failed}))
-    return 0 if failed == 0 else 1
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep", help="run the pipeline over a grid/list of config values (exits 1 if any point failed)")
-    parser.add_argument("--config", required=True, help="experiments/sweeps/<name>.yaml")
-    parser.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<name>)")
-    parser.add_argument("--executor", choices=EXECUTORS, default=None, help="override the file's executor")
-    parser.add_argument("--ray-address", default=None, help="connect to this Ray cluster instead of starting one")
-    parser.add_argument("--wandb", action="store_true", help="log every point as a wandb run, grouped by sweep")
-    parser.add_argument("--export-wandb", metavar="FILE", default=None,
-                        help="write a wandb sweep YAML (grid) for wandb agents instead of running")
-    parser.add_argument("--point", metavar="JSON_FILE", default=None,
-                        help="run one point with these overrides (what the exported wandb sweep calls)")
-    parser.set_defaults(func=sweep_cli)

@@ -28,10 +28,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, get_args
 
-if TYPE_CHECKING:
-    from mechsteer.experiment.pipeline import RunConfig
+from mechsteer.experiment.config import RunConfig, WandbMode
 
 # Every directory variable wandb 0.31 reads (wandb/env.py), and the subfolder of
 # ``<out>/wandb`` it gets while tracking. Their home-folder defaults are noted.
@@ -42,7 +41,7 @@ WANDB_DIRECTORY_VARIABLES: dict[str, str] = {
     "WANDB_DATA_DIR": "data",  # artifact staging (~/.local/share/wandb)
     "WANDB_ARTIFACT_DIR": "artifacts",  # downloaded artifacts (./artifacts)
 }
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 TRACKING_FOLDER = "wandb"
 
 
@@ -109,7 +108,7 @@ def wandb_environment(root: str | Path) -> Iterator[dict[str, str]]:
 class WandbTracker:
     """One wandb run for one pipeline run (or one sweep point)."""
 
-    def __init__(self, *, out: Path, name: str, project: str, group: str, mode: str | None,
+    def __init__(self, *, out: Path, name: str, project: str, group: str, mode: WandbMode | None,
                  config: Mapping[str, Any] | None = None):
         if mode is not None and mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES} or unset, got {mode!r}")

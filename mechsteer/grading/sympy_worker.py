@@ -1,10 +1,10 @@
-"""The sympy side of MATH answer grading, run as a child process: ``python -m mechsteer.grading.sympy_worker``.
+"""The sympy side of MATH answer grading, run as a child process from its file path (imports sympy only).
 
 Protocol: after importing sympy the worker prints ``ready``; then, per request line
 ``[prediction_ast, reference_ast]`` (JSON of the tuple ASTs of
-``mechsteer.grading.math_equivalence.parse_latex``) it prints ``true``, ``false`` or ``null`` (the
+``mechsteer.grading.latex.parse_latex``) it prints ``true``, ``false`` or ``null`` (the
 comparison raised). The parent enforces the time limit by killing this process, so nothing
-here needs a timeout. The client is ``mechsteer.grading.math_equivalence.SympyWorker``.
+here needs a timeout. The client is ``mechsteer.grading.sympy_client.SympyWorker``.
 """
 
 from __future__ import annotations

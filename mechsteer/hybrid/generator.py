@@ -30,9 +30,9 @@ cropped back to the first changed token and the changed tokens are fed again, so
 model always sees the canonical tokenization of the text (exactly what re-encoding the whole
 text gives, for tokenizers whose merges never reach back more than ``lookback_tokens`` tokens).
 
-Exactness: tests/test_hybrid.py checks token-for-token equality with a full-recompute oracle of
-this same algorithm (no caches, batch size 1), with windows, for shared and different
-tokenizers.
+Exactness: tests/hybrid/test_hybrid.py checks token-for-token equality with a full-recompute
+oracle of this same algorithm (:func:`mechsteer.hybrid.reference.reference_hybrid_generate`: no
+caches, batch size 1), with windows, for shared and different tokenizers.
 """
 
 from __future__ import annotations
@@ -43,48 +43,31 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.interventions.generation import CachedRunner, StopChecker, pad_token_id, tokenize_prompts
 from mechsteer.core.models import resid_hook_name, tokenizers_compatible
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
 from mechsteer.hybrid.timing import BIAS_ONLY, PolicyDecision, PolicyInput, TimingPolicy
+from mechsteer.interventions.generation import (
+    CachedRunner,
+    StopChecker,
+    pad_token_id,
+    tokenize_prompts,
+)
+from mechsteer.interventions.hooks import add_direction
+from mechsteer.steering.direction_set import DirectionSet
 
 
-@dataclass
-class SteeringVectors:
-    """Behaviour directions (and an optional bias) in the base model's steering-layer space.
-
-    A :class:`mechsteer.steering.directions.DirectionSet` converts with :meth:`from_direction_set`.
-    """
-
-    directions: Float[Tensor, "n_behaviours d_model"]
-    behaviour_ids: list[int]
-    bias: Float[Tensor, " d_model"] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.behaviour_ids) != self.directions.shape[0]:
-            raise ValueError(
-                f"{len(self.behaviour_ids)} behaviour ids for {self.directions.shape[0]} directions"
-            )
-        self._index = {behaviour: row for row, behaviour in enumerate(self.behaviour_ids)}
-
-    @classmethod
-    def from_direction_set(cls, direction_set) -> SteeringVectors:
-        return cls(direction_set.directions.float(), list(direction_set.behaviour_ids),
-                   None if direction_set.bias is None else direction_set.bias.float())
-
-    @typechecked
-    def vectors(self, behaviours: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_model"]:
-        """``bias + direction_b`` per row (bias alone for BIAS_ONLY)."""
-        d_model = self.directions.shape[1]
-        out = torch.zeros(behaviours.shape[0], d_model)
-        for row, behaviour in enumerate(behaviours.tolist()):
-            if behaviour != BIAS_ONLY:
-                if behaviour not in self._index:
-                    raise ValueError(f"no direction for behaviour {behaviour}; known: {self.behaviour_ids}")
-                out[row] = self.directions[self._index[behaviour]]
-        if self.bias is not None:
-            out = out + self.bias
-        return out
+@typechecked
+def behaviour_vectors(directions: DirectionSet, behaviours: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_model"]:
+    """``bias + direction_b`` per row (bias alone for BIAS_ONLY; no bias term when the set has none)."""
+    out = torch.zeros(behaviours.shape[0], directions.d_model)
+    for row, behaviour in enumerate(behaviours.tolist()):
+        if behaviour != BIAS_ONLY:
+            if behaviour not in directions.behaviour_ids:
+                raise ValueError(f"no direction for behaviour {behaviour}; known: {directions.behaviour_ids}")
+            out[row] = directions.directions[directions.index_of(behaviour)]
+    if directions.bias is not None:
+        out = out + directions.bias
+    return out
 
 
 @dataclass
@@ -183,7 +166,7 @@ def hybrid_generate(
     thinking: TransformerBridge,
     base_prompts: Sequence[str],
     thinking_prompts: Sequence[str],
-    vectors: SteeringVectors,
+    directions: DirectionSet,
     policy: TimingPolicy,
     config: HybridConfig,
     *,
@@ -192,9 +175,9 @@ def hybrid_generate(
     """Generate with the base model, steered when ``policy`` says so (see the module docstring)."""
     if len(base_prompts) != len(thinking_prompts):
         raise ValueError("base_prompts and thinking_prompts must have the same length")
-    if vectors.directions.shape[1] != base.cfg.d_model:
+    if directions.d_model != base.cfg.d_model:
         raise ValueError(
-            f"steering vectors have d_model {vectors.directions.shape[1]} but the base model has "
+            f"steering vectors have d_model {directions.d_model} but the base model has "
             f"{base.cfg.d_model}"
         )
     for model, layer, what in ((base, config.steer_layer, "steer_layer"), (thinking, config.read_layer, "read_layer")):
@@ -206,19 +189,20 @@ def hybrid_generate(
     for start in range(0, len(base_prompts), config.batch_size):
         stop = start + config.batch_size
         _HybridBatch(base, thinking, list(base_prompts[start:stop]), list(thinking_prompts[start:stop]),
-                     vectors, policy, config, shared_tokenizer).run(output)
+                     directions, policy, config, shared_tokenizer).run(output)
     return output
 
 
 class _HybridBatch:
-    def __init__(self, base, thinking, base_prompts, thinking_prompts, vectors, policy, config, shared):
+    def __init__(self, base, thinking, base_prompts, thinking_prompts, directions, policy, config, shared):
         self.base, self.thinking = base, thinking
-        self.vectors, self.policy, self.config, self.shared = vectors, policy, config, shared
+        self.directions, self.policy, self.config, self.shared = directions, policy, config, shared
         self.base_runner = CachedRunner(base, tokenize_prompts(base, base_prompts))
         self.think_runner = CachedRunner(thinking, tokenize_prompts(thinking, thinking_prompts))
         self.n_think_prompt = self.think_runner.n_real()
         self.batch = self.base_runner.batch_size
-        self.delta: Tensor | None = None
+        # The steering of the current candidate forward: one vector, coefficient and window mask per row.
+        self.steering: tuple[Tensor, Tensor, Tensor] | None = None
         self.recorded: Tensor | None = None
         self.stopper = StopChecker(base, config.stop_strings, [] if config.ignore_eos else None)
         self.base_decoder = IncrementalDecoder(base.tokenizer)
@@ -226,9 +210,10 @@ class _HybridBatch:
 
     # hooks ---------------------------------------------------------------------------------
     def _steer_hook(self, resid: Tensor, hook: object) -> Tensor:
-        if self.delta is None:
+        if self.steering is None:
             return resid
-        return resid + self.delta.to(resid.device, resid.dtype)
+        vectors, coeffs, mask = (t.to(resid.device) for t in self.steering)
+        return add_direction(resid, vectors, coeffs, mask)
 
     def _record_hook(self, resid: Tensor, hook: object) -> Tensor:
         self.recorded = resid[:, -1, :].detach().clone()
@@ -258,17 +243,19 @@ class _HybridBatch:
         n_real = fork.n_real()
         fork.uncache([widest] * len(rows))
         fork.repeat_rows(n_candidates)
-        steering = self.vectors.vectors(behaviours[rows])
-        delta = torch.zeros(len(rows) * n_candidates, fork.n_pending, self.base.cfg.d_model)
+        steering = behaviour_vectors(self.directions, behaviours[rows])
+        n_forked = len(rows) * n_candidates
+        coeffs = torch.zeros(n_forked)
+        mask = torch.zeros(n_forked, fork.n_pending, dtype=torch.bool)
         for index, count in enumerate(n_real):
             for candidate, (coeff, window) in enumerate(candidates):
-                width = min(window, count)
-                delta[index * n_candidates + candidate, -width:, :] = coeff * steering[index]
-        self.delta = delta
+                coeffs[index * n_candidates + candidate] = coeff
+                mask[index * n_candidates + candidate, -min(window, count):] = True
+        self.steering = (steering.repeat_interleave(n_candidates, dim=0), coeffs, mask)
         try:
             logits = fork.forward()[:, -1, :]
         finally:
-            self.delta = None
+            self.steering = None
         tokens = logits.argmax(dim=-1).view(len(rows), n_candidates).tolist()
         think_logprobs = think_logits.float().log_softmax(dim=-1)
         choice = {}
@@ -357,76 +344,4 @@ class _HybridBatch:
             output.token_logs.append(logs[row])
 
 
-def reference_hybrid_generate(
-    base: TransformerBridge,
-    thinking: TransformerBridge,
-    base_prompt: str,
-    thinking_prompt: str,
-    vectors: SteeringVectors,
-    policy: TimingPolicy,
-    config: HybridConfig,
-    *,
-    shared_tokenizer: bool,
-) -> tuple[list[int], list[bool]]:
-    """The same algorithm the way the paper's code runs it: batch size 1, no KV caches, both
-    models recomputed on their whole sequences at every token, one forward per candidate.
-
-    Quadratic in length; kept as the exactness oracle for :func:`hybrid_generate` and as the
-    speed baseline in ``bench/hybrid_throughput.py``. Returns (generated ids, steered flags).
-    """
-    from mechsteer.interventions.hooks import add_direction
-
-    base_ids = tokenize_prompts(base, [base_prompt])[0]
-    think_prompt_ids = tokenize_prompts(thinking, [thinking_prompt])[0]
-    stopper = StopChecker(base, config.stop_strings, [] if config.ignore_eos else None)
-    read_name, steer_name = resid_hook_name(config.read_layer), resid_hook_name(config.steer_layer)
-    generated: list[int] = []
-    steered: list[bool] = []
-    with torch.no_grad():
-        for step in range(config.max_new_tokens):
-            sequence = base_ids + generated
-            base_logits = base(torch.tensor([sequence]))[0, -1]
-            if shared_tokenizer:
-                think_ids = think_prompt_ids + generated
-            else:
-                text = base.tokenizer.decode(generated, skip_special_tokens=True)
-                think_ids = think_prompt_ids + thinking.tokenizer(text, add_special_tokens=False)["input_ids"]
-            think_logits, cache = thinking.run_with_cache(torch.tensor([think_ids]), names_filter=[read_name])
-            think_logits = think_logits[0, -1]
-            base_greedy, think_greedy = int(base_logits.argmax()), int(think_logits.argmax())
-            if shared_tokenizer:
-                agree = base_greedy == think_greedy
-            else:
-                agree = base.tokenizer.decode([base_greedy]) == thinking.tokenizer.decode([think_greedy])
-            decision = policy.decide(PolicyInput(step, cache[read_name][0, -1][None].float(), base_logits[None].float(),
-                                                 think_logits[None].float(), torch.tensor([agree])))
-            token = base_greedy
-            if bool(decision.steer[0]):
-                vector = vectors.vectors(decision.behaviour[:1])[0]
-                think_logprobs = think_logits.float().log_softmax(-1)
-                best_score = None
-                for coeff, window in config.candidates:
-                    mask = torch.zeros(1, len(sequence), dtype=torch.bool)
-                    mask[0, -min(window, len(sequence)):] = True
-
-                    def hook(resid: Tensor, hook: object, mask: Tensor = mask, coeff: float = coeff,
-                             vector: Tensor = vector) -> Tensor:
-                        return add_direction(resid, vector, coeff, mask)
-
-                    with base.hooks(fwd_hooks=[(steer_name, hook)]):
-                        candidate = int(base(torch.tensor([sequence]))[0, -1].argmax())
-                    if len(config.candidates) == 1:
-                        token = candidate
-                        break
-                    if shared_tokenizer:
-                        score = float(think_logprobs[candidate])
-                    else:
-                        ids = thinking.tokenizer(base.tokenizer.decode([candidate]), add_special_tokens=False)["input_ids"]
-                        score = float(think_logprobs[ids[0]]) if ids else float("-inf")
-                    if best_score is None or score > best_score:
-                        best_score, token = score, candidate
-            generated.append(token)
-            steered.append(bool(decision.steer[0]))
-            if stopper.reason(generated) is not None:
-                break
-    return generated, steered
+__all__ = ["HybridConfig", "HybridOutput", "TokenLog", "behaviour_vectors", "hybrid_generate"]

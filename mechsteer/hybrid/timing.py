@@ -29,13 +29,16 @@ directions in place of the behaviour vectors (``DirectionSet.random_like``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
 
 BIAS_ONLY = -1
+
+# The built-in policies' names (a policy of one's own may take any name).
+PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "random_firing", "never"]
 
 
 @dataclass
@@ -74,7 +77,7 @@ class BehaviourClassifier(Protocol):
 class SAEArgmaxPolicy:
     classifier: BehaviourClassifier
     behaviour_ids: list[int] | None = None  # latents that have a direction; None: all latents
-    name: str = "sae_argmax"
+    name: PolicyName = "sae_argmax"
     top: int = 3
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
@@ -95,7 +98,7 @@ class SAEArgmaxPolicy:
 @dataclass
 class ThresholdPolicy(SAEArgmaxPolicy):
     threshold: float = 0.0
-    name: str = "threshold"
+    name: PolicyName = "threshold"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         values, ids = self._latents(state)
@@ -105,7 +108,7 @@ class ThresholdPolicy(SAEArgmaxPolicy):
 
 @dataclass
 class AlwaysBiasPolicy:
-    name: str = "always"
+    name: PolicyName = "always"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         batch = state.agree.shape[0]
@@ -118,7 +121,7 @@ class BiasOnlyPolicy:
     """``timing``'s decisions (when to steer, and its latent log) with the bias only."""
 
     timing: TimingPolicy
-    name: str = "only_bias"
+    name: PolicyName = "only_bias"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)
@@ -128,7 +131,7 @@ class BiasOnlyPolicy:
 
 @dataclass
 class NeverPolicy:
-    name: str = "never"
+    name: PolicyName = "never"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         batch = state.agree.shape[0]
@@ -141,7 +144,7 @@ class RandomFiringPolicy:
     rate: float
     behaviour_ids: list[int]
     seed: int = 0
-    name: str = "random_firing"
+    name: PolicyName = "random_firing"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:

@@ -21,12 +21,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.interventions.hooks import Intervention, InterventionSet, PositionFrame
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
+from mechsteer.interventions.hooks import (
+    Intervention,
+    InterventionSet,
+    PositionFrame,
+    add_direction,
+)
 
 
 @dataclass
@@ -44,12 +50,16 @@ class StepState:
 StepCallback = Callable[[StepState], Mapping[str, Tensor] | None]
 
 
+# Why a row stopped: its EOS token, a stop string, or max_new_tokens.
+FinishReason = Literal["eos", "stop", "length"]
+
+
 @dataclass
 class GenerationOutput:
     texts: list[str]  # generated continuations, cut after the first stop string
     token_ids: list[list[int]]  # generated token ids (including the EOS / stop-completing token)
     prompt_token_ids: list[list[int]]
-    finish_reasons: list[str]  # "eos", "stop" or "length"
+    finish_reasons: list[FinishReason]
     # hook name -> per prompt (n_generated, d_model): the activation at the position that
     # predicted each generated token.
     activations: dict[str, list[Tensor]] = field(default_factory=dict)
@@ -288,7 +298,7 @@ class StopChecker:
         longest = max((len(s) for s in self.stop_strings), default=0)
         self.tail_tokens = longest + 4  # every token decodes to >= 1 char, except rare empties
 
-    def reason(self, row_tokens: list[int]) -> str | None:
+    def reason(self, row_tokens: list[int]) -> FinishReason | None:
         if row_tokens and row_tokens[-1] in self.eos_ids:
             return "eos"
         if self.stop_strings:
@@ -375,9 +385,10 @@ def _generate_batch(
             vector = pending_steering.get(name)
             if vector is None:
                 return resid
-            delta = torch.zeros_like(resid)
-            delta[:, -1, :] = vector.to(resid.device, resid.dtype)
-            return resid + delta
+            # each row's own vector, at the newest input position only
+            newest = torch.zeros(resid.shape[:2], dtype=torch.bool, device=resid.device)
+            newest[:, -1] = True
+            return add_direction(resid, vector.to(resid.device), 1.0, newest)
 
         return hook
 
@@ -394,7 +405,7 @@ def _generate_batch(
 
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool)
-    reasons = ["length"] * batch
+    reasons: list[FinishReason] = ["length"] * batch
     pad = pad_token_id(model)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         logits = runner.forward()[:, -1, :]

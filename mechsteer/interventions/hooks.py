@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.core.models import resid_hook_name
+from mechsteer.core.models import ResidSite, resid_hook_name
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
 
 
@@ -45,6 +45,13 @@ def add_direction(
 
     ``direction`` is one vector for every row or one per row; ``coeff`` is a scalar or one per row.
     """
+    if direction.ndim == 1 and not isinstance(coeff, Tensor):
+        # One vector for every row is broadcast, not expanded, so that a gradient through it (a
+        # trained steering vector) sums over batch and positions in one reduction.
+        delta = (direction * coeff).to(resid.dtype)
+        if position_mask is not None:
+            delta = position_mask[..., None].to(resid.dtype) * delta
+        return resid + delta
     if direction.ndim == 1:
         direction = direction.expand(resid.shape[0], -1)
     if isinstance(coeff, Tensor):
@@ -151,7 +158,7 @@ class ResidSiteIntervention:
 
     layer: int
     direction: Tensor
-    site: str
+    site: ResidSite
 
     @property
     def hook_name(self) -> str:
@@ -174,7 +181,7 @@ class Steering(ResidSiteIntervention):
     direction: Float[Tensor, " d_model"]
     coeff: float = 1.0
     positions: Sequence[int] | None = None
-    site: str = "resid_post"
+    site: ResidSite = "resid_post"
 
     def __post_init__(self) -> None:
         # An int coefficient (coeff=4) is a natural thing to write; accept it here rather than
@@ -202,7 +209,7 @@ class Ablation(ResidSiteIntervention):
 
     layer: int
     direction: Float[Tensor, " d_model"]
-    site: str = "resid_post"
+    site: ResidSite = "resid_post"
 
     def validate(self, model: TransformerBridge) -> None:
         super().validate(model)
@@ -254,7 +261,7 @@ def steer(
     layers: int | Sequence[int],
     coeff: float = 1.0,
     positions: Sequence[int] | None = None,
-    site: str = "resid_post",
+    site: ResidSite = "resid_post",
 ) -> contextlib.AbstractContextManager[InterventionSet]:
     """Context manager: add ``coeff * direction`` at one or more layers."""
     layer_list = [layers] if isinstance(layers, int) else list(layers)
@@ -265,7 +272,7 @@ def ablate(
     model: TransformerBridge,
     direction: Tensor,
     layers: int | Sequence[int] | None = None,
-    site: str = "resid_post",
+    site: ResidSite = "resid_post",
 ) -> contextlib.AbstractContextManager[InterventionSet]:
     """Context manager: project ``direction`` out at the given layers (all layers if None)."""
     if layers is None:

@@ -14,16 +14,21 @@ import json
 import time
 from pathlib import Path
 
-from mechsteer.organisms.evaluate import GenerateFn
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mechsteer.core.models import load_model
+from mechsteer.interventions.generation import generate
+from mechsteer.organisms import weights_dir
+from mechsteer.organisms.evaluate import GenerateFn, evaluate_organisms, hf_generate_fn
+from mechsteer.organisms.tasks import generate_split
+from mechsteer.organisms.train import PhaseConfig, TrainingConfig, train_organisms
 
 EVAL_BATCH_SIZE = 128
 
 
 def bridge_generate_fn(spec: str) -> GenerateFn:
     """A loaded organism (spec name or folder) as a greedy ``(prompts, max_new_tokens)`` function."""
-    from mechsteer.interventions.generation import generate
-    from mechsteer.core.models import load_model
-
     model = load_model(spec)
 
     def run(prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -35,10 +40,6 @@ def bridge_generate_fn(spec: str) -> GenerateFn:
 
 def hf_folder_generate_fn(folder: Path) -> GenerateFn:
     """An organism folder loaded with plain `transformers`, as a greedy generate function."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mechsteer.organisms.evaluate import hf_generate_fn
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     return hf_generate_fn(model, tokenizer)
@@ -52,19 +53,12 @@ def _specs(weights: str | None) -> tuple[str, str]:
 
 
 def _folders(weights: str | None) -> tuple[Path, Path]:
-    from mechsteer.organisms import weights_dir
-
     if weights is None:
         return weights_dir("base"), weights_dir("thinking")
     return Path(weights) / "base", Path(weights) / "thinking"
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from mechsteer.organisms.evaluate import evaluate_organisms
-    from mechsteer.organisms.tasks import generate_split
-
     torch.set_num_threads(args.threads)
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
@@ -96,8 +90,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from mechsteer.organisms.train import PhaseConfig, TrainingConfig, train_organisms
-
     config = TrainingConfig()
     if args.base_steps is not None:
         config = TrainingConfig(base=PhaseConfig(**{**config.base.__dict__, "steps": args.base_steps}),

@@ -7,12 +7,14 @@ this package.
 
 from __future__ import annotations
 
+import importlib
+
 from mechsteer.core.models import register_model_spec
 from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchmark
 from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
 from mechsteer.data.prompts import PromptTemplate, register_template
 from mechsteer.organisms import ORGANISM_NAMES, weights_dir
-from mechsteer.organisms.grammar import BEHAVIOURS, PROMPT_TEMPLATE, parse_trace
+from mechsteer.organisms.grammar import BEHAVIOURS, parse_trace
 from mechsteer.organisms.tasks import SPLITS, generate_split
 
 BENCHMARK = "organism"
@@ -38,6 +40,11 @@ def load_split(split: str) -> list[Problem]:
     ]
 
 
+def prompt_template_text() -> str:
+    # Read at render time, so the template always is the grammar module's current one.
+    return importlib.import_module("mechsteer.organisms.grammar").PROMPT_TEMPLATE
+
+
 def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:
     """Ground-truth behaviour labels of an organism trace, from the organism grammar."""
     return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
@@ -51,7 +58,7 @@ def register() -> None:
     for name in ORGANISM_NAMES:
         register_model_spec(f"organism-{name}", lambda name=name: weights_dir(name))
     register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split))
-    register_template(PromptTemplate(name=BENCHMARK, text=PROMPT_TEMPLATE,
+    register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))
     register_ground_truth(GROUND_TRUTH)
 

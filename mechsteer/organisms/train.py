@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mechsteer.core.tensor_types import Int, Tensor, typechecked
 from mechsteer.organisms.grammar import format_prompt, render_drill, render_trace
 from mechsteer.organisms.tasks import OrganismProblem, generate_split
 from mechsteer.organisms.tokenizer import build_tokenizer
-from mechsteer.core.tensor_types import Int, Tensor, typechecked
 
 BASE_MIX: dict[str, float] = {"direct": 0.50, "stepwise": 0.25, "drill": 0.25}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}

@@ -1,7 +1,7 @@
 """Geometric and ground-truth metrics of a taxonomy (labelled sentence vectors).
 
-Geometric: reconstruction FVU, mean 1 - |cos| between behaviour directions, and the
-cluster-size distribution. Ground truth (organisms, where planted labels exist): adjusted
+Geometric: reconstruction FVU, mean 1 - |cos| between behaviour directions, the
+cluster-size distribution, and the cosine silhouette of the assignments. Ground truth (organisms, where planted labels exist): adjusted
 Rand index, normalised mutual information (arithmetic-mean normalisation, natural log;
 the value does not depend on the log base), and a behaviour-to-label matching with
 per-behaviour precision and recall.
@@ -30,9 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mechsteer.activations import SentenceRecord
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
 
 Labels = Tensor | np.ndarray | Sequence[Hashable]
+# The silhouette is computed on a seeded sample of at most this many sentences.
+SILHOUETTE_MAX_POINTS = 2000
 
 
 # --- geometric ---------------------------------------------------------------------
@@ -98,6 +101,41 @@ def cluster_size_distribution(labels: Int[Tensor, " n"], n_behaviours: int) -> C
         largest_fraction=max(fractions),
         normalised_entropy=entropy / math.log(n_behaviours) if n_behaviours > 1 else 1.0,
     )
+
+
+@typechecked
+def cosine_silhouette(
+    vectors: Float[Tensor, "n d"],
+    labels: Int[Tensor, " n"],
+    *,
+    max_points: int = SILHOUETTE_MAX_POINTS,
+    seed: int = 0,
+) -> float:
+    """Mean silhouette with cosine distance (1 - cos), as scikit-learn defines it.
+
+    s(i) = (b - a) / max(a, b), a = mean distance to the rest of i's cluster, b = the lowest
+    mean distance to another cluster; s = 0 for a sentence alone in its cluster. Computed on a
+    seeded random sample of ``max_points`` sentences when there are more.
+    """
+    if vectors.shape[0] > max_points:
+        sample = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points]
+        vectors, labels = vectors[sample], labels[sample]
+    clusters, codes = torch.unique(labels, return_inverse=True)
+    if len(clusters) < 2:
+        raise ValueError(f"the silhouette needs at least 2 non-empty clusters, got {len(clusters)}")
+    unit = F.normalize(vectors.double(), dim=-1)
+    distance = (1.0 - unit @ unit.T).clamp_min(0.0)
+    one_hot = F.one_hot(codes, len(clusters)).double()
+    sums = distance @ one_hot  # (n, n_clusters): summed distance to each cluster
+    counts = one_hot.sum(dim=0)
+    own_count = counts[codes]
+    own = (sums.gather(1, codes[:, None]).squeeze(1) / (own_count - 1).clamp_min(1))
+    mean_to = sums / counts
+    mean_to.scatter_(1, codes[:, None], math.inf)
+    nearest = mean_to.min(dim=1).values
+    score = (nearest - own) / torch.maximum(own, nearest).clamp_min(1e-12)
+    score = torch.where(own_count > 1, score, torch.zeros_like(score))
+    return score.mean().item()
 
 
 # --- ground truth ------------------------------------------------------------------
@@ -233,6 +271,17 @@ def ground_truth_metrics(labels_true: Labels, labels_pred: Labels) -> GroundTrut
     )
 
 
+def sentence_labels(sentences: Sequence[SentenceRecord]) -> list[str] | None:
+    """The ground-truth labels, or None when the sentences carry none; mixed is an error."""
+    labels = [sentence.label for sentence in sentences]
+    n_missing = sum(label is None for label in labels)
+    if n_missing == len(labels):
+        return None
+    if n_missing:
+        raise ValueError(f"{n_missing} of {len(labels)} sentences have no ground-truth label; expected all or none")
+    return labels
+
+
 @dataclass(frozen=True)
 class GeometricMetrics:
     fvu: float
@@ -271,6 +320,7 @@ __all__ = [
     "adjusted_rand_index",
     "cluster_size_distribution",
     "contingency_table",
+    "cosine_silhouette",
     "geometric_metrics",
     "ground_truth_metrics",
     "match_behaviours_to_labels",
@@ -278,4 +328,5 @@ __all__ = [
     "mutual_information",
     "normalized_mutual_info",
     "reconstruction_fvu",
+    "sentence_labels",
 ]

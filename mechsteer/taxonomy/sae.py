@@ -31,29 +31,32 @@ thread is far faster: the tests measured ~100x with ``torch.set_num_threads(1)``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
+from mechsteer.taxonomy.kmeans import SphericalKMeans
 
 SAE_WEIGHTS_FILE = "sae.safetensors"
 SAE_CONFIG_FILE = "sae.json"
 SAE_FORMAT = "mechsteer.topk_sae"
 SAE_FORMAT_VERSION = 1
+SAE_ARTEFACT = ArtefactFormat(name=SAE_FORMAT, version=SAE_FORMAT_VERSION, json_file=SAE_CONFIG_FILE,
+                              tensors_file=SAE_WEIGHTS_FILE, kind="SAE")
 # Centring means are compared like torch.allclose: |a - b| <= atol + rtol * |b|.
 CENTRING_ATOL = 1e-6
 CENTRING_RTOL = 1e-5
-SAE_INITS = ("kmeans", "random")
+SAEInit = Literal["kmeans", "random"]  # see the module docstring
+SAE_INITS: tuple[SAEInit, ...] = get_args(SAEInit)
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class SAEConfig:
     patience: int = 10
     val_fraction: float = 0.1
     seed: int = 0
-    init: str = "kmeans"  # "kmeans" (default, see the module docstring) or "random"
+    init: SAEInit = "kmeans"
     init_sample: int = 8192
 
     def __post_init__(self) -> None:
@@ -281,34 +284,16 @@ class TopKSAE(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``sae.safetensors`` (weights and centring mean) and ``sae.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(tensors, str(directory / SAE_WEIGHTS_FILE))
         metadata = {
-            "format": SAE_FORMAT,
-            "version": SAE_FORMAT_VERSION,
             "config": self.config.to_dict(),
             "normalised": self.normalised,
             "report": None if self.report is None else self.report.to_dict(),
         }
-        (directory / SAE_CONFIG_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        return directory
+        return save_artefact(directory, SAE_ARTEFACT, metadata, dict(self.state_dict()))
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> TopKSAE:
-        directory = Path(directory)
-        config_path, weights_path = directory / SAE_CONFIG_FILE, directory / SAE_WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ValueError(f"{path} not found: not a saved SAE directory")
-        metadata = json.loads(config_path.read_text())
-        if metadata.get("format") != SAE_FORMAT or metadata.get("version") != SAE_FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path} is not a {SAE_FORMAT} v{SAE_FORMAT_VERSION} file: "
-                f"format={metadata.get('format')!r}, version={metadata.get('version')!r}"
-            )
-        tensors = load_file(str(weights_path), device=str(device))
+        metadata, tensors = load_artefact(directory, SAE_ARTEFACT, device=device)
         sae = cls(
             SAEConfig.from_dict(metadata["config"]),
             centring_mean=tensors["centring_mean"],
@@ -355,8 +340,6 @@ def _kmeans_directions(
     generator: torch.Generator,
 ) -> Tensor:
     """Spherical k-means centres of (a sample of) the training vectors about their mean."""
-    from mechsteer.taxonomy.clustering import SphericalKMeans  # clustering imports this module
-
     n_train = sum(len(indices) for indices in train_indices)
     if n_train < config.n_latents:
         raise ValueError(
@@ -473,6 +456,7 @@ def train_sae(
 
 __all__ = [
     "SAEConfig",
+    "SAEInit",
     "TopKSAE",
     "TrainReport",
     "fraction_of_variance_unexplained",

@@ -1,7 +1,7 @@
 """Judge-based taxonomy metrics, as in the paper (method notes, "Metrics (LLM judge)").
 
 Inputs are plain data: sentences, one integer behaviour id per sentence, and the behaviours'
-titles and descriptions; any :class:`mechsteer.taxonomy.judge.clients.Judge` answers the prompts of
+titles and descriptions; any :class:`mechsteer.taxonomy.judge.base.Judge` answers the prompts of
 :mod:`mechsteer.taxonomy.judge.prompts`.
 
 - :func:`example_sentences`: the paper's ~200 examples per behaviour (top 100 by activation
@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mechsteer.taxonomy.judge.clients import Judge, JudgeError, complete_many
+from mechsteer.taxonomy.judge.base import Judge, JudgeError, complete_many
 from mechsteer.taxonomy.judge.prompts import (
     COMPLETENESS,
     CONSISTENCY,

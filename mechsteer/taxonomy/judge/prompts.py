@@ -8,7 +8,7 @@ The paper's protocol (method notes, "Titles and descriptions" and "Metrics (LLM 
 - ``completeness``: 0-10, how well a sentence fits its assigned behaviour;
 - ``pair_similarity``: 0-10, how similar two behaviours are.
 
-Prompt layout is machine-readable on purpose, so that :class:`mechsteer.taxonomy.judge.clients.OracleJudge`
+Prompt layout is machine-readable on purpose, so that :class:`mechsteer.taxonomy.judge.oracle.OracleJudge`
 can answer the very same prompts a real judge gets: the user message starts with a
 ``Task: <name>`` line, and every free-text field sits on its own line as ``Key: "<json>"``
 (a JSON string literal, so sentences with newlines or quotes stay on one line and parse back

@@ -1,0 +1,71 @@
+"""``mechsteer directions``: behaviour steering directions in the base model (:mod:`mechsteer.steering`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mechsteer.cli.common import add_pair_and_label_args, labels_from_args, split_pair
+from mechsteer.core.models import load_model
+from mechsteer.steering.framing import load_framed_traces
+from mechsteer.steering.mean import POOLINGS, build_mean_directions, default_layer
+from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
+from mechsteer.steering.sae_map import MAPPINGS, build_sae_directions
+
+
+def run_directions_cli(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_spec, thinking_spec = split_pair(args.pair)
+    base = load_model(base_spec, device=args.device)
+    layer = default_layer(base.cfg.n_layers) if args.layer is None else args.layer
+    thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split)
+    base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split) if args.base_traces else None
+    labels = labels_from_args(args, len(thinking_traces), thinking_traces[0].benchmark)
+    if args.method == "mean":
+        result = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
+                                       layer, base_traces=base_traces, pooling=args.pooling,
+                                       text_labeller=labels.text_labeller, skip_empty=True)
+    elif args.method == "sae":
+        if labels.taxonomy is None:
+            raise SystemExit("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
+        thinking = load_model(thinking_spec, device=args.device)
+        result = build_sae_directions(base, thinking, labels.taxonomy.load_sae(), labels.behaviour_ids,
+                                      labels.titles, layer, thinking_traces, sae_layer=labels.taxonomy.provenance.layer,
+                                      mapping=args.mapping, base_traces=base_traces, pooling=args.pooling)
+    else:
+        config = OptimisationConfig(steps=args.steps, max_examples=args.max_examples, seed=args.seed)
+        result = build_optimised_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids,
+                                            labels.titles, layer, config, text_labeller=labels.text_labeller,
+                                            skip_empty=True)
+    result.provenance.update({"labels": labels.source, "traces": str(args.traces),
+                              "base_traces": str(args.base_traces) if args.base_traces else None,
+                              "pair": [base_spec, thinking_spec]})
+    result.save(args.out)
+    print(json.dumps({"out": str(args.out), "method": result.method, "layer": layer,
+                      "norms": dict(zip(result.titles, result.norms.tolist(), strict=True)),
+                      "bias_norm": None if result.bias is None else float(result.bias.norm()),
+                      "skipped_behaviours": result.provenance.get("skipped_behaviours", [])}))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("directions", help="behaviour steering directions in the base model")
+    add_pair_and_label_args(parser)
+    parser.add_argument("--method", choices=("mean", "sae", "optimised"), default="mean")
+    parser.add_argument("--layer", type=int, default=None, help="default: about 37.5%% of the depth")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base-traces", default=None,
+                        help="the base model's own traces (for the bias of mean/sae sets)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="sentence")
+    parser.add_argument("--mapping", choices=MAPPINGS, default="auto",
+                        help="SAE directions: thinking -> base space")
+    parser.add_argument("--steps", type=int, default=50, help="optimised: steps per vector")
+    parser.add_argument("--max-examples", type=int, default=2048, help="optimised: examples per vector")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_directions_cli)
+
+
+__all__ = ["register", "run_directions_cli"]

@@ -1,0 +1,192 @@
+"""Behaviour labels of sentences: the one place every stage gets them from.
+
+Two kinds of labeller, both giving behaviour ids (``None``: no behaviour claims the sentence):
+
+- a :data:`SentenceLabeller` labels a *pooled* sentence (:class:`~mechsteer.activations.SentenceRecord`)
+  of a known trace: by its ground-truth title (:func:`ground_truth_labeller`, for traces pooled
+  with a :data:`~mechsteer.data.labels.TraceLabeller`), or by another run's labels of the same
+  sentence, e.g. a taxonomy's assignments (:func:`aligned_labeller`). Direction building uses these.
+- a :class:`BehaviourLabeller` labels every sentence of *generated* text given its context: the
+  benchmark's ground truth (:func:`ground_truth_behaviour_labeller`), or for real models the
+  taxonomy's SAE on the thinking model's pooled sentence activations (:class:`SAEBehaviourLabeller`).
+  The causal stage uses these.
+
+:class:`BehaviourLabels` bundles a sentence labeller with the behaviours it names, from a
+benchmark's registered ground truth (:func:`ground_truth_labels`) or from a taxonomy
+(:func:`taxonomy_labels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechsteer.activations import (
+    Manifest,
+    SentenceRecord,
+    pool_batch,
+    read_sentences,
+    trace_sentences,
+)
+from mechsteer.core.tensor_types import Int, Tensor
+from mechsteer.data.labels import GroundTruth, TraceLabeller, require_ground_truth
+from mechsteer.data.traces import TraceRecord
+from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.sae import TopKSAE
+
+NO_LABEL = -1  # a sentence no behaviour claims (e.g. an organism's "other" sentence)
+
+# Gives a pooled sentence its behaviour id, or None when no behaviour claims it.
+SentenceLabeller = Callable[[SentenceRecord], int | None]
+
+
+# --------------------------------------------------------------------------------------------
+# Pooled sentences
+
+
+def ground_truth_labeller(titles: Sequence[str]) -> SentenceLabeller:
+    """Labels sentences pooled with a ground-truth labeller (``SentenceRecord.label``): id = index in ``titles``."""
+    index = {title: position for position, title in enumerate(titles)}
+
+    def label(sentence: SentenceRecord) -> int | None:
+        if sentence.label is None:
+            raise ValueError("sentence has no ground-truth label: pool the traces with a labeller "
+                             "(e.g. the benchmark's GroundTruth.label_reasoning)")
+        return index.get(sentence.label)
+
+    return label
+
+
+def aligned_labeller(sentences: Sequence[SentenceRecord], labels: Sequence[int]) -> SentenceLabeller:
+    """Labels from another run's sentences (e.g. a taxonomy's assignments), matched by trace and char span."""
+    if len(sentences) != len(labels):
+        raise ValueError(f"need one label per sentence; got {len(labels)} labels for {len(sentences)} sentences")
+    table = {(s.trace_index, s.char_start, s.char_end): int(label) for s, label in zip(sentences, labels, strict=True)}
+
+    def label(sentence: SentenceRecord) -> int | None:
+        return table.get((sentence.trace_index, sentence.char_start, sentence.char_end))
+
+    return label
+
+
+def sentence_labels(sentences: Sequence[SentenceRecord], labeller: SentenceLabeller) -> Int[Tensor, " n"]:
+    """Behaviour id per sentence, ``NO_LABEL`` (-1) where none."""
+    labels = [labeller(sentence) for sentence in sentences]
+    return torch.tensor([NO_LABEL if label is None else int(label) for label in labels], dtype=torch.long)
+
+
+@dataclass
+class BehaviourLabels:
+    """Where sentence labels come from: the taxonomy's assignments, or a benchmark's ground truth."""
+
+    labeller: SentenceLabeller
+    behaviour_ids: list[int]
+    titles: list[str]
+    text_labeller: TraceLabeller | None = None
+    taxonomy: Taxonomy | None = None  # when labels come from one
+    source: str = ""
+
+
+def ground_truth_labels(benchmark: str = "organism") -> BehaviourLabels:
+    """The benchmark's planted behaviours; ids are indices into its ``GroundTruth.behaviours``."""
+    ground_truth = require_ground_truth(benchmark)
+    titles = list(ground_truth.behaviours)
+    return BehaviourLabels(ground_truth_labeller(titles), list(range(len(titles))), titles,
+                           ground_truth.label_reasoning, None, ground_truth.source)
+
+
+def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None) -> BehaviourLabels:
+    """Labels from a taxonomy: its sentence assignments, matched to sentences by trace index and span.
+
+    The traces must be the ones (same file, same order) the taxonomy's activations came from.
+    """
+    taxonomy = Taxonomy.load(taxonomy_dir)
+    activations_dir = taxonomy.provenance.activations_dir
+    if n_traces is not None and Manifest.load(activations_dir).n_traces != n_traces:
+        raise ValueError(f"the taxonomy's activations ({activations_dir}) cover "
+                         f"{Manifest.load(activations_dir).n_traces} traces, but {n_traces} traces were given; "
+                         "pass the traces the taxonomy was built from")
+    sentences = read_sentences(activations_dir)
+    labeller = aligned_labeller(sentences, taxonomy.assignments.tolist())
+    return BehaviourLabels(labeller, taxonomy.behaviour_ids, [b.title for b in taxonomy.behaviours], None, taxonomy,
+                           f"taxonomy {taxonomy_dir}")
+
+
+# --------------------------------------------------------------------------------------------
+# Generated text
+
+
+class BehaviourLabeller(Protocol):
+    """Behaviour ids (None: no behaviour) of each sentence of each continuation, given its context."""
+
+    def __call__(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]: ...
+
+
+def ground_truth_behaviour_labeller(ground_truth: GroundTruth, titles: Sequence[str],
+                                    behaviour_ids: Sequence[int]) -> BehaviourLabeller:
+    """The benchmark's ground truth; a sentence of behaviour ``titles[i]`` gets ``behaviour_ids[i]``.
+
+    ``label_reasoning`` returns the sentences in text order, so each continuation's labels are
+    in sentence order.
+    """
+    ids = {title: int(b) for title, b in zip(titles, behaviour_ids, strict=True)}
+
+    def label(contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]:
+        return [[ids.get(title) for title in ground_truth.label_reasoning(text).values()] for text in continuations]
+
+    return label
+
+
+@dataclass
+class SAEBehaviourLabeller:
+    """The taxonomy's classifier: pool each continuation sentence in ``model`` at ``layer``, argmax SAE latent."""
+
+    model: TransformerBridge
+    sae: TopKSAE
+    layer: int
+    include_previous_token: bool = True
+    min_words: int = 3
+    batch_size: int = 8
+
+    def __call__(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[list[int | None]]:
+        results: list[list[int | None]] = []
+        for start in range(0, len(contexts), self.batch_size):
+            batch_ids, spans, owners = [], [], []
+            chunk = list(zip(contexts[start : start + self.batch_size], continuations[start : start + self.batch_size],
+                             strict=True))
+            for row, (context, continuation) in enumerate(chunk):
+                ids, sentences = trace_sentences(_text_record(context, continuation), row, self.model.tokenizer,
+                                                 min_words=self.min_words)
+                batch_ids.append(ids)
+                for sentence in sentences:
+                    first = sentence.tok_start - 1 if self.include_previous_token and sentence.tok_start > 0 else sentence.tok_start
+                    spans.append((row, first, sentence.tok_end))
+                    owners.append(row)
+            labels: list[list[int | None]] = [[] for _ in chunk]
+            if spans:
+                pooled = pool_batch(self.model, batch_ids, spans, [self.layer])[self.layer]
+                for owner, latent in zip(owners, self.sae.classify_tokens(pooled).tolist(), strict=True):
+                    labels[owner].append(int(latent))
+            results.extend(labels)
+        return results
+
+
+def _text_record(context: str, continuation: str) -> TraceRecord:
+    return TraceRecord(
+        problem_id="", benchmark="", prompt=context, text=context + continuation, generation=continuation,
+        reasoning=continuation, answer_part="", reasoning_char_start=len(context),
+        reasoning_char_end=len(context) + len(continuation), token_ids=[], n_prompt_tokens=0, prediction=None,
+        reference="", correct=False, finish_reason="", model="",
+    )
+
+
+__all__ = [
+    "NO_LABEL", "BehaviourLabeller", "BehaviourLabels", "SAEBehaviourLabeller", "SentenceLabeller",
+    "aligned_labeller", "ground_truth_behaviour_labeller", "ground_truth_labeller", "ground_truth_labels",
+    "sentence_labels", "taxonomy_labels",
+]

@@ -1,0 +1,165 @@
+"""The end-to-end run: configs, stage bookkeeping, report statistics, and (slow) a short
+organism run that is killed mid-way and resumed."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+from mechsteer.experiment.report import behaviour_statistics
+from mechsteer.experiment.state import RunState
+
+REPO = Path(__file__).resolve().parents[2]
+REPORT_KEYS = {"base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "tokens_steered_fraction",
+               "controls", "taxonomy", "ablations", "timings"}
+
+
+def test_every_experiment_config_parses():
+    paths = sorted((REPO / "experiments").glob("*.yaml"))
+    assert len(paths) >= 19
+    for path in paths:
+        config = RunConfig.from_yaml(path)
+        assert config.base_model and config.thinking_model and config.benchmark in {"gsm8k", "math500", "organism"}
+
+
+def test_demo_yaml_is_the_embedded_demo_config():
+    assert RunConfig.from_yaml(REPO / "experiments" / "organism-demo.yaml") == DEMO_CONFIG
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown config keys \\['n_layerz'\\]"):
+        RunConfig.from_dict({"name": "x", "base_model": "a", "thinking_model": "b", "benchmark": "gsm8k",
+                             "n_layerz": 3})
+
+
+def test_run_folder_refuses_another_config(tmp_path):
+    RunState(tmp_path, DEMO_CONFIG)
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        RunState(tmp_path, dataclasses.replace(DEMO_CONFIG, seed=1))
+    again = RunState(tmp_path, DEMO_CONFIG)  # the same config reopens fine
+    assert not again.done("traces_thinking_train")
+
+
+def test_behaviour_statistics_by_hand():
+    records = [
+        {"n_tokens": 11, "steered_positions": [0, 5, 10], "steered_behaviours": [0, 1, 0]},
+        {"n_tokens": 5, "steered_positions": [4], "steered_behaviours": [-1]},
+        {"n_tokens": 3, "steered_positions": [], "steered_behaviours": []},
+    ]
+    stats = behaviour_statistics(records, {0: "plan", 1: "verify"})
+    assert stats["onset"]["plan"]["n_fired"] == 2
+    assert stats["onset"]["plan"]["mean_relative_position"] == pytest.approx(0.5)  # (0 + 1) / 2
+    assert stats["onset"]["plan"]["mean_first_relative_position"] == 0.0
+    assert stats["onset"]["verify"]["mean_relative_position"] == pytest.approx(0.5)
+    assert stats["onset"]["bias"]["mean_relative_position"] == pytest.approx(1.0)
+    assert stats["onset"]["plan"]["share_of_problems"] == pytest.approx(1 / 3)
+    transitions = {(t["from"], t["to"]): t["count"] for t in stats["transitions"]}
+    assert transitions == {("plan", "verify"): 1, ("verify", "plan"): 1}
+
+
+SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organism-thinking", benchmark="organism",
+                 n_train=50, n_eval=50, max_new_tokens=288, batch_size=25, n_latents=[4, 5],
+                 normalise=[True, False], judge="oracle", threads=1,
+                 direction_method="optimised", optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
+                 coefficients=[1.0, 2.0, 4.0], ablation_contexts=10)
+
+KILL_DURING_HYBRID = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import mechsteer.experiment.pipeline as pipeline
+    real = pipeline.evaluate_hybrid
+    def dying(*args, **kwargs):
+        from mechsteer.hybrid import generator as hybrid
+        real_generate = hybrid.hybrid_generate
+        calls = []
+        def generate_then_die(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:  # the first batch of the hybrid is on disk; die in the second
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_generate(*a, **k)
+        pipeline_hybrid = __import__("mechsteer.hybrid.generator", fromlist=["x"])
+        pipeline_hybrid.hybrid_generate = generate_then_die
+        return real(*args, **kwargs)
+    pipeline.evaluate_hybrid = dying
+    from mechsteer.experiment.config import RunConfig
+    config = RunConfig.from_dict({config!r})
+    pipeline.run_pipeline(config, {out!r})
+""")
+
+
+TIMING_KEYS = {"timings", "train_seconds", "seconds", "throughput"}
+
+
+def comparable(value):
+    """The report without wall-clock measurements, which differ between any two runs."""
+    if isinstance(value, dict):
+        return {key: comparable(item) for key, item in value.items() if key not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    from mechsteer.experiment.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("short_run")
+    return out, run_pipeline(RunConfig.from_dict(SHORT_RUN), out, log=lambda message: None)
+
+
+@pytest.mark.slow
+def test_short_organism_run_writes_the_full_report(short_run):
+    out, report = short_run
+    assert REPORT_KEYS <= set(report)
+    assert set(report["controls"]) == {"only_bias", "random_firing", "random_vectors"}
+    for control in report["controls"].values():
+        assert {"accuracy", "gap_recovered"} <= set(control)
+    assert report["taxonomy"]["ari"] is not None  # ground truth exists for organisms
+    assert 0 < report["tokens_steered_fraction"] < 1
+    assert json.loads((out / "report.json").read_text())["hybrid_accuracy"] == report["hybrid_accuracy"]
+    for name in ("report.md", "accuracy.png", "timeline.png"):
+        assert (out / name).is_file()
+
+
+@pytest.mark.slow
+def test_short_organism_run_hybrid_beats_base(short_run):
+    _, report = short_run
+    assert report["hybrid_accuracy"] > report["base_accuracy"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
+    from mechsteer.experiment.pipeline import run_pipeline
+
+    _, report = short_run
+    config = RunConfig.from_dict(SHORT_RUN)
+    script = KILL_DURING_HYBRID.format(repo=str(REPO), config=SHORT_RUN, out=str(tmp_path / "resumed"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    stages = json.loads((tmp_path / "resumed" / "stages.json").read_text())["stages"]
+    assert "eval_thinking" in stages and "eval_hybrid" not in stages
+    hybrid_lines = (tmp_path / "resumed" / "eval" / "hybrid" / "results.jsonl").read_text().splitlines()
+    assert 0 < len(hybrid_lines) < config.n_eval
+    resumed = run_pipeline(config, tmp_path / "resumed", log=lambda message: None)
+    assert comparable(resumed) == comparable(report)
+
+
+def test_optimisation_settings_reach_the_vectors_and_unknown_keys_are_refused():
+    from mechsteer.experiment.config import optimisation_config
+
+    config = RunConfig.from_dict({**SHORT_RUN, "optimisation": {"lr": 0.1, "steps": 7}, "seed": 3})
+    settings = optimisation_config(config)
+    assert (settings.lr, settings.steps, settings.seed) == (0.1, 7, 3)
+    with pytest.raises(ValueError, match="unknown optimisation keys"):
+        optimisation_config(RunConfig.from_dict({**SHORT_RUN, "optimisation": {"learning_rate": 0.1}}))
+    # The settings change what a run computes, so they are part of its digest.
+    plain = RunConfig.from_dict({**SHORT_RUN, "seed": 3})
+    assert plain.digest() != config.digest()

@@ -1,0 +1,226 @@
+"""Sweeps: expansion and validation before anything runs, the wandb export, and a 4-point organism
+sweep (one point failing on purpose) that gives the same results table locally and on Ray."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mechsteer.cli import main
+from mechsteer.experiment.executors import RayExecutor
+from mechsteer.experiment.points import SHARED_STAGES
+from mechsteer.experiment.sweep import SweepSpec, phases, plan_points, run_sweep, wandb_sweep_config
+from mechsteer.experiment.tracking import find_run_folders, read_run_files
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEPS = REPO / "experiments" / "sweeps"
+TINY = yaml.safe_load((SWEEPS / "organism-tiny.yaml").read_text())
+FAILING_POINT = {"policy": "no_such_policy"}  # raises inside the point, in the hybrid stage
+
+
+def tiny_spec(**changes) -> dict:
+    return {**TINY, **changes}
+
+
+def write_sweep(folder: Path, data: dict) -> Path:
+    path = folder / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_sweeps_parse():
+    paths = sorted(SWEEPS.glob("*.yaml"))
+    assert {path.name for path in paths} >= {"organism-coefficients.yaml", "organism-tiny.yaml"}
+    for path in paths:
+        spec = SweepSpec.from_yaml(path)
+        assert spec.expand() and spec.executor in {"local", "ray"}
+
+
+def test_grid_is_a_cartesian_product_then_the_list():
+    spec = SweepSpec.from_dict(tiny_spec(grid={"coefficients": [[0.5], [1.0]], "seed": [0, 1]},
+                                         list=[{"sae_k": 2}]))
+    assert spec.expand() == [
+        {"coefficients": [0.5], "seed": 0}, {"coefficients": [0.5], "seed": 1},
+        {"coefficients": [1.0], "seed": 0}, {"coefficients": [1.0], "seed": 1}, {"sae_k": 2},
+    ]
+    assert spec.swept_keys() == ["coefficients", "seed", "sae_k"]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"grid": {"n_layerz": [1, 2]}}, r"grid: unknown config keys \['n_layerz'\]"),
+    ({"list": [{"coefficent": [1.0]}]}, r"list\[0\]: unknown config keys \['coefficent'\]"),
+    ({"grid": {"coefficients": [0.5, 1.0]}}, r"coefficients = 0.5 is not a list\[float\].*\[\[0.5\], \[1.0\]\]"),
+    ({"grid": {"name": ["a", "b"]}}, r"'name' cannot be set here"),
+    ({"executor": "slurm"}, r"executor must be one of"),
+    ({"retires": 2}, r"unknown sweep keys \['retires'\]"),
+    ({"grid": {}, "list": []}, r"has no points"),
+])
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, change, message):
+    path = write_sweep(tmp_path, tiny_spec(**change))
+    with pytest.raises(ValueError, match=message):
+        main(["sweep", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_points_differing_only_downstream_share_one_upstream_run(tmp_path):
+    spec = SweepSpec.from_dict(tiny_spec(grid={"coefficients": [[0.5], [1.0]], "policy": ["sae_argmax", "threshold"]},
+                                         list=[{"seed": 1}, {"seed": 1, "windows": [2]}]))
+    points = plan_points(spec, tmp_path)
+    leaders, followers = phases(points)
+    assert [p.index for p in leaders] == [0, 4]
+    assert {p.index: Path(p.donor).name for p in followers} == {
+        1: Path(points[0].out).name, 2: Path(points[0].out).name, 3: Path(points[0].out).name,
+        5: Path(points[4].out).name}
+    assert len({p.out for p in points}) == len(points)
+    assert all(Path(p.out).parent == tmp_path.resolve() / "points" for p in points)
+
+
+def test_wandb_export_is_a_grid_that_runs_one_point(tmp_path):
+    path = write_sweep(tmp_path, tiny_spec(list=[], grid={"coefficients": [[0.5], [1.0]], "seed": [0, 1]}))
+    exported = tmp_path / "wandb-sweep.yaml"
+    assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "out"),
+                 "--export-wandb", str(exported)]) == 0
+    config = yaml.safe_load(exported.read_text())
+    assert config["method"] == "grid" and config["name"] == "organism-tiny"
+    assert config["parameters"] == {"coefficients": {"values": [[0.5], [1.0]]}, "seed": {"values": [0, 1]}}
+    command = config["command"]
+    assert command[:3] == ["${env}", "mechsteer", "sweep"]
+    assert command[command.index("--config") + 1] == str(path.resolve())
+    assert command[command.index("--point") + 1] == "${args_json_file}"
+    with pytest.raises(ValueError, match="explicit 'list' points"):
+        wandb_sweep_config(SweepSpec.from_yaml(SWEEPS / "organism-tiny.yaml"), tmp_path)
+
+
+def test_ray_workers_get_one_thread_and_the_offline_switches(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    executor = RayExecutor(point_cpus=1, num_cpus=2)
+    assert executor.env_vars["OMP_NUM_THREADS"] == "1" and executor.env_vars["HF_HUB_OFFLINE"] == "1"
+    assert RayExecutor(point_cpus=4).env_vars["OMP_NUM_THREADS"] == "4"
+
+
+# ------------------------------------------------------------------------------------------
+# The 4-point organism sweep
+
+
+METRIC_COLUMNS = ("base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "tokens_steered_fraction",
+                  "taxonomy_layer", "n_behaviours", "taxonomy_ari", "steer_layer")
+
+
+def results_table(out: Path) -> list[dict]:
+    import pyarrow.parquet
+
+    return [{key: value for key, value in row.items() if key != "seconds"}
+            for row in pyarrow.parquet.read_table(out / "results.parquet").to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def failing_sweep_file(tmp_path_factory) -> Path:
+    return write_sweep(tmp_path_factory.mktemp("sweep_file"), tiny_spec(list=[FAILING_POINT]))
+
+
+@pytest.fixture(scope="module")
+def local_sweep(failing_sweep_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local_sweep")
+    code = main(["sweep", "--config", str(failing_sweep_file), "--out", str(out), "--wandb"])
+    assert code == 1  # one point failed
+    return out
+
+
+@pytest.mark.slow
+def test_local_sweep_reports_every_point(local_sweep):
+    rows = results_table(local_sweep)
+    assert [row["index"] for row in rows] == [0, 1, 2, 3]
+    assert [row["coefficients"] for row in rows] == ["[0.5]", "[1.0]", "[2.0]", None]
+    ok, failed = rows[:3], rows[3]
+    for row in ok:
+        assert (row["status"], row["attempts"], row["error"]) == ("ok", 1, None)
+        assert all(row[column] is not None for column in METRIC_COLUMNS if column != "gap_recovered")
+        assert 0.0 <= row["hybrid_accuracy"] <= 1.0
+    # retried (1 + retries attempts), then reported, and the others still finished
+    assert failed["status"] == "failed" and failed["attempts"] == TINY["retries"] + 1
+    assert failed["policy"] == "no_such_policy" and "unknown policy 'no_such_policy'" in failed["error"]
+    assert failed["hybrid_accuracy"] is None
+    errors = (local_sweep / "points" / failed["point"] / "errors.log").read_text()
+    assert errors.count("--- attempt") == TINY["retries"] + 1
+
+    import csv
+
+    with (local_sweep / "results.csv").open() as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in csv_rows] == [r["status"] for r in rows]
+    assert [float(r["hybrid_accuracy"]) for r in csv_rows[:3]] == [r["hybrid_accuracy"] for r in ok]
+    assert (local_sweep / "results.png").stat().st_size > 0
+    assert not list(local_sweep.glob(".*.partial"))
+
+
+@pytest.mark.slow
+def test_local_sweep_points_share_the_upstream_run(local_sweep):
+    rows = results_table(local_sweep)
+    leader = local_sweep / "points" / rows[0]["point"]
+    assert not (leader / "shared_from.json").exists()
+    for row in rows[1:]:
+        shared = json.loads((local_sweep / "points" / row["point"] / "shared_from.json").read_text())
+        assert Path(shared["donor"]) == leader and shared["stages"] == sorted(SHARED_STAGES)
+        stages = json.loads((local_sweep / "points" / row["point"] / "stages.json").read_text())["stages"]
+        leader_stages = json.loads((leader / "stages.json").read_text())["stages"]
+        assert all(stages[name] == leader_stages[name] for name in SHARED_STAGES)
+    # the shared files are the leader's own (hard links), not recomputed copies
+    sample = next((leader / "activations").glob("*.safetensors"))
+    follower = local_sweep / "points" / rows[1]["point"] / "activations" / sample.name
+    assert os.path.samefile(sample, follower)
+
+
+@pytest.mark.slow
+def test_tracked_sweep_logs_each_point_as_a_run_in_one_group(local_sweep):
+    rows = results_table(local_sweep)
+    logged = [read_run_files(folder) for folder in find_run_folders(local_sweep)]
+    assert {run.group for run in logged} == {"organism-tiny"}
+    names = sorted(run.name for run in logged)
+    expected = sorted([f"organism-tiny-{row['point']}" for row in rows] + ["organism-tiny-results"])
+    # the failing point logs one run per attempt
+    failing = f"organism-tiny-{rows[3]['point']}"
+    assert sorted(set(names)) == expected and names.count(failing) == TINY["retries"] + 1
+    assert all(folder.is_relative_to(local_sweep / "wandb") for folder in find_run_folders(local_sweep))
+
+
+@pytest.fixture
+def ray_cluster_cleanup():
+    pytest.importorskip("ray", reason="the ray extra is not installed (make install adds it)")
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_sweep_gives_the_same_results_table(local_sweep, failing_sweep_file, ray_cluster_cleanup, tmp_path):
+    spec = SweepSpec.from_yaml(failing_sweep_file)
+    spec.executor, spec.ray_num_cpus = "ray", 2
+    rows = run_sweep(spec, tmp_path / "ray_sweep", log=lambda message: None)
+    import ray
+
+    assert not ray.is_initialized()  # the executor shut down the cluster it started
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed"]
+    assert results_table(tmp_path / "ray_sweep") == results_table(local_sweep)
+
+
+@pytest.mark.slow
+def test_one_point_as_a_wandb_agent_runs_it_starts_from_a_finished_point(local_sweep, failing_sweep_file, tmp_path):
+    import shutil
+
+    leader = results_table(local_sweep)[0]["point"]
+    out = tmp_path / "agent_sweep"
+    shutil.copytree(local_sweep / "points" / leader, out / "points" / leader)
+    overrides = tmp_path / "args.json"
+    overrides.write_text(json.dumps({"coefficients": [4.0]}))
+    assert main(["sweep", "--config", str(failing_sweep_file), "--out", str(out), "--point", str(overrides)]) == 0
+    [point] = [folder for folder in (out / "points").iterdir() if folder.name != leader]
+    shared = json.loads((point / "shared_from.json").read_text())
+    assert Path(shared["donor"]).name == leader and shared["stages"] == sorted(SHARED_STAGES)
+    report = json.loads((point / "report.json").read_text())
+    assert report["config"]["coefficients"] == [4.0] and 0.0 <= report["hybrid_accuracy"] <= 1.0
+    [run] = [read_run_files(folder) for folder in find_run_folders(out)]
+    assert run.group == "organism-tiny" and run.config["coefficients"] == [4.0]
