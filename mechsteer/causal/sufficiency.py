@@ -11,6 +11,7 @@ a norm-matched random direction at the same coefficient (:meth:`DirectionSet.ran
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import trace_sentences
+from mechsteer.core.models import ResidSite
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.data.labels import TraceLabeller
 from mechsteer.data.traces import TraceRecord
@@ -48,7 +50,7 @@ class RowWindowSteering(ResidSiteIntervention):
     coeff: float
     starts: Sequence[int]
     ends: Sequence[int]
-    site: str = "resid_post"
+    site: ResidSite = "resid_post"
 
     def validate(self, model: TransformerBridge) -> None:
         super().validate(model)
@@ -170,8 +172,9 @@ def sufficiency(
         raise ValueError(f"n_random must be >= 1; got {n_random}")
     controls = [directions.random_like(seed + index) for index in range(n_random)]
     rows = []
-    settings = dict(layer=directions.layer, window=window, steer_generation=steer_generation,
-                    max_new_tokens=max_new_tokens, stop_strings=stop_strings, batch_size=batch_size)
+    next_sentences = functools.partial(_next_sentences, base_model, layer=directions.layer, window=window,
+                                       steer_generation=steer_generation, max_new_tokens=max_new_tokens,
+                                       stop_strings=stop_strings, batch_size=batch_size)
     for behaviour in directions.behaviour_ids if behaviour_ids is None else behaviour_ids:
         eligible = contexts_for(contexts, behaviour)
         if not eligible:
@@ -183,15 +186,18 @@ def sufficiency(
             labels = _first_labels(labeller, texts, continuations)
             return sum(label == behaviour for label in labels) / len(labels)
 
-        unsteered = rate(_next_sentences(base_model, texts, direction=None, coeff=0.0, **settings))
+        unsteered = rate(next_sentences(texts, direction=None, coeff=0.0))
 
         def vector(source: DirectionSet, behaviour: int = int(behaviour)) -> Tensor:
-            return source.direction(behaviour) + source.bias if with_bias else source.direction(behaviour)
+            if not with_bias:
+                return source.direction(behaviour)
+            if source.bias is None:
+                raise ValueError("with_bias needs a direction set with a bias; this one has none")
+            return source.direction(behaviour) + source.bias
 
         for coeff in coeffs:
-            steered = rate(_next_sentences(base_model, texts, direction=vector(directions), coeff=coeff, **settings))
-            random_rates = [rate(_next_sentences(base_model, texts, direction=vector(control), coeff=coeff,
-                                                 **settings)) for control in controls]
+            steered = rate(next_sentences(texts, direction=vector(directions), coeff=coeff))
+            random_rates = [rate(next_sentences(texts, direction=vector(control), coeff=coeff)) for control in controls]
             mean_random = sum(random_rates) / len(random_rates)
             rows.append(SufficiencyRow(
                 behaviour_id=int(behaviour), title=directions.title(behaviour), coeff=float(coeff), window=window,

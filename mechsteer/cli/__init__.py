@@ -2,19 +2,43 @@
 
 Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` on
 it. Plug-ins add commands through the entry-point group ``mechsteer.commands`` (the organisms'
-``organism`` command is one). Errors of mechsteer's own types are printed as one line; set
-``MECHSTEER_DEBUG=1`` (or pass ``--debug``) for the traceback.
+``organism`` command is one).
+
+Errors a person can act on are printed as one line, ``mechsteer: error: ...``, with exit code 2
+for a refused argument or config and 1 otherwise: mechsteer's own errors
+(:class:`~mechsteer.core.errors.MechsteerError`: corrupt artefacts, provenance mismatches,
+missing models or data), file-system errors (a missing file, a full disk) and the ``ValueError``
+of a library check (then with where it was raised). Any other exception is a bug and keeps its
+traceback. ``--debug`` (anywhere on the command line) or ``MECHSTEER_DEBUG=1`` shows the
+traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import traceback
 from importlib.metadata import entry_points
 
-from mechsteer.cli import ablate, activations, directions, info, run, sweep, taxonomy, traces
+from mechsteer.cli import (
+    ablate,
+    activations,
+    directions,
+    info,
+    report,
+    run,
+    sweep,
+    taxonomy,
+    traces,
+)
+from mechsteer.core.errors import ConfigError, MechsteerError
 
 COMMAND_GROUP = "mechsteer.commands"
-COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep)
+COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep, report)
+DEBUG_ENV = "MECHSTEER_DEBUG"
+DEBUG_HELP = f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
+INTERRUPTED_EXIT = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +46,51 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mechsteer",
         description="Mechanistic interpretability of reasoning: traces, taxonomy, steering, hybrid.",
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.register(subparsers)
     for entry_point in entry_points(group=COMMAND_GROUP):
         entry_point.load()(subparsers)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any (sub)command too; SUPPRESS keeps a subcommand from resetting it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                if not any("--debug" in other.option_strings for other in subparser._actions):
+                    subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                           help=DEBUG_HELP)
+                _add_debug_flag(subparser)
+
+
+def _raise_site(error: BaseException) -> str:
+    """``file:line`` of the frame that raised ``error`` (the innermost of its traceback)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "unknown place"
+    frame = frames[-1]
+    marker = f"{os.sep}mechsteer{os.sep}"
+    filename = frame.filename
+    if marker in filename:
+        filename = "mechsteer" + os.sep + filename.rsplit(marker, 1)[1]
+    return f"{filename}:{frame.lineno}"
+
+
+def error_line(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, the one line to print) for an error a person can act on; None for a bug."""
+    if isinstance(error, ConfigError):
+        return 2, str(error)
+    if isinstance(error, MechsteerError):
+        return 1, str(error)
+    if isinstance(error, OSError):
+        return 1, f"{error} (--debug for the traceback)"
+    if isinstance(error, ValueError):
+        return 1, f"{error} ({type(error).__name__} at {_raise_site(error)}; --debug for the traceback)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,5 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    result = args.func(args)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("mechsteer: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Exception as error:
+        explained = None if debug else error_line(error)
+        if explained is None:
+            raise
+        code, message = explained
+        print(f"mechsteer: error: {' '.join(message.split())}", file=sys.stderr)
+        return code
     return int(result or 0)

@@ -10,7 +10,14 @@ import torch
 from mechsteer.causal.necessity import NecessityVariant, necessity
 from mechsteer.causal.outputs import write_outputs
 from mechsteer.causal.sufficiency import sufficiency, sufficiency_contexts
-from mechsteer.cli.common import add_pair_and_label_args, labels_from_args, parse_floats, split_pair
+from mechsteer.cli.common import (
+    add_pair_and_label_args,
+    check_pair_and_labels,
+    float_list,
+    labels_from_args,
+    positive_int,
+    split_pair,
+)
 from mechsteer.core.models import load_model
 from mechsteer.data.benchmarks import load_benchmark
 from mechsteer.data.labels import ground_truth_for, require_ground_truth
@@ -26,16 +33,24 @@ from mechsteer.steering.mean import build_mean_directions
 
 
 def run_ablate_cli(args: argparse.Namespace) -> int:
+    check_pair_and_labels(args)
+    # The artefacts are read before any model loads, and checked against the models as soon as
+    # they do: a wrong set is refused before the necessity pass, not after it.
+    directions = DirectionSet.load(args.directions)
+    necessity_set = DirectionSet.load(args.necessity_directions) if args.necessity_directions else directions
     if args.threads:
         torch.set_num_threads(args.threads)
     base_spec, thinking_spec = split_pair(args.pair)
-    base = load_model(base_spec, device=args.device)
-    thinking = load_model(thinking_spec, device=args.device)
-    directions = DirectionSet.load(args.directions)
+    base = load_model(base_spec, device=args.device, dtype=args.dtype)
+    thinking = load_model(thinking_spec, device=args.device, dtype=args.dtype)
+    directions.check_model(base, allow_other_name=args.allow_other_model)
+    # A set made in the base model is applied to the thinking model as is (same residual basis).
+    necessity_set.check_model(thinking, allow_other_name=True)
     traces = load_framed_traces(args.traces, base.tokenizer, args.split)
     benchmark = traces[0].benchmark
     labels = labels_from_args(args, len(traces), benchmark)
     if labels.taxonomy is not None:
+        labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
         sae_labeller = SAEBehaviourLabeller(thinking, labels.taxonomy.load_sae(), labels.taxonomy.provenance.layer,
                                             labels.taxonomy.provenance.include_previous_token)
         behaviour_labeller: BehaviourLabeller = sae_labeller
@@ -45,7 +60,6 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
     # A benchmark with ground truth follows a grammar of one sentence per line (the organisms):
     # the next sentence ends at the newline.
     one_sentence_per_line = ground_truth_for(benchmark) is not None
-    necessity_set = DirectionSet.load(args.necessity_directions) if args.necessity_directions else directions
     problems = load_benchmark(benchmark, args.eval_split, args.n_problems)
     layer_directions = None
     variants: list[NecessityVariant] = ["layer", "all"]
@@ -66,7 +80,7 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
     optimised = directions.method == "optimised"
     steer_generation = args.steer_generation == "on" or (args.steer_generation == "auto" and optimised)
     with_bias = args.with_bias == "on" or (args.with_bias == "auto" and optimised)
-    sufficiency_rows = sufficiency(base, directions, contexts, behaviour_labeller, coeffs=parse_floats(args.coeffs),
+    sufficiency_rows = sufficiency(base, directions, contexts, behaviour_labeller, coeffs=args.coeffs,
                                    window=args.window, steer_generation=steer_generation, with_bias=with_bias,
                                    n_contexts=args.n_contexts, n_random=args.n_random, seed=args.seed,
                                    max_new_tokens=args.sentence_tokens,
@@ -95,17 +109,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--per-layer-pooling", choices=("sentence", "boundary"), default="boundary")
     parser.add_argument("--out", required=True)
     parser.add_argument("--eval-split", default="test", help="benchmark split of the necessity problems")
-    parser.add_argument("--n-problems", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=384)
-    parser.add_argument("--coeffs", default="1,2,4", help="steering coefficients for sufficiency")
-    parser.add_argument("--window", type=int, default=1, help="steer the last N context positions")
+    parser.add_argument("--n-problems", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=384)
+    parser.add_argument("--coeffs", default=[1.0, 2.0, 4.0], type=float_list,
+                        help="steering coefficients for sufficiency (default 1,2,4)")
+    parser.add_argument("--window", type=positive_int, default=1, help="steer the last N context positions")
     parser.add_argument("--steer-generation", choices=("auto", "on", "off"), default="auto",
                         help="also steer the generated sentence's positions (auto: only for optimised sets)")
     parser.add_argument("--with-bias", choices=("auto", "on", "off"), default="auto",
                         help="steer with bias + direction, as the hybrid does (auto: only for optimised sets)")
-    parser.add_argument("--n-contexts", type=int, default=64)
-    parser.add_argument("--n-random", type=int, default=1, help="norm-matched random controls per behaviour")
-    parser.add_argument("--sentence-tokens", type=int, default=48, help="max tokens of the generated next sentence")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-contexts", type=positive_int, default=64)
+    parser.add_argument("--n-random", type=positive_int, default=1, help="norm-matched random controls per behaviour")
+    parser.add_argument("--sentence-tokens", type=positive_int, default=48,
+                        help="max tokens of the generated next sentence")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_ablate_cli)

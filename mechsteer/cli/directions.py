@@ -7,7 +7,16 @@ import json
 
 import torch
 
-from mechsteer.cli.common import add_pair_and_label_args, labels_from_args, split_pair
+from mechsteer.cli.common import (
+    add_pair_and_label_args,
+    check_pair_and_labels,
+    check_traces_folder,
+    labels_from_args,
+    non_negative_int,
+    positive_int,
+    split_pair,
+)
+from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model
 from mechsteer.steering.framing import load_framed_traces
 from mechsteer.steering.mean import POOLINGS, build_mean_directions, default_layer
@@ -16,11 +25,19 @@ from mechsteer.steering.sae_map import MAPPINGS, build_sae_directions
 
 
 def run_directions_cli(args: argparse.Namespace) -> int:
+    check_pair_and_labels(args)
+    if args.base_traces:
+        check_traces_folder(args.base_traces, "--base-traces")
+    if args.method == "sae" and not args.taxonomy:
+        raise ConfigError("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
     if args.threads:
         torch.set_num_threads(args.threads)
     base_spec, thinking_spec = split_pair(args.pair)
-    base = load_model(base_spec, device=args.device)
+    base = load_model(base_spec, device=args.device, dtype=args.dtype)
     layer = default_layer(base.cfg.n_layers) if args.layer is None else args.layer
+    if not 0 <= layer < base.cfg.n_layers:
+        raise ConfigError(f"--layer {layer} does not exist in {base.cfg.model_name!r} "
+                          f"(layers 0 to {base.cfg.n_layers - 1})")
     thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split)
     base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split) if args.base_traces else None
     labels = labels_from_args(args, len(thinking_traces), thinking_traces[0].benchmark)
@@ -30,8 +47,9 @@ def run_directions_cli(args: argparse.Namespace) -> int:
                                        text_labeller=labels.text_labeller, skip_empty=True)
     elif args.method == "sae":
         if labels.taxonomy is None:
-            raise SystemExit("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
-        thinking = load_model(thinking_spec, device=args.device)
+            raise ConfigError("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
+        thinking = load_model(thinking_spec, device=args.device, dtype=args.dtype)
+        labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
         result = build_sae_directions(base, thinking, labels.taxonomy.load_sae(), labels.behaviour_ids,
                                       labels.titles, layer, thinking_traces, sae_layer=labels.taxonomy.provenance.layer,
                                       mapping=args.mapping, base_traces=base_traces, pooling=args.pooling)
@@ -55,15 +73,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("directions", help="behaviour steering directions in the base model")
     add_pair_and_label_args(parser)
     parser.add_argument("--method", choices=("mean", "sae", "optimised"), default="mean")
-    parser.add_argument("--layer", type=int, default=None, help="default: about 37.5%% of the depth")
+    parser.add_argument("--layer", type=non_negative_int, default=None, help="default: about 37.5%% of the depth")
     parser.add_argument("--out", required=True)
     parser.add_argument("--base-traces", default=None,
                         help="the base model's own traces (for the bias of mean/sae sets)")
     parser.add_argument("--pooling", choices=POOLINGS, default="sentence")
     parser.add_argument("--mapping", choices=MAPPINGS, default="auto",
                         help="SAE directions: thinking -> base space")
-    parser.add_argument("--steps", type=int, default=50, help="optimised: steps per vector")
-    parser.add_argument("--max-examples", type=int, default=2048, help="optimised: examples per vector")
+    parser.add_argument("--steps", type=positive_int, default=50, help="optimised: steps per vector")
+    parser.add_argument("--max-examples", type=positive_int, default=2048, help="optimised: examples per vector")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_directions_cli)
 

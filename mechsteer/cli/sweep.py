@@ -9,6 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from mechsteer.cli.common import check_output_folder
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.store import read_json
 from mechsteer.experiment.executors import EXECUTORS
 from mechsteer.experiment.sweep import SweepSpec, run_one_point, run_sweep, wandb_sweep_config
 
@@ -22,13 +25,16 @@ def sweep_cli(args: argparse.Namespace) -> int:
     if args.wandb:
         spec = dataclasses.replace(spec, wandb=True)
     spec.validate()
-    out = Path(args.out or Path("runs") / "sweeps" / spec.name)
+    out = check_output_folder(args.out or Path("runs") / "sweeps" / spec.name)
     if args.export_wandb:
         Path(args.export_wandb).write_text(yaml.safe_dump(wandb_sweep_config(spec, out), sort_keys=False))
         print(json.dumps({"wandb_sweep": args.export_wandb, "run_it": f"wandb sweep {args.export_wandb}"}))
         return 0
     if args.point:
-        row = run_one_point(spec, out, json.loads(Path(args.point).read_text()))
+        overrides = read_json(args.point, "point's overrides (a JSON object)")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"--point {args.point} holds a {type(overrides).__name__}, not a JSON object of overrides")
+        row = run_one_point(spec, out, overrides)
         print(json.dumps(row, default=str))
         return 0 if row["status"] == "ok" else 1
     rows = run_sweep(spec, out)

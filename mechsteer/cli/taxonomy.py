@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Literal
 
 from mechsteer.activations import Manifest
+from mechsteer.cli.common import check_output_folder, positive_float, positive_int
+from mechsteer.core.errors import ArtefactError, ConfigError
+from mechsteer.core.models import spec_model_name
+from mechsteer.core.provenance import mismatch, same_model
 from mechsteer.taxonomy.artefact import SELECTION_DOC
 from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.clustering import CLUSTERING_METHODS
+from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, check_judge_spec, clear_judge_cache
 from mechsteer.taxonomy.sweep import sweep_to_folder
 
 NormaliseChoice = Literal["yes", "no", "both"]
@@ -35,24 +40,56 @@ def parse_grid(text: str) -> list[int]:
             return list(range(start, stop + 1, step))
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"cannot read {text!r} as a grid: expected start:stop[:step] (stop included, step >= 1) "
             "or comma-separated integers"
         ) from None
 
 
+def grid_argument(text: str) -> list[int]:
+    """:func:`parse_grid` as an argument type: a bad grid stops the parser with one line."""
+    try:
+        values = parse_grid(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} names no values")
+    return values
+
+
 def run_taxonomy_cli(args: argparse.Namespace) -> int:
     activations_dir = Path(args.activations)
     if not (activations_dir / "manifest.json").is_file():
-        raise SystemExit(f"{activations_dir} has no manifest.json: not an activation run folder")
+        raise ArtefactError(f"{activations_dir} has no manifest.json: not an activation run folder "
+                            "(mechsteer activations writes one)")
     manifest = Manifest.load(activations_dir)
-    layers = parse_grid(args.layers) if args.layers else list(manifest.config["layers"])
-    grid = parse_grid(args.n_latents)
-    out = Path(args.out)
+    if not manifest.complete:
+        raise ArtefactError(f"{activations_dir}: the activation run is incomplete; rerun mechsteer activations "
+                            "with the same arguments to finish it")
+    if args.model is not None and not same_model(manifest.model, spec_model_name(args.model)):
+        raise mismatch(f"the activations in {activations_dir}", "model", manifest.model, spec_model_name(args.model),
+                       "pass the activations pooled from --model, or drop --model")
+    layers = args.layers or manifest.layers
+    missing = [layer for layer in layers if layer not in manifest.layers]
+    if missing:
+        raise ConfigError(f"--layers {missing} are not in the activation run {activations_dir} "
+                          f"(layers {manifest.layers})")
+    check_judge_spec(args.judge)
+    grid = args.n_latents
+    if any(n < 2 for n in grid):
+        raise ConfigError(f"--n-latents: every behaviour count must be >= 2, got {grid}")
+    if args.method == "sae" and args.k > min(grid):
+        raise ConfigError(f"--k {args.k} is more than the smallest --n-latents ({min(grid)}): "
+                          "the SAE keeps its top k latents")
+    out = check_output_folder(args.out)
+    if args.clear_judge_cache:
+        removed = clear_judge_cache(out)
+        print(json.dumps({"judge_cache_cleared": str(out / JUDGE_CACHE_DIR), "files": removed}))
     settings = JudgeSettings(
         n_top_examples=args.n_examples, n_random_examples=args.n_examples,
         n_repeats=args.n_repeats, n_in=args.n_judged, n_out=args.n_judged,
         n_per_behaviour=args.n_judged, concurrency=args.judge_concurrency,
+        timeout=args.judge_timeout, max_tokens=args.judge_max_tokens,
     )
     sae_options = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     rows, best = sweep_to_folder(
@@ -77,23 +114,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=SELECTION_DOC,
     )
     parser.add_argument("--activations", required=True, help="an activation run folder")
-    parser.add_argument("--layers", default=None,
+    parser.add_argument("--layers", default=None, type=grid_argument,
                         help="layers to sweep, e.g. 2,3 or 1:4 (default: all in the run)")
-    parser.add_argument("--n-latents", default="5:50:5",
+    parser.add_argument("--n-latents", default=parse_grid("5:50:5"), type=grid_argument,
                         help="behaviour counts, start:stop[:step] with stop included, or a list (default 5:50:5)")
-    parser.add_argument("--k", type=int, default=3, help="top-k of the SAE (default 3)")
+    parser.add_argument("--k", type=positive_int, default=3, help="top-k of the SAE (default 3)")
+    parser.add_argument("--model", default=None,
+                        help="the model the activations must come from (checked against their manifest)")
     parser.add_argument("--method", choices=CLUSTERING_METHODS, default="sae")
     parser.add_argument("--judge", default="none", help=JUDGE_CHOICES_HELP)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--normalise", choices=sorted(NORMALISE_CHOICES), default="yes",
                         help="L2-normalise the centred vectors: yes (default), no, or both (swept)")
-    parser.add_argument("--max-epochs", type=int, default=None, help="SAE epochs cap (default 300)")
-    parser.add_argument("--n-examples", type=int, default=100,
+    parser.add_argument("--max-epochs", type=positive_int, default=None, help="SAE epochs cap (default 300)")
+    parser.add_argument("--n-examples", type=positive_int, default=100,
                         help="top-activating and random examples per behaviour, each (default 100)")
-    parser.add_argument("--n-repeats", type=int, default=5, help="judge descriptions per behaviour")
-    parser.add_argument("--n-judged", type=int, default=100,
+    parser.add_argument("--n-repeats", type=positive_int, default=5, help="judge descriptions per behaviour")
+    parser.add_argument("--n-judged", type=positive_int, default=100,
                         help="sentences judged per behaviour for consistency (in and out) and completeness")
-    parser.add_argument("--judge-concurrency", type=int, default=None)
+    parser.add_argument("--judge-concurrency", type=positive_int, default=None,
+                        help="judge requests at once; for an HTTP judge also the most in flight, "
+                             "requests abandoned after a timeout included (default 4)")
+    parser.add_argument("--judge-timeout", type=positive_float, default=None,
+                        help="seconds an HTTP judge waits for one answer; a retry after a timeout "
+                             "waits twice as long (default 120)")
+    parser.add_argument("--judge-max-tokens", type=positive_int, default=None,
+                        help="cap on every judge answer's length in tokens (titles ask for 256): "
+                             "a slow local server answers sooner")
+    parser.add_argument("--clear-judge-cache", action="store_true",
+                        help=f"delete OUT/{JUDGE_CACHE_DIR} (the HTTP judge's saved answers) before judging")
     parser.add_argument("--out", required=True)
     parser.set_defaults(func=run_taxonomy_cli)
 

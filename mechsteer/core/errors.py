@@ -15,4 +15,9 @@ class ConfigError(MechsteerError, ValueError):
     """A configuration value or command-line argument is refused before any work starts."""
 
 
-__all__ = ["ArtefactError", "ConfigError", "MechsteerError"]
+class ProvenanceError(MechsteerError, ValueError):
+    """An artefact was made by another model, from other inputs or with other settings than the
+    stage reading it expects; the message names both values and the way out."""
+
+
+__all__ = ["ArtefactError", "ConfigError", "MechsteerError", "ProvenanceError"]

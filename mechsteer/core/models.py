@@ -36,7 +36,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mechsteer.core.errors import MechsteerError
 from mechsteer.core.plugins import load_plugins
+from mechsteer.core.vocab import tokenizers_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _NAMED_SPECS: dict[str, Callable[[], Path]] = {}
 
 DTypeName = Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+# "auto": bfloat16 on CUDA, float32 elsewhere (CPU kernels for bf16 are slow and less exact).
+DTypeChoice = Literal["auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16"]
+# accelerate's device map: "auto", "balanced", "balanced_low_0", "sequential", or module -> device.
+DeviceMap = str | dict[str, int | str]
 ResidSite = Literal["resid_pre", "resid_mid", "resid_post"]  # where a block's residual stream is read
 
 _DTYPES: dict[DTypeName, torch.dtype] = {
@@ -59,8 +65,12 @@ _DTYPES: dict[DTypeName, torch.dtype] = {
 }
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(MechsteerError, RuntimeError):
     """A model spec could not be resolved to weights on this machine."""
+
+
+class PlacementError(MechsteerError, RuntimeError):
+    """A model's weights are not on the device or in the dtype that was asked for."""
 
 
 def cache_root() -> Path:
@@ -69,13 +79,36 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "mechsteer"
 
 
-def resolve_dtype(dtype: DTypeName | torch.dtype | None) -> torch.dtype:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None: CUDA when present, else the CPU. ``"cuda"`` gets its index (the current
+    device), so that it compares equal to the device parameters report."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise PlacementError(f"unknown device {device!r}: {error}") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlacementError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
+                                 "device; use device: auto or cpu, or install a CUDA build of torch")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        elif resolved.index >= torch.cuda.device_count():
+            raise PlacementError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    return resolved
+
+
+def resolve_dtype(dtype: DTypeChoice | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """A dtype name as a torch dtype; None is float32, ``"auto"`` is bfloat16 on CUDA, else float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[dtype]
 
 
@@ -176,13 +209,52 @@ def resolve_spec(spec: str) -> ResolvedSpec:
         return ResolvedSpec(path, str(path))
     if path.exists():
         raise ModelNotAvailableError(f"{path} is neither a model folder nor a .gguf file")
+    if looks_like_path(spec):
+        raise ModelNotAvailableError(
+            f"model {spec!r}: no such folder ({path.absolute()}); pass an existing model folder, a .gguf "
+            f"file, or one of the built-in specs: {', '.join(map(repr, [SMOLLM2_SPEC, *named_specs()]))}"
+        )
     return ResolvedSpec(None, spec)
+
+
+def spec_model_name(spec: str) -> str:
+    """The ``cfg.model_name`` :func:`load_model` gives ``spec``, found without loading (or converting) it."""
+    if spec == SMOLLM2_SPEC:
+        return SMOLLM2_HF_NAME
+    path = Path(spec).expanduser()
+    if spec in named_specs():
+        return spec
+    if path.suffix == ".gguf":
+        return path.stem
+    return str(path) if path.is_dir() else spec
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a spec that can only be a local path: absolute, ``./``, ``../`` or ``~``-relative,
+    or with more than one ``/`` (a hub name is ``owner/name``)."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or spec in (".", "..")
+
+
+def missing_model_path(spec: str) -> str | None:
+    """Why ``spec`` cannot be a model, found without loading anything: a path that does not
+    exist (None when it exists, or names a registered spec or a possible hub model)."""
+    if spec == SMOLLM2_SPEC or spec in named_specs():
+        return None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        return f"no such .gguf file ({path.absolute()})"
+    if looks_like_path(spec) and not path.exists():
+        return f"no such folder ({path.absolute()})"
+    if path.is_dir() and not (path / "config.json").is_file():
+        return f"{path} is a folder without config.json, not a Hugging Face model folder"
+    return None
 
 
 def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
     return ModelNotAvailableError(
         f"could not load {spec!r} from the Hugging Face hub or its local cache "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}), "
+        f"and there is no local folder {Path(spec).expanduser().absolute()}. "
         "To use local weights, pass a folder with config.json, weights and tokenizer files "
         "(e.g. from `huggingface-cli download` on a machine with internet), a .gguf file, "
         f"or one of the built-in specs: {', '.join(map(repr, [SMOLLM2_SPEC, *named_specs()]))}."
@@ -190,19 +262,34 @@ def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
 
 
 def load_model(
-    spec: str, *, device: str | torch.device = "cpu", dtype: DTypeName | torch.dtype | None = None
+    spec: str,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: DTypeChoice | torch.dtype | None = None,
+    device_map: DeviceMap | None = None,
 ) -> TransformerBridge:
     """Load ``spec`` (see the module docstring) into a TransformerLens 4 ``TransformerBridge``.
 
-    The bridge is in eval mode, on ``device``, in ``dtype`` (default float32). Its
-    ``cfg.model_name`` records the spec's name for artefact provenance.
+    The bridge is in eval mode, on ``device`` (``"auto"``: CUDA when present), in ``dtype``
+    (default float32; ``"auto"``: bfloat16 on CUDA). With ``device_map`` (accelerate's, e.g.
+    ``"auto"``: one model over several GPUs) the weights are dispatched by accelerate instead and
+    ``device`` is ignored. The weights are loaded straight onto their device, and checked there
+    afterwards (:func:`check_placement`): TransformerLens uses a model handed to it as it is, so a
+    model left on the CPU would otherwise run there silently. ``cfg.model_name`` records the
+    spec's name for artefact provenance.
     """
-    torch_dtype = resolve_dtype(dtype)
+    target = None if device_map is not None else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target if target is not None else torch.device("cuda"))
+    load_kwargs: dict[str, object] = {"dtype": torch_dtype}
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    elif target is not None and target.type != "cpu":
+        load_kwargs["device_map"] = {"": str(target)}  # straight onto the device, never via host RAM
     resolved = resolve_spec(spec)
     source = str(resolved.folder) if resolved.folder is not None else spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     except (OSError, ValueError) as error:
         if resolved.folder is not None:
             raise ModelNotAvailableError(f"could not load the model folder {source}: {error}") from error
@@ -212,13 +299,83 @@ def load_model(
         tokenizer_dir = cache_root() / "tokenizers" / spec.replace("/", "--")
         tokenizer.save_pretrained(tokenizer_dir)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return wrap_hf_model(hf_model, tokenizer, resolved.model_name, device=target, dtype=torch_dtype,
+                         device_map=device_map)
+
+
+def wrap_hf_model(
+    hf_model: torch.nn.Module,
+    tokenizer: object,
+    model_name: str,
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None = None,
+) -> TransformerBridge:
+    """A bridge around an HF model already on ``device`` in ``dtype`` (or dispatched by
+    ``device_map``), checked there. ``tokenizer`` must have been loaded from a folder (TL
+    re-loads it by its ``name_or_path``). :func:`load_model` ends here; so do models built in
+    memory (``bench/gpu_check.py``'s random-weight models of real shapes)."""
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(
-        resolved.model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch_dtype
+        model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     bridge.eval()
-    bridge.cfg.model_name = resolved.model_name
+    bridge.cfg.model_name = model_name
+    check_placement(bridge, device=device, dtype=dtype, device_map=device_map)
     return bridge
+
+
+def check_placement(
+    model: torch.nn.Module,
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype,
+    device_map: DeviceMap | None = None,
+) -> None:
+    """Raise :class:`PlacementError` unless every parameter is where it was asked for: on
+    ``device`` (or, with a ``device_map``, on a real device of the map, never ``meta``) and, for
+    floating-point parameters, in ``dtype``."""
+    name = getattr(getattr(model, "cfg", None), "model_name", type(model).__name__)
+    wrong_device: dict[str, str] = {}
+    wrong_dtype: dict[str, str] = {}
+    allowed = None
+    if isinstance(device_map, dict):
+        allowed = {str(torch.device(f"cuda:{v}" if isinstance(v, int) else v)) for v in device_map.values()}
+    for param_name, param in model.named_parameters():
+        where = param.device
+        if device_map is None:
+            misplaced = device is not None and where != device
+        else:
+            misplaced = where.type == "meta" or (allowed is not None and str(where) not in allowed
+                                                and where.type not in {"cpu", "disk"})
+        if misplaced:
+            wrong_device.setdefault(str(where), param_name)
+        if param.is_floating_point() and param.dtype != dtype:
+            wrong_dtype.setdefault(str(param.dtype), param_name)
+    problems = []
+    if wrong_device:
+        wanted = device_map if device_map is not None else device
+        problems.append(f"parameters on {sorted(wrong_device)} (e.g. {next(iter(wrong_device.values()))}), "
+                        f"asked for {wanted}")
+    if wrong_dtype:
+        problems.append(f"parameters in {sorted(wrong_dtype)} (e.g. {next(iter(wrong_dtype.values()))}), "
+                        f"asked for {dtype}")
+    if problems:
+        raise PlacementError(f"{name}: {'; '.join(problems)}. The weights did not land where they were asked "
+                             "to; load them with mechsteer.core.models.load_model(spec, device=..., dtype=...), "
+                             "which places them before TransformerLens wraps the model")
+
+
+def input_device(model: TransformerBridge) -> torch.device:
+    """Where a model's inputs go: its embedding's device (the first one under a device map)."""
+    return next(model.parameters()).device
+
+
+# The host, for the small tensors a per-token loop keeps there on purpose (token ids from the
+# tokenizer, masks the host already knows). Loops name it, always this object, so that a test can
+# tell a tensor put on the host on purpose from one that landed there by default.
+HOST = torch.device("cpu")
 
 
 @dataclass
@@ -232,36 +389,24 @@ class ModelPair:
 
     @property
     def shares_tokenizer(self) -> bool:
-        """True when every base token means the same string to the thinking model."""
+        """True when the thinking model can read base token ids (:mod:`mechsteer.core.vocab`)."""
         return tokenizers_compatible(self.base.tokenizer, self.thinking.tokenizer)
-
-
-def tokenizers_compatible(base_tokenizer, thinking_tokenizer) -> bool:
-    """True when the thinking model can read the base model's token ids as they are.
-
-    Every base token must have the same id in the thinking vocabulary, and the thinking
-    vocabulary may add only *special* tokens (TL adds e.g. ``<|endoftext|>`` to Qwen2
-    tokenizers; the base model never emits them). Extra ordinary tokens (other merges) mean
-    the thinking tokenizer would split the same text differently, so the pair is treated as
-    cross-tokenizer and the text is re-encoded.
-    """
-    base_vocab, thinking_vocab = base_tokenizer.get_vocab(), thinking_tokenizer.get_vocab()
-    special = {token.content for token in thinking_tokenizer.added_tokens_decoder.values() if token.special}
-    if any(token not in special for token in set(thinking_vocab) - set(base_vocab)):
-        return False
-    return all(thinking_vocab.get(token) == index for token, index in base_vocab.items())
 
 
 def load_pair(
     base_spec: str,
     thinking_spec: str,
     *,
-    device: str | torch.device = "cpu",
-    dtype: DTypeName | torch.dtype | None = None,
+    device: str | torch.device | None = "cpu",
+    dtype: DTypeChoice | torch.dtype | None = None,
+    base_device: str | torch.device | None = None,
+    thinking_device: str | torch.device | None = None,
+    device_map: DeviceMap | None = None,
 ) -> ModelPair:
+    """Both models of a pair; ``base_device``/``thinking_device`` override ``device`` per model."""
     return ModelPair(
-        base=load_model(base_spec, device=device, dtype=dtype),
-        thinking=load_model(thinking_spec, device=device, dtype=dtype),
+        base=load_model(base_spec, device=base_device or device, dtype=dtype, device_map=device_map),
+        thinking=load_model(thinking_spec, device=thinking_device or device, dtype=dtype, device_map=device_map),
         base_spec=base_spec,
         thinking_spec=thinking_spec,
     )

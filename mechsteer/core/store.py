@@ -14,19 +14,49 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mechsteer.core.errors import ArtefactError
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete lines of ``path`` as dicts (none if it does not exist)."""
+    """All complete lines of ``path`` as dicts (none if it does not exist).
+
+    A torn last line (no newline: a kill mid-write) is ignored, as resumption expects; a broken
+    line anywhere else means the file was damaged afterwards, and raises :class:`ArtefactError`
+    naming the file and the line.
+    """
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    with path.open() as handle:
-        for line in handle:
+    with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, start=1):
             if not line.endswith("\n"):
                 break  # torn write from an interrupted run
-            records.append(json.loads(line))
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ArtefactError(
+                    f"{path}, line {number}: not a JSON record ({error.msg} at column {error.colno}); the file "
+                    f"was damaged after it was written: delete line {number} (a rerun redoes that record) "
+                    "or the whole file"
+                ) from None
+            if not isinstance(record, dict):
+                raise ArtefactError(f"{path}, line {number}: a {type(record).__name__}, not a JSON object; "
+                                    f"delete line {number} or the whole file")
+            records.append(record)
     return records
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON document at ``path``; a missing or corrupt file raises :class:`ArtefactError`
+    saying which ``what`` (e.g. "activation manifest") it should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{path} not found: no {what} there")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtefactError(f"{path} is corrupt ({error}); it should hold the {what}: rebuild it") from None
 
 
 def truncate_torn_tail(path: str | Path) -> None:

@@ -35,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from mechsteer.core.errors import ConfigError, MechsteerError
 from mechsteer.core.plugins import load_plugins
 from mechsteer.grading.answers import last_boxed
 
@@ -104,7 +105,18 @@ def benchmark_names() -> tuple[str, ...]:
     return BUILTIN_BENCHMARKS + tuple(_PLUGIN_BENCHMARKS)
 
 
-class BenchmarkUnavailableError(RuntimeError):
+def benchmark_splits(name: str) -> tuple[str, ...]:
+    """The splits of a known benchmark (see :func:`benchmark_names`), without loading any data."""
+    if name not in BUILTIN_BENCHMARKS and name not in _PLUGIN_BENCHMARKS:
+        load_plugins()
+    if name in _PLUGIN_BENCHMARKS:
+        return _PLUGIN_BENCHMARKS[name].splits
+    if name in _HUB:
+        return _HUB[name][2]
+    raise ConfigError(f"unknown benchmark {name!r}; expected one of {benchmark_names()}")
+
+
+class BenchmarkUnavailableError(MechsteerError, RuntimeError):
     """No source could provide the benchmark; the message says how to get it."""
 
 
@@ -143,7 +155,7 @@ def load_benchmark(
     if name not in BUILTIN_BENCHMARKS and name not in _PLUGIN_BENCHMARKS:
         load_plugins()
     if name not in BUILTIN_BENCHMARKS and name not in _PLUGIN_BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {benchmark_names()}")
+        raise ConfigError(f"unknown benchmark {name!r}; expected one of {benchmark_names()}")
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
@@ -152,17 +164,17 @@ def load_benchmark(
     if name in _PLUGIN_BENCHMARKS:
         plugin = _PLUGIN_BENCHMARKS[name]
         if split not in plugin.splits:
-            raise ValueError(f"benchmark {name!r} has splits {plugin.splits}, not {split!r}")
+            raise ConfigError(f"benchmark {name!r} has splits {plugin.splits}, not {split!r}")
         problems = plugin.load(split)
     else:
         _, _, hub_splits = _HUB[name]
         if split not in hub_splits:
-            raise ValueError(f"benchmark {name!r} has splits {hub_splits}, not {split!r}")
+            raise ConfigError(f"benchmark {name!r} has splits {hub_splits}, not {split!r}")
         problems = _load_math_benchmark(name, split, source)
 
     if n is not None:
         if n > len(problems):
-            raise ValueError(f"asked for n={n} problems but {name}/{split} has {len(problems)}")
+            raise ConfigError(f"asked for n={n} problems but {name}/{split} has {len(problems)}")
         problems = problems[:n]
     if problems:
         logger.info(

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mechsteer.core.errors import ConfigError
 from mechsteer.core.plugins import load_plugins
 from mechsteer.grading.answers import THINK_CLOSE, THINK_OPEN
 
@@ -29,6 +30,20 @@ BASE_PAPER_TEMPLATE = (
     "Task: Answer the question below. Explain your reasoning step by step.\n\n\n\n"
     "Question:\n{question}\n\nStep by step answer:\n"
 )
+# A base model that has answered goes on to invent the next task of the same format.
+BASE_PAPER_STOP_STRINGS = ("\nQuestion:", "\nTask:")
+# Open-Reasoner-Zero's own prompt (playground/zero_setting_base.py in its repository: the
+# instruction rendered into the conversation template; Qwen2.5 has no BOS text to prepend).
+ORZ_TEMPLATE = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with the "
+    "answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here "
+    "</answer>. User: You must put your answer inside <answer> </answer> tags, i.e., <answer> answer here "
+    "</answer>. And your final answer will be extracted automatically by the \\boxed{} tag.\n"
+    "This is the problem:\n{question}\nAssistant: <think>"
+)
+ORZ_STOP_STRINGS = ("</answer>",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,11 @@ class PromptTemplate:
     text: str | Callable[[], str] | None = None
     chat: bool = False
     description: str = ""
+    # Where generation under this template stops besides EOS (ORZ: after its answer).
+    stop_strings: tuple[str, ...] = ()
+    # The prompt opens a thinking block (chat templates always do): the reasoning ends at
+    # </think>, and a generation that never closes it gave no answer.
+    opens_thinking: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -55,6 +75,8 @@ class PromptTemplate:
             raise ValueError(f"template {self.name!r}: a plain template needs text")
         if isinstance(self.text, str):
             _check_format_string(self.name, self.text)
+        if self.chat:
+            object.__setattr__(self, "opens_thinking", True)
 
     def format_string(self) -> str:
         """The plain format string (resolving a lazy one); ValueError for chat templates."""
@@ -89,7 +111,7 @@ def get_template(name: str) -> PromptTemplate:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown prompt template {name!r}; registered: {sorted(_REGISTRY)}"
         ) from None
 
@@ -182,5 +204,15 @@ register_template(
         name="base_paper",
         text=BASE_PAPER_TEMPLATE,
         description="the paper's base-model prompt",
+        stop_strings=BASE_PAPER_STOP_STRINGS,
+    )
+)
+register_template(
+    PromptTemplate(
+        name="orz",
+        text=ORZ_TEMPLATE,
+        description="Open-Reasoner-Zero's own prompt: <think> opened, the answer in <answer> tags",
+        stop_strings=ORZ_STOP_STRINGS,
+        opens_thinking=True,
     )
 )

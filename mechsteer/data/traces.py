@@ -21,18 +21,23 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.core.store import append_jsonl, read_jsonl
+from mechsteer.core.errors import ArtefactError
+from mechsteer.core.provenance import mismatch, same_model
+from mechsteer.core.store import append_jsonl, json_digest, read_jsonl
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import THINK_CLOSE, benchmark_template, get_template, render_prompt
+from mechsteer.engines.base import GenerationEngine, GenerationRequest, GenerationSettings
+from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.grading.answers import extract_answer, is_correct
-from mechsteer.interventions.generation import generate
 
 TRACES_FILE = "traces.jsonl"
+# A thinking trace cut off before its closing tag: no answer, or the answer extracted from it anyway.
+UnclosedThinking = Literal["no_answer", "extract"]
 
 
 @dataclass
@@ -75,7 +80,7 @@ def reasoning_span(generation: str, chat: bool) -> tuple[int, int]:
     return start, end
 
 
-def default_template(model: TransformerBridge, benchmark: str) -> str:
+def default_template(model: TransformerBridge | GenerationEngine, benchmark: str) -> str:
     """The benchmark's own template if it brings one, else by model: chat if it has a chat template."""
     own = benchmark_template(benchmark)
     if own is not None:
@@ -87,7 +92,41 @@ def default_template(model: TransformerBridge, benchmark: str) -> str:
 
 def read_traces(path: Path) -> list[TraceRecord]:
     """All complete records of a traces file (a torn last line is ignored)."""
-    return [TraceRecord(**record) for record in read_jsonl(path)]
+    records = []
+    for number, record in enumerate(read_jsonl(path), start=1):
+        try:
+            records.append(TraceRecord(**record))
+        except TypeError as error:  # keys missing or unknown: not a trace record
+            raise ArtefactError(f"{path}, line {number}: not a trace record ({error}); "
+                                "is this a traces.jsonl written by mechsteer traces?") from None
+    return records
+
+
+def traces_digest(traces: Sequence[TraceRecord]) -> str:
+    """Digest of what later stages read of the traces (ids, texts, reasoning spans), in order:
+    recorded by the activations and checked by every stage that pairs the two."""
+    return json_digest([[t.problem_id, t.text, t.reasoning_char_start, t.reasoning_char_end] for t in traces])
+
+
+# Settings a resumed run may change: they do not change what a record holds.
+RESUMABLE_SETTINGS = ("batch_size",)
+
+
+def check_resumable(records: Sequence[TraceRecord], out_path: Path, model_name: str, benchmark: str,
+                    settings: dict[str, Any]) -> None:
+    """Refuse to resume traces made by another model, on another benchmark, or with other
+    generation settings: the file would mix them, and every reader would trust it."""
+    way_out = f"use another --out (or delete {out_path} to start over)"
+    for record in records:
+        if not same_model(record.model, model_name):
+            raise mismatch(f"{out_path} (record {record.problem_id!r})", "model", record.model, model_name, way_out)
+        if record.benchmark != benchmark:
+            raise mismatch(f"{out_path} (record {record.problem_id!r})", "benchmark", record.benchmark, benchmark,
+                           way_out)
+        for key, value in record.settings.items():
+            if key in settings and key not in RESUMABLE_SETTINGS and settings[key] != value:
+                raise mismatch(f"{out_path} (record {record.problem_id!r})", f"generation setting {key}", value,
+                               settings[key], way_out)
 
 
 def load_traces(traces_dir: str | Path) -> list[TraceRecord]:
@@ -95,7 +134,7 @@ def load_traces(traces_dir: str | Path) -> list[TraceRecord]:
 
 
 def generate_traces(
-    model: TransformerBridge,
+    model: TransformerBridge | GenerationEngine,
     problems: Sequence[Problem],
     out_dir: str | Path,
     *,
@@ -105,61 +144,93 @@ def generate_traces(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int | None = 0,
-    stop_strings: Sequence[str] = (),
+    top_p: float | None = None,
+    stop_strings: Sequence[str] | None = None,
+    unclosed: UnclosedThinking = "no_answer",
     progress: bool = True,
 ) -> list[TraceRecord]:
-    """Generate (or resume) traces for ``problems`` into ``out_dir/traces.jsonl``; return all."""
+    """Generate (or resume) traces for ``problems`` into ``out_dir/traces.jsonl``; return all.
+
+    ``stop_strings`` default to the template's own (``orz``: ``</answer>``; ``base_paper``: the
+    start of a next question). A trace of a template that opens a thinking block but whose
+    generation never closes it (cut off by ``max_new_tokens``) has no answer, unless ``unclosed``
+    is ``"extract"``: a number from the middle of the reasoning is no answer.
+
+    ``model`` is a loaded bridge (generation on it, in batches of ``batch_size``) or any
+    :class:`~mechsteer.engines.base.GenerationEngine` (e.g. an OpenAI-compatible server); records
+    have the same fields either way, and ``settings`` says which engine wrote them and where
+    their token ids come from (``token_ids_source``: ``generated`` or ``retokenised``). Each
+    finished group (a bridge batch, one server answer) is appended as it arrives.
+    """
+    engine = BridgeEngine(model) if isinstance(model, TransformerBridge) else model
     if not problems:
         raise ValueError("no problems given")
     benchmarks = {problem.benchmark for problem in problems}
     if len(benchmarks) != 1:
         raise ValueError(f"problems must come from one benchmark; got {sorted(benchmarks)}")
     benchmark = benchmarks.pop()
-    template_name = template or default_template(model, benchmark)
-    chat = get_template(template_name).chat
+    template_name = template or default_template(engine, benchmark)
+    prompt_template = get_template(template_name)
+    chat = prompt_template.opens_thinking
+    if stop_strings is None:
+        stop_strings = prompt_template.stop_strings
     out_path = Path(out_dir) / TRACES_FILE
-    done = {record.problem_id for record in read_traces(out_path)}
-    todo = [problem for problem in problems if problem.id not in done]
-    settings = {
+    settings: dict[str, Any] = {
         "template": template_name, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
         "temperature": temperature, "seed": seed, "stop_strings": list(stop_strings),
         "batch_size": batch_size,
     }
-    model_name = model.cfg.model_name
+    # recorded only when set, so that traces written before these settings existed still resume
+    if top_p is not None:
+        settings["top_p"] = top_p
+    if unclosed != "no_answer":
+        settings["unclosed"] = unclosed
+    settings.update(engine.record_settings())
+    model_name = engine.model_name
+    existing = read_traces(out_path)
+    for record in existing:  # traces written before engines existed came from the bridge
+        if record.settings.get("engine", "bridge") != engine.kind:
+            raise mismatch(f"{out_path} (record {record.problem_id!r})", "engine",
+                           record.settings.get("engine", "bridge"), engine.kind,
+                           f"use another --out (or delete {out_path} to start over)")
+    check_resumable(existing, out_path, model_name, benchmark, settings)
+    done = {record.problem_id for record in existing}
+    todo = [problem for problem in problems if problem.id not in done]
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"traces {model_name}",
                disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        prompts = [render_prompt(template_name, p.question, model.tokenizer) for p in batch]
-        output = generate(
-            model, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature,
-            # one seed per batch position, so a resumed run samples what a fresh run would
-            seed=None if seed is None else seed + len(done) + start,
-            stop_strings=stop_strings,
-        )
+    position = {problem.id: index for index, problem in enumerate(problems)}
+    # One seed per problem, by its place in `problems`: a resumed run samples what a fresh run
+    # would (the bridge seeds each batch with its first problem's, as it always has).
+    requests = [GenerationRequest(render_prompt(template_name, p.question, engine.tokenizer),
+                                  None if seed is None else seed + position[p.id]) for p in todo]
+    generation_settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+        stop_strings=tuple(stop_strings), batch_size=batch_size)
+    for group in engine.generate(requests, generation_settings):
         records = []
-        for row, problem in enumerate(batch):
-            generation = output.texts[row]
+        for index, completion in group:
+            problem, prompt, generation = todo[index], requests[index].prompt, completion.text
             r_start, r_end = reasoning_span(generation, chat)
-            prompt = prompts[row]
             answer_part = generation[r_end:].strip() if chat else generation.strip()
-            prediction = extract_answer(answer_part or generation, benchmark)
+            if chat and THINK_CLOSE not in generation and unclosed == "no_answer":
+                prediction = None  # cut off mid-reasoning: no answer was given
+            else:
+                prediction = extract_answer(answer_part or generation, benchmark)
             record = TraceRecord(
                 problem_id=problem.id, benchmark=benchmark, prompt=prompt,
                 text=prompt + generation, generation=generation,
                 reasoning=generation[r_start:r_end], answer_part=answer_part,
                 reasoning_char_start=len(prompt) + r_start,
                 reasoning_char_end=len(prompt) + r_end,
-                token_ids=output.prompt_token_ids[row] + output.token_ids[row],
-                n_prompt_tokens=len(output.prompt_token_ids[row]),
+                token_ids=completion.prompt_token_ids + completion.token_ids,
+                n_prompt_tokens=len(completion.prompt_token_ids),
                 prediction=prediction, reference=problem.answer,
                 correct=is_correct(prediction, problem.answer, benchmark),
-                finish_reason=output.finish_reasons[row], model=model_name, settings=settings,
+                finish_reason=completion.finish_reason, model=model_name, settings=settings,
             )
             records.append(asdict(record))
         append_jsonl(out_path, records)
-        bar.update(len(batch))
+        bar.update(len(group))
     bar.close()
     by_id = {record.problem_id: record for record in read_traces(out_path)}
     return [by_id[problem.id] for problem in problems]

@@ -10,54 +10,114 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.models import DTypeChoice, missing_model_path
 from mechsteer.core.store import json_digest
-from mechsteer.data.prompts import benchmark_template
+from mechsteer.core.validation import NonEmpty, Problem, Range, check_fields, join_problems
+from mechsteer.data.benchmarks import benchmark_names, benchmark_splits
+from mechsteer.data.labels import ground_truth_for
+from mechsteer.data.prompts import benchmark_template, get_template, template_names
+from mechsteer.data.traces import UnclosedThinking
+from mechsteer.engines.base import EngineKind
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.steering.optimise import OptimisationConfig
+from mechsteer.taxonomy.judge.spec import check_judge_spec
 
 WandbMode = Literal["online", "offline", "disabled"]
 
 
 @dataclass
 class RunConfig:
-    name: str
-    base_model: str
-    thinking_model: str
-    benchmark: str
+    # Each annotation is checked before a run starts (mechsteer.core.validation): types, Literal
+    # choices, and Annotated ranges; a key added here is checked by its annotation alone.
+    name: Annotated[str, NonEmpty()]
+    base_model: Annotated[str, NonEmpty()]
+    thinking_model: Annotated[str, NonEmpty()]
+    benchmark: Annotated[str, NonEmpty()]
     base_template: str | None = None  # default: the benchmark's own template if registered, else "base_paper"
     thinking_template: str | None = None  # default: the benchmark's own template if registered, else "thinking_chat"
     train_split: str = "train"
-    n_train: int = 200  # thinking traces used for the taxonomy and the directions
+    n_train: Annotated[int, Range(min=1)] = 200  # thinking traces used for the taxonomy and the directions
     eval_split: str = "test"
-    n_eval: int = 200
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    activation_layers: list[int] | None = None  # thinking-model layers to pool (default: depth/8 grid)
+    n_eval: Annotated[int, Range(min=1)] = 200
+    max_new_tokens: Annotated[int, Range(min=1)] = 256
+    batch_size: Annotated[int, Range(min=1)] = 16
+    # thinking-model layers to pool (default: depth/8 grid)
+    activation_layers: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] | None = None
     include_previous_token: bool = True
     taxonomy_method: Literal["sae", "kmeans", "gmm"] = "sae"
-    normalise: list[bool] = field(default_factory=lambda: [True])  # L2-normalise sentence vectors (sweepable)
-    n_latents: list[int] = field(default_factory=lambda: [5, 10, 15])
-    sae_k: int = 3
+    # L2-normalise sentence vectors (sweepable)
+    normalise: Annotated[list[bool], NonEmpty()] = field(default_factory=lambda: [True])
+    n_latents: Annotated[list[Annotated[int, Range(min=2)]], NonEmpty()] = field(default_factory=lambda: [5, 10, 15])
+    sae_k: Annotated[int, Range(min=1)] = 3
     judge: str = "none"  # none | oracle | http | http:MODEL | local:SPEC
     direction_method: Literal["mean", "sae", "optimised"] = "mean"
     # Settings of the optimised vectors (OptimisationConfig fields, e.g. lr, steps, init_norm);
     # empty: the paper's defaults.
     optimisation: dict[str, Any] = field(default_factory=dict)
-    steer_layer: int | None = None  # base-model layer (default: ~37.5% of the depth)
-    coefficients: list[float] = field(default_factory=lambda: [1.0])
-    windows: list[int] = field(default_factory=lambda: [1])
+    steer_layer: Annotated[int, Range(min=0)] | None = None  # base-model layer (default: ~37.5% of the depth)
+    coefficients: Annotated[list[float], NonEmpty()] = field(default_factory=lambda: [1.0])
+    # steer the last w positions; 0: all of them (the paper's "all tokens")
+    windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = field(default_factory=lambda: [1])
     policy: Literal["sae_argmax", "threshold"] = "sae_argmax"
     threshold: float = 0.0
     controls: list[Literal["only_bias", "random_firing", "random_vectors"]] = field(
         default_factory=lambda: ["only_bias", "random_firing", "random_vectors"])
     ablations: bool = True
-    ablation_contexts: int = 40
+    ablation_contexts: Annotated[int, Range(min=1)] = 40
     seed: int = 0
-    threads: int | None = None
+    threads: Annotated[int, Range(min=1)] | None = None
+    # Placement (mechsteer.core.models.load_model). Not part of the digest: where a run computes
+    # does not change what it computes (up to the dtype, which is). "auto": CUDA when present.
+    device: Annotated[str, NonEmpty()] = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: DTypeChoice = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU
+    base_device: Annotated[str, NonEmpty()] | None = None  # default: device
+    thinking_device: Annotated[str, NonEmpty()] | None = None  # default: device
+    # accelerate's device map for each model ("auto", "balanced", or module -> GPU), one model over
+    # several GPUs; replaces the devices above. Stages load only the models they need.
+    device_map: str | dict[str, int | str] | None = None
+    # Keys added with the GPU placement work; at their defaults they leave the digest as it was.
+    # The train problems' benchmark (default: `benchmark`), e.g. MATH train for MATH-500 runs, so
+    # the taxonomy and the directions come from problems the evaluation does not use.
+    train_benchmark: Annotated[str, NonEmpty()] | None = None
+    # Lengths per stage (default: max_new_tokens): traces of the train problems, the plain
+    # evaluations of both models, and the hybrid.
+    trace_max_new_tokens: Annotated[int, Range(min=1)] | None = None
+    eval_max_new_tokens: Annotated[int, Range(min=1)] | None = None
+    hybrid_max_new_tokens: Annotated[int, Range(min=1)] | None = None
+    hybrid_batch_size: Annotated[int, Range(min=1)] | None = None  # default: batch_size
+    # Forked (row, candidate) sequences the hybrid evaluates per forward: bounds a steered step's memory.
+    max_candidates_per_chunk: Annotated[int, Range(min=1)] = 32
+    # Sampling of the train traces and of the plain evaluations (temperature 0: greedy, the
+    # default); seeded by `seed`. The hybrid stays greedy.
+    trace_temperature: Annotated[float, Range(min=0)] = 0.0
+    trace_top_p: Annotated[float, Range(min=0, max=1)] = 1.0
+    eval_temperature: Annotated[float, Range(min=0)] = 0.0
+    eval_top_p: Annotated[float, Range(min=0, max=1)] = 1.0
+    # Stop strings of base-model runs (traces, evaluation, hybrid); default: the base template's own.
+    base_stop_strings: list[str] | None = None
+    # A thinking trace cut off before its closing tag: no answer (the default), or the answer
+    # extracted from the unfinished text.
+    unclosed_thinking: UnclosedThinking = "no_answer"
+    # Plain generation (train traces, the base and thinking evaluations) on the bridge, or through an
+    # OpenAI-compatible server such as `vllm serve` (mechsteer.engines, docs/engines.md); the stages
+    # that read or write activations always run on the bridge.
+    engine: EngineKind = "bridge"
+    engine_model_base: Annotated[str, NonEmpty()] | None = None  # the server's name for it (default: base_model)
+    engine_model_thinking: Annotated[str, NonEmpty()] | None = None  # likewise (default: thinking_model)
+    # Record the server's generated token ids (vLLM's return_token_ids extension) instead of re-tokenising.
+    engine_return_token_ids: bool = False
+    # How the server is reached; not part of the digest (a server on another port resumes the run).
+    engine_url: Annotated[str, NonEmpty()] | None = None  # e.g. http://127.0.0.1:8000/v1
+    engine_url_base: Annotated[str, NonEmpty()] | None = None  # the base model's server (default: engine_url)
+    engine_timeout: Annotated[float, Range(min=1)] = 600.0  # seconds per attempt; a retry waits twice as long
+    engine_max_concurrency: Annotated[int, Range(min=1)] = 8  # requests in flight, abandoned ones included
+    engine_max_retries: Annotated[int, Range(min=0)] = 3
     # Tracking (mechsteer.experiment.tracking), off by default. Not part of the digest: logging does not
     # change what a run computes, so a tracked rerun resumes an untracked run folder.
     wandb: bool = False
@@ -66,22 +126,66 @@ class RunConfig:
     wandb_mode: WandbMode | None = None  # default: WANDB_MODE, else online
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Any, *, check_values: bool = True, source: str | None = None) -> RunConfig:
+        """The config of a mapping, every key checked first (:meth:`problems`); refused with a
+        :class:`ConfigError` naming each bad key (and ``source``, the file it came from).
+
+        With ``check_values=False`` only the keys and the types are checked (a sweep reports a
+        point with a refused value as a failed row instead of refusing the sweep).
+        """
+        where = f"{source}: " if source else ""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}a run config is a mapping of keys (name: ..., base_model: ...), "
+                              f"not a {type(data).__name__}")
+        problems = check_fields(cls, data, noun="config keys")
+        if not check_values:
+            problems = [problem for problem in problems if problem.kind == "type"]
+        if problems:
+            raise ConfigError(where + join_problems(problems))
+        config = cls(**data)
+        if check_values:
+            config.validate(source=source)
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        return cls.from_dict(read_yaml_mapping(path, "run config"), source=str(path))
+
+    def problems(self) -> list[Problem]:
+        """Every refused value: types, choices and ranges of each key, then the checks that
+        need the registries (benchmark, splits, templates, judge, optimisation settings)."""
+        problems = check_fields(type(self), asdict(self), noun="config keys")
+        return problems or semantic_problems(self)
+
+    def validate(self, *, source: str | None = None) -> None:
+        """Raise :class:`ConfigError` naming every refused key; nothing has run yet."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError((f"{source}: " if source else "") + join_problems(problems))
 
     def digest(self) -> str:
-        computed = {key: value for key, value in asdict(self).items() if key not in TRACKING_KEYS}
+        skipped = {*TRACKING_KEYS, *PLACEMENT_KEYS, *ENGINE_CONNECTION_KEYS}
+        computed = {key: value for key, value in asdict(self).items() if key not in skipped}
         if not computed["optimisation"]:
             del computed["optimisation"]  # added later: configs without it keep their digests
+        for key, default in LATER_DEFAULTS.items():  # likewise for the keys added later
+            if computed[key] == default:
+                del computed[key]
         return json_digest(computed)
+
+    @property
+    def resolved_train_benchmark(self) -> str:
+        return self.train_benchmark or self.benchmark
+
+    @property
+    def resolved_hybrid_batch_size(self) -> int:
+        return self.hybrid_batch_size or self.batch_size
+
+    @property
+    def resolved_base_stop_strings(self) -> tuple[str, ...]:
+        if self.base_stop_strings is not None:
+            return tuple(self.base_stop_strings)
+        return get_template(self.resolved_base_template).stop_strings
 
     @property
     def resolved_base_template(self) -> str:
@@ -93,22 +197,133 @@ class RunConfig:
 
 
 TRACKING_KEYS = ("wandb", "wandb_project", "wandb_group", "wandb_mode")
+# Where the models run; not part of the digest (a run moved to a GPU resumes its folder).
+PLACEMENT_KEYS = ("device", "base_device", "thinking_device", "device_map")
+# How a generation server is reached; not part of the digest either.
+ENGINE_CONNECTION_KEYS = ("engine_url", "engine_url_base", "engine_timeout", "engine_max_concurrency",
+                          "engine_max_retries")
+# Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
+LATER_DEFAULTS: dict[str, Any] = {
+    "dtype": "auto", "train_benchmark": None, "trace_max_new_tokens": None, "eval_max_new_tokens": None,
+    "hybrid_max_new_tokens": None, "hybrid_batch_size": None, "max_candidates_per_chunk": 32,
+    "trace_temperature": 0.0, "trace_top_p": 1.0, "eval_temperature": 0.0, "eval_top_p": 1.0,
+    "base_stop_strings": None, "unclosed_thinking": "no_answer",
+    "engine": "bridge", "engine_model_base": None, "engine_model_thinking": None, "engine_return_token_ids": False,
+}
 
 
 def optimisation_config(config: RunConfig) -> OptimisationConfig:
     """The run's `OptimisationConfig`: its ``optimisation`` settings, seeded by the run's seed."""
-    known = {f.name for f in dataclasses.fields(OptimisationConfig)} - {"seed"}
-    unknown = sorted(set(config.optimisation) - known)
-    if unknown:
-        raise ValueError(f"unknown optimisation keys {unknown}; known keys: {sorted(known)}")
+    problems = optimisation_problems(config.optimisation)
+    if problems:
+        raise ConfigError(join_problems(problems))
     return OptimisationConfig(**config.optimisation, seed=config.seed)
 
 
+def optimisation_problems(settings: dict[str, Any]) -> list[Problem]:
+    """The ``optimisation`` mapping checked as OptimisationConfig fields (its seed is the run's)."""
+    if "seed" in settings:
+        return [Problem("optimisation", "optimisation sets its own seed; set the run's seed at the top level", "value")]
+    problems = check_fields(OptimisationConfig, settings, partial=True, noun="optimisation keys")
+    if problems:
+        return [dataclasses.replace(problem, message=f"optimisation: {problem.message}") for problem in problems]
+    try:
+        OptimisationConfig(**settings)
+    except ValueError as error:  # its own ranges (steps >= 1, 0 < val_fraction < 1, ...)
+        return [Problem("optimisation", f"optimisation: {error}", "value")]
+    return []
+
+
+def semantic_problems(config: RunConfig) -> list[Problem]:
+    """The checks a type cannot express: names that must be registered (benchmark, splits,
+    templates), the judge's spec, model paths that must exist, settings that need each other."""
+    problems: list[Problem] = []
+
+    def refuse(key: str, message: str) -> None:
+        problems.append(Problem(key, message, "value"))
+
+    for key in ("base_model", "thinking_model"):
+        missing = missing_model_path(getattr(config, key))
+        if missing:
+            refuse(key, f"{key} {getattr(config, key)!r}: {missing}")
+    for key, benchmark, split_key in (("benchmark", config.benchmark, "eval_split"),
+                                      ("train_benchmark", config.resolved_train_benchmark, "train_split")):
+        if benchmark not in benchmark_names():
+            if key == "benchmark" or config.train_benchmark is not None:
+                refuse(key, f"unknown {key} {benchmark!r}; expected one of {benchmark_names()}")
+            continue
+        splits = benchmark_splits(benchmark)
+        if getattr(config, split_key) not in splits:
+            refuse(split_key, f"{split_key} = {getattr(config, split_key)!r}: benchmark {benchmark!r} has splits {splits}")
+    for key in ("base_template", "thinking_template"):
+        name = getattr(config, key)
+        if name is not None and name not in template_names():
+            refuse(key, f"unknown {key} {name!r}; registered templates: {template_names()}")
+    try:
+        check_judge_spec(config.judge)
+    except ConfigError as error:
+        refuse("judge", str(error))
+    else:
+        if config.judge == "oracle" and config.benchmark in benchmark_names() and ground_truth_for(config.benchmark) is None:
+            refuse("judge", f"judge 'oracle' needs ground-truth labels, which benchmark {config.benchmark!r} has "
+                            "none of; use http, http:<model> or local:<model spec>")
+    problems += optimisation_problems(config.optimisation)
+    for key in ("device", "base_device", "thinking_device"):
+        value = getattr(config, key)
+        if value is not None and value != "auto" and not _is_device(value):
+            refuse(key, f"{key} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
+    if config.engine == "openai" and config.engine_url is None:
+        refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
+    if config.taxonomy_method != "sae":
+        # The hybrid's timing policies (and the sae direction method) classify with the taxonomy's SAE.
+        refuse("taxonomy_method", f"taxonomy_method {config.taxonomy_method!r} has no SAE, but a run's timing "
+                                  f"policy ({config.policy!r}) reads one; use taxonomy_method: sae (the k-means "
+                                  "and GMM baselines run with `mechsteer taxonomy --method`)")
+    elif config.sae_k > min(config.n_latents):
+        refuse("sae_k", f"sae_k = {config.sae_k} is more than the smallest n_latents ({min(config.n_latents)}): "
+                        "the SAE keeps its top sae_k latents")
+    return problems
+
+
+def _is_device(value: str) -> bool:
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, invalid YAML, or a list, a scalar or nothing
+    in it raises one :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a {what} is a YAML mapping") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; a {what} is a YAML mapping of keys (name: ..., ...)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__} ({str(data)[:40]!r}), not a mapping of keys; "
+                          f"a {what} is a YAML mapping (name: ..., ...)")
+    return data
+
+
 def run_hybrid_config(config: RunConfig, steer_layer: int, read_layer: int) -> HybridConfig:
-    """The hybrid generator's settings for a run (its coefficients, windows, lengths and batch)."""
+    """The hybrid generator's settings for a run (its coefficients, windows, lengths, stop strings and batch)."""
     return HybridConfig(steer_layer=steer_layer, read_layer=read_layer, coefficients=tuple(config.coefficients),
-                        windows=tuple(config.windows), max_new_tokens=config.max_new_tokens,
-                        batch_size=config.batch_size)
+                        windows=tuple(config.windows),
+                        max_new_tokens=config.hybrid_max_new_tokens or config.max_new_tokens,
+                        stop_strings=config.resolved_base_stop_strings,
+                        batch_size=config.resolved_hybrid_batch_size,
+                        max_candidates_per_chunk=config.max_candidates_per_chunk)
 
 
 def default_activation_layers(n_layers: int) -> list[int]:

@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from mechsteer.experiment.points import SweepPoint, failed_row, run_point
 from mechsteer.experiment.tracking import wandb_directories
@@ -22,6 +22,7 @@ FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_
 LOCAL_OBJECT_STORE_BYTES = 100 * 1024 * 1024
 
 
+@runtime_checkable
 class SweepExecutor(Protocol):
     """Runs points (each through :func:`run_point`) and returns one row per point, any order."""
 

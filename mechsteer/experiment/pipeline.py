@@ -20,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.activations import ActivationConfig, extract_activations
+from mechsteer.activations import ActivationConfig, Manifest, extract_activations
 from mechsteer.causal.necessity import necessity
 from mechsteer.causal.outputs import write_outputs
 from mechsteer.causal.sufficiency import sufficiency, sufficiency_contexts
-from mechsteer.core.models import ModelPair, load_pair
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.models import ModelPair, spec_model_name
+from mechsteer.core.resident import ResidentPair, Role
 from mechsteer.core.store import append_jsonl, read_jsonl
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
-from mechsteer.data.traces import generate_traces, load_traces
+from mechsteer.data.traces import generate_traces, load_traces, traces_digest
+from mechsteer.engines import GenerationEngine, load_tokenizer, make_engine
+from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import (
     RunConfig,
     default_activation_layers,
@@ -68,7 +73,7 @@ from mechsteer.taxonomy.sweep import sweep_to_folder
 
 
 def evaluate_hybrid(
-    pair: ModelPair, problems: Sequence[Problem], directions: DirectionSet, policy: TimingPolicy,
+    pair: ModelPair | ResidentPair, problems: Sequence[Problem], directions: DirectionSet, policy: TimingPolicy,
     hybrid_config: HybridConfig, out_path: Path, *, base_template: str, thinking_template: str,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
@@ -101,6 +106,7 @@ def evaluate_hybrid(
                 "steered_coeffs": [log.coeff for log in logs if log.steered],
                 "steered_windows": [log.window for log in logs if log.steered],
                 "top_latents": [log.latent_ids[:1] for log in logs],
+                "finish_reason": output.finish_reasons[row],
             })
         append_jsonl(out_path, records)
         progress(f"  hybrid {policy.name}: {len(done) + start + len(batch)}/{len(problems)}")
@@ -118,6 +124,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     With ``config.wandb`` on, the run is tracked (mechsteer.experiment.tracking): the config first, each
     stage's summary as it finishes, then the report's tables, plots and artefacts."""
     out = Path(out_dir)
+    config.validate()  # every key, before the folder is touched or a model loads
     state = RunState(out, config)  # refuses a folder of another config before anything is logged
     state.tracker = open_tracker(config, out)
     try:
@@ -134,29 +141,32 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    pair = load_pair(config.base_model, config.thinking_model)
-    train = load_benchmark(config.benchmark, config.train_split, config.n_train)
+    # Each stage loads the models it uses (pair.need) and frees the others; a finished stage loads nothing.
+    pair = ResidentPair(config.base_model, config.thinking_model, device=config.device, dtype=config.dtype,
+                        base_device=config.base_device, thinking_device=config.thinking_device,
+                        device_map=config.device_map, log=log)
+    check_layers(config, pair)
+    train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
     evaluation = load_benchmark(config.benchmark, config.eval_split, config.n_eval)
-    ground_truth = ground_truth_for(config.benchmark)
+    ground_truth = ground_truth_for(config.resolved_train_benchmark)
     labeller = ground_truth.label_reasoning if ground_truth is not None else None
-    traces_kwargs = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
 
     def thinking_train_traces() -> dict[str, Any]:
-        records = generate_traces(pair.thinking, train, out / "traces" / "thinking_train",
-                                  template=config.resolved_thinking_template, **traces_kwargs)
-        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records)}
+        records = generate_traces(plain_generator(config, pair, "thinking"), train, out / "traces" / "thinking_train",
+                                  template=config.resolved_thinking_template, **trace_settings(config, "thinking"))
+        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records),
+                "cut_off": sum(r.finish_reason == "length" for r in records)}
 
     def base_train_traces() -> dict[str, Any]:
-        records = generate_traces(pair.base, train, out / "traces" / "base_train",
-                                  template=config.resolved_base_template, **traces_kwargs)
-        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records)}
+        records = generate_traces(plain_generator(config, pair, "base"), train, out / "traces" / "base_train",
+                                  template=config.resolved_base_template, **trace_settings(config, "base"))
+        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records),
+                "cut_off": sum(r.finish_reason == "length" for r in records)}
 
-    state.run("traces_thinking_train", thinking_train_traces, log)
-    state.run("traces_base_train", base_train_traces, log)
-
-    layers = config.activation_layers or default_activation_layers(pair.thinking.cfg.n_layers)
+    layers = config.activation_layers or default_activation_layers(pair.info("thinking").cfg.n_layers)
 
     def activations() -> dict[str, Any]:
+        pair.need("thinking")
         manifest = extract_activations(
             pair.thinking, load_traces(out / "traces" / "thinking_train"), out / "activations",
             ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
@@ -165,19 +175,26 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
         )
         return {"n_sentences": manifest.n_sentences, "layers": layers, "throughput": manifest.throughput}
 
+    # Both thinking-model stages first, then the base model's: one load of each.
+    state.run("traces_thinking_train", thinking_train_traces, log)
     state.run("activations", activations, log)
+    state.run("traces_base_train", base_train_traces, log)
 
     def taxonomy() -> dict[str, Any]:
+        Manifest.load(out / "activations").check_model(pair.info("thinking"), out / "activations")
         return _taxonomy_stage(config, out, layers)
 
     taxonomy_summary = state.run("taxonomy", taxonomy, log)
 
-    steer_layer = config.steer_layer if config.steer_layer is not None else default_layer(pair.base.cfg.n_layers)
+    steer_layer = (config.steer_layer if config.steer_layer is not None
+                   else default_layer(pair.info("base").cfg.n_layers))
 
     def directions() -> dict[str, Any]:
-        labels = taxonomy_labels(out / "taxonomy")
-        thinking_traces = frame_for_base(load_traces(out / "traces" / "thinking_train"),
-                                         {p.id: p.question for p in train}, pair.base.tokenizer)
+        pair.need(*(("base", "thinking") if config.direction_method == "sae" else ("base",)))
+        taxonomy = checked_taxonomy(out, pair)
+        raw_traces = load_traces(out / "traces" / "thinking_train")
+        labels = taxonomy_labels(out / "taxonomy", traces_digest=traces_digest(raw_traces))
+        thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer)
         base_traces = load_traces(out / "traces" / "base_train")
         if config.direction_method == "mean":
             result = build_mean_directions(
@@ -185,8 +202,8 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
                 base_traces=base_traces)
         elif config.direction_method == "sae":
             result = build_sae_directions(
-                pair.base, pair.thinking, labels.taxonomy.load_sae(), labels.behaviour_ids, labels.titles,
-                steer_layer, thinking_traces, sae_layer=labels.taxonomy.provenance.layer, base_traces=base_traces)
+                pair.base, pair.thinking, taxonomy.load_sae(), labels.behaviour_ids, labels.titles,
+                steer_layer, thinking_traces, sae_layer=taxonomy.provenance.layer, base_traces=base_traces)
         elif config.direction_method == "optimised":
             result = build_optimised_directions(
                 pair.base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles, steer_layer,
@@ -202,6 +219,7 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
 
     evaluations = _run_evaluations(config, state, pair, evaluation, out, steer_layer, log)
     ablation_summary = _run_ablations(config, state, pair, out, log) if config.ablations else None
+    pair.release()
 
     report = build_report(config, state, evaluations, taxonomy_summary, ablation_summary,
                           total_seconds=time.perf_counter() - started)
@@ -209,11 +227,74 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
     return report
 
 
+def plain_generator(config: RunConfig, pair: ResidentPair, role: Role) -> TransformerBridge | GenerationEngine:
+    """What generates a model's plain traces and evaluations: its bridge (loaded, the other model
+    freed), or the run's server (``engine: openai``; every model freed, only the tokenizer loaded)."""
+    if config.engine == "bridge":
+        pair.need(role)
+        return pair.model(role)
+    pair.need()
+    spec = config.base_model if role == "base" else config.thinking_model
+    server_model = (config.engine_model_base if role == "base" else config.engine_model_thinking) or spec
+    url = (config.engine_url_base if role == "base" else None) or config.engine_url
+    settings = with_settings(timeout=config.engine_timeout, max_concurrency=config.engine_max_concurrency,
+                             max_retries=config.engine_max_retries)
+    return make_engine("openai", tokenizer=load_tokenizer(spec), model_name=spec_model_name(spec), url=url,
+                       server_model=server_model, settings=settings,
+                       return_token_ids=config.engine_return_token_ids)
+
+
+def trace_settings(config: RunConfig, role: str) -> dict[str, Any]:
+    """generate_traces' settings for the train traces of one model (its length, sampling, stops)."""
+    settings: dict[str, Any] = dict(max_new_tokens=config.trace_max_new_tokens or config.max_new_tokens,
+                                    batch_size=config.batch_size, progress=False,
+                                    unclosed=config.unclosed_thinking)
+    settings.update(_sampling(config.trace_temperature, config.trace_top_p, config.seed))
+    if role == "base":
+        settings["stop_strings"] = config.resolved_base_stop_strings
+    return settings
+
+
+def eval_settings(config: RunConfig, role: str) -> dict[str, Any]:
+    """generate_traces' settings for a plain evaluation of one model."""
+    settings: dict[str, Any] = dict(max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
+                                    batch_size=config.batch_size, progress=False,
+                                    unclosed=config.unclosed_thinking)
+    settings.update(_sampling(config.eval_temperature, config.eval_top_p, config.seed))
+    if role == "base":
+        settings["stop_strings"] = config.resolved_base_stop_strings
+    return settings
+
+
+def _sampling(temperature: float, top_p: float, seed: int) -> dict[str, Any]:
+    if temperature <= 0:
+        return {}  # greedy: generate_traces' defaults, so that greedy traces resume as they were
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p if top_p < 1 else None, "seed": seed}
+
+
+def check_layers(config: RunConfig, pair: ResidentPair) -> None:
+    """The layers a config names exist in its models: checked from their configs, before any stage."""
+    for key, layers, model in (("activation_layers", config.activation_layers or [], pair.info("thinking")),
+                               ("steer_layer", [] if config.steer_layer is None else [config.steer_layer],
+                                pair.info("base"))):
+        missing = [layer for layer in layers if layer >= model.cfg.n_layers]
+        if missing:
+            raise ConfigError(f"{key}: layer(s) {missing} do not exist in {model.cfg.model_name!r}, which has "
+                              f"{model.cfg.n_layers} layers (0 to {model.cfg.n_layers - 1})")
+
+
+def checked_taxonomy(out: Path, pair: ResidentPair) -> Taxonomy:
+    """The run's taxonomy, refused unless it was built on the thinking model (name, width, layer)."""
+    taxonomy = Taxonomy.load(out / "taxonomy")
+    taxonomy.check_model(pair.info("thinking"), out / "taxonomy")
+    return taxonomy
+
+
 def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str, Any]:
     """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
     rows, best = sweep_to_folder(
         out / "activations", layers, config.n_latents, out / "taxonomy", judge_spec=config.judge,
-        benchmark=config.benchmark, method=config.taxonomy_method, k=config.sae_k, seed=config.seed,
+        benchmark=config.resolved_train_benchmark, method=config.taxonomy_method, k=config.sae_k, seed=config.seed,
         normalise=tuple(config.normalise))
     metrics = asdict(best.metrics)
     return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
@@ -222,34 +303,37 @@ def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str
             "sizes": metrics.get("sizes"), "sweep": rows}
 
 
-def _run_evaluations(config: RunConfig, state: RunState, pair: ModelPair, evaluation: list[Problem], out: Path,
+def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, evaluation: list[Problem], out: Path,
                      steer_layer: int, log: Callable[[str], None]) -> dict[str, Any]:
-    traces_kwargs = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=False)
-
-    def model_eval(name: str, model, template: str) -> Callable[[], dict[str, Any]]:
+    def model_eval(role: Role, template: str) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
-            records = generate_traces(model, evaluation, out / "eval" / name, template=template, **traces_kwargs)
-            return {"correct": [bool(r.correct) for r in records]}
+            records = generate_traces(plain_generator(config, pair, role), evaluation, out / "eval" / role,
+                                      template=template,
+                                      **eval_settings(config, role))
+            return {"correct": [bool(r.correct) for r in records],
+                    "cut_off": sum(r.finish_reason == "length" for r in records)}
         return body
 
-    state.run("eval_base", model_eval("base", pair.base, config.resolved_base_template), log)
-    state.run("eval_thinking", model_eval("thinking", pair.thinking, config.resolved_thinking_template), log)
+    state.run("eval_base", model_eval("base", config.resolved_base_template), log)
+    state.run("eval_thinking", model_eval("thinking", config.resolved_thinking_template), log)
 
-    taxonomy = Taxonomy.load(out / "taxonomy")
+    taxonomy = checked_taxonomy(out, pair)
     sae = taxonomy.load_sae()
     direction_set = DirectionSet.load(out / "directions")
-    direction_set.check_model(pair.base)
+    direction_set.check_model(pair.info("base"))
     hybrid_config = run_hybrid_config(config, steer_layer, taxonomy.provenance.layer)
     behaviour_ids = list(direction_set.behaviour_ids)
 
     def hybrid_eval(name: str, policy: TimingPolicy, steering: DirectionSet) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
+            pair.need("base", "thinking")
             records = evaluate_hybrid(pair, evaluation, steering, policy, hybrid_config,
                                       out / "eval" / name / "results.jsonl",
                                       base_template=config.resolved_base_template,
                                       thinking_template=config.resolved_thinking_template, progress=log)
             return {"correct": [bool(r["correct"]) for r in records],
-                    "steered_fraction": sum(r["steered_fraction"] for r in records) / len(records)}
+                    "steered_fraction": sum(r["steered_fraction"] for r in records) / len(records),
+                    "cut_off": sum(r.get("finish_reason") == "length" for r in records)}
         return body
 
     if config.policy == "sae_argmax":
@@ -278,14 +362,17 @@ def _run_evaluations(config: RunConfig, state: RunState, pair: ModelPair, evalua
     return results
 
 
-def _run_ablations(config: RunConfig, state: RunState, pair: ModelPair, out: Path,
+def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: Path,
                    log: Callable[[str], None]) -> dict[str, Any]:
     def body() -> dict[str, Any]:
+        pair.need("base", "thinking")
         direction_set = DirectionSet.load(out / "directions")
-        labels = taxonomy_labels(out / "taxonomy")
-        train = load_benchmark(config.benchmark, config.train_split, config.n_train)
-        traces = frame_for_base(load_traces(out / "traces" / "thinking_train"), {p.id: p.question for p in train},
-                                pair.base.tokenizer)
+        direction_set.check_model(pair.base)
+        taxonomy = checked_taxonomy(out, pair)
+        raw_traces = load_traces(out / "traces" / "thinking_train")
+        labels = taxonomy_labels(out / "taxonomy", traces_digest=traces_digest(raw_traces))
+        train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
+        traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer)
         settings: dict[str, Any] = {"source": "mechsteer run"}
         ground_truth = ground_truth_for(config.benchmark)
         if ground_truth is not None:
@@ -307,7 +394,6 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ModelPair, out: Pat
             direction_set = direction_set.subset(list(first_latent.values()))
             labeller = ground_truth_behaviour_labeller(ground_truth, direction_set.titles, direction_set.behaviour_ids)
         else:
-            taxonomy = labels.taxonomy
             labeller = SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
                                             taxonomy.provenance.include_previous_token)
         problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)

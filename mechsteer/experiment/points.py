@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from mechsteer.core.store import json_digest, write_json_atomic
-from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.experiment.config import PLACEMENT_KEYS, TRACKING_KEYS, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
 
 # Keys read only after the directions exist: points differing only in these share the rest.
-DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "threshold", "controls", "ablations", "ablation_contexts")
+DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "threshold", "controls", "ablations", "ablation_contexts",
+                   "hybrid_max_new_tokens", "hybrid_batch_size", "max_candidates_per_chunk")
 # The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).
 SHARED_STAGES: dict[str, tuple[str, ...]] = {
     "traces_thinking_train": ("traces/thinking_train",),
@@ -44,6 +45,7 @@ class SweepPoint:
     out: str  # this point's run folder
     upstream: str  # digest of the keys its shared stages depend on
     donor: str | None = None  # a run folder of the same upstream to start from
+    refused: str | None = None  # why its config is refused: the point does not run (a failed row)
 
 
 def point_id(overrides: dict[str, Any]) -> str:
@@ -52,7 +54,7 @@ def point_id(overrides: dict[str, Any]) -> str:
 
 def upstream_digest(config: RunConfig) -> str:
     """Digest of everything the shared stages read (all but downstream, naming and tracking keys)."""
-    skipped = {*DOWNSTREAM_KEYS, "name", *TRACKING_KEYS}
+    skipped = {*DOWNSTREAM_KEYS, "name", *TRACKING_KEYS, *PLACEMENT_KEYS}
     upstream = {key: value for key, value in asdict(config).items() if key not in skipped}
     return json_digest(upstream)
 
@@ -64,7 +66,7 @@ def seed_from_donor(point: SweepPoint) -> list[str]:
     if point.donor is None or (out / "stages.json").exists() or not (donor / "stages.json").exists():
         return []
     donor_state = json.loads((donor / "stages.json").read_text())
-    if upstream_digest(RunConfig.from_dict(donor_state["config"])) != point.upstream:
+    if upstream_digest(RunConfig.from_dict(donor_state["config"], check_values=False)) != point.upstream:
         raise ValueError(f"{donor} ran other upstream settings than point {point.index}; cannot share its stages")
     taken = {stage: entry for stage, entry in donor_state["stages"].items() if stage in SHARED_STAGES}
     for stage in taken:
@@ -91,7 +93,7 @@ def find_donor(point: SweepPoint, points_folder: Path) -> str | None:
         if stages_file.parent == Path(point.out):
             continue
         state = json.loads(stages_file.read_text())
-        if upstream_digest(RunConfig.from_dict(state["config"])) != point.upstream:
+        if upstream_digest(RunConfig.from_dict(state["config"], check_values=False)) != point.upstream:
             continue
         count = len(set(state["stages"]) & set(SHARED_STAGES))
         if count > best_count:
@@ -128,6 +130,11 @@ def run_point(point: SweepPoint, retries: int) -> dict[str, Any]:
             with (out / "errors.log").open("a") as errors:
                 errors.write(f"--- attempt {attempt}\n{traceback.format_exc()}\n")
     return failed_row(point, retries + 1, error, round(time.perf_counter() - started, 2))
+
+
+def refused_row(point: SweepPoint) -> dict[str, Any]:
+    """The results row of a point whose config is refused: failed, never attempted, nothing written."""
+    return failed_row(point, 0, point.refused, 0.0)
 
 
 def failed_row(point: SweepPoint, attempts: int, error: str | None, seconds: float | None) -> dict[str, Any]:

@@ -7,21 +7,56 @@ interval), the report answers *when* each behaviour fired in the hybrid:
 - onset statistics per behaviour: how often it fired, where in the generation (relative
   position 0 = first token, 1 = last), and where it first fired;
 - transitions: for consecutive steering events in one generation, which behaviour follows which.
+
+``report.md`` and the plots are drawn from the run folder alone (:func:`rebuild_run_report`):
+the run writes ``report.json`` and then rebuilds them exactly as ``mechsteer report DIR`` does,
+so both give the same file, and a partly finished folder gets the sections of its finished
+stages and the list of the missing ones (:func:`expected_stages`).
 """
 
 from __future__ import annotations
 
-import json
+import os
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mechsteer.core.store import read_jsonl, write_json_atomic
+from mechsteer.causal.necessity import NecessityRow
+from mechsteer.causal.outputs import ABLATIONS_JSON, ABLATIONS_PLOT, plot_ablations
+from mechsteer.causal.sufficiency import SufficiencyRow
+from mechsteer.core.store import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.markdown import RunView, run_markdown
+from mechsteer.experiment.plots import (
+    ACCURACY_PLOT,
+    BIAS,
+    TIMELINE_PLOT,
+    TRANSITIONS_PLOT,
+    event_name,
+    plot_accuracy,
+    plot_timeline,
+    plot_transitions,
+    timeline_examples,
+)
 from mechsteer.experiment.state import RunState
 from mechsteer.experiment.tracking import Tracker
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
+from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.plots import plot_metrics_vs_k
+from mechsteer.taxonomy.sweep import METRICS_PLOT, SENTENCE_MAP_PLOT
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_STAGE = "report"  # done when report.json is written
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def expected_stages(config: RunConfig) -> list[str]:
+    """The stages a finished run of ``config`` has done, in order (``report``: report.json written)."""
+    stages = ["traces_thinking_train", "traces_base_train", "activations", "taxonomy", "directions",
+              "eval_base", "eval_thinking", "eval_hybrid", *(f"eval_{control}" for control in config.controls)]
+    return stages + (["ablations"] if config.ablations else []) + [REPORT_STAGE]
 
 
 def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) -> dict[str, Any]:
@@ -31,7 +66,7 @@ def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) 
     transitions: Counter[tuple[str, str]] = Counter()
     for record in records:
         n_tokens = max(record["n_tokens"], 1)
-        names = [titles.get(b, "bias") if b is not None and b >= 0 else "bias" for b in record["steered_behaviours"]]
+        names = [event_name(b, titles) for b in record["steered_behaviours"]]
         seen = set()
         for position, name in zip(record["steered_positions"], names, strict=True):
             relative = position / max(n_tokens - 1, 1)
@@ -59,18 +94,39 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict
                  taxonomy_summary: dict[str, Any], ablation_summary: dict[str, Any] | None,
                  total_seconds: float) -> dict[str, Any]:
     """The report of a finished run: accuracies, gap recovered, controls, and every stage's summary."""
+    report = assemble_report(config, evaluations, taxonomy_summary, state.summary("directions"), ablation_summary,
+                             state.timings())
+    report["timings"]["total_this_invocation"] = round(total_seconds, 2)
+    return report
+
+
+def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
+                    taxonomy_summary: dict[str, Any] | None, directions_summary: dict[str, Any] | None,
+                    ablation_summary: dict[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
+    """The report's numbers from the stages' summaries; ``evaluations`` holds the finished
+    evaluations only (an unfinished run's report has None where a stage is missing)."""
     summary = {name: accuracy(result["correct"]) for name, result in evaluations.items()}
-    base, thinking = summary["base"].accuracy, summary["thinking"].accuracy
+    base = summary["base"].accuracy if "base" in summary else None
+    thinking = summary["thinking"].accuracy if "thinking" in summary else None
 
     def gap(name: str) -> float | None:
+        if name not in summary or base is None or thinking is None:
+            return None
         return gap_recovered(summary[name].accuracy, base, thinking)
 
-    bootstrap = paired_bootstrap_gap(evaluations["base"]["correct"], evaluations["thinking"]["correct"],
-                                     evaluations["hybrid"]["correct"], n_resamples=1000, seed=config.seed)
+    def gap_interval(name: str) -> list[float] | None:
+        if name not in summary or base is None or thinking is None:
+            return None
+        bootstrap = paired_bootstrap_gap(evaluations["base"]["correct"], evaluations["thinking"]["correct"],
+                                         evaluations[name]["correct"], n_resamples=BOOTSTRAP_RESAMPLES,
+                                         seed=config.seed)
+        return None if bootstrap.ci_low is None or bootstrap.ci_high is None else [bootstrap.ci_low, bootstrap.ci_high]
+
     controls = {
         name: {"accuracy": summary[name].accuracy, "gap_recovered": gap(name),
-               "steered_fraction": evaluations[name].get("steered_fraction")}
-        for name in config.controls
+               "steered_fraction": evaluations[name].get("steered_fraction"),
+               "gap_recovered_interval": gap_interval(name)}
+        for name in config.controls if name in summary
     }
     return {
         "name": config.name,
@@ -79,16 +135,18 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict
         "n_eval": config.n_eval,
         "base_accuracy": base,
         "thinking_accuracy": thinking,
-        "hybrid_accuracy": summary["hybrid"].accuracy,
+        "hybrid_accuracy": summary["hybrid"].accuracy if "hybrid" in summary else None,
         "accuracy_intervals": {name: [s.ci_low, s.ci_high] for name, s in summary.items()},
         "gap_recovered": gap("hybrid"),
-        "gap_recovered_interval": [bootstrap.ci_low, bootstrap.ci_high] if bootstrap.ci_low is not None else None,
-        "tokens_steered_fraction": evaluations["hybrid"]["steered_fraction"],
+        "gap_recovered_interval": gap_interval("hybrid"),
+        "tokens_steered_fraction": evaluations["hybrid"]["steered_fraction"] if "hybrid" in evaluations else None,
+        # generations that ran to their length limit (a thinking trace cut off before </think> has no answer)
+        "cut_off": {name: result.get("cut_off") for name, result in evaluations.items()},
         "controls": controls,
         "taxonomy": taxonomy_summary,
-        "directions": state.summary("directions"),
+        "directions": directions_summary,
         "ablations": ablation_summary,
-        "timings": {**state.timings(), "total_this_invocation": round(total_seconds, 2)},
+        "timings": dict(timings),
         "config": asdict(config),
     }
 
@@ -115,14 +173,15 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per evaluated model (base, thinking, hybrid, controls), as report.md's table."""
+    """One row per evaluated model (base, thinking, hybrid, controls; those evaluated so far)."""
     rows = [("base", report["base_accuracy"], None, None),
             ("thinking", report["thinking_accuracy"], None, None),
             ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
     rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in report["controls"].items()]
     intervals = report["accuracy_intervals"]
     return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
-             "gap_recovered": gap, "steered_fraction": steered} for name, accuracy, gap, steered in rows]
+             "gap_recovered": gap, "steered_fraction": steered}
+            for name, accuracy, gap, steered in rows if name in intervals]
 
 
 def report_table(report: dict[str, Any]) -> str:
@@ -134,37 +193,101 @@ def report_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> None:
-    """Add behaviour statistics to ``report`` and write report.json, report.md and plots into ``out``."""
+    """Add behaviour statistics to ``report``, write report.json, then report.md and the plots
+    (:func:`rebuild_run_report`, as ``mechsteer report`` does)."""
     out = Path(out)
     directions = report["directions"]
     titles = dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
-    hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl")
-    stats = behaviour_statistics(hybrid_records, titles)
-    report["behaviour_statistics"] = stats
-    write_json_atomic(out / "report.json", report)
-    plots = _plots(report, out, hybrid_records, titles, stats)
+    report["behaviour_statistics"] = behaviour_statistics(read_jsonl(out / "eval" / "hybrid" / "results.jsonl"),
+                                                          titles)
+    write_json_atomic(out / REPORT_JSON, report)
+    rebuild_run_report(out, stage_plots=False)
 
-    lines = [f"# mechsteer run: {report['name']}", "",
-             f"Pair: base `{report['pair']['base']}`, thinking `{report['pair']['thinking']}`; "
-             f"benchmark `{report['benchmark']}`, {report['n_eval']} problems.", "",
-             "```", report_table(report), "```", "",
-             f"Gap recovered {_fmt(report['gap_recovered'])} "
-             f"(95% paired bootstrap {report['gap_recovered_interval']}), "
-             f"tokens steered {_fmt(report['tokens_steered_fraction'])}.", ""]
-    taxonomy = report.get("taxonomy") or {}
-    lines += ["## Taxonomy", "", "```", _json_block(taxonomy), "```", ""]
-    lines += ["## When behaviours fired", "", "| behaviour | fired | mean position | first firing | problems |",
-              "|---|---|---|---|---|"]
-    for name, entry in stats["onset"].items():
-        lines.append(f"| {name} | {entry['n_fired']} | {entry['mean_relative_position']:.2f} | "
-                     f"{entry['mean_first_relative_position']:.2f} | {entry['share_of_problems']:.2f} |")
-    lines += ["", "Transitions between consecutive steering events:", "", "| from | to | count |", "|---|---|---|"]
-    lines += [f"| {t['from']} | {t['to']} | {t['count']} |" for t in stats["transitions"][:20]]
-    if report.get("ablations"):
-        lines += ["", "## Causal ablations", "", "```", _json_block(report["ablations"]), "```"]
-    lines += ["", "## Timings (s)", "", "```", _json_block(report["timings"]), "```", ""]
-    lines += [f"![{name}]({name})" for name in plots]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+def read_run(out: str | Path) -> tuple[RunView, list[dict[str, Any]]]:
+    """A run folder as report.md shows it, and the hybrid's per-problem log (empty until its stage
+    is done). Reads the finished stages' records and artefacts; recomputes only statistics."""
+    out = Path(out)
+    record = read_json(out / "stages.json", "run's stage record (stages.json; is this a run folder?)")
+    config = RunConfig.from_dict(record["config"], check_values=False)
+    stages: dict[str, dict[str, Any]] = record["stages"]
+    missing = [stage for stage in expected_stages(config)
+               if stage not in stages and not (stage == REPORT_STAGE and (out / REPORT_JSON).is_file())]
+
+    def summary(stage: str) -> dict[str, Any] | None:
+        return stages[stage]["summary"] if stage in stages else None
+
+    directions = summary("directions")
+    titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl") if "eval_hybrid" in stages else []
+    if not missing:
+        report = read_json(out / REPORT_JSON, "run's report")
+    else:  # the same keys from the finished stages
+        models = ["base", "thinking", "hybrid", *config.controls]
+        evaluations = {name: stages[f"eval_{name}"]["summary"] for name in models if f"eval_{name}" in stages}
+        report = assemble_report(config, evaluations, summary("taxonomy"), directions, summary("ablations"),
+                                 {name: entry["seconds"] for name, entry in stages.items()})
+        if hybrid_records and directions is not None:
+            report["behaviour_statistics"] = behaviour_statistics(hybrid_records, titles)
+    ablations = None
+    if "ablations" in stages:
+        ablations = read_json(out / "ablations" / ABLATIONS_JSON, "ablations' tables")
+    view = RunView(
+        config=config, config_digest=record["config_digest"], stages=stages, missing=missing, report=report,
+        taxonomy=Taxonomy.load(out / "taxonomy") if "taxonomy" in stages else None, ablations=ablations,
+        hybrid_problems=len(hybrid_records),
+        timeline_problems=sum(len(group) for _, group in timeline_examples(hybrid_records, titles)),
+    )
+    return view, hybrid_records
+
+
+def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
+    """Redraw a run folder's plots and write its report.md from what is on disk; nothing reruns.
+
+    ``stage_plots`` also redraws the plots of the taxonomy and ablation stages from their tables
+    (the sentence map needs the activations and is kept as the taxonomy stage drew it)."""
+    out = Path(out)
+    view, hybrid_records = read_run(out)
+    report = view.report
+    directions = view.stages.get("directions", {}).get("summary")
+    titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    rows = accuracy_rows(report)
+    if rows:
+        steered = "" if report["tokens_steered_fraction"] is None else (
+            f": gap recovered {_fmt(report['gap_recovered'])}, {100 * report['tokens_steered_fraction']:.1f}% "
+            "of tokens steered")
+        _draw(out / ACCURACY_PLOT, lambda path: plot_accuracy(rows, path, f"{report['name']}{steered}"))
+    if hybrid_records:
+        examples = timeline_examples(hybrid_records, titles)
+        _draw(out / TIMELINE_PLOT, lambda path: plot_timeline(examples, titles, path, len(hybrid_records)))
+    statistics = report.get("behaviour_statistics")
+    if statistics and statistics["transitions"]:
+        order = [*dict.fromkeys(titles[b] for b in sorted(titles)), BIAS]
+        _draw(out / TRANSITIONS_PLOT, lambda path: plot_transitions(statistics["transitions"], order, path))
+    taxonomy = view.stages.get("taxonomy", {}).get("summary")
+    if stage_plots and taxonomy and taxonomy.get("sweep"):
+        _draw(out / "taxonomy" / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy["sweep"], path))
+    if stage_plots and view.ablations is not None:
+        necessity = [NecessityRow(**row) for row in view.ablations["necessity"]]
+        sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]
+        _draw(out / "ablations" / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
+    candidates = [ACCURACY_PLOT, f"taxonomy/{METRICS_PLOT}", f"taxonomy/{SENTENCE_MAP_PLOT}",
+                  f"ablations/{ABLATIONS_PLOT}", TRANSITIONS_PLOT, TIMELINE_PLOT]
+    view.plots = {name for name in candidates if (out / name).is_file()}
+    write_text_atomic(out / REPORT_MD, run_markdown(view))
+    return view
+
+
+def _draw(path: Path, draw: Any) -> None:
+    """Draw into a sibling and rename it into place: a stage folder of a sweep point may be a hard
+    link to another point's, which writing in place would change too."""
+    staging = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        draw(staging)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, path)
 
 
 def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
@@ -187,72 +310,5 @@ def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     tracker.log_artifact(f"{report['name']}-report", "report", [out / "report.json", out / "report.md"])
 
 
-def _plots(report: dict[str, Any], out: Path, hybrid_records: list[dict[str, Any]], titles: dict[int, str],
-           stats: dict[str, Any]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    names = ["base", "thinking", "hybrid", *report["controls"]]
-    values = [report["base_accuracy"], report["thinking_accuracy"], report["hybrid_accuracy"],
-              *[c["accuracy"] for c in report["controls"].values()]]
-    intervals = [report["accuracy_intervals"][name] for name in names]
-    errors = [[v - lo for v, (lo, _) in zip(values, intervals, strict=True)],
-              [hi - v for v, (_, hi) in zip(values, intervals, strict=True)]]
-    figure, axis = plt.subplots(figsize=(7, 3.5))
-    axis.bar(names, values, yerr=errors, capsize=4, color=["#888", "#2a6", "#26a"] + ["#bbb"] * len(report["controls"]))
-    axis.set_ylabel("accuracy (95% Wilson)")
-    axis.set_ylim(0, 1)
-    axis.set_title(f"{report['name']}: gap recovered {_fmt(report['gap_recovered'])}, "
-                   f"{_fmt(report['tokens_steered_fraction'])} of tokens steered")
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=110)
-    plt.close(figure)
-    files.append("accuracy.png")
-
-    examples = hybrid_records[:12]
-    ordered = sorted(set(titles.values())) + ["bias"]
-    colours = {name: plt.cm.tab10(index % 10) for index, name in enumerate(ordered)}
-    figure, axis = plt.subplots(figsize=(9, 0.35 * len(examples) + 1.2))
-    for row, record in enumerate(examples):
-        axis.hlines(row, 0, record["n_tokens"], color="#ddd", linewidth=6)
-        for position, behaviour in zip(record["steered_positions"], record["steered_behaviours"], strict=True):
-            name = titles.get(behaviour, "bias") if behaviour is not None and behaviour >= 0 else "bias"
-            axis.plot(position, row, "|", color=colours[name], markersize=12, markeredgewidth=2)
-    handles = [plt.Line2D([], [], color=colours[n], marker="|", linestyle="", markersize=10, label=n) for n in ordered]
-    axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    axis.set_yticks(range(len(examples)), [r["problem_id"] for r in examples], fontsize=7)
-    axis.set_xlabel("generated token")
-    axis.set_title("when each behaviour fired (hybrid)")
-    figure.tight_layout()
-    figure.savefig(out / "timeline.png", dpi=110)
-    plt.close(figure)
-    files.append("timeline.png")
-
-    labels = sorted({t["from"] for t in stats["transitions"]} | {t["to"] for t in stats["transitions"]})
-    if labels:
-        matrix = [[0] * len(labels) for _ in labels]
-        for entry in stats["transitions"]:
-            matrix[labels.index(entry["from"])][labels.index(entry["to"])] = entry["count"]
-        figure, axis = plt.subplots(figsize=(4.5, 4))
-        image = axis.imshow(matrix, cmap="Blues")
-        axis.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-        axis.set_yticks(range(len(labels)), labels)
-        axis.set_xlabel("next steering event")
-        axis.set_ylabel("steering event")
-        figure.colorbar(image)
-        figure.tight_layout()
-        figure.savefig(out / "transitions.png", dpi=110)
-        plt.close(figure)
-        files.append("transitions.png")
-    return files
-
-
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def _json_block(data: Any) -> str:
-    return json.dumps(data, indent=2, default=str)[:6000]

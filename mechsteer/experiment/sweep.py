@@ -26,41 +26,41 @@ such group runs them, the others start from hard-linked copies of its finished s
 (:mod:`mechsteer.experiment.points`). The points run on an executor
 (:mod:`mechsteer.experiment.executors`).
 
-``results.csv``, ``results.parquet`` and ``results.png`` are written atomically into ``OUT``.
+``results.csv``, ``results.parquet``, ``results.png`` and ``report.md`` (the points as one table, with
+the plot) are written atomically into ``OUT``; ``mechsteer report OUT`` rewrites the report.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import itertools
-import operator
+import json
 import os
-import types
-import typing
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any
 
 import pyarrow
 import pyarrow.parquet
-import yaml
-from beartype import BeartypeConf
-from beartype.door import is_bearable
 
-from mechsteer.core.store import write_json_atomic
-from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.store import read_json, write_json_atomic, write_text_atomic
+from mechsteer.core.validation import Range, check_fields, describe, field_hints, join_problems
+from mechsteer.experiment.config import TRACKING_KEYS, RunConfig, read_yaml_mapping
 from mechsteer.experiment.executors import EXECUTORS, ExecutorKind, make_executor
+from mechsteer.experiment.markdown import sweep_markdown
 from mechsteer.experiment.points import (
     SweepPoint,
     find_donor,
     point_id,
+    refused_row,
     run_point,
     upstream_digest,
 )
+from mechsteer.experiment.report import headline_metrics
 from mechsteer.experiment.tracking import WandbTracker, wandb_environment
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "list", "executor", "retries", "resources", "ray", "wandb"}
@@ -86,33 +86,40 @@ class SweepSpec:
     source: str | None = None  # the sweep file, for the wandb export's command
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, relative_to: Path | None = None, source: str | None = None) -> SweepSpec:
+    def from_dict(cls, data: Any, *, relative_to: Path | None = None, source: str | None = None) -> SweepSpec:
         if not isinstance(data, dict):
-            raise ValueError(f"a sweep file holds a mapping, got {type(data).__name__}")
+            raise ConfigError(f"a sweep file holds a mapping, got {type(data).__name__}")
         unknown = sorted(set(data) - SWEEP_KEYS)
         if unknown:
-            raise ValueError(f"unknown sweep keys {unknown}; known keys: {sorted(SWEEP_KEYS)}")
+            raise ConfigError(f"unknown sweep keys {unknown}; known keys: {sorted(SWEEP_KEYS)}")
         for key in ("name", "base"):
             if key not in data:
-                raise ValueError(f"a sweep needs {key!r}")
+                raise ConfigError(f"a sweep needs {key!r}")
         base = data["base"]
         if isinstance(base, str):
             path = Path(base) if relative_to is None or Path(base).is_absolute() else relative_to / base
-            base = yaml.safe_load(path.read_text()) or {}
+            base = read_yaml_mapping(path, "run config")
         if not isinstance(base, dict):
-            raise ValueError("sweep 'base' must be a RunConfig YAML path or a mapping of RunConfig keys")
+            raise ConfigError("sweep 'base' must be a RunConfig YAML path or a mapping of RunConfig keys")
         resources = data.get("resources") or {}
         ray = data.get("ray") or {}
         for section, values, known in (("resources", resources, {"num_cpus", "num_gpus"}),
                                        ("ray", ray, {"address", "num_cpus"})):
             if not isinstance(values, dict) or set(values) - known:
-                raise ValueError(f"sweep {section!r} takes a mapping of {sorted(known)}, got {values!r}")
+                raise ConfigError(f"sweep {section!r} takes a mapping of {sorted(known)}, got {values!r}")
         grid = data.get("grid") or {}
         points = data.get("list") or []
         if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-            raise ValueError("sweep 'grid' maps each config key to a non-empty list of values")
+            raise ConfigError("sweep 'grid' maps each config key to a non-empty list of values")
         if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-            raise ValueError("sweep 'list' is a list of mappings (config key -> value), one per point")
+            raise ConfigError("sweep 'list' is a list of mappings (config key -> value), one per point")
+        problems = check_fields(SweepFileValues, {key: data[key] for key in ("retries", "wandb") if key in data},
+                                partial=True, noun="sweep keys")
+        problems += check_fields(SweepFileValues, {"num_cpus": resources.get("num_cpus", 1),
+                                                   "num_gpus": resources.get("num_gpus", 0),
+                                                   "ray_num_cpus": ray.get("num_cpus")}, partial=True)
+        if problems:
+            raise ConfigError(f"sweep: {join_problems(problems)}")
         spec = cls(name=str(data["name"]), base=dict(base), overrides=dict(data.get("overrides") or {}),
                    grid=dict(grid), points=[dict(p) for p in points], executor=data.get("executor", "local"),
                    retries=int(data.get("retries", 0)), num_cpus=float(resources.get("num_cpus", 1)),
@@ -124,16 +131,24 @@ class SweepSpec:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepSpec:
         path = Path(path)
-        return cls.from_dict(yaml.safe_load(path.read_text()), relative_to=path.parent, source=str(path.resolve()))
+        try:
+            return cls.from_dict(read_yaml_mapping(path, "sweep"), relative_to=path.parent,
+                                 source=str(path.resolve()))
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}" if not str(error).startswith(str(path)) else str(error)) from None
 
     def validate(self) -> None:
-        """Every key and value checked against RunConfig before anything runs."""
+        """Every key and the type of every value checked against RunConfig before anything runs.
+
+        A value of the right type that a point's config refuses (an unknown choice, a number out
+        of range) does not stop the sweep: that point is reported as a failed row without running
+        (:func:`plan_points`), and the others run."""
         if self.executor not in EXECUTORS:
-            raise ValueError(f"sweep executor must be one of {EXECUTORS}, got {self.executor!r}")
+            raise ConfigError(f"sweep executor must be one of {EXECUTORS}, got {self.executor!r}")
         if self.retries < 0:
-            raise ValueError(f"sweep retries must be >= 0, got {self.retries}")
+            raise ConfigError(f"sweep retries must be >= 0, got {self.retries}")
         if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("sweep resources num_cpus and num_gpus must be >= 0")
+            raise ConfigError("sweep resources num_cpus and num_gpus must be >= 0")
         _check_values("base", self.base, reserved=())
         _check_values("overrides", self.overrides, reserved=RESERVED_KEYS)
         for key, values in self.grid.items():
@@ -142,9 +157,9 @@ class SweepSpec:
         for index, point in enumerate(self.points):
             _check_values(f"list[{index}]", point, reserved=(*RESERVED_KEYS, *TRACKING_KEYS))
         if not self.expand():
-            raise ValueError("the sweep has no points: give a 'grid' and/or a 'list'")
+            raise ConfigError("the sweep has no points: give a 'grid' and/or a 'list'")
         for overrides in self.expand():
-            RunConfig.from_dict({**self.base, **self.overrides, **overrides})
+            RunConfig.from_dict({**self.base, **self.overrides, **overrides}, check_values=False)
 
     def swept_keys(self) -> list[str]:
         """The keys the points vary: the grid's, then any new ones from the list."""
@@ -161,32 +176,30 @@ class SweepSpec:
         return grid_points + [dict(point) for point in self.points]
 
 
+@dataclass
+class SweepFileValues:
+    """The types of a sweep file's own scalar settings (checked like a RunConfig's keys)."""
+
+    retries: Annotated[int, Range(min=0)] = 0
+    wandb: bool = False
+    num_cpus: Annotated[float, Range(min=0)] = 1.0
+    num_gpus: Annotated[float, Range(min=0)] = 0.0
+    ray_num_cpus: Annotated[int, Range(min=1)] | None = None
+
+
 def _check_values(where: str, values: dict[str, Any], *, reserved: tuple[str, ...]) -> None:
-    hints = {key: _without_choices(hint) for key, hint in get_type_hints(RunConfig).items()}
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(f"sweep {where}: unknown config keys {unknown}; known keys: {sorted(hints)}")
-    for key, value in values.items():
+    """Keys and types of config values (their allowed values are checked per point: a point
+    with a refused value becomes a failed row, and the sweep goes on)."""
+    for key in values:
         if key in reserved:
-            raise ValueError(f"sweep {where}: {key!r} cannot be set here (the sweep sets it for every point)")
-        if not is_bearable(value, hints[key], conf=BeartypeConf(is_pep484_tower=True)):
-            example = " (one list per point, e.g. [[0.5], [1.0]])" if str(hints[key]).startswith("list") else ""
-            raise ValueError(f"sweep {where}: {key} = {value!r} is not a {hints[key]}{example}")
-
-
-def _without_choices(hint: Any) -> Any:
-    """``hint`` with each ``Literal`` widened to the type of its choices (``Literal["a", "b"]`` -> ``str``).
-
-    A sweep checks types before anything runs and leaves choices to the stage that reads them,
-    so a point with an unknown choice fails as a point (a failed row) while the others finish."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        return functools.reduce(operator.or_, dict.fromkeys(type(choice) for choice in get_args(hint)))
-    if origin is list:
-        return list[_without_choices(get_args(hint)[0])]
-    if origin in (typing.Union, types.UnionType):
-        return functools.reduce(operator.or_, dict.fromkeys(_without_choices(arg) for arg in get_args(hint)))
-    return hint
+            raise ConfigError(f"sweep {where}: {key!r} cannot be set here (the sweep sets it for every point)")
+    problems = [problem for problem in check_fields(RunConfig, values, partial=True, noun="config keys")
+                if problem.kind == "type"]
+    if problems:
+        hints = field_hints(RunConfig)
+        example = " (one list per point, e.g. [[0.5], [1.0]])" if any(
+            describe(hints.get(problem.key, None)).startswith("list") for problem in problems) else ""
+        raise ConfigError(f"sweep {where}: {join_problems(problems)}{example}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,9 +216,11 @@ def plan_points(spec: SweepSpec, out: str | Path) -> list[SweepPoint]:
             data["wandb"] = True
         if data.get("wandb"):
             data["wandb_group"] = spec.name
-        config = RunConfig.from_dict(data)
+        config = RunConfig.from_dict(data, check_values=False)
+        problems = config.problems()  # a refused point becomes a failed row; the others run
         points.append(SweepPoint(index=index, overrides=overrides, config=config,
-                                 out=str(out / "points" / identifier), upstream=upstream_digest(config)))
+                                 out=str(out / "points" / identifier), upstream=upstream_digest(config),
+                                 refused=f"ConfigError: {join_problems(problems)}" if problems else None))
     ids = [Path(point.out).name for point in points]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -214,10 +229,13 @@ def plan_points(spec: SweepSpec, out: str | Path) -> list[SweepPoint]:
 
 
 def phases(points: list[SweepPoint]) -> tuple[list[SweepPoint], list[SweepPoint]]:
-    """First the first point of each upstream group; then the rest, each starting from its leader."""
+    """First the first point of each upstream group; then the rest, each starting from its leader.
+    Refused points are in neither: they do not run."""
     leaders: dict[str, SweepPoint] = {}
     followers = []
     for point in points:
+        if point.refused is not None:
+            continue
         if point.upstream in leaders:
             followers.append(dataclasses.replace(point, donor=leaders[point.upstream].out))
         else:
@@ -248,7 +266,10 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, log: Callable[[str], None] = 
         spec.executor, point_cpus=spec.num_cpus, point_gpus=spec.num_gpus, address=spec.ray_address,
         num_cpus=spec.ray_num_cpus, wandb_root=out / "wandb" if spec.wandb or spec.base.get("wandb") else None)
     with wandb_environment(out / "wandb") if tracking else nullcontext(), context:
-        rows = executor.run_points(leaders, spec.retries, report)
+        rows = [refused_row(point) for point in points if point.refused is not None]
+        for row in rows:
+            report(row)
+        rows += executor.run_points(leaders, spec.retries, report)
         rows += executor.run_points(followers, spec.retries, report)
         rows.sort(key=lambda row: row["index"])
         write_results(rows, out, title=spec.name, override_keys=spec.swept_keys())
@@ -291,6 +312,44 @@ def write_results(rows: list[dict[str, Any]], out: Path, *, title: str, override
         staging = out / f".{name}.partial"
         write(staging)
         os.replace(staging, out / name)
+    # from the table as written, as `mechsteer report` reads it: both give the same report.md
+    write_text_atomic(out / "report.md", sweep_markdown(title, _read_results(out), override_keys, plot=True))
+
+
+def rebuild_sweep_report(out: str | Path) -> list[str]:
+    """Rewrite a sweep folder's report.md (and its plot) from what is on disk; nothing reruns.
+
+    A finished sweep is read from results.parquet; before the sweep has written it, each point
+    from its own report.json. Returns the points not finished."""
+    out = Path(out)
+    plan = read_json(out / "sweep.json", "sweep's plan (sweep.json; is this a sweep folder?)")
+    spec = SweepSpec(**plan["spec"])
+    swept = spec.swept_keys()
+    if (out / "results.parquet").is_file():
+        rows = _read_results(out)
+        staging = out / ".results.png.partial"
+        plot_results(rows, staging, spec.name, swept)
+        os.replace(staging, out / "results.png")
+        write_text_atomic(out / "report.md", sweep_markdown(spec.name, rows, swept, plot=True))
+        return []
+    rows, missing = [], []
+    for point in plan["points"]:
+        folder = out / "points" / Path(point["out"]).name
+        row: dict[str, Any] = {"index": point["index"], "point": folder.name}
+        row.update({key: json.dumps(value) if isinstance(value, list | dict) else value
+                    for key, value in point["overrides"].items()})
+        if (folder / "report.json").is_file():
+            row.update({**headline_metrics(read_json(folder / "report.json", "point's report")), "status": "ok"})
+        else:
+            missing.append(folder.name)
+            row["status"] = "not finished"
+        rows.append(row)
+    write_text_atomic(out / "report.md", sweep_markdown(spec.name, rows, swept, missing=missing))
+    return missing
+
+
+def _read_results(out: Path) -> list[dict[str, Any]]:
+    return pyarrow.parquet.read_table(out / "results.parquet").to_pylist()
 
 
 def plot_results(rows: list[dict[str, Any]], path: Path, title: str, override_keys: list[str]) -> None:
@@ -357,6 +416,8 @@ def run_one_point(spec: SweepSpec, out: str | Path, overrides: dict[str, Any]) -
     _check_values("point", overrides, reserved=(*RESERVED_KEYS, *TRACKING_KEYS))
     single = dataclasses.replace(spec, grid={}, points=[overrides], wandb=True)
     point = plan_points(single, out)[0]
+    if point.refused is not None:
+        return refused_row(point)
     point = dataclasses.replace(point, donor=find_donor(point, Path(out) / "points"))
     with wandb_environment(Path(out) / "wandb"):
         return run_point(point, retries=0)

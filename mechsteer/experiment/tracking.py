@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol, get_args, runtime_checkable
 
 from mechsteer.experiment.config import RunConfig, WandbMode
 
@@ -45,6 +45,7 @@ WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 TRACKING_FOLDER = "wandb"
 
 
+@runtime_checkable
 class Tracker(Protocol):
     """What the pipeline and the sweep log; both implementations below honour it."""
 
@@ -142,7 +143,7 @@ class WandbTracker:
     def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
         columns, data = table_columns(rows)
         if columns:
-            self.run.log({f"tables/{name}": self._wandb.Table(columns=columns, data=data)}, step=self._next_step())
+            self.run.log({f"tables/{name}": self._wandb.Table(columns=list[str | int](columns), data=data)}, step=self._next_step())
 
     def log_image(self, name: str, path: Path) -> None:
         path = Path(path)
@@ -284,7 +285,7 @@ def _parsed_records(data: bytes) -> Iterator[Any]:
     from wandb.proto import wandb_internal_pb2
 
     for payload in _transaction_log_records(data):
-        record = wandb_internal_pb2.Record()
+        record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]  # generated protobuf module
         record.ParseFromString(payload)
         yield record
 

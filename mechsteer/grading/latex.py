@@ -70,6 +70,7 @@ class _Parser:
         tokens: list[tuple[str, str]] = []
         for match in _TOKEN.finditer(text):
             kind = match.lastgroup
+            assert kind is not None  # every alternative of the token pattern is a named group
             value = match.group(0)
             if kind == "space":
                 continue
@@ -313,6 +314,7 @@ class _Parser:
         self.enter()
         if self.peek_value() in ("(", "{", "["):
             opener = self.peek_value()
+            assert opener is not None
             argument = self.group(opener, {"(": ")", "[": "]", "{": "}"}[opener])
         else:
             argument = self.power()
@@ -436,14 +438,15 @@ def rational_value(ast: AST) -> Fraction | None:
         value = rational_value(ast[1])
         return None if value is None else -value
     if kind in ("add", "mul"):
-        values = [rational_value(child) for child in ast[1]]
-        if any(value is None for value in values):
+        maybe_values = [rational_value(child) for child in ast[1]]
+        values = [value for value in maybe_values if value is not None]
+        if len(values) != len(maybe_values):
             return None
         if kind == "add":
-            return sum(values, Fraction(0))  # type: ignore[arg-type]
+            return sum(values, Fraction(0))
         product = Fraction(1)
         for value in values:
-            product *= value  # type: ignore[operator]
+            product *= value
         return product
     if kind == "div":
         numerator, denominator = rational_value(ast[1]), rational_value(ast[2])

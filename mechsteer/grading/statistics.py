@@ -28,6 +28,10 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
+# Per-problem grades: bools, or 0/1, as a sequence or a 1-D numpy array.
+Grades = Sequence[bool] | Sequence[int] | np.ndarray
+
+
 @dataclass(frozen=True)
 class AccuracySummary:
     """Accuracy ``correct / total`` with its Wilson interval ``[ci_low, ci_high]``."""
@@ -39,7 +43,7 @@ class AccuracySummary:
     ci_high: float
 
 
-def accuracy(correct: Sequence[bool], z: float = 1.96) -> AccuracySummary:
+def accuracy(correct: Grades, z: float = 1.96) -> AccuracySummary:
     """Accuracy of a list of per-problem grades, with a Wilson interval (95% by default)."""
     grades = _as_bool_array(correct, "correct")
     k, n = int(grades.sum()), int(grades.size)
@@ -79,9 +83,9 @@ class GapBootstrap:
 
 
 def paired_bootstrap_gap(
-    base_correct: Sequence[bool],
-    thinking_correct: Sequence[bool],
-    hybrid_correct: Sequence[bool],
+    base_correct: Grades,
+    thinking_correct: Grades,
+    hybrid_correct: Grades,
     n_resamples: int = 10_000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -134,7 +138,7 @@ def paired_bootstrap_gap(
     )
 
 
-def _as_bool_array(values: Sequence[bool], name: str) -> np.ndarray:
+def _as_bool_array(values: Grades, name: str) -> np.ndarray:
     array = np.asarray(values)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of bools")

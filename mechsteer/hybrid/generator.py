@@ -8,8 +8,8 @@ At every token, for a batch of problems at once:
    layer for the last position.
 2. A timing policy (:mod:`mechsteer.hybrid.timing`) decides per sequence whether to steer and with
    which behaviour.
-3. For steered sequences, every candidate ``(coeff, window)`` of the grid is evaluated in one
-   batched forward: ``coeff * (bias + direction_b)`` is added at the base model's steering
+3. For steered sequences, every candidate ``(coeff, window)`` of the grid is evaluated in
+   batched forwards: ``coeff * (bias + direction_b)`` is added at the base model's steering
    layer to the last ``window`` positions, and the candidate's greedy token is read off. With
    more than one candidate, the guardrail keeps the token the thinking model finds most likely
    (lowest perplexity). Unsteered sequences take the base model's greedy token.
@@ -17,12 +17,20 @@ At every token, for a batch of problems at once:
 
 Steering is *transient*, as in the paper's full-recompute algorithm: it changes the prediction
 of the step at which it fires, and later steps see the unsteered sequence. With caches this is
-done by forking the steered rows' cache, cropping the last ``window`` positions, recomputing
-them steered, and discarding the fork. A steered step therefore costs ``window x candidates``
-extra token positions and never O(sequence length) compute (the fork copies the cache in
-memory, which is cheap next to a forward pass). ``window`` = "all" is what the paper also
-tried; pass ``windows=(10**9,)`` for it, at O(length) cost.
+done by forking the steered rows' cache, cropped before the window, recomputing the window's
+positions steered, and discarding the fork. Candidates are grouped by window, so each window is
+recomputed only as wide as it is (window 0, "all", recomputes the whole sequence, as the paper
+also tried), and evaluated in chunks of at most ``max_candidates_per_chunk`` forked sequences, with
+the logits of the last position only: a steered step's extra memory is bounded by that setting.
 
+Devices and host transfers: every tensor of the per-token loop lives on its model's device (the
+policy and its SAE on the thinking model's), and the tokens, flags and latents a step needs on the
+host travel in one small transfer; full-vocabulary logits never leave the device. A steered row's
+token joins the next step's transfer (its log and stop check wait one step), except when the text
+must be re-encoded now (different tokenizers) or when no other row still runs.
+
+Pairs whose tokenizers share the ordinary vocabulary (:mod:`mechsteer.core.vocab`; the paper's
+pairs differ only in added tokens) hand token ids over, through a base -> thinking id table.
 Cross-tokenizer pairs: the base token's text is appended to the thinking model's text, and only
 the tail is re-encoded: the last ``lookback_tokens`` thinking tokens plus the new text. Where the
 new text merges with the previous token (``"t"`` + ``"he"`` -> ``"the"``), the thinking cache is
@@ -43,16 +51,13 @@ from dataclasses import dataclass, field
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.core.models import resid_hook_name, tokenizers_compatible
+from mechsteer.core.models import HOST, input_device, resid_hook_name
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
+from mechsteer.core.vocab import cross_tables, shared_id_map, tokenizers_compatible
 from mechsteer.hybrid.timing import BIAS_ONLY, PolicyDecision, PolicyInput, TimingPolicy
-from mechsteer.interventions.generation import (
-    CachedRunner,
-    StopChecker,
-    pad_token_id,
-    tokenize_prompts,
-)
+from mechsteer.interventions.generation import StopChecker, tokenize_prompts
 from mechsteer.interventions.hooks import add_direction
+from mechsteer.interventions.runner import CachedRunner
 from mechsteer.steering.direction_set import DirectionSet
 
 
@@ -75,18 +80,24 @@ class HybridConfig:
     steer_layer: int  # base model layer whose output (resid_post) is steered
     read_layer: int  # thinking model layer the policy reads (the SAE's layer)
     coefficients: tuple[float, ...] = (1.0,)
-    windows: tuple[int, ...] = (1,)  # steer the last w positions
+    windows: tuple[int, ...] = (1,)  # steer the last w positions; 0: all of them
     max_new_tokens: int = 256
     stop_strings: tuple[str, ...] = ()
     batch_size: int = 8
     lookback_tokens: int = 16  # cross-tokenizer re-encoding window
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    # Forked (row, candidate) sequences per candidate forward: a steered step's extra memory is
+    # at most this many copies of a row's KV cache (cropped before the window) plus their window's
+    # activations, whatever the grid and the batch.
+    max_candidates_per_chunk: int = 32
 
     def __post_init__(self) -> None:
         if not self.coefficients or not self.windows:
             raise ValueError("coefficients and windows must be non-empty")
-        if any(window < 1 for window in self.windows):
-            raise ValueError(f"windows must be >= 1; got {self.windows}")
+        if any(window < 0 for window in self.windows):
+            raise ValueError(f"windows must be >= 0 (0: all positions); got {self.windows}")
+        if self.max_candidates_per_chunk < 1:
+            raise ValueError(f"max_candidates_per_chunk must be >= 1; got {self.max_candidates_per_chunk}")
 
     @property
     def candidates(self) -> list[tuple[float, int]]:
@@ -110,6 +121,10 @@ class HybridOutput:
     token_ids: list[list[int]]
     finish_reasons: list[str]
     token_logs: list[list[TokenLog]]
+    # Cost of the steered steps: forked positions fed by candidate forwards, and the most forked
+    # sequences in one forward (at most config.max_candidates_per_chunk).
+    positions_recomputed: int = 0
+    largest_fork: int = 0
 
     @property
     def steered_fractions(self) -> list[float]:
@@ -185,20 +200,131 @@ def hybrid_generate(
             raise ValueError(f"{what} must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
     if shared_tokenizer is None:
         shared_tokenizer = tokenizers_compatible(base.tokenizer, thinking.tokenizer)
+    vocab = PairVocab(base, thinking, shared_tokenizer)
+    behaviours = BehaviourTable(directions, input_device(base))
     output = HybridOutput([], [], [], [])
     for start in range(0, len(base_prompts), config.batch_size):
         stop = start + config.batch_size
         _HybridBatch(base, thinking, list(base_prompts[start:stop]), list(thinking_prompts[start:stop]),
-                     directions, policy, config, shared_tokenizer).run(output)
+                     behaviours, policy, config, vocab).run(output)
     return output
 
 
+class PairVocab:
+    """How base token ids read for the thinking model, as tables on the thinking model's device.
+
+    Shared ordinary vocabulary: base id -> thinking id (-1: a special token the thinking model has
+    not, dropped). Otherwise: the class of each token's text (tokens agree when their texts are
+    equal) and the first thinking token of a base token's text (what the guardrail scores).
+    """
+
+    def __init__(self, base: TransformerBridge, thinking: TransformerBridge, shared: bool):
+        self.shared = shared
+        self.device = input_device(thinking)
+        sizes = (int(base.cfg.d_vocab), int(thinking.cfg.d_vocab))
+        if shared:
+            mapping = shared_id_map(base.tokenizer, thinking.tokenizer, *sizes)
+            self.to_thinking = torch.tensor(mapping, dtype=torch.long, device=self.device)
+        else:
+            tables = cross_tables(base.tokenizer, thinking.tokenizer, *sizes)
+            self.base_class = torch.tensor(tables.base_text_class, dtype=torch.long, device=self.device)
+            self.thinking_class = torch.tensor(tables.thinking_text_class, dtype=torch.long, device=self.device)
+            self.to_thinking = torch.tensor(tables.base_first_thinking_id, dtype=torch.long, device=self.device)
+
+    def agree(self, base_tokens: Tensor, thinking_tokens: Tensor) -> Tensor:
+        """Whether each row's base and thinking greedy tokens are the same token (or text)."""
+        base_tokens = base_tokens.to(self.device)
+        if self.shared:
+            return self.to_thinking[base_tokens] == thinking_tokens
+        return self.base_class[base_tokens] == self.thinking_class[thinking_tokens]
+
+    def thinking_ids(self, base_tokens: Tensor) -> Tensor:
+        """The thinking id a base token is read (shared) or scored (cross) as; -1 for none."""
+        return self.to_thinking[base_tokens.to(self.device)]
+
+
+class BehaviourTable:
+    """``bias + direction_b`` for any behaviour, gathered on the base model's device."""
+
+    def __init__(self, directions: DirectionSet, device: torch.device):
+        self.directions, self.device = directions, device
+        rows = directions.directions.to(device=device, dtype=torch.float32)
+        self.stack = torch.cat([rows, torch.zeros((1, directions.d_model), dtype=torch.float32, device=device)])
+        self.bias = None if directions.bias is None else directions.bias.to(device)
+
+    def check(self, behaviours: Sequence[int]) -> None:
+        for behaviour in behaviours:
+            if behaviour != BIAS_ONLY and behaviour not in self.directions.behaviour_ids:
+                raise ValueError(f"no direction for behaviour {behaviour}; known: {self.directions.behaviour_ids}")
+
+    def vectors(self, behaviours: Sequence[int]) -> Float[Tensor, "batch d_model"]:
+        self.check(behaviours)
+        none = self.stack.shape[0] - 1  # the zero row: bias only
+        index = [none if b == BIAS_ONLY else self.directions.index_of(b) for b in behaviours]
+        out = self.stack.index_select(0, torch.tensor(index, dtype=torch.long, device=self.device))
+        return out if self.bias is None else out + self.bias
+
+
+@dataclass
+class _StepOnHost:
+    """What one step's transfer brought to the host, per row."""
+
+    greedy: list[int]
+    steer: list[bool]
+    behaviour: list[int]
+    agree: list[bool]
+    latent_ids: list[list[int]] | None
+    latent_values: list[list[float]] | None
+    previous: list[int] | None  # last step's chosen tokens, when some are still unknown here
+    previous_choice: list[int] | None  # and the candidate each steered row took
+
+
+def _to_host(decision: PolicyDecision, agree: Tensor, greedy: Tensor,
+             previous: tuple[Tensor, Tensor] | None, device: torch.device) -> _StepOnHost:
+    """The step's one host transfer: every per-row number the host needs, packed as int64."""
+    columns = [greedy, decision.steer.long(), decision.behaviour.long(), agree.long()]
+    if previous is not None:
+        columns += [previous[0], previous[1]]
+    packed = [column.to(device)[:, None] for column in columns]
+    top = 0
+    if decision.latent_ids is not None and decision.latent_values is not None:
+        top = int(decision.latent_ids.shape[1])
+        # float32 values travel as their bits, so that they arrive exactly
+        bits = decision.latent_values.to(device=device, dtype=torch.float32).view(torch.int32).long()
+        packed += [decision.latent_ids.to(device).long(), bits]
+    rows = torch.cat(packed, dim=1).tolist()
+    fixed = len(columns)
+    latent_ids = latent_values = None
+    if top:
+        latent_ids = [row[fixed : fixed + top] for row in rows]
+        value_bits = torch.tensor([row[fixed + top :] for row in rows], dtype=torch.int64, device=HOST)
+        latent_values = value_bits.to(torch.int32).view(torch.float32).tolist()
+    return _StepOnHost(
+        greedy=[row[0] for row in rows], steer=[bool(row[1]) for row in rows], behaviour=[row[2] for row in rows],
+        agree=[bool(row[3]) for row in rows], latent_ids=latent_ids, latent_values=latent_values,
+        previous=[row[4] for row in rows] if previous is not None else None,
+        previous_choice=[row[5] for row in rows] if previous is not None else None)
+
+
+@dataclass
+class _Unresolved:
+    """A steered row's log entry, waiting for its token (still on the device)."""
+
+    behaviour: int
+    agree: bool
+    latent_ids: list[int]
+    latent_values: list[float]
+
+
 class _HybridBatch:
-    def __init__(self, base, thinking, base_prompts, thinking_prompts, directions, policy, config, shared):
+    def __init__(self, base, thinking, base_prompts, thinking_prompts, behaviours: BehaviourTable, policy,
+                 config: HybridConfig, vocab: PairVocab):
         self.base, self.thinking = base, thinking
-        self.directions, self.policy, self.config, self.shared = directions, policy, config, shared
+        self.behaviours, self.policy, self.config, self.vocab = behaviours, policy, config, vocab
+        self.shared = vocab.shared
         self.base_runner = CachedRunner(base, tokenize_prompts(base, base_prompts))
         self.think_runner = CachedRunner(thinking, tokenize_prompts(thinking, thinking_prompts))
+        self.base_device, self.think_device = self.base_runner.device, self.think_runner.device
         self.n_think_prompt = self.think_runner.n_real()
         self.batch = self.base_runner.batch_size
         # The steering of the current candidate forward: one vector, coefficient and window mask per row.
@@ -206,7 +332,22 @@ class _HybridBatch:
         self.recorded: Tensor | None = None
         self.stopper = StopChecker(base, config.stop_strings, [] if config.ignore_eos else None)
         self.base_decoder = IncrementalDecoder(base.tokenizer)
-        self.think_text = None if shared else ThinkingText(thinking.tokenizer, self.batch, config.lookback_tokens)
+        self.think_text = None if self.shared else ThinkingText(thinking.tokenizer, self.batch, config.lookback_tokens)
+        groups: dict[int, list[int]] = {}
+        for index, (_, window) in enumerate(config.candidates):
+            groups.setdefault(window, []).append(index)
+        self.window_groups = sorted(groups.items())
+        self.coefficients = torch.tensor([coeff for coeff, _ in config.candidates], dtype=torch.float32,
+                                         device=self.base_device)
+        # Host-side state of the rows
+        self.new_ids: list[list[int]] = [[] for _ in range(self.batch)]
+        self.logs: list[list[TokenLog]] = [[] for _ in range(self.batch)]
+        self.finished = [False] * self.batch
+        self.reasons = ["length"] * self.batch
+        self.unresolved: dict[int, _Unresolved] = {}
+        self.previous: tuple[Tensor, Tensor] | None = None  # last step's (chosen tokens, candidate taken)
+        self.positions_recomputed = 0  # forked positions fed by candidate forwards (cost accounting)
+        self.largest_fork = 0
 
     # hooks ---------------------------------------------------------------------------------
     def _steer_hook(self, resid: Tensor, hook: object) -> Tensor:
@@ -219,129 +360,158 @@ class _HybridBatch:
         self.recorded = resid[:, -1, :].detach().clone()
         return resid
 
+    def _recorded(self) -> Tensor:
+        if self.recorded is None:
+            raise RuntimeError(f"the thinking model's forward did not reach {resid_hook_name(self.config.read_layer)}")
+        return self.recorded
+
     # steps ---------------------------------------------------------------------------------
-    def _agree(self, base_greedy: Tensor, think_greedy: Tensor) -> Tensor:
-        if self.shared:
-            return base_greedy.cpu() == think_greedy.cpu()
-        base_text = [self.base.tokenizer.decode([t]) for t in base_greedy.tolist()]
-        think_text = [self.thinking.tokenizer.decode([t]) for t in think_greedy.tolist()]
-        return torch.tensor([a == b for a, b in zip(base_text, think_text, strict=True)])
+    def _steered_choice(self, rows: list[int], behaviours: list[int],
+                        think_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """For steered ``rows``: the chosen token and the index of the candidate it came from (on
+        the base device). Candidates share a fork per window and run in chunks of at most
+        ``max_candidates_per_chunk`` forked sequences."""
+        config, n_candidates, device = self.config, len(self.config.candidates), self.base_device
+        vectors = self.behaviours.vectors(behaviours)
+        tokens = torch.zeros(len(rows) * n_candidates, dtype=torch.long, device=device)
+        for window, members in self.window_groups:
+            pairs = [(slot, candidate) for slot in range(len(rows)) for candidate in members]
+            for start in range(0, len(pairs), config.max_candidates_per_chunk):
+                chunk = pairs[start : start + config.max_candidates_per_chunk]
+                fork, in_window = self.base_runner.fork_window([rows[slot] for slot, _ in chunk], window)
+                self.positions_recomputed += len(chunk) * fork.n_pending
+                self.largest_fork = max(self.largest_fork, len(chunk))
+                slots = torch.tensor([slot for slot, _ in chunk], dtype=torch.long, device=device)
+                picks = torch.tensor([candidate for _, candidate in chunk], dtype=torch.long, device=device)
+                self.steering = (vectors.index_select(0, slots), self.coefficients.index_select(0, picks), in_window)
+                try:
+                    logits = fork.forward(last_only=True)[:, -1, :]
+                finally:
+                    self.steering = None
+                tokens.index_copy_(0, slots * n_candidates + picks, logits.argmax(dim=-1).to(device))
+        tokens = tokens.view(len(rows), n_candidates)
+        if n_candidates == 1:
+            best = torch.zeros(len(rows), dtype=torch.long, device=device)
+        else:
+            # the guardrail: the candidate the thinking model finds most likely (first on ties)
+            row_index = torch.tensor(rows, dtype=torch.long, device=think_logits.device)
+            logprobs = think_logits.index_select(0, row_index).float().log_softmax(dim=-1)
+            ids = self.vocab.thinking_ids(tokens).to(logprobs.device)
+            scores = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+            best = scores.argmax(dim=-1).to(device)
+        return tokens.gather(1, best[:, None])[:, 0], best
 
-    def _thinking_logprob(self, think_logprobs: Tensor, base_token: int) -> float:
-        """Thinking model's log-prob of a base candidate token (cross-tokenizer: its first token)."""
-        if self.shared:
-            return float(think_logprobs[base_token])
-        ids = self.thinking.tokenizer(self.base.tokenizer.decode([base_token]), add_special_tokens=False)["input_ids"]
-        return float(think_logprobs[ids[0]]) if ids else float("-inf")
+    def _log(self, row: int, token: int, log: TokenLog) -> None:
+        self.logs[row].append(log)
+        self.new_ids[row].append(token)
+        reason = self.stopper.reason(self.new_ids[row])
+        if reason is not None:
+            self.finished[row], self.reasons[row] = True, reason
 
-    def _steered_choice(self, rows: list[int], behaviours: Tensor, think_logits: Tensor) -> dict[int, tuple[int, float, int]]:
-        """For each steered row: (token, coeff, window) of the chosen candidate."""
-        candidates = self.config.candidates
-        n_candidates = len(candidates)
-        widest = max(window for _, window in candidates)
-        fork = self.base_runner.fork(rows)
-        n_real = fork.n_real()
-        fork.uncache([widest] * len(rows))
-        fork.repeat_rows(n_candidates)
-        steering = behaviour_vectors(self.directions, behaviours[rows])
-        n_forked = len(rows) * n_candidates
-        coeffs = torch.zeros(n_forked)
-        mask = torch.zeros(n_forked, fork.n_pending, dtype=torch.bool)
-        for index, count in enumerate(n_real):
-            for candidate, (coeff, window) in enumerate(candidates):
-                coeffs[index * n_candidates + candidate] = coeff
-                mask[index * n_candidates + candidate, -min(window, count):] = True
-        self.steering = (steering.repeat_interleave(n_candidates, dim=0), coeffs, mask)
-        try:
-            logits = fork.forward()[:, -1, :]
-        finally:
-            self.steering = None
-        tokens = logits.argmax(dim=-1).view(len(rows), n_candidates).tolist()
-        think_logprobs = think_logits.float().log_softmax(dim=-1)
-        choice = {}
-        for index, row in enumerate(rows):
-            best = 0
-            if n_candidates > 1:
-                scores = [self._thinking_logprob(think_logprobs[row], token) for token in tokens[index]]
-                best = max(range(n_candidates), key=lambda c: (scores[c], -c))
-            coeff, window = candidates[best]
-            choice[row] = (tokens[index][best], coeff, window)
-        return choice
+    def _resolve(self, tokens: list[int], choices: list[int]) -> None:
+        """Log the rows steered last step, now that their tokens are on the host."""
+        for row, pending in self.unresolved.items():
+            coeff, window = self.config.candidates[choices[row]]
+            self._log(row, tokens[row], TokenLog(steered=True, behaviour=pending.behaviour, coeff=coeff,
+                                                 window=window, agree=pending.agree, latent_ids=pending.latent_ids,
+                                                 latent_values=pending.latent_values))
+        self.unresolved.clear()
 
-    def _append_thinking(self, chosen: Tensor, base_ids: list[list[int]], active: list[bool]) -> list[bool]:
-        """Append the chosen tokens to the thinking sequences; return which rows got tokens."""
+    def _resolve_now(self) -> None:
+        """Bring last step's steered tokens to the host now (an extra transfer)."""
+        if self.unresolved and self.previous is not None:
+            tokens, choices = torch.stack(self.previous).tolist()
+            self._resolve(tokens, choices)
+
+    def _only_unresolved_run(self) -> bool:
+        return bool(self.unresolved) and all(self.finished[row] or row in self.unresolved for row in range(self.batch))
+
+    def _append_thinking(self, chosen: Tensor, active: list[bool]) -> Tensor | None:
+        """Append the chosen tokens to the thinking sequences; return which rows got tokens (on
+        the thinking device), or None when none did."""
         if self.shared:
-            self.think_runner.append(chosen, real=torch.tensor(active))
-            return active
-        keeps, suffixes = self.think_runner.n_real(), []
+            ids = self.vocab.thinking_ids(chosen)
+            # a base special token the thinking vocabulary lacks is dropped, as re-encoding drops it
+            self.think_runner.append(ids.clamp(min=0), real=active, valid=ids >= 0)
+            return self.think_runner.last_real_column()
+        assert self.think_text is not None
+        keeps, suffixes = self.think_runner.n_real(), list[list[int]]()
         for row in range(self.batch):
             if not active[row]:
                 suffixes.append([])
                 continue
-            kept, new_ids = self.think_text.extend(row, self.base_decoder.piece(base_ids[row]))
+            kept, new_ids = self.think_text.extend(row, self.base_decoder.piece(self.new_ids[row]))
             keeps[row] = self.n_think_prompt[row] + kept
             suffixes.append(new_ids)
         self.think_runner.rewind(keeps)
         self.think_runner.append_ragged(suffixes)
-        return [bool(suffix) for suffix in suffixes]
+        updated = [bool(suffix) for suffix in suffixes]
+        if not any(updated) or self.think_runner.n_pending == 0:
+            return None
+        return torch.tensor(updated, dtype=torch.bool, device=HOST).to(self.think_device)
 
     def run(self, output: HybridOutput) -> None:
         config = self.config
         steer_name = resid_hook_name(config.steer_layer)
         read_name = resid_hook_name(config.read_layer)
-        new_ids: list[list[int]] = [[] for _ in range(self.batch)]
-        logs: list[list[TokenLog]] = [[] for _ in range(self.batch)]
-        finished = [False] * self.batch
-        reasons = ["length"] * self.batch
-        pad = pad_token_id(self.base)
         with torch.no_grad(), self.base.hooks(fwd_hooks=[(steer_name, self._steer_hook)]), \
                 self.thinking.hooks(fwd_hooks=[(read_name, self._record_hook)]):
-            base_logits = self.base_runner.forward()[:, -1, :]
-            think_logits = self.think_runner.forward()[:, -1, :]
-            think_acts = self.recorded
+            base_logits = self.base_runner.forward(last_only=True)[:, -1, :]
+            think_logits = self.think_runner.forward(last_only=True)[:, -1, :]
+            think_acts = self._recorded()
             for step in range(config.max_new_tokens):
-                base_greedy, think_greedy = base_logits.argmax(dim=-1), think_logits.argmax(dim=-1)
-                agree = self._agree(base_greedy, think_greedy)
+                base_greedy = base_logits.argmax(dim=-1).to(self.base_device)
+                think_greedy = think_logits.argmax(dim=-1).to(self.think_device)
+                agree = self.vocab.agree(base_greedy, think_greedy)
                 decision: PolicyDecision = self.policy.decide(
-                    PolicyInput(step, think_acts.float().cpu(), base_logits.float().cpu(), think_logits.float().cpu(), agree)
-                )
-                steer_rows = [row for row in range(self.batch) if bool(decision.steer[row]) and not finished[row]]
-                chosen = base_greedy.clone().cpu()
-                choice = self._steered_choice(steer_rows, decision.behaviour, think_logits) if steer_rows else {}
-                for row, (token, _, _) in choice.items():
-                    chosen[row] = token
-                active = [not done for done in finished]
+                    PolicyInput(step, think_acts, base_logits, think_logits, agree))
+                host = _to_host(decision, agree, base_greedy, self.previous if self.unresolved else None,
+                                self.think_device)
+                if host.previous is not None and host.previous_choice is not None:
+                    self._resolve(host.previous, host.previous_choice)
+                active = [not done for done in self.finished]
+                steer_rows = [row for row in range(self.batch) if host.steer[row] and active[row]]
+                chosen, choice = base_greedy, torch.full_like(base_greedy, -1)
+                if steer_rows:
+                    behaviours = [host.behaviour[row] for row in steer_rows]
+                    steered_tokens, best = self._steered_choice(steer_rows, behaviours, think_logits)
+                    index = torch.tensor(steer_rows, dtype=torch.long, device=self.base_device)
+                    chosen = chosen.index_copy(0, index, steered_tokens)
+                    choice = choice.index_copy(0, index, best)
                 for row in range(self.batch):
-                    if finished[row]:
-                        chosen[row] = pad
+                    if not active[row]:
                         continue
-                    token, coeff, window = choice.get(row, (int(chosen[row]), 0.0, 0))
-                    logs[row].append(TokenLog(
-                        steered=row in choice,
-                        behaviour=int(decision.behaviour[row]) if row in choice else None,
-                        coeff=coeff, window=window, agree=bool(agree[row]),
-                        latent_ids=[] if decision.latent_ids is None else decision.latent_ids[row].tolist(),
-                        latent_values=[] if decision.latent_values is None else [round(v, 4) for v in decision.latent_values[row].tolist()],
-                    ))
-                    new_ids[row].append(token)
-                    reason = self.stopper.reason(new_ids[row])
-                    if reason is not None:
-                        finished[row], reasons[row] = True, reason
-                if all(finished) or step == config.max_new_tokens - 1:
+                    latent_ids = [] if host.latent_ids is None else host.latent_ids[row]
+                    latent_values = [] if host.latent_values is None else [round(v, 4) for v in host.latent_values[row]]
+                    if row in steer_rows:
+                        self.unresolved[row] = _Unresolved(host.behaviour[row], host.agree[row], latent_ids,
+                                                           latent_values)
+                    else:
+                        self._log(row, host.greedy[row], TokenLog(steered=False, behaviour=None, coeff=0.0, window=0,
+                                                                  agree=host.agree[row], latent_ids=latent_ids,
+                                                                  latent_values=latent_values))
+                self.previous = (chosen, choice)
+                if self.unresolved and (not self.shared or self._only_unresolved_run()):
+                    # the text must be re-encoded now, or whether any row runs on decides whether to go on
+                    self._resolve_now()
+                if all(self.finished) or step == config.max_new_tokens - 1:
                     break
-                self.base_runner.append(chosen, real=torch.tensor(active))
-                updated = self._append_thinking(chosen, new_ids, active)
-                base_logits = self.base_runner.forward()[:, -1, :]
-                if any(updated) and self.think_runner.n_pending > 0:
-                    fresh_logits = self.think_runner.forward()[:, -1, :]
-                    keep_new = torch.tensor(updated)[:, None]
-                    think_logits = torch.where(keep_new, fresh_logits, think_logits)
-                    think_acts = torch.where(keep_new, self.recorded, think_acts)
+                self.base_runner.append(chosen, real=active)
+                updated = self._append_thinking(chosen, active)
+                base_logits = self.base_runner.forward(last_only=True)[:, -1, :]
+                if updated is not None:
+                    fresh_logits = self.think_runner.forward(last_only=True)[:, -1, :]
+                    think_logits = torch.where(updated[:, None], fresh_logits, think_logits)
+                    think_acts = torch.where(updated[:, None], self._recorded(), think_acts)
+            self._resolve_now()
         for row in range(self.batch):
-            output.texts.append(self.stopper.final_text(new_ids[row]))
-            output.token_ids.append(new_ids[row])
-            output.finish_reasons.append(reasons[row])
-            output.token_logs.append(logs[row])
+            output.texts.append(self.stopper.final_text(self.new_ids[row]))
+            output.token_ids.append(self.new_ids[row])
+            output.finish_reasons.append(self.reasons[row])
+            output.token_logs.append(self.logs[row])
+        output.positions_recomputed += self.positions_recomputed
+        output.largest_fork = max(output.largest_fork, self.largest_fork)
 
 
-__all__ = ["HybridConfig", "HybridOutput", "TokenLog", "behaviour_vectors", "hybrid_generate"]
+__all__ = ["BehaviourTable", "HybridConfig", "HybridOutput", "PairVocab", "TokenLog", "behaviour_vectors",
+           "hybrid_generate"]

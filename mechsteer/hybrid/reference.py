@@ -6,6 +6,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import resid_hook_name
+from mechsteer.core.vocab import shared_id_map
 from mechsteer.hybrid.generator import HybridConfig, behaviour_vectors
 from mechsteer.hybrid.timing import PolicyInput, TimingPolicy
 from mechsteer.interventions.generation import StopChecker, tokenize_prompts
@@ -32,6 +33,9 @@ def reference_hybrid_generate(
     """
     base_ids = tokenize_prompts(base, [base_prompt])[0]
     think_prompt_ids = tokenize_prompts(thinking, [thinking_prompt])[0]
+    # shared ordinary vocabulary: base ids read as thinking ids (-1: a special token it has not, dropped)
+    to_thinking = (shared_id_map(base.tokenizer, thinking.tokenizer, base.cfg.d_vocab, thinking.cfg.d_vocab)
+                   if shared_tokenizer else [])
     stopper = StopChecker(base, config.stop_strings, [] if config.ignore_eos else None)
     read_name = resid_hook_name(config.read_layer)
     generated: list[int] = []
@@ -41,7 +45,7 @@ def reference_hybrid_generate(
             sequence = base_ids + generated
             base_logits = base(torch.tensor([sequence]))[0, -1]
             if shared_tokenizer:
-                think_ids = think_prompt_ids + generated
+                think_ids = think_prompt_ids + [to_thinking[t] for t in generated if to_thinking[t] >= 0]
             else:
                 text = base.tokenizer.decode(generated, skip_special_tokens=True)
                 think_ids = think_prompt_ids + thinking.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,7 +53,7 @@ def reference_hybrid_generate(
             think_logits = think_logits[0, -1]
             base_greedy, think_greedy = int(base_logits.argmax()), int(think_logits.argmax())
             if shared_tokenizer:
-                agree = base_greedy == think_greedy
+                agree = to_thinking[base_greedy] == think_greedy
             else:
                 agree = base.tokenizer.decode([base_greedy]) == thinking.tokenizer.decode([think_greedy])
             decision = policy.decide(PolicyInput(step, cache[read_name][0, -1][None].float(), base_logits[None].float(),
@@ -60,14 +64,16 @@ def reference_hybrid_generate(
                 think_logprobs = think_logits.float().log_softmax(-1)
                 best_score = None
                 for coeff, window in config.candidates:
-                    positions = range(len(sequence) - min(window, len(sequence)), len(sequence))
+                    width = len(sequence) if window == 0 else min(window, len(sequence))  # 0: all
+                    positions = range(len(sequence) - width, len(sequence))
                     with intervene(base, [Steering(config.steer_layer, vector, coeff, positions)]):
                         candidate = int(base(torch.tensor([sequence]))[0, -1].argmax())
                     if len(config.candidates) == 1:
                         token = candidate
                         break
                     if shared_tokenizer:
-                        score = float(think_logprobs[candidate])
+                        mapped = to_thinking[candidate]
+                        score = float(think_logprobs[mapped]) if mapped >= 0 else float("-inf")
                     else:
                         ids = thinking.tokenizer(base.tokenizer.decode([candidate]), add_special_tokens=False)["input_ids"]
                         score = float(think_logprobs[ids[0]]) if ids else float("-inf")

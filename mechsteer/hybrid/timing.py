@@ -5,6 +5,11 @@ thinking model's residual activation at the SAE layer for the last position, and
 models' next-token logits, plus whether their greedy tokens agree) and gets back a
 :class:`PolicyDecision`: per sequence, steer or not, and which behaviour.
 
+Everything stays on the devices: the input's tensors are where the models left them (the
+thinking model's device; the base logits on the base model's), and a policy computes its decision
+on the thinking model's device (``state.agree.device``), its SAE moved there once. A policy never
+moves tensors to the host: the generator brings the decision over in the step's one transfer.
+
 Behaviour ``-1`` means "bias only": the hybrid adds ``coeff * bias`` with no behaviour vector.
 The coefficient (and window) come from the hybrid's candidate grid; see :mod:`mechsteer.hybrid.generator`.
 
@@ -29,7 +34,7 @@ directions in place of the behaviour vectors (``DirectionSet.random_like``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -59,12 +64,15 @@ class PolicyDecision:
     latent_ids: Int[Tensor, "batch top"] | None = None
 
 
+@runtime_checkable
 class TimingPolicy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...  # read-only here, so that a policy may narrow it (a Literal field)
 
     def decide(self, state: PolicyInput) -> PolicyDecision: ...
 
 
+@runtime_checkable
 class BehaviourClassifier(Protocol):
     """What a policy needs from an SAE: ``mechsteer.taxonomy.sae.TopKSAE`` satisfies it."""
 
@@ -85,11 +93,14 @@ class SAEArgmaxPolicy:
         return PolicyDecision(steer=~state.agree, behaviour=ids[:, 0], latent_values=values, latent_ids=ids)
 
     def _latents(self, state: PolicyInput) -> tuple[Tensor, Tensor]:
-        pre = self.classifier.encode_pre(self.classifier.prepare(state.thinking_acts.float().cpu()))
+        acts = state.thinking_acts.float()
+        if isinstance(self.classifier, torch.nn.Module):
+            self.classifier.to(acts.device)  # once: a no-op when it is there already
+        pre = self.classifier.encode_pre(self.classifier.prepare(acts))
         if self.behaviour_ids is not None:
             # only latents with a steering direction can be chosen
             allowed = torch.full_like(pre, float("-inf"))
-            allowed[:, self.behaviour_ids] = 0.0
+            allowed[:, torch.tensor(self.behaviour_ids, dtype=torch.long, device=pre.device)] = 0.0
             pre = pre + allowed
         values, ids = pre.topk(min(self.top, pre.shape[-1]), dim=-1)
         return values, ids
@@ -111,9 +122,9 @@ class AlwaysBiasPolicy:
     name: PolicyName = "always"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
-        batch = state.agree.shape[0]
-        return PolicyDecision(steer=torch.ones(batch, dtype=torch.bool),
-                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long))
+        batch, device = state.agree.shape[0], state.agree.device
+        return PolicyDecision(steer=torch.ones(batch, dtype=torch.bool, device=device),
+                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
 
 
 @dataclass
@@ -134,9 +145,9 @@ class NeverPolicy:
     name: PolicyName = "never"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
-        batch = state.agree.shape[0]
-        return PolicyDecision(steer=torch.zeros(batch, dtype=torch.bool),
-                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long))
+        batch, device = state.agree.shape[0], state.agree.device
+        return PolicyDecision(steer=torch.zeros(batch, dtype=torch.bool, device=device),
+                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
 
 
 @dataclass
@@ -151,11 +162,15 @@ class RandomFiringPolicy:
             raise ValueError(f"rate must be in [0, 1]; got {self.rate}")
         if not self.behaviour_ids:
             raise ValueError("random_firing needs at least one behaviour id")
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generators: dict[torch.device, torch.Generator] = {}
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
-        batch = state.agree.shape[0]
-        steer = torch.rand(batch, generator=self.generator) < self.rate
-        choice = torch.randint(len(self.behaviour_ids), (batch,), generator=self.generator)
-        behaviour = torch.tensor(self.behaviour_ids, dtype=torch.long)[choice]
+        batch, device = state.agree.shape[0], state.agree.device
+        if device not in self.generators:
+            # one seeded stream per device (on the CPU, the stream it always drew)
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        generator = self.generators[device]
+        steer = torch.rand(batch, generator=generator, device=device) < self.rate
+        choice = torch.randint(len(self.behaviour_ids), (batch,), generator=generator, device=device)
+        behaviour = torch.tensor(self.behaviour_ids, dtype=torch.long, device=device)[choice]
         return PolicyDecision(steer=steer, behaviour=behaviour)

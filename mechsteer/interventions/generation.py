@@ -13,12 +13,12 @@ Steering comes in two forms, both exact under the KV cache (see :mod:`mechsteer.
   forward's new position. The hybrid generator drives generation through this.
 
 Tokenization uses the tokenizer's own special-token rule (``add_special_tokens=True``): a
-tokenizer that adds BOS gets BOS, one that does not (SmolLM2, chat templates) gets none.
+tokenizer that adds BOS gets BOS, one that does not (SmolLM2) gets none; a prompt that already
+starts with the BOS text (a rendered chat template of an R1 distill or Llama 3) gets no second one.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,12 +26,20 @@ from typing import Literal
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechsteer.core.models import HOST
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
+from mechsteer.core.vocab import adds_special_tokens
 from mechsteer.interventions.hooks import (
     Intervention,
     InterventionSet,
-    PositionFrame,
     add_direction,
+)
+from mechsteer.interventions.runner import (
+    CachedRunner,
+    left_pad,
+    left_pad_host,
+    pad_token_id,
+    position_ids_for,
 )
 
 
@@ -70,180 +78,12 @@ def tokenize_prompts(model: TransformerBridge, prompts: Sequence[str] | Sequence
     ids: list[list[int]] = []
     for prompt in prompts:
         if isinstance(prompt, str):
-            ids.append(list(model.tokenizer(prompt, add_special_tokens=True)["input_ids"]))
+            ids.append(list(model.tokenizer(prompt, add_special_tokens=adds_special_tokens(model.tokenizer, prompt))["input_ids"]))
         else:
             ids.append([int(token) for token in prompt])
         if not ids[-1]:
             raise ValueError("empty prompt: every prompt needs at least one token")
     return ids
-
-
-def pad_token_id(model: TransformerBridge) -> int:
-    tokenizer = model.tokenizer
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-@typechecked
-def left_pad(
-    token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
-    """Left-pad token lists into (tokens, attention_mask, n_pad)."""
-    longest = max(len(ids) for ids in token_ids)
-    tokens = torch.full((len(token_ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
-    for row, ids in enumerate(token_ids):
-        tokens[row, longest - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
-        mask[row, longest - len(ids) :] = 1
-    n_pad = longest - mask.sum(dim=1)
-    return tokens.to(device), mask.to(device), n_pad.to(device)
-
-
-@typechecked
-def position_ids_for(attention_mask: Int[Tensor, "batch total"], n_new: int) -> Int[Tensor, "batch n_new"]:
-    """Positions of the last ``n_new`` tokens, counting real tokens only (pads get 0)."""
-    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return positions[:, -n_new:]
-
-
-class CachedRunner:
-    """Runs one model incrementally over a padded batch, keeping its KV cache.
-
-    Rows live in one padded layout: ``tokens``/``attention_mask`` of shape (batch, length),
-    with padding (mask 0) wherever rows differ in length: at the left of the prompts, and
-    inside the sequence where rows received different numbers of tokens in one call (ragged
-    appends, rewinds). Pads are never attended to, and position ids count real tokens only,
-    so every row computes exactly what it would alone. ``frame`` tells steering hooks the
-    absolute position of each token of the current call. The hybrid generator uses two.
-    """
-
-    def __init__(self, model: TransformerBridge, token_ids: Sequence[Sequence[int]]):
-        self.model = model
-        self.pad_id = pad_token_id(model)
-        device = next(model.parameters()).device
-        self.tokens, self.attention_mask, _ = left_pad(token_ids, self.pad_id, device)
-        self.frame = PositionFrame()
-        self.cache = None
-        self.n_fed = 0  # padded positions already in the cache
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def n_pending(self) -> int:
-        return int(self.tokens.shape[1]) - self.n_fed
-
-    def n_real(self) -> list[int]:
-        return self.attention_mask.sum(dim=1).tolist()
-
-    def real_tokens(self, row: int) -> list[int]:
-        return self.tokens[row][self.attention_mask[row].bool()].tolist()
-
-    def forward(self) -> Float[Tensor, "batch pos vocab"]:
-        """Feed the pending tokens; return their logits and extend the cache."""
-        n_new = self.n_pending
-        if n_new <= 0:
-            raise ValueError("no pending tokens to feed")
-        mask = self.attention_mask
-        positions = position_ids_for(mask, n_new)
-        self.frame.positions = torch.where(mask[:, -n_new:].bool(), positions, -1)
-        logits, self.cache = self.model(
-            self.tokens[:, self.n_fed :],
-            return_type="logits_and_cache",
-            past_key_values=self.cache,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-        )
-        self.n_fed = int(self.tokens.shape[1])
-        return logits
-
-    def append(self, new_tokens: Int[Tensor, " batch"], real: Bool[Tensor, " batch"] | None = None) -> None:
-        """Queue one token per row for the next forward (``real`` False: a masked filler)."""
-        column = new_tokens[:, None].to(self.tokens.device)
-        mask_column = torch.ones_like(column) if real is None else real[:, None].long().to(column.device)
-        self.tokens = torch.cat([self.tokens, column], dim=1)
-        self.attention_mask = torch.cat([self.attention_mask, mask_column], dim=1)
-
-    def append_ragged(self, suffixes: Sequence[Sequence[int]]) -> None:
-        """Queue a different number of tokens per row, left-padded (masked) within the chunk."""
-        if len(suffixes) != self.batch_size:
-            raise ValueError(f"need one suffix per row ({self.batch_size}); got {len(suffixes)}")
-        if not any(suffixes):
-            return
-        chunk, chunk_mask, _ = left_pad([list(s) or [self.pad_id] for s in suffixes], self.pad_id, self.tokens.device)
-        for row, suffix in enumerate(suffixes):
-            if not suffix:
-                chunk_mask[row] = 0
-        self.tokens = torch.cat([self.tokens, chunk], dim=1)
-        self.attention_mask = torch.cat([self.attention_mask, chunk_mask], dim=1)
-
-    def rewind(self, keep: Sequence[int]) -> None:
-        """Keep the first ``keep[row]`` real tokens of each row and drop the rest.
-
-        The cache is cropped at the earliest cut over the rows; kept tokens after that point
-        are queued again (ragged), so the next forward recomputes only them.
-        """
-        self._crop_and_requeue(keep, drop_after_cut=True)
-
-    def uncache(self, n_last: Sequence[int]) -> None:
-        """Make the last ``n_last[row]`` real tokens of each row pending again (recomputed by the
-        next forward, e.g. with steering), without dropping any token."""
-        counts = self.n_real()
-        self._crop_and_requeue([max(count - n, 0) for count, n in zip(counts, n_last, strict=True)],
-                               drop_after_cut=False)
-
-    def _crop_and_requeue(self, keep: Sequence[int], drop_after_cut: bool) -> None:
-        length = int(self.tokens.shape[1])
-        cuts = []
-        for row, (count, kept) in enumerate(zip(self.n_real(), keep, strict=True)):
-            if not 0 <= kept <= count:
-                raise ValueError(f"row {row}: cannot keep {kept} of {count} real tokens")
-            real_index = torch.nonzero(self.attention_mask[row]).flatten().tolist()
-            cuts.append(real_index[kept] if kept < count else length)
-        crop = min(min(cuts), self.n_fed)
-        requeue = []
-        for row, cut in enumerate(cuts):
-            end = cut if drop_after_cut else length
-            segment = self.tokens[row, crop:end][self.attention_mask[row, crop:end].bool()]
-            requeue.append(segment.tolist())
-        self.tokens = self.tokens[:, :crop]
-        self.attention_mask = self.attention_mask[:, :crop]
-        if crop == 0:
-            self.cache = None  # an emptied cache object would ignore later batch reshapes
-        elif self.cache is not None:
-            # transformers 5.x: crop(-n) removes the last n cached positions
-            surplus = self.cache.get_seq_length() - crop
-            if surplus > 0:
-                self.cache.crop(-surplus)
-        self.n_fed = crop
-        self.append_ragged(requeue)
-
-    def fork(self, rows: Sequence[int] | None = None) -> CachedRunner:
-        """An independent copy (own cache and tokens) of ``rows`` (all if None), sharing the model."""
-        twin = copy.copy(self)
-        index = torch.arange(self.batch_size) if rows is None else torch.tensor(list(rows), dtype=torch.long)
-        index = index.to(self.tokens.device)
-        twin.tokens, twin.attention_mask = self.tokens[index].clone(), self.attention_mask[index].clone()
-        if self.cache is not None:
-            # Shallow copies suffice: cache layers only ever rebind their tensors (cat, slice,
-            # index), never write into them, so the fork's changes cannot reach this runner.
-            twin.cache = copy.copy(self.cache)
-            twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-            if rows is not None:
-                twin.cache.batch_select_indices(index)
-        twin.frame = PositionFrame()
-        return twin
-
-    def repeat_rows(self, times: int) -> None:
-        """Repeat each row ``times`` times in place (row r becomes rows r*times .. r*times+times-1)."""
-        self.tokens = self.tokens.repeat_interleave(times, dim=0)
-        self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
-        if self.cache is not None:
-            self.cache.batch_repeat_interleave(times)
 
 
 @dataclass
@@ -261,13 +101,21 @@ class Sampler:
             raise ValueError(f"temperature must be > 0 when sampling; got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
-        self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else 0)
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator of ``device``: sampling happens where the logits are (a CPU
+        generator draws what it always drew; a CUDA one its own, equally reproducible, stream)."""
+        if device not in self.generators:
+            seed = self.seed if self.seed is not None else 0
+            self.generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self.generators[device]
 
     @typechecked
     def __call__(self, logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
         if not self.do_sample:
             return logits.argmax(dim=-1)
-        scores = logits.float().cpu() / self.temperature
+        scores = logits.float() / self.temperature
         if self.top_k is not None:
             kth = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -278,7 +126,7 @@ class Sampler:
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
         probs = scores.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
+        return torch.multinomial(probs, 1, generator=self.generator(probs.device))[:, 0]
 
 
 class StopChecker:
@@ -373,12 +221,19 @@ def _generate_batch(
     return_activations: bool,
     output: GenerationOutput,
 ) -> None:
+    """One batch. Rows that finish are dropped from the batch (their cache too), so no compute is
+    spent on them; with a ``step_callback`` (it sees the whole batch every step) or static
+    ``interventions`` (they may hold per-row settings, as the sufficiency windows do), they stay.
+    Each step moves the new tokens to the host once, for the stop checks."""
     runner = CachedRunner(model, batch_ids)
     batch = runner.batch_size
     static = InterventionSet(list(interventions), runner.frame)
     pending_steering: dict[str, Tensor] = {}
     recorded: dict[str, Tensor] = {}
-    history: dict[str, list[Tensor]] = {name: [] for name in record_hooks}
+    # per hook, per step: (the rows in the batch at that step, their activations)
+    history: dict[str, list[tuple[list[int], Tensor]]] = {name: [] for name in record_hooks}
+    alive = list(range(batch))  # the original rows still in the runner, in its order
+    drop_finished = step_callback is None and not interventions
 
     def steering_hook(name: str):
         def hook(resid: Tensor, hook: object) -> Tensor:
@@ -404,18 +259,18 @@ def _generate_batch(
     hooks += [(name, record_hook(name)) for name in record_hooks]
 
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = [False] * batch
     reasons: list[FinishReason] = ["length"] * batch
     pad = pad_token_id(model)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        logits = runner.forward()[:, -1, :]
+        logits = runner.forward(last_only=True)[:, -1, :]
         for step in range(max_new_tokens):
             for name in record_hooks:
-                history[name].append(recorded[name])
+                history[name].append((list(alive), recorded[name]))
             pending_steering.clear()
             if step_callback is not None:
                 state = StepState(step, logits, {n: recorded[n] for n in record_hooks},
-                                  finished.clone(), new_tokens)
+                                  torch.tensor(finished, dtype=torch.bool, device=HOST), new_tokens)
                 for name, vector in (step_callback(state) or {}).items():
                     if name not in steering_hooks:
                         raise ValueError(
@@ -428,20 +283,39 @@ def _generate_batch(
                             f"({batch}, {model.cfg.d_model}); got {tuple(vector.shape)}"
                         )
                     pending_steering[name] = vector
-            next_tokens = sampler(logits)
-            next_tokens = torch.where(finished.to(next_tokens.device), torch.full_like(next_tokens, pad), next_tokens)
-            for row in range(batch):
+            if sampler.do_sample and len(alive) < batch:
+                # Draw for every row of the batch, as if none had left, so that what a row samples
+                # does not depend on when the others finished.
+                full = logits.new_zeros((batch, logits.shape[-1]))
+                index = torch.tensor(alive, dtype=torch.long, device=logits.device)
+                next_tokens = sampler(full.index_copy(0, index, logits)).index_select(0, index)
+            else:
+                next_tokens = sampler(logits)
+            done_before = [row for row in alive if finished[row]]  # only without dropping
+            host_tokens = next_tokens.tolist()  # the step's one transfer to the host
+            for position, row in enumerate(alive):
                 if finished[row]:
                     continue
-                new_tokens[row].append(int(next_tokens[row]))
+                new_tokens[row].append(host_tokens[position])
                 reason = stopper.reason(new_tokens[row])
                 if reason is not None:
                     finished[row] = True
                     reasons[row] = reason
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            if all(finished) or step == max_new_tokens - 1:
                 break
+            if drop_finished:
+                keep = [position for position, row in enumerate(alive) if not finished[row]]
+                if len(keep) < len(alive):
+                    runner.select_rows(keep)
+                    next_tokens = next_tokens.index_select(0, torch.tensor(keep, dtype=torch.long,
+                                                                          device=next_tokens.device))
+                    alive = [alive[position] for position in keep]
+            elif done_before:
+                finished_at = torch.tensor([alive.index(row) for row in done_before], dtype=torch.long,
+                                           device=next_tokens.device)
+                next_tokens = next_tokens.index_fill(0, finished_at, pad)
             runner.append(next_tokens)
-            logits = runner.forward()[:, -1, :]
+            logits = runner.forward(last_only=True)[:, -1, :]
 
     for row in range(batch):
         output.texts.append(stopper.final_text(new_tokens[row]))
@@ -451,5 +325,11 @@ def _generate_batch(
         if return_activations:
             n_generated = len(new_tokens[row])
             for name in record_hooks:
-                stacked = torch.stack([acts[row] for acts in history[name][:n_generated]]) if n_generated else torch.zeros(0, model.cfg.d_model)
+                steps = [acts[rows.index(row)] for rows, acts in history[name][:n_generated]]
+                stacked = torch.stack(steps) if steps else torch.zeros(0, model.cfg.d_model, device=HOST)
                 output.activations[name].append(stacked.cpu())
+
+
+# The runner's pieces stay importable from here, where they lived before mechsteer.interventions.runner.
+__all__ = ["CachedRunner", "FinishReason", "GenerationOutput", "Sampler", "StepCallback", "StepState", "StopChecker",
+           "generate", "left_pad", "left_pad_host", "pad_token_id", "position_ids_for", "tokenize_prompts"]

@@ -168,6 +168,9 @@ class ResidSiteIntervention:
         check_layer(model, self.layer)
         check_direction(model, self.direction)
 
+    def make_hook(self, frame: PositionFrame) -> HookFn:
+        raise NotImplementedError(f"{type(self).__name__} must define make_hook(frame)")
+
 
 @dataclass
 class Steering(ResidSiteIntervention):
@@ -223,7 +226,8 @@ class Ablation(ResidSiteIntervention):
         return hook
 
 
-Intervention = Steering | Ablation
+# Anything that hooks one residual site: Steering, Ablation, or a caller's own subclass.
+Intervention = ResidSiteIntervention
 
 
 @dataclass

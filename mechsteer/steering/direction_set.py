@@ -31,7 +31,9 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
+from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.models import resid_hook_name
+from mechsteer.core.provenance import same_model
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.interventions.hooks import (
     Ablation,
@@ -124,25 +126,27 @@ class DirectionSet:
         return self.titles[self.index_of(behaviour_id)]
 
     def check_model(self, model: TransformerBridge, *, allow_other_name: bool = False) -> None:
-        """Raise ValueError unless this set fits ``model`` (d_model, layer range, model name).
+        """Raise :class:`ProvenanceError` (a ValueError) unless this set fits ``model`` (d_model,
+        layer range, model name).
 
         ``allow_other_name`` accepts a model of another name with the same shape, e.g. a
         thinking model that shares the base model's residual basis.
         """
         cfg = model.cfg
         if cfg.d_model != self.d_model:
-            raise ValueError(
+            raise ProvenanceError(
                 f"direction set has d_model={self.d_model} (model {self.model_name!r}) but "
-                f"{cfg.model_name!r} has d_model={cfg.d_model}"
+                f"{cfg.model_name!r} has d_model={cfg.d_model}; make the directions in {cfg.model_name!r}"
             )
         if not 0 <= self.layer < cfg.n_layers:
-            raise ValueError(
-                f"direction set is at layer {self.layer}, outside [0, {cfg.n_layers - 1}] of {cfg.model_name!r}"
+            raise ProvenanceError(
+                f"direction set is at layer {self.layer}, outside [0, {cfg.n_layers - 1}] of {cfg.model_name!r}; "
+                f"make the directions in {cfg.model_name!r}"
             )
-        if not allow_other_name and cfg.model_name != self.model_name:
-            raise ValueError(
-                f"direction set was made for {self.model_name!r}, not {cfg.model_name!r}; "
-                "pass allow_other_name=True to apply it anyway"
+        if not allow_other_name and not same_model(self.model_name, cfg.model_name):
+            raise ProvenanceError(
+                f"direction set was made for {self.model_name!r}, not {cfg.model_name!r}; pass the set made "
+                "in this model, or allow_other_name=True (--allow-other-model) to apply it anyway"
             )
 
     # ---- arithmetic (each returns a new set with provenance updated)
@@ -282,12 +286,16 @@ class DirectionSet:
     @classmethod
     def load(cls, directory: str | Path) -> DirectionSet:
         metadata, tensors = load_artefact(directory, DIRECTIONS_FORMAT)
-        return cls(
-            model_name=metadata["model_name"], d_model=metadata["d_model"], n_layers=metadata["n_layers"],
-            layer=metadata["layer"], site=metadata["site"], method=metadata["method"],
-            behaviour_ids=metadata["behaviour_ids"], titles=metadata["titles"],
-            directions=tensors["directions"], bias=tensors.get("bias"), provenance=metadata["provenance"],
-        )
+        try:
+            return cls(
+                model_name=metadata["model_name"], d_model=metadata["d_model"], n_layers=metadata["n_layers"],
+                layer=metadata["layer"], site=metadata["site"], method=metadata["method"],
+                behaviour_ids=metadata["behaviour_ids"], titles=metadata["titles"],
+                directions=tensors["directions"], bias=tensors.get("bias"), provenance=metadata["provenance"],
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtefactError(f"{Path(directory) / DIRECTIONS_FORMAT.json_file} does not describe its tensors "
+                                f"({type(error).__name__}: {error}); rebuild the direction set") from None
 
 
 def direction_provenance(model: TransformerBridge, method: DirectionMethod, **extra: Any) -> dict[str, Any]:

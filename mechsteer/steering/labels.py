@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -33,6 +33,8 @@ from mechsteer.activations import (
     read_sentences,
     trace_sentences,
 )
+from mechsteer.core.errors import ProvenanceError
+from mechsteer.core.provenance import mismatch
 from mechsteer.core.tensor_types import Int, Tensor
 from mechsteer.data.labels import GroundTruth, TraceLabeller, require_ground_truth
 from mechsteer.data.traces import TraceRecord
@@ -100,17 +102,24 @@ def ground_truth_labels(benchmark: str = "organism") -> BehaviourLabels:
                            ground_truth.label_reasoning, None, ground_truth.source)
 
 
-def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None) -> BehaviourLabels:
+def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None, *,
+                    traces_digest: str | None = None) -> BehaviourLabels:
     """Labels from a taxonomy: its sentence assignments, matched to sentences by trace index and span.
 
-    The traces must be the ones (same file, same order) the taxonomy's activations came from.
+    The traces must be the ones (same file, same order) the taxonomy's activations came from:
+    ``n_traces`` and ``traces_digest`` (:func:`mechsteer.data.traces.traces_digest` of the traces
+    as read from their file) are checked against the activations' manifest when given.
     """
     taxonomy = Taxonomy.load(taxonomy_dir)
     activations_dir = taxonomy.provenance.activations_dir
-    if n_traces is not None and Manifest.load(activations_dir).n_traces != n_traces:
-        raise ValueError(f"the taxonomy's activations ({activations_dir}) cover "
-                         f"{Manifest.load(activations_dir).n_traces} traces, but {n_traces} traces were given; "
-                         "pass the traces the taxonomy was built from")
+    manifest = Manifest.load(activations_dir)
+    way_out = "pass the traces the taxonomy was built from (or the taxonomy built from these traces)"
+    if n_traces is not None and manifest.n_traces != n_traces:
+        raise ProvenanceError(f"the taxonomy's activations ({activations_dir}) cover {manifest.n_traces} traces, "
+                              f"but {n_traces} traces were given; {way_out}")
+    if traces_digest is not None and manifest.traces_digest is not None and manifest.traces_digest != traces_digest:
+        raise mismatch(f"the taxonomy {taxonomy_dir} (activations {activations_dir})", "traces of digest",
+                       manifest.traces_digest, traces_digest, way_out)
     sentences = read_sentences(activations_dir)
     labeller = aligned_labeller(sentences, taxonomy.assignments.tolist())
     return BehaviourLabels(labeller, taxonomy.behaviour_ids, [b.title for b in taxonomy.behaviours], None, taxonomy,
@@ -121,6 +130,7 @@ def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None) -> Be
 # Generated text
 
 
+@runtime_checkable
 class BehaviourLabeller(Protocol):
     """Behaviour ids (None: no behaviour) of each sentence of each continuation, given its context."""
 

@@ -25,6 +25,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.activations import trace_sentences
 from mechsteer.core.models import resid_hook_name
 from mechsteer.core.tensor_types import Float, Tensor
+from mechsteer.core.vocab import adds_special_tokens
 from mechsteer.data.labels import TraceLabeller
 from mechsteer.data.traces import TraceRecord
 from mechsteer.interventions.hooks import add_direction
@@ -92,7 +93,8 @@ class OptimisationReport:
 
 def reasoning_example(record: TraceRecord, tokenizer: Any) -> SteeringExample:
     """The whole trace, with its reasoning tokens as targets (the bias vector's objective)."""
-    encoded = tokenizer(record.text, return_offsets_mapping=True, add_special_tokens=True)
+    encoded = tokenizer(record.text, return_offsets_mapping=True,
+                        add_special_tokens=adds_special_tokens(tokenizer, record.text))
     offsets = encoded["offset_mapping"]
     inside = [i for i, (start, end) in enumerate(offsets)
               if end > start and start >= record.reasoning_char_start and end <= record.reasoning_char_end]

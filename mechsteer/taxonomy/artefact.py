@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import load_sentence_vectors
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.errors import ArtefactError
+from mechsteer.core.provenance import mismatch, same_model
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.taxonomy.clustering import ClusteringMethod
 from mechsteer.taxonomy.sae import TopKSAE
@@ -151,6 +153,27 @@ class Taxonomy:
             self.provenance.activations_dir, self.provenance.layer, normalise=self.provenance.normalised
         )
 
+    def check_model_name(self, model_name: str, where: str | Path) -> None:
+        """Refuse to read this taxonomy for a model of another name than the one it was built on."""
+        if not same_model(self.provenance.model, model_name):
+            raise mismatch(f"the taxonomy in {where}", "model", self.provenance.model, model_name,
+                           "build the taxonomy from this model's activations, or pass the one built from them "
+                           "(--allow-other-model uses it anyway)")
+
+    def check_model(self, model: TransformerBridge, where: str | Path, *, allow_other_model: bool = False) -> None:
+        """Refuse to read this taxonomy with a model it was not built on: another name (unless
+        ``allow_other_model``), another width, or too few layers for its layer."""
+        cfg, provenance = model.cfg, self.provenance
+        if not allow_other_model:
+            self.check_model_name(cfg.model_name, where)
+        width = self.directions.shape[-1] if self.behaviours else cfg.d_model
+        if width != cfg.d_model:
+            raise mismatch(f"the taxonomy in {where}", "d_model", width, cfg.d_model,
+                           f"{cfg.model_name!r} has another width; build the taxonomy from its own activations")
+        if not 0 <= provenance.layer < cfg.n_layers:
+            raise mismatch(f"the taxonomy in {where}", "layer", provenance.layer, f"a layer below {cfg.n_layers}",
+                           f"{cfg.model_name!r} has {cfg.n_layers} layers; build the taxonomy from its own activations")
+
     def load_sae(self) -> TopKSAE:
         """The SAE (with its centring mean) whose argmax latent is the behaviour id."""
         if self.sae is None:
@@ -187,11 +210,16 @@ class Taxonomy:
                 f"{directory / TAXONOMY_TENSORS} has {directions.shape[0]} directions for "
                 f"{len(document['behaviours'])} behaviours"
             )
-        behaviours = [
-            Behaviour(**data, direction=directions[row].clone())
-            for row, data in enumerate(document["behaviours"])
-        ]
-        provenance = Provenance(**document["provenance"])
+        try:
+            behaviours = [
+                Behaviour(**data, direction=directions[row].clone())
+                for row, data in enumerate(document["behaviours"])
+            ]
+            provenance = Provenance(**document["provenance"])
+            metrics = TaxonomyMetrics(**document["metrics"])
+        except (TypeError, KeyError) as error:
+            raise ArtefactError(f"{directory / TAXONOMY_JSON} is not a taxonomy document "
+                                f"({type(error).__name__}: {error}); rebuild the taxonomy") from None
         sae = None
         if provenance.method == "sae":
             if not (directory / SAE_DIR).is_dir():
@@ -201,7 +229,7 @@ class Taxonomy:
             provenance=provenance,
             behaviours=behaviours,
             assignments=tensors["assignments"],
-            metrics=TaxonomyMetrics(**document["metrics"]),
+            metrics=metrics,
             sae=sae,
         )
 

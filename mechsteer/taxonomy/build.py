@@ -74,7 +74,9 @@ class JudgeSettings:
     n_in: int = 100
     n_out: int = 100
     n_per_behaviour: int = 100
-    concurrency: int | None = None
+    concurrency: int | None = None  # judge requests at once (an HTTP judge: in flight, abandoned ones included)
+    timeout: float | None = None  # an HTTP judge's seconds per attempt (default: mechsteer.core.http's)
+    max_tokens: int | None = None  # caps each answer's length (a slow local server answers sooner)
 
 
 # --- the data of one layer -------------------------------------------------------------
@@ -157,7 +159,7 @@ def _assignment_strength(clusterer: Clusterer, vectors: Tensor, labels: Tensor) 
     pre-activation of the assigned latent; for the baselines the cosine with its direction."""
     with torch.no_grad():
         if isinstance(clusterer, SAEClusterer):
-            scores = clusterer.sae.encode_pre(vectors)
+            scores = clusterer.fitted_sae().encode_pre(vectors)
         else:
             scores = F.normalize(vectors, dim=-1) @ clusterer.directions.to(vectors).T
     return scores.gather(1, labels[:, None]).squeeze(1)
@@ -208,7 +210,7 @@ def _behaviours(
     fitted: _Fitted, sizes: list[int], examples: dict[int, list[str]],
     truth: GroundTruthMetrics | None, descriptions: dict[int, BehaviourDescription], scores: JudgeScores | None,
 ) -> list[Behaviour]:
-    matches = {int(match.behaviour): match for match in truth.matches} if truth is not None else {}
+    matches = {match.behaviour: match for match in truth.matches} if truth is not None else {}
     behaviours = []
     for behaviour_id, size in enumerate(sizes):
         match = matches.get(behaviour_id)
@@ -315,7 +317,8 @@ def build_from_layer(
     silhouette = cosine_silhouette(data.vectors, fitted.assignments, seed=seed) if n_nonempty >= 2 else -math.inf
     examples = _examples(data, fitted, judge_settings, seed)
     truth = ground_truth_metrics(data.labels, fitted.assignments.tolist()) if data.labels is not None else None
-    descriptions, scores = {}, None
+    descriptions: dict[int, BehaviourDescription] = {}
+    scores: JudgeScores | None = None
     if judge is not None and n_nonempty >= 2:
         descriptions, scores = _ask_judge(judge, data, fitted.assignments, examples, judge_settings, seed)
     sizes = torch.bincount(fitted.assignments, minlength=n_latents).tolist()

@@ -16,7 +16,7 @@ All are deterministic given ``seed`` (a private ``torch.Generator``, never the g
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol, Self, get_args
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +34,13 @@ ClusteringMethod = Literal["sae", "kmeans", "gmm"]
 CLUSTERING_METHODS: tuple[ClusteringMethod, ...] = get_args(ClusteringMethod)
 
 
+@runtime_checkable
 class Clusterer(Protocol):
     """What taxonomy code needs from a labelling method."""
 
     n_clusters: int
 
-    def fit(self, vectors: Tensor) -> Self: ...
+    def fit(self, vectors: Tensor) -> Clusterer: ...
 
     def classify(self, vectors: Tensor) -> Tensor: ...
 
@@ -127,7 +128,7 @@ class DiagonalGMM:
         points = vectors.detach().double()
         generator = torch.Generator().manual_seed(self.seed)
         data_variance = points.var(dim=0, unbiased=False) + self.reg_covar
-        best = None
+        best: tuple[float, Tensor, Tensor, Tensor] | None = None
         for _ in range(self.n_init):
             means, variances, log_weights = self._kmeans_start(points, data_variance, generator)
             previous = -math.inf
@@ -148,6 +149,7 @@ class DiagonalGMM:
             score = final.mean().item()
             if best is None or score > best[0]:
                 best = (score, means, variances, log_weights)
+        assert best is not None  # n_init >= 1 is checked in __init__
         self.mean_log_likelihood, means, variances, log_weights = best
         self.means, self.variances, self.log_weights = means, variances, log_weights
         return self
@@ -156,7 +158,9 @@ class DiagonalGMM:
     @typechecked
     def log_posterior(self, vectors: Float[Tensor, "n d_in"]) -> Float[Tensor, "n n_clusters"]:
         means = check_fitted(self.means, "DiagonalGMM")
-        log_joint = self._log_joint(vectors.double(), means, self.variances, self.log_weights)
+        variances = check_fitted(self.variances, "DiagonalGMM")
+        log_weights = check_fitted(self.log_weights, "DiagonalGMM")
+        log_joint = self._log_joint(vectors.double(), means, variances, log_weights)
         return (log_joint - torch.logsumexp(log_joint, dim=-1, keepdim=True)).to(vectors.dtype)
 
     @torch.no_grad()
@@ -209,23 +213,23 @@ class SAEClusterer:
         )
         return self
 
-    def _fitted(self) -> TopKSAE:
+    def fitted_sae(self) -> TopKSAE:
         if self.sae is None:
             raise ValueError("SAEClusterer is not fitted yet: call fit(vectors) first")
         return self.sae
 
     @typechecked
     def classify(self, vectors: Float[Tensor, "n d_in"]) -> Int[Tensor, " n"]:
-        return self._fitted().classify(vectors)
+        return self.fitted_sae().classify(vectors)
 
     @torch.no_grad()
     @typechecked
     def reconstruct(self, vectors: Float[Tensor, "n d_in"]) -> Float[Tensor, "n d_in"]:
-        return self._fitted()(vectors)
+        return self.fitted_sae()(vectors)
 
     @property
     def directions(self) -> Float[Tensor, "n_clusters d_in"]:
-        return self._fitted().decoder_directions
+        return self.fitted_sae().decoder_directions
 
 
 def make_clusterer(method: ClusteringMethod, n: int, **kwargs: Any) -> SAEClusterer | SphericalKMeans | DiagonalGMM:

@@ -86,7 +86,7 @@ class SphericalKMeans:
         check_vectors(vectors, self.n_clusters)
         points = F.normalize(vectors.detach().double(), dim=-1)
         generator = torch.Generator().manual_seed(self.seed)
-        best_score, best_centres = -math.inf, None
+        best_score, best_centres = -math.inf, points[:0]
         for _ in range(self.n_init):
             centres = points[kmeans_plus_plus_seeds(points, self.n_clusters, generator, cosine=True)]
             labels = None

@@ -279,7 +279,7 @@ def sentence_labels(sentences: Sequence[SentenceRecord]) -> list[str] | None:
         return None
     if n_missing:
         raise ValueError(f"{n_missing} of {len(labels)} sentences have no ground-truth label; expected all or none")
-    return labels
+    return [label for label in labels if label is not None]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ def plot_metrics_vs_k(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     names = [name for name in names if any(_finite(row.get(name)) for row in rows)]
     columns = 3
     lines = math.ceil(len(names) / columns)
-    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines), squeeze=False)
+    figure, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines + 0.6), squeeze=False)
+    # one colour per layer, dashed when not normalised; one legend for all panels
+    layers = sorted({row["layer"] for row in rows})
+    colours = {layer: plt.cm.tab10(index % 10) for index, layer in enumerate(layers)}
     for axis, name in zip(axes.flat, names, strict=False):
         for layer, normalised in sorted({(row["layer"], row["normalised"]) for row in rows}):
             points = sorted((row["n_latents"], row[name]) for row in rows
@@ -36,17 +39,21 @@ def plot_metrics_vs_k(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
                             and _finite(row.get(name)))
             if points:
                 label = f"layer {layer}" + ("" if normalised else ", not normalised")
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4,
+                          color=colours[layer], linestyle="-" if normalised else "--", label=label)
         chosen = [row for row in rows if row["selected"] and _finite(row.get(name))]
         for row in chosen:
             axis.scatter([row["n_latents"]], [row[name]], s=120, facecolors="none", edgecolors="black")
         axis.set_title(name + (" (reported, not selected on)" if name in ("ari", "nmi") else ""), fontsize=9)
         axis.set_xlabel("behaviours (n_latents)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(names):]:
         axis.set_visible(False)
-    figure.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8,
+                      title="circled: the selected taxonomy", title_fontsize=8)
+    figure.tight_layout(rect=(0, 0.55 / (3 * lines + 0.6), 1, 1))
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return Path(path)

@@ -162,6 +162,7 @@ class TopKSAE(nn.Module):
         if centring_mean is None:
             centring_mean = torch.zeros(config.d_in)
         self._check_width(centring_mean, "centring_mean")
+        self.centring_mean: Tensor
         self.register_buffer("centring_mean", centring_mean.detach().to(torch.float32).clone())
 
     def _check_width(self, tensor: Tensor, name: str) -> None:

@@ -110,6 +110,7 @@ def sweep_taxonomies(
                 key = selection_key(taxonomy)
                 if best_key is None or key > best_key:
                     best, best_key, best_row = taxonomy, key, len(rows) - 1
+    assert best is not None  # the grid is not empty (checked above)
     rows[best_row]["selected"] = True
     return rows, best
 
@@ -141,7 +142,9 @@ def sweep_to_folder(
     The CLI and ``mechsteer run`` both use it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    judge = make_judge(judge_spec, activations_dir, out, benchmark=benchmark)
+    judge_settings = sweep_options.get("judge_settings") or JudgeSettings()
+    judge = make_judge(judge_spec, activations_dir, out, benchmark=benchmark, timeout=judge_settings.timeout,
+                       max_concurrency=judge_settings.concurrency, max_tokens=judge_settings.max_tokens)
     rows, best = sweep_taxonomies(activations_dir, layers, n_latents_grid, judge=judge, seed=seed, **sweep_options)
     best.save(out)
     write_metrics_csv(rows, out / METRICS_CSV)

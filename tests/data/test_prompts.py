@@ -21,6 +21,7 @@ from mechsteer.data.prompts import (
     split_thinking,
     template_names,
 )
+from tests.typecheck import refused
 
 # Simplified copies of real chat templates: R1 distills open <think> in the generation
 # prompt; ChatML (Qwen2.5, QwQ) does not.
@@ -145,5 +146,5 @@ def test_split_thinking(text, kwargs, expected):
 
 
 def test_split_thinking_rejects_non_strings():
-    with pytest.raises(ValueError, match="str"):
+    with refused("str", parameter="text"):
         split_thinking(None)  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import pytest
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.report import behaviour_statistics
 from mechsteer.experiment.state import RunState
+from tests.experiment.conftest import SHORT_RUN  # the short_run fixture (conftest) runs this config
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_KEYS = {"base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "tokens_steered_fraction",
@@ -39,12 +40,35 @@ def test_unknown_config_key_is_rejected():
                              "n_layerz": 3})
 
 
-def test_run_folder_refuses_another_config(tmp_path):
-    RunState(tmp_path, DEMO_CONFIG)
-    with pytest.raises(ValueError, match="holds a run of another config"):
+def test_run_folder_refuses_a_config_that_changes_a_finished_stage(tmp_path):
+    state = RunState(tmp_path, DEMO_CONFIG)
+    state.run("traces_thinking_train", lambda: {"n": 1}, log=lambda message: None)
+    state.run("taxonomy", lambda: {"n": 1}, log=lambda message: None)  # the taxonomy reads the seed
+    with pytest.raises(ValueError, match=r"holds a run of another config.*seed: 0 -> 1 \(read by taxonomy\)"):
         RunState(tmp_path, dataclasses.replace(DEMO_CONFIG, seed=1))
     again = RunState(tmp_path, DEMO_CONFIG)  # the same config reopens fine
-    assert not again.done("traces_thinking_train")
+    assert again.done("taxonomy") and not again.done("eval_hybrid")
+    # A key that only stages not run yet read: the folder continues under the new config.
+    changed = dataclasses.replace(DEMO_CONFIG, coefficients=[4.0], name="renamed")
+    RunState(tmp_path, changed)
+    recorded = json.loads((tmp_path / "stages.json").read_text())
+    assert recorded["config"]["coefficients"] == [4.0] and recorded["config_digest"] == changed.digest()
+    assert set(recorded["stages"]) == {"traces_thinking_train", "taxonomy"}
+    assert recorded["config_changes"][-1]["keys"] == ["name", "coefficients"]
+
+
+def test_a_refused_folder_or_config_leaves_the_folder_untouched(tmp_path):
+    from mechsteer.core.errors import ConfigError
+    from mechsteer.experiment.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="n_eval = 'ten' is not an int"):
+        run_pipeline(dataclasses.replace(DEMO_CONFIG, n_eval="ten"), tmp_path / "new")
+    with pytest.raises(ConfigError, match="n_eval = 0 must be >= 1"):
+        run_pipeline(dataclasses.replace(DEMO_CONFIG, n_eval=0), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # After the fix, the same folder takes the corrected config (nothing was locked).
+    RunState(tmp_path / "new", DEMO_CONFIG)
+    assert (tmp_path / "new" / "stages.json").is_file()
 
 
 def test_behaviour_statistics_by_hand():
@@ -63,12 +87,6 @@ def test_behaviour_statistics_by_hand():
     transitions = {(t["from"], t["to"]): t["count"] for t in stats["transitions"]}
     assert transitions == {("plan", "verify"): 1, ("verify", "plan"): 1}
 
-
-SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organism-thinking", benchmark="organism",
-                 n_train=50, n_eval=50, max_new_tokens=288, batch_size=25, n_latents=[4, 5],
-                 normalise=[True, False], judge="oracle", threads=1,
-                 direction_method="optimised", optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
-                 coefficients=[1.0, 2.0, 4.0], ablation_contexts=10)
 
 KILL_DURING_HYBRID = textwrap.dedent("""
     import os, signal, sys
@@ -104,14 +122,6 @@ def comparable(value):
     if isinstance(value, list):
         return [comparable(item) for item in value]
     return value
-
-
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    from mechsteer.experiment.pipeline import run_pipeline
-
-    out = tmp_path_factory.mktemp("short_run")
-    return out, run_pipeline(RunConfig.from_dict(SHORT_RUN), out, log=lambda message: None)
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
-"""Sweeps: expansion and validation before anything runs, the wandb export, and a 4-point organism
-sweep (one point failing on purpose) that gives the same results table locally and on Ray."""
+"""Sweeps: expansion and validation before anything runs, the wandb export, and a 5-point organism
+sweep (one point failing on purpose, one refused) that gives the same results table locally and on Ray."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from mechsteer.experiment.tracking import find_run_folders, read_run_files
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "experiments" / "sweeps"
 TINY = yaml.safe_load((SWEEPS / "organism-tiny.yaml").read_text())
-FAILING_POINT = {"policy": "no_such_policy"}  # raises inside the point, in the hybrid stage
+FAILING_POINT = {"steer_layer": 99}  # a valid config; the organisms have no layer 99: fails inside the point
+REFUSED_POINT = {"policy": "no_such_policy"}  # refused before it runs: a failed row, never attempted
 
 
 def tiny_spec(**changes) -> dict:
@@ -57,10 +59,13 @@ def test_grid_is_a_cartesian_product_then_the_list():
     ({"retires": 2}, r"unknown sweep keys \['retires'\]"),
     ({"grid": {}, "list": []}, r"has no points"),
 ])
-def test_bad_sweeps_fail_before_anything_runs(tmp_path, change, message):
+def test_bad_sweeps_fail_before_anything_runs(tmp_path, capsys, change, message):
     path = write_sweep(tmp_path, tiny_spec(**change))
-    with pytest.raises(ValueError, match=message):
-        main(["sweep", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert main(["sweep", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mechsteer: error: ") and "\n" not in error and re.search(message, error), error
+    with pytest.raises(ValueError, match=message):  # the library raises what the command line prints
+        SweepSpec.from_yaml(path)
     assert not (tmp_path / "out").exists()
 
 
@@ -117,33 +122,37 @@ def results_table(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def failing_sweep_file(tmp_path_factory) -> Path:
-    return write_sweep(tmp_path_factory.mktemp("sweep_file"), tiny_spec(list=[FAILING_POINT]))
+    return write_sweep(tmp_path_factory.mktemp("sweep_file"), tiny_spec(list=[FAILING_POINT, REFUSED_POINT]))
 
 
 @pytest.fixture(scope="module")
 def local_sweep(failing_sweep_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local_sweep")
     code = main(["sweep", "--config", str(failing_sweep_file), "--out", str(out), "--wandb"])
-    assert code == 1  # one point failed
+    assert code == 1  # two points failed
     return out
 
 
 @pytest.mark.slow
 def test_local_sweep_reports_every_point(local_sweep):
     rows = results_table(local_sweep)
-    assert [row["index"] for row in rows] == [0, 1, 2, 3]
-    assert [row["coefficients"] for row in rows] == ["[0.5]", "[1.0]", "[2.0]", None]
-    ok, failed = rows[:3], rows[3]
+    assert [row["index"] for row in rows] == [0, 1, 2, 3, 4]
+    assert [row["coefficients"] for row in rows] == ["[0.5]", "[1.0]", "[2.0]", None, None]
+    ok, failed, refused = rows[:3], rows[3], rows[4]
     for row in ok:
         assert (row["status"], row["attempts"], row["error"]) == ("ok", 1, None)
         assert all(row[column] is not None for column in METRIC_COLUMNS if column != "gap_recovered")
         assert 0.0 <= row["hybrid_accuracy"] <= 1.0
     # retried (1 + retries attempts), then reported, and the others still finished
     assert failed["status"] == "failed" and failed["attempts"] == TINY["retries"] + 1
-    assert failed["policy"] == "no_such_policy" and "unknown policy 'no_such_policy'" in failed["error"]
+    assert failed["steer_layer"] == 99 and "steer_layer: layer(s) [99] do not exist" in failed["error"]
     assert failed["hybrid_accuracy"] is None
     errors = (local_sweep / "points" / failed["point"] / "errors.log").read_text()
     assert errors.count("--- attempt") == TINY["retries"] + 1
+    # A refused config is a failed row too, never attempted, and writes no folder.
+    assert (refused["status"], refused["attempts"], refused["hybrid_accuracy"]) == ("failed", 0, None)
+    assert refused["policy"] == "no_such_policy" and "unknown policy 'no_such_policy'" in refused["error"]
+    assert not (local_sweep / "points" / refused["point"]).exists()
 
     import csv
 
@@ -160,7 +169,7 @@ def test_local_sweep_points_share_the_upstream_run(local_sweep):
     rows = results_table(local_sweep)
     leader = local_sweep / "points" / rows[0]["point"]
     assert not (leader / "shared_from.json").exists()
-    for row in rows[1:]:
+    for row in rows[1:3]:
         shared = json.loads((local_sweep / "points" / row["point"] / "shared_from.json").read_text())
         assert Path(shared["donor"]) == leader and shared["stages"] == sorted(SHARED_STAGES)
         stages = json.loads((local_sweep / "points" / row["point"] / "stages.json").read_text())["stages"]
@@ -178,8 +187,8 @@ def test_tracked_sweep_logs_each_point_as_a_run_in_one_group(local_sweep):
     logged = [read_run_files(folder) for folder in find_run_folders(local_sweep)]
     assert {run.group for run in logged} == {"organism-tiny"}
     names = sorted(run.name for run in logged)
-    expected = sorted([f"organism-tiny-{row['point']}" for row in rows] + ["organism-tiny-results"])
-    # the failing point logs one run per attempt
+    expected = sorted([f"organism-tiny-{row['point']}" for row in rows[:4]] + ["organism-tiny-results"])
+    # the failing point logs one run per attempt; the refused one never ran
     failing = f"organism-tiny-{rows[3]['point']}"
     assert sorted(set(names)) == expected and names.count(failing) == TINY["retries"] + 1
     assert all(folder.is_relative_to(local_sweep / "wandb") for folder in find_run_folders(local_sweep))
@@ -203,7 +212,7 @@ def test_ray_sweep_gives_the_same_results_table(local_sweep, failing_sweep_file,
     import ray
 
     assert not ray.is_initialized()  # the executor shut down the cluster it started
-    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed"]
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed", "failed"]
     assert results_table(tmp_path / "ray_sweep") == results_table(local_sweep)
 
 

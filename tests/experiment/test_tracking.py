@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mechsteer.experiment.config import DEMO_CONFIG, TRACKING_KEYS, RunConfig
+from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.state import RunState
 from mechsteer.experiment.tracking import (
     WANDB_DIRECTORY_VARIABLES,
@@ -44,9 +44,20 @@ def test_tracking_is_off_by_default_and_never_imports_wandb(tmp_path):
 def test_tracking_keys_leave_the_digest_as_it_was():
     """Run folders written before the tracking keys existed hashed every other key: still equal."""
     tracked = dataclasses.replace(DEMO_CONFIG, wandb=True, wandb_project="p", wandb_group="g", wandb_mode="offline")
-    untracked_fields = {k: v for k, v in asdict(DEMO_CONFIG).items() if k not in TRACKING_KEYS}
+    # The keys the config had then; every key added later leaves the digest alone at its default.
+    then = ("name base_model thinking_model benchmark base_template thinking_template train_split n_train eval_split "
+            "n_eval max_new_tokens batch_size activation_layers include_previous_token taxonomy_method normalise "
+            "n_latents sae_k judge direction_method optimisation steer_layer coefficients windows policy threshold controls "
+            "ablations ablation_contexts seed threads").split()
+    untracked_fields = {k: v for k, v in asdict(DEMO_CONFIG).items() if k in then}
     before = hashlib.sha256(json.dumps(untracked_fields, sort_keys=True).encode()).hexdigest()[:16]
     assert tracked.digest() == DEMO_CONFIG.digest() == before
+    # the demo's run folders (and every experiments/*.yaml's) were written under this digest
+    assert DEMO_CONFIG.digest() == "f2c2834c78ea8dc1"
+    placed = dataclasses.replace(DEMO_CONFIG, device="cpu", thinking_device="cpu", device_map="auto")
+    assert placed.digest() == DEMO_CONFIG.digest()  # where a run computes is not what it computes
+    assert dataclasses.replace(DEMO_CONFIG, dtype="bfloat16").digest() != DEMO_CONFIG.digest()
+    assert dataclasses.replace(DEMO_CONFIG, hybrid_batch_size=8).digest() != DEMO_CONFIG.digest()
     assert dataclasses.replace(DEMO_CONFIG, seed=1).digest() != DEMO_CONFIG.digest()
 
 

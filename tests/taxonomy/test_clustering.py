@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mechsteer.taxonomy.clustering import DiagonalGMM, SAEClusterer, make_clusterer
 from mechsteer.taxonomy.kmeans import SphericalKMeans, kmeans_plus_plus_seeds
 from mechsteer.taxonomy.metrics import adjusted_rand_index
+from tests.typecheck import refused
 
 
 def planted_unit_vectors(n_clusters=8, d=64, per_cluster=150, noise=0.5, seed=0):
@@ -80,8 +81,8 @@ def test_kmeans_plus_plus_seeds_spread_over_separated_clusters():
 
 
 def test_interface_errors():
-    with pytest.raises(ValueError, match="unknown clustering method"):
-        make_clusterer("agglomerative", 5)
+    with refused("unknown clustering method", parameter="method"):
+        make_clusterer("agglomerative", 5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not fitted"):
         SphericalKMeans(3).classify(torch.zeros(2, 4))
     with pytest.raises(ValueError, match="not fitted"):

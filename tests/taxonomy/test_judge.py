@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mechsteer.core.http import retry_after_seconds as _retry_after_seconds
 from mechsteer.taxonomy.judge import prompts as judge_prompts
 from mechsteer.taxonomy.judge.base import Judge, JudgeHTTPError, JudgeResponseError, complete_many
 from mechsteer.taxonomy.judge.http import (
@@ -26,7 +27,6 @@ from mechsteer.taxonomy.judge.http import (
     ENV_OPENAI_URL,
     ENV_URL,
     HTTPJudge,
-    _retry_after_seconds,
     cache_key,
     chat_completions_url,
 )
@@ -320,10 +320,34 @@ def test_timeout_then_success(server: ChatServer) -> None:
 def test_timeout_forever_is_a_clear_error(server: ChatServer) -> None:
     server.forever = Reply(delay=1.0)
     judge = make_judge(server, timeout=0.2, max_retries=1)
-    with pytest.raises(JudgeHTTPError, match="timed out after 0.2 s") as error:
+    with pytest.raises(JudgeHTTPError, match="timed out after 0.4 s") as error:  # the retry waited twice as long
         judge.complete(ask("x"))
+    assert server.url in str(error.value)
     assert "failed 2 attempts" in str(error.value)
     assert server.count == 2
+
+
+def test_a_slow_server_is_not_flooded_by_retries(server: ChatServer) -> None:
+    """The failure of issue 16: a sequential server slower than the timeout, two workers. Abandoned
+    requests stay counted as in flight, so the server never holds more than max_concurrency."""
+    server.forever = Reply(delay=0.6)
+    judge = make_judge(server, timeout=0.25, max_retries=2, max_concurrency=2)
+    # attempts wait 0.25, 0.5, then 1.0 s: the third is answered
+    answers = complete_many(judge, [ask(f"q{i}") for i in range(4)], concurrency=4)
+    assert answers == [f"echo: q{i}" for i in range(4)]
+    assert judge._http.n_timeouts >= 4
+    assert server.max_in_flight <= 2
+    assert judge._http.peak_in_flight <= 2
+
+
+def test_the_retry_after_a_timeout_gets_the_answer(server: ChatServer) -> None:
+    """A server that needs 0.5 s: the first attempt (0.3 s) is abandoned, the retry (0.6 s) is answered."""
+    server.forever = Reply(delay=0.5)
+    judge = make_judge(server, timeout=0.3, max_retries=1, max_concurrency=1)
+    assert judge.complete(ask("slow")) == "echo: slow"
+    assert server.count == 2
+    # the retry waited for the abandoned request's slot: the server never ran two at once
+    assert server.max_in_flight == 1
 
 
 def test_connection_refused_is_retried_then_clear() -> None:

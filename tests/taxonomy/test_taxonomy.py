@@ -215,12 +215,13 @@ def test_cli_end_to_end_with_oracle_judge(labelled_run, tmp_path, capsys):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_oracle_without_labels_is_a_clear_error(tmp_path):
+def test_cli_oracle_without_labels_is_a_clear_error(tmp_path, capsys):
     folder = tmp_path / "unlabelled"
     write_activation_folder(folder, labelled=False, n_per_label=10)
-    with pytest.raises(ValueError, match="--judge oracle needs ground-truth labels"):
-        cli_main(["taxonomy", "--activations", str(folder), "--n-latents", "3", "--judge", "oracle",
-                  "--out", str(tmp_path / "out")])
+    assert cli_main(["taxonomy", "--activations", str(folder), "--n-latents", "3", "--judge", "oracle",
+                     "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mechsteer: error: --judge oracle needs ground-truth labels")
     assert not (tmp_path / "out" / "taxonomy.json").exists()
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
+from mechsteer.core.errors import MechsteerError
+
 Messages = list[dict[str, str]]
 
 
@@ -28,7 +30,7 @@ class Judge(Protocol):
     ) -> str: ...
 
 
-class JudgeError(RuntimeError):
+class JudgeError(MechsteerError, RuntimeError):
     """The judge could not produce an answer."""
 
 

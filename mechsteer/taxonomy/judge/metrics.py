@@ -286,7 +286,7 @@ def consistency(
                 consistency_messages(description.title, description.description, sentences[index])
             )
     answers = complete_many(judge, prompts, max_tokens=CONSISTENCY.max_tokens, concurrency=concurrency)
-    counts = {b: Counter() for b in behaviours}
+    counts: dict[int, Counter[str]] = {b: Counter() for b in behaviours}
     for (behaviour, is_inside), answer in zip(plan, answers, strict=True):
         verdict = parse_yes_no(answer)
         if verdict is None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mechsteer.activations import Manifest, read_sentences
+from mechsteer.core.errors import ConfigError
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.taxonomy.judge import prompts as judge_prompts
 from mechsteer.taxonomy.judge.prompts import format_description_answer, parse_prompt
@@ -107,7 +108,7 @@ def oracle_judge_from_activations(activations_dir: str | Path, benchmark: str | 
     sentences = read_sentences(activations_dir)
     labels = sentence_labels(sentences)
     if labels is None:
-        raise ValueError(
+        raise ConfigError(
             f"--judge oracle needs ground-truth labels, but the sentences in {activations_dir} have "
             "none (they were extracted without a labeller, e.g. from a benchmark without ground truth); "
             "use --judge none, http or local:<model>"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 PROMPT_VERSION = "1"
@@ -283,3 +283,22 @@ def parse_score(text: str) -> float | None:
         if match is not None:
             return min(10.0, max(0.0, float(match.group(1))))
     return None
+
+
+# A parser per task: an answer it cannot read is never cached (mechsteer.taxonomy.judge.http).
+ANSWER_PARSERS: dict[str, Callable[[str], object]] = {
+    DESCRIBE_BEHAVIOUR.name: parse_description_answer,
+    CONSISTENCY.name: parse_yes_no,
+    COMPLETENESS.name: parse_score,
+    PAIR_SIMILARITY.name: parse_score,
+}
+
+
+def answer_parses(messages: Sequence[Mapping[str, str]], answer: str) -> bool | None:
+    """Whether ``answer`` reads as an answer to the task of ``messages`` (a mechsteer prompt);
+    None for a prompt of another kind, which this module cannot judge."""
+    try:
+        task = parse_prompt(messages).task
+    except ValueError:
+        return None
+    return ANSWER_PARSERS[task](answer) is not None

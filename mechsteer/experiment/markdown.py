@@ -1,0 +1,384 @@
+"""``report.md`` as text: a run's report (:func:`run_markdown`) and a sweep's (:func:`sweep_markdown`).
+
+Rendering only: :mod:`mechsteer.experiment.report` reads a run folder into a :class:`RunView` and
+writes the file. The text is a pure function of the view, so the report a run writes and the one
+``mechsteer report`` rebuilds from the same folder are identical. Tables, not JSON; numbers are
+rounded for reading (the full ones are in ``report.json``); every plot comes with a one-line caption.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.taxonomy.artefact import Taxonomy
+
+DASH = "—"
+EXAMPLES_PER_BEHAVIOUR = 3
+EXAMPLE_CHARS = 140
+SELECTION_CRITERIA = {
+    "judge_final": "the judge's final score (mean of consistency F1, completeness and orthogonality)",
+    "silhouette": "the mean cosine silhouette of the sentence assignments (no judge)",
+}
+CONTROLS = {
+    "only_bias": "steers the bias alone, at the hybrid's timing",
+    "random_firing": "steers random behaviours at random tokens, as often as the hybrid",
+    "random_vectors": "steers random vectors of the same norms, timed by the SAE's argmax latent",
+}
+DIRECTION_METHODS = {
+    "mean": "difference-of-means directions",
+    "sae": "the SAE's decoder directions mapped into the base model",
+    "optimised": "optimised steering vectors",
+}
+
+
+@dataclass
+class RunView:
+    """What ``report.md`` shows of one run folder: its finished stages' summaries and artefacts."""
+
+    config: RunConfig
+    config_digest: str
+    stages: dict[str, dict[str, Any]]  # stages.json: name -> {"seconds", "summary"}
+    missing: list[str]  # expected stages not done (``report``: report.json not written yet)
+    report: dict[str, Any]  # report.json; for an unfinished run the same keys from the finished stages
+    taxonomy: Taxonomy | None = None
+    ablations: dict[str, Any] | None = None  # ablations/ablations.json
+    hybrid_problems: int = 0  # problems in the hybrid's log (the timeline shows some of them)
+    timeline_problems: int = 0
+    plots: set[str] = field(default_factory=set)  # plot files present, relative to the run folder
+
+
+# ------------------------------------------------------------------------------------------
+# Formatting
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A number rounded for reading (never more than four decimals); a dash when absent."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        if math.isinf(value):
+            return "-inf" if value < 0 else "inf"
+        return f"{value:.{min(digits, 4)}f}"
+    return str(value)
+
+
+def percent(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return num(value)
+    return f"{100 * value:.1f}%"
+
+
+def interval(bounds: Sequence[float | None] | None) -> str:
+    if not bounds or bounds[0] is None or bounds[1] is None:
+        return DASH
+    return f"{num(bounds[0])} – {num(bounds[1])}"
+
+
+def cell(text: Any) -> str:
+    """Free text made safe for one table cell: no line breaks, no markdown, math or HTML in it."""
+    text = " ".join(str(text).split())
+    for character in "\\`*_[]<>|$#~":
+        text = text.replace(character, "\\" + character)
+    return text
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> list[str]:
+    """A GitHub table; ``align`` has one letter per column: l(eft) or r(ight)."""
+    align = (align or "").ljust(len(header), "l")[: len(header)]
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def figure(path: str, caption: str, plots: set[str]) -> list[str]:
+    """The plot and its caption, or nothing when the run has not drawn it."""
+    if path not in plots:
+        return []
+    return [f"![{Path(path).stem}]({path})", "", f"*{caption}*", ""]
+
+
+def value_text(value: Any) -> str:
+    """A config value in words: lists comma-separated, mappings as key value pairs."""
+    if isinstance(value, list | tuple):
+        return ", ".join(value_text(item) for item in value) or DASH
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {value_text(item)}" for key, item in value.items()) or DASH
+    if isinstance(value, float) and math.isfinite(value):
+        if value != 0 and abs(value) < 1e-3:
+            return f"{value:.1e}"
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    return num(value)
+
+
+# ------------------------------------------------------------------------------------------
+# A run
+
+
+def run_markdown(view: RunView) -> str:
+    config = view.config
+    lines = [f"# {config.name}", "",
+             f"Base `{config.base_model}`, thinking `{config.thinking_model}`, benchmark `{config.benchmark}`: "
+             f"{config.n_train} problems ({config.train_split}) for the taxonomy and the directions, "
+             f"{config.n_eval} ({config.eval_split}) for the evaluation.", ""]
+    if view.missing:
+        lines += [f"> **Unfinished run.** Stages not done: {', '.join(view.missing)}. The sections below show "
+                  "the finished stages; rerunning `mechsteer run` with the same config resumes the rest.", ""]
+    lines += _headline(view) + _taxonomy(view) + _directions(view) + _ablations(view) + _firing(view)
+    lines += _timings(view)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _headline(view: RunView) -> list[str]:
+    report = view.report
+    models = ["base", "thinking", "hybrid", *report.get("controls", {})]
+    intervals = report.get("accuracy_intervals") or {}
+    cut_off = report.get("cut_off") or {}  # generations that reached the length limit
+    rows = []
+    for name in models:
+        if name not in intervals:
+            continue
+        if name in ("base", "thinking"):
+            entry: dict[str, Any] = {"accuracy": report[f"{name}_accuracy"]}
+        elif name == "hybrid":
+            entry = {"accuracy": report["hybrid_accuracy"], "gap_recovered": report["gap_recovered"],
+                     "gap_recovered_interval": report["gap_recovered_interval"],
+                     "steered_fraction": report["tokens_steered_fraction"]}
+        else:
+            entry = report["controls"][name]
+        rows.append([f"**{name}**" if name == "hybrid" else name, num(entry["accuracy"]), interval(intervals[name]),
+                     num(entry.get("gap_recovered")), interval(entry.get("gap_recovered_interval")),
+                     percent(entry.get("steered_fraction")), num(cut_off.get(name))])
+    lines = ["## Headline", ""]
+    if not rows:
+        return lines + ["No evaluation has finished yet.", ""]
+    header = ["model", "accuracy", "95% interval", "gap recovered", "95% interval", "tokens steered", "cut off"]
+    counted = any(cut_off.get(name) is not None for name in intervals)  # not in runs from before it was
+    if not counted:
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    lines += table(header, rows, "lrlrlrr")
+    controls = "; ".join(f"`{name}` {CONTROLS[name]}" for name in report.get("controls", {}) if name in CONTROLS)
+    lines += [f"{view.config.n_eval} problems. Accuracy intervals are Wilson 95%; the gap recovered is "
+              "(model − base) / (thinking − base), with a 95% paired bootstrap interval over problems (1000 "
+              "resamples)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
+                               "before it ends has no answer)." if counted else "")
+              + (f" Controls: {controls}." if controls else ""), ""]
+    lines += figure("accuracy.png", "Accuracy per model with 95% Wilson intervals: the hybrid should approach "
+                    "thinking while steering few tokens, and the controls should not.", view.plots)
+    return lines
+
+
+def _taxonomy(view: RunView) -> list[str]:
+    lines = ["## Behaviours (taxonomy)", ""]
+    taxonomy = view.taxonomy
+    summary = view.stages.get("taxonomy", {}).get("summary")
+    if taxonomy is None or summary is None:
+        return lines + ["The taxonomy stage has not finished.", ""]
+    provenance, metrics = taxonomy.provenance, taxonomy.metrics
+    sweep = summary.get("sweep") or []
+    criterion = SELECTION_CRITERIA.get(metrics.selection_criterion, metrics.selection_criterion)
+    method = "an SAE" if provenance.method == "sae" else provenance.method
+    top_k = "" if provenance.k is None else f" (top-{provenance.k})"
+    lines += [f"**Selection:** layer {provenance.layer}, K = {provenance.n_latents}, vectors "
+              f"{'' if provenance.normalised else 'not '}L2-normalised: the best of {len(sweep)} taxonomies (sweep "
+              f"below) by {criterion}, {num(metrics.selection_score)}. Built with {method}{top_k} on "
+              f"{provenance.n_sentences} sentences of `{provenance.model}`.", ""]
+    measured = [("FVU", metrics.fvu), ("silhouette", metrics.silhouette),
+                ("consistency F1", metrics.consistency_f1), ("completeness", metrics.completeness),
+                ("orthogonality", metrics.orthogonality), ("ARI", metrics.ari), ("NMI", metrics.nmi)]
+    shown = [(name, value) for name, value in measured if value is not None]
+    lines += table([name for name, _ in shown], [[num(value) for _, value in shown]], "r" * len(shown))
+    if metrics.ari is not None:
+        lines += ["ARI and NMI compare the behaviours with the benchmark's ground-truth labels; they are reported, "
+                  "never used to select.", ""]
+    ground_truth = any(b.matched_label is not None for b in taxonomy.behaviours)
+    header = ["latent", "title", "description", "sentences", "examples"]
+    if ground_truth:
+        header.append("ground truth: label (precision / recall)")
+    rows = []
+    for behaviour in taxonomy.behaviours:
+        examples = list(dict.fromkeys(" ".join(e.split()) for e in behaviour.examples))[:EXAMPLES_PER_BEHAVIOUR]
+        shortened = [e if len(e) <= EXAMPLE_CHARS else e[: EXAMPLE_CHARS - 1] + "…" for e in examples]
+        share = behaviour.size / max(provenance.n_sentences, 1)
+        row = [str(behaviour.id), f"**{cell(behaviour.title)}**", cell(behaviour.description),
+               f"{behaviour.size} ({percent(share)})", "<br>".join(f"“{cell(e)}”" for e in shortened) or DASH]
+        if ground_truth:
+            row.append(DASH if behaviour.matched_label is None else
+                       f"{cell(behaviour.matched_label)} ({num(behaviour.label_precision, 2)} / "
+                       f"{num(behaviour.label_recall, 2)})")
+        rows.append(row)
+    lines += table(header, rows, "rllrl" + ("l" if ground_truth else ""))
+    lines += ["Examples: each behaviour's most typical sentences (for an SAE, those that activate its latent "
+              "most), repeats dropped.", ""]
+    lines += _sweep_table(sweep)
+    lines += figure("taxonomy/metrics_vs_k.png", "Every sweep metric against K, one line per layer and "
+                    "normalisation; the circled point is the selected taxonomy.", view.plots)
+    lines += figure("taxonomy/sentence_map.png", "The training sentences on their top two principal components, "
+                    "coloured by behaviour: separate clouds mean the behaviours differ in the activations.",
+                    view.plots)
+    return lines
+
+
+def _sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
+    if not sweep:
+        return []
+    ks = sorted({row["n_latents"] for row in sweep})
+    groups = sorted({(row["layer"], bool(row["normalised"])) for row in sweep}, key=lambda g: (g[0], not g[1]))
+    scores = {(row["layer"], bool(row["normalised"]), row["n_latents"]): row for row in sweep}
+    rows = []
+    for layer, normalised in groups:
+        values = []
+        for k in ks:
+            row = scores.get((layer, normalised, k))
+            text = DASH if row is None else num(row["selection_score"])
+            values.append(f"**{text}**" if row is not None and row.get("selected") else text)
+        rows.append([str(layer), "yes" if normalised else "no", *values])
+    return (["**Sweep**: the selection score per layer, L2 normalisation and K (bold: selected).", ""]
+            + table(["layer", "normalised", *[f"K = {k}" for k in ks]], rows, "rl" + "r" * len(ks)))
+
+
+def _directions(view: RunView) -> list[str]:
+    lines = ["## Directions", ""]
+    summary = view.stages.get("directions", {}).get("summary")
+    if summary is None:
+        return lines + ["The directions stage has not finished.", ""]
+    config = view.config
+    method = DIRECTION_METHODS.get(summary["method"], summary["method"])
+    lines += [f"{method[0].upper()}{method[1:]} (`{summary['method']}`) in the base model's layer {summary['layer']}"
+              + ("" if summary.get("bias_norm") is None else f", with a bias vector of norm {num(summary['bias_norm'], 2)}")
+              + f". The hybrid steers there with coefficients {value_text(config.coefficients)} and windows "
+              f"{value_text(config.windows)}, timed by the `{config.policy}` policy on the thinking model's "
+              + ("taxonomy layer" if view.taxonomy is None else f"layer {view.taxonomy.provenance.layer}") + ".", ""]
+    rows = [[str(b), cell(title), num(norm, 2)]
+            for b, title, norm in zip(summary["behaviour_ids"], summary["titles"], summary["norms"], strict=True)]
+    return lines + table(["latent", "behaviour", "norm"], rows, "rlr")
+
+
+def _ablations(view: RunView) -> list[str]:
+    if not view.config.ablations:
+        return []
+    lines = ["## Causal ablations", ""]
+    if view.ablations is None:
+        return lines + ["The ablations stage has not finished.", ""]
+    necessity = view.ablations.get("necessity") or []
+    sufficiency = view.ablations.get("sufficiency") or []
+    settings = view.ablations.get("settings") or {}
+    if necessity:
+        lines += [f"**Necessity** (thinking model, the direction projected out, {necessity[0]['n_traces']} traces): "
+                  "the behaviour's sentences per trace before and after, and the largest relative change of any "
+                  "other behaviour.", ""]
+        rows = [[cell(r["title"]), cell(r["variant"]), num(r["rate_before"], 2), num(r["rate_after"], 2),
+                 percent(r["relative_change"]), percent(r["max_other_relative_change"]),
+                 f"{num(r['accuracy_before'])} → {num(r['accuracy_after'])}"] for r in necessity]
+        lines += table(["behaviour", "ablated at", "before", "after", "change", "largest other change",
+                        "accuracy"], rows, "llrrrrl")
+    if sufficiency:
+        with_bias = " with the bias" if settings.get("sufficiency_with_bias") else ""
+        lines += [f"**Sufficiency** (base model steered{with_bias}, at {sufficiency[0]['n_contexts']} contexts "
+                  "whose next sentence is another behaviour): the share of next sentences that are the behaviour, "
+                  "unsteered, with a random vector of the same norm, and steered.", ""]
+        rows = [[cell(r["title"]), num(r["coeff"], 2), num(r["rate_unsteered"]), num(r["rate_random"]),
+                 num(r["rate_steered"]), num(r["ratio_vs_random"], 2)] for r in sufficiency]
+        lines += table(["behaviour", "coefficient", "unsteered", "random vector", "steered", "steered ÷ random"],
+                       rows, "lrrrrr")
+    not_measured = settings.get("not_measured") or {}
+    if not_measured:
+        listed = ", ".join(f"latent {latent} ({cell(title)})" for latent, title in not_measured.items())
+        lines += [f"Not measured: {listed}. Ground truth labels behaviours by title, so of several latents "
+                  "sharing a title only the first is measured, and a title the ground truth lacks cannot be.", ""]
+    lines += figure("ablations/ablations.png", "Left: each behaviour's rate with and without its direction "
+                    "(necessity); right: the next-sentence rate unsteered, with a random vector and steered "
+                    "(sufficiency). A direction matters where the bars differ.", view.plots)
+    return lines
+
+
+def _firing(view: RunView) -> list[str]:
+    lines = ["## When behaviours fired (hybrid)", ""]
+    statistics = view.report.get("behaviour_statistics")
+    if statistics is None:
+        return lines + ["The hybrid evaluation has not finished.", ""]
+    onset = statistics["onset"]
+    rows = [[cell(name), str(entry["n_fired"]), percent(entry["share_of_problems"]),
+             num(entry["mean_relative_position"], 2), num(entry["mean_first_relative_position"], 2)]
+            for name, entry in onset.items()]
+    lines += ["Steering events per behaviour (`bias`: the bias alone). Positions are relative to the "
+              "generation: 0 is its first token, 1 its last.", ""]
+    lines += table(["behaviour", "steering events", "problems where it fired", "mean position",
+                    "mean first position"], rows, "lrrrr")
+    transitions = statistics["transitions"]
+    if transitions:
+        common = ", ".join(f"{cell(t['from'])} → {cell(t['to'])} ({t['count']})" for t in transitions[:5])
+        lines += [f"Most frequent transitions between consecutive steering events: {common}.", ""]
+    lines += figure("transitions.png", "Counts of each steering event (row) followed by the next one in the same "
+                    "generation (column): the diagonal is a behaviour steered again.", view.plots)
+    lines += figure("timeline.png", f"{view.timeline_problems} of the {view.hybrid_problems} problems, the first "
+                    "ones and those where the most distinct behaviours were steered: a tick where the thinking "
+                    "model's latent made the hybrid steer, ✓ where the answer was correct.", view.plots)
+    return lines
+
+
+def _timings(view: RunView) -> list[str]:
+    rows = [[name, num(entry["seconds"], 1)] for name, entry in view.stages.items()]
+    total = sum(entry["seconds"] for entry in view.stages.values())
+    lines = ["## Timings and config", ""]
+    lines += table(["stage", "seconds"], [*rows, ["**all stages**", f"**{num(total, 1)}**"]], "lr")
+    lines += [f"Config digest `{view.config_digest}` (a run folder accepts only this config).", ""]
+    config = {key: value for key, value in vars(view.config).items() if key not in TRACKING_KEYS}
+    lines += ["<details><summary>Config</summary>", ""]
+    lines += table(["key", "value"], [[key, cell(value_text(value))] for key, value in config.items()])
+    return lines + ["</details>", ""]
+
+
+# ------------------------------------------------------------------------------------------
+# A sweep
+
+SWEEP_METRICS = (("base_accuracy", "base"), ("thinking_accuracy", "thinking"), ("hybrid_accuracy", "hybrid"),
+                 ("gap_recovered", "gap recovered"), ("tokens_steered_fraction", "tokens steered"),
+                 ("n_behaviours", "K"), ("taxonomy_layer", "taxonomy layer"))
+
+
+def sweep_markdown(name: str, rows: list[dict[str, Any]], swept_keys: list[str], *, missing: Sequence[str] = (),
+                   plot: bool = False) -> str:
+    """One table of the points (their swept values, headline numbers, status and report) and the plot."""
+    failed = [row for row in rows if row.get("status") == "failed"]
+    lines = [f"# Sweep {name}", "",
+             f"{len(rows)} points, {len(rows) - len(failed) - len(missing)} finished, {len(failed)} failed"
+             + (f", {len(missing)} not finished" if missing else "") + ". Each point is a `mechsteer run`; its own "
+             "report is linked.", ""]
+    if missing:
+        lines += [f"> **Unfinished sweep.** Points not finished: {', '.join(missing)}. Rerunning `mechsteer sweep` "
+                  "with the same file resumes them.", ""]
+    header = ["point", *swept_keys, *[label for _, label in SWEEP_METRICS], "status"]
+    body = []
+    for row in rows:
+        values = [cell(value_text(row.get(key))) for key in swept_keys]
+        metrics = [percent(row.get(column)) if column == "tokens_steered_fraction" else num(row.get(column))
+                   for column, _ in SWEEP_METRICS]
+        status = row.get("status") or DASH
+        link = f"[{row['point']}](points/{row['point']}/report.md)" if status == "ok" else f"`{row['point']}`"
+        body.append([link, *values, *metrics, status])
+    lines += table(header, body, "l" + "l" * len(swept_keys) + "r" * len(SWEEP_METRICS) + "l")
+    lines += ["Gap recovered: (hybrid − base) / (thinking − base); K: the selected taxonomy's behaviours.", ""]
+    for row in failed:
+        lines += [f"- point `{row['point']}` failed after {row.get('attempts')} attempt(s): "
+                  f"{cell(row.get('error') or 'no error recorded')} (traceback in `points/{row['point']}/errors.log`)"]
+    if failed:
+        lines.append("")
+    if plot:
+        lines += figure("results.png", "Hybrid accuracy per point (bars) against the base and thinking accuracies "
+                        "(ticks); failed points in red.", {"results.png"})
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+__all__ = ["RunView", "cell", "num", "run_markdown", "sweep_markdown", "table"]
