@@ -49,6 +49,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ResidSite, resid_hook_name
 from mechsteer.core.provenance import mismatch, same_model
+from mechsteer.core.resident import ModelInfo
 from mechsteer.core.store import (
     append_jsonl,
     read_json,
@@ -141,7 +142,7 @@ class Manifest:
                                 "rerun mechsteer activations into a new folder") from None
         return manifest
 
-    def check_model(self, model: TransformerBridge, where: str | Path, *, allow_other_model: bool = False) -> None:
+    def check_model(self, model: TransformerBridge | ModelInfo, where: str | Path, *, allow_other_model: bool = False) -> None:
         """Refuse a reader whose model is not the one these activations were pooled from (its
         name, unless ``allow_other_model``) or has another width or too few layers."""
         cfg = model.cfg

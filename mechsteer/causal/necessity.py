@@ -65,6 +65,13 @@ class NecessityRow:
     accuracy_before: float
     accuracy_after: float
 
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> NecessityRow:
+        """A row as ablations.json holds it (JSON turns the behaviour-id keys into strings)."""
+        rates = {key: {int(b): rate for b, rate in row[key].items()} for key in ("other_rates_before",
+                                                                                "other_rates_after")}
+        return cls(**{**row, **rates})
+
 
 def _generate_traces(model: TransformerBridge, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
                      interventions: Sequence[Any] = ()) -> list[str]:

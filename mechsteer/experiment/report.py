@@ -268,7 +268,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
     if stage_plots and taxonomy and taxonomy.get("sweep"):
         _draw(out / "taxonomy" / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy["sweep"], path))
     if stage_plots and view.ablations is not None:
-        necessity = [NecessityRow(**row) for row in view.ablations["necessity"]]
+        necessity = [NecessityRow.from_json(row) for row in view.ablations["necessity"]]
         sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]
         _draw(out / "ablations" / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
     candidates = [ACCURACY_PLOT, f"taxonomy/{METRICS_PLOT}", f"taxonomy/{SENTENCE_MAP_PLOT}",

@@ -34,6 +34,7 @@ from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefac
 from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.models import resid_hook_name
 from mechsteer.core.provenance import same_model
+from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.interventions.hooks import (
     Ablation,
@@ -125,7 +126,7 @@ class DirectionSet:
     def title(self, behaviour_id: int) -> str:
         return self.titles[self.index_of(behaviour_id)]
 
-    def check_model(self, model: TransformerBridge, *, allow_other_name: bool = False) -> None:
+    def check_model(self, model: TransformerBridge | ModelInfo, *, allow_other_name: bool = False) -> None:
         """Raise :class:`ProvenanceError` (a ValueError) unless this set fits ``model`` (d_model,
         layer range, model name).
 

@@ -30,6 +30,7 @@ from mechsteer.activations import load_sentence_vectors
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.errors import ArtefactError
 from mechsteer.core.provenance import mismatch, same_model
+from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.taxonomy.clustering import ClusteringMethod
 from mechsteer.taxonomy.sae import TopKSAE
@@ -160,7 +161,7 @@ class Taxonomy:
                            "build the taxonomy from this model's activations, or pass the one built from them "
                            "(--allow-other-model uses it anyway)")
 
-    def check_model(self, model: TransformerBridge, where: str | Path, *, allow_other_model: bool = False) -> None:
+    def check_model(self, model: TransformerBridge | ModelInfo, where: str | Path, *, allow_other_model: bool = False) -> None:
         """Refuse to read this taxonomy with a model it was not built on: another name (unless
         ``allow_other_model``), another width, or too few layers for its layer."""
         cfg, provenance = model.cfg, self.provenance

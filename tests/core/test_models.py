@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from mechsteer.core.models import ModelNotAvailableError, load_model, load_pair, resolve_spec, smollm2_dir
+from mechsteer.core.models import (
+    ModelNotAvailableError,
+    load_model,
+    load_pair,
+    resolve_spec,
+    smollm2_dir,
+)
 from mechsteer.interventions.generation import generate
 from tests.typecheck import refused
 

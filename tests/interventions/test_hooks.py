@@ -11,6 +11,7 @@ from mechsteer.interventions.hooks import (
     project_out,
     steer,
 )
+from tests.typecheck import refused
 
 
 def test_project_out_removes_the_component():
@@ -110,8 +111,8 @@ def test_steer_context_adds_at_chosen_positions(tiny_models):
 
 
 def test_steering_validates_site(tiny_models):
-    with pytest.raises(ValueError, match="unknown residual site"):
-        _ = Steering(0, torch.zeros(32), site="resid_after").hook_name
+    with refused("unknown residual site", parameter="site"):
+        _ = Steering(0, torch.zeros(32), site="resid_after").hook_name  # type: ignore[arg-type]
 
 
 def test_steering_accepts_int_coefficients_and_rejects_non_numbers(tiny_models):
@@ -125,5 +126,5 @@ def test_steering_accepts_int_coefficients_and_rejects_non_numbers(tiny_models):
     assert Steering(1, direction, coeff=3).coeff == 3.0
     assert torch.equal(as_int, as_float) and not torch.equal(as_int, model(tokens))
     for bad in ("3", True, None):
-        with pytest.raises(ValueError, match="coeff must be a number"):
+        with refused("coeff must be a number", parameter="coeff"):
             Steering(1, direction, coeff=bad)
