@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mechsteer.cli.common import check_output_folder, positive_int
+from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model
 from mechsteer.interventions.generation import generate
 from mechsteer.organisms import weights_dir
 from mechsteer.organisms.evaluate import GenerateFn, evaluate_organisms, hf_generate_fn
+from mechsteer.organisms.grammar import GRAMMARS, SHIPPED_GRAMMAR
 from mechsteer.organisms.tasks import generate_split
-from mechsteer.organisms.train import PhaseConfig, TrainingConfig, train_organisms
+from mechsteer.organisms.train import PhaseConfig, TrainingConfig, default_config, train_organisms
 
 EVAL_BATCH_SIZE = 128
 
@@ -59,12 +62,17 @@ def _folders(weights: str | None) -> tuple[Path, Path]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.weights is not None:
+        for folder in _folders(args.weights):
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"--weights {args.weights}: {folder} is no model folder (no config.json); "
+                                  "pass the --out of `mechsteer organism train`")
+    if args.outputs is not None:
+        check_output_folder(Path(args.outputs).parent, "--outputs")
     torch.set_num_threads(args.threads)
-    if args.n <= 0:
-        raise ValueError(f"--n must be positive, got {args.n}")
     problems = generate_split("test", seed=args.seed)
     if args.n > len(problems):
-        raise ValueError(f"--n {args.n} exceeds the test split's {len(problems)} problems")
+        raise ConfigError(f"--n {args.n} exceeds the test split's {len(problems)} problems")
     problems = problems[: args.n]
     started = time.perf_counter()
     if args.backend == "bridge":
@@ -74,7 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         base_folder, thinking_folder = _folders(args.weights)
         generate_base = hf_folder_generate_fn(base_folder)
         generate_thinking = hf_folder_generate_fn(thinking_folder)
-    summary, outputs = evaluate_organisms(generate_base, generate_thinking, problems)
+    summary, outputs = evaluate_organisms(generate_base, generate_thinking, problems, grammar=args.grammar)
     summary["backend"] = args.backend
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     if args.outputs:
@@ -82,7 +90,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        for key in ("n", "base_accuracy", "thinking_accuracy", "forced_base_accuracy", "gap"):
+        for key in ("n", "base_accuracy", "thinking_accuracy", "forced_base_accuracy", "gap",
+                    "plan_only_accuracy", "oracle_timing_accuracy", "random_timing_accuracy"):
             print(f"{key}: {summary[key]}")
         print(f"behaviour_counts: {summary['behaviour_counts']}")
         print(f"correct_trace_share: {summary['correct_trace_share']:.3f}")
@@ -90,14 +99,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    config = TrainingConfig()
+    config = default_config(args.grammar)
     if args.base_steps is not None:
         config = TrainingConfig(base=PhaseConfig(**{**config.base.__dict__, "steps": args.base_steps}),
                                 thinking=config.thinking)
     if args.thinking_steps is not None:
         config = TrainingConfig(base=config.base,
                                 thinking=PhaseConfig(**{**config.thinking.__dict__, "steps": args.thinking_steps}))
-    report = train_organisms(Path(args.out), seed=args.seed, config=config, threads=args.threads)
+    out = check_output_folder(args.out)  # before minutes of training, not after
+    report = train_organisms(out, seed=args.seed, config=config, threads=args.threads)
     print(f"wall time: {report['wall_seconds']:.1f} s "
           f"(base {report['base']['wall_seconds']:.1f} s, thinking {report['thinking']['wall_seconds']:.1f} s)")
     return 0
@@ -110,18 +120,24 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train both organisms from scratch (CPU, ~15 min)")
     train.add_argument("--out", required=True, help="output folder; gets base/ and thinking/")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--base-steps", type=int, default=None, help="override the base phase's steps")
-    train.add_argument("--thinking-steps", type=int, default=None, help="override the thinking phase's steps")
-    train.add_argument("--threads", type=int, default=2,
+    train.add_argument("--base-steps", type=positive_int, default=None, help="override the base phase's steps")
+    train.add_argument("--thinking-steps", type=positive_int, default=None, help="override the thinking phase's steps")
+    train.add_argument("--threads", type=positive_int, default=2,
                        help="torch threads (use 1 when other jobs share the cores: 2 threads then thrash)")
+    train.add_argument("--grammar", choices=GRAMMARS, default=SHIPPED_GRAMMAR,
+                       help="trace grammar: v1 (one-decision) or v2 (carry slips that a timed check repairs); "
+                            "default: the shipped weights' grammar")
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="greedy accuracies and behaviour counts on the test split")
-    evaluate.add_argument("--n", type=int, default=500, help="number of test problems")
+    evaluate.add_argument("--n", type=positive_int, default=500, help="number of test problems")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     evaluate.add_argument("--weights", default=None, help="folder with base/ and thinking/ (default: shipped)")
     evaluate.add_argument("--backend", choices=("bridge", "hf"), default="bridge")
     evaluate.add_argument("--seed", type=int, default=0, help="test split seed")
-    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--threads", type=positive_int, default=2)
     evaluate.add_argument("--outputs", default=None, help="write the raw generations to this JSON file")
+    evaluate.add_argument("--grammar", choices=GRAMMARS, default=SHIPPED_GRAMMAR,
+                          help="grammar whose risky steps the oracle/random timing conditions cue "
+                               "(default: the shipped weights' grammar)")
     evaluate.set_defaults(func=run_eval)

@@ -26,6 +26,22 @@ Three trace styles exist:
   risky steps (operand 9); the trace writer's first pass on the first ±9 day keeps the tens
   digit (38 + 9 = 37 instead of 47), which the check exposes and a correction repairs.
   This planted, deterministic slip is what makes "correct" occur under greedy decoding.
+
+Grammar ``v2`` (issue 17: *when* matters mid-trace; styles ``stepwise_v2``/``thinking_v2``):
+
+* A **risky step** is a carry or a borrow: the running total's tens digit changes
+  (``38 + 9``, ``41 - 7``). In every corpus, the first pass of a risky step drops the carry
+  (``Day 2: 38 + 9 = 37.``, the tens digit kept), deterministically, so greedy decoding
+  reproduces it. Drills and checks are always right.
+* A check recomputes the step, ``Check: 38 + 9 = 47.``; when it disagrees with the line
+  above, a correction follows, ``Wait, 38 + 9 is 47, not 37.``, and the next day starts
+  from the corrected value. An unchecked slip propagates to the answer.
+* ``stepwise_v2`` (base corpus, the HOW): checks after random steps (`V2_CHECK_RATE`),
+  risky or not; every check that exposes a slip is corrected. Greedy decoding never checks.
+* ``thinking_v2`` (the WHEN): checks exactly the risky steps and corrects each slip.
+
+So the base forced with ``Plan:`` keeps every slip, a ``Check:`` cue after exactly the risky
+steps (`risky_days`) repairs them, and cues at random steps repair them only by chance.
 """
 
 from __future__ import annotations
@@ -33,6 +49,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from mechsteer.organisms.tasks import OrganismProblem
 
@@ -42,13 +59,21 @@ PROMPT_TEMPLATE = "Q: {question}\nA:\n"
 FORCED_PREFIX = "Plan:"
 BEHAVIOURS: tuple[str, ...] = ("plan", "compute", "verify", "correct", "answer")
 OTHER = "other"
-TRACE_STYLES: tuple[str, ...] = ("direct", "stepwise", "thinking")
+TRACE_STYLES: tuple[str, ...] = ("direct", "stepwise", "thinking", "stepwise_v2", "thinking_v2")
+Grammar = Literal["v1", "v2"]
+GRAMMARS: tuple[Grammar, ...] = get_args(Grammar)
+# The grammar the shipped weights were trained on (the CLI's default for train and eval).
+SHIPPED_GRAMMAR: Grammar = "v1"
+# The cue that starts a check line; step-wise forced decoding appends it after a compute line.
+CHECK_CUE = "Check:"
 
 # Base-corpus stepwise documents: probability of a check after a step, and of a random slip.
 STEPWISE_CHECK_RATE = 0.2
 STEPWISE_SLIP_RATE = 0.06
 # Thinking traces check (and may first slip on) exactly the steps with this operand.
 RISKY_OPERAND = 9
+# v2 base-corpus stepwise documents: probability of a check after a step (risky or not).
+V2_CHECK_RATE = 0.3
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("plan", re.compile(r"Plan: start at \d+, (?:add|take) \d+ for \d+ days\.")),
@@ -103,6 +128,26 @@ def _tens_kept_slip(before: int, correct: int) -> int:
     return (before // 10) * 10 + correct % 10
 
 
+def is_carry_step(before: int, sign: str, operand: int) -> bool:
+    """Whether a step carries or borrows: the tens digit of the running total changes."""
+    return before // 10 != _apply(before, sign, operand) // 10
+
+
+def risky_days(problem: OrganismProblem, grammar: Grammar = "v1") -> list[int]:
+    """The days (1-based) whose steps the thinking organism of ``grammar`` checks.
+
+    v1: the days whose operand is `RISKY_OPERAND`; v2: the carry/borrow days of the correct
+    running totals (the thinking trace corrects every slip, so its totals are the correct ones).
+    """
+    if grammar not in GRAMMARS:
+        raise ValueError(f"grammar must be one of {GRAMMARS}, got {grammar!r}")
+    meta = problem.metadata
+    steps = zip(meta["totals"], meta["signs"], meta["operands"], strict=False)
+    if grammar == "v1":
+        return [day for day, (_, _, operand) in enumerate(steps, start=1) if operand == RISKY_OPERAND]
+    return [day for day, (before, sign, operand) in enumerate(steps, start=1) if is_carry_step(before, sign, operand)]
+
+
 class _TraceWriter:
     def __init__(self, style: str) -> None:
         self.style = style
@@ -126,6 +171,18 @@ class _TraceWriter:
         if written != correct:
             self.sentence(f"Wait, {before} {sign} {operand} is {correct}, not {written}.", "correct")
 
+    def step_v2(self, day: int, before: int, sign: str, operand: int, checked: bool) -> int:
+        """A v2 step (first pass drops the carry; a check recomputes it); returns the next day's start."""
+        correct = _apply(before, sign, operand)
+        written = _tens_kept_slip(before, correct) if is_carry_step(before, sign, operand) else correct
+        self.sentence(f"Day {day}: {before} {sign} {operand} = {written}.", "compute")
+        if not checked:
+            return written
+        self.sentence(f"Check: {before} {sign} {operand} = {correct}.", "verify")
+        if written != correct:
+            self.sentence(f"Wait, {before} {sign} {operand} is {correct}, not {written}.", "correct")
+        return correct
+
     def finish(self) -> OrganismTrace:
         return OrganismTrace("".join(self.parts), tuple(self.sentences), self.style)
 
@@ -142,6 +199,16 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
     operation = "add" if meta["signs"][0] == "+" else "take"
     writer.sentence(f"Plan: start at {meta['start']}, {operation} {meta['operands'][0]} for {meta['n_steps']} days.", "plan")
     total = meta["start"]
+    if style in ("stepwise_v2", "thinking_v2"):
+        for day, (operand, sign) in enumerate(zip(meta["operands"], meta["signs"], strict=True), start=1):
+            if style == "thinking_v2":
+                checked = is_carry_step(total, sign, operand)
+            else:
+                checked = rng.random() < V2_CHECK_RATE
+            total = writer.step_v2(day, total, sign, operand, checked)
+        # An unchecked slip propagates: the answer is the trace's own last total.
+        writer.sentence(f"The answer is {total}.", "answer")
+        return writer.finish()
     for day, (operand, sign) in enumerate(zip(meta["operands"], meta["signs"], strict=True), start=1):
         correct = _apply(total, sign, operand)
         if style == "stepwise":
@@ -160,8 +227,13 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
     return writer.finish()
 
 
-def render_drill(rng: random.Random, n_lines: int = 12) -> OrganismTrace:
-    """A drill document: independent one-step facts (two-digit ± one-digit), one per line."""
+def render_drill(rng: random.Random, n_lines: int = 12, *, day_lines: bool = False) -> OrganismTrace:
+    """A drill document: independent one-step facts (two-digit ± one-digit), one per line.
+
+    ``day_lines``: v2 compute-line drills, ``Day k: a + b = w.`` with the v2 first-pass slip on
+    carry/borrow steps (the context-dependent table of v2 compute lines gets its own practice;
+    plain drills keep the right table of the checks).
+    """
     writer = _TraceWriter("drill")
     for _ in range(n_lines):
         before = rng.randint(10, 99)
@@ -169,7 +241,12 @@ def render_drill(rng: random.Random, n_lines: int = 12) -> OrganismTrace:
         sign = rng.choice("+-")
         if not 10 <= _apply(before, sign, operand) <= 99:
             sign = _inverse(sign)
-        writer.sentence(f"{before} {sign} {operand} = {_apply(before, sign, operand)}.", "compute")
+        correct = _apply(before, sign, operand)
+        if day_lines:
+            written = _tens_kept_slip(before, correct) if is_carry_step(before, sign, operand) else correct
+            writer.sentence(f"Day {rng.randint(1, 5)}: {before} {sign} {operand} = {written}.", "compute")
+        else:
+            writer.sentence(f"{before} {sign} {operand} = {correct}.", "compute")
     return writer.finish()
 
 

@@ -7,6 +7,7 @@ this package.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from mechsteer.core.models import register_model_spec
@@ -56,7 +57,7 @@ GROUND_TRUTH = GroundTruth(benchmark=BENCHMARK, behaviours=BEHAVIOURS, label_rea
 
 def register() -> None:
     for name in ORGANISM_NAMES:
-        register_model_spec(f"organism-{name}", lambda name=name: weights_dir(name))
+        register_model_spec(f"organism-{name}", functools.partial(weights_dir, name))
     register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split))
     register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))

@@ -31,12 +31,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mechsteer.core.tensor_types import Int, Tensor, typechecked
-from mechsteer.organisms.grammar import format_prompt, render_drill, render_trace
+from mechsteer.organisms.grammar import Grammar, format_prompt, render_drill, render_trace
 from mechsteer.organisms.tasks import OrganismProblem, generate_split
 from mechsteer.organisms.tokenizer import build_tokenizer
 
 BASE_MIX: dict[str, float] = {"direct": 0.50, "stepwise": 0.25, "drill": 0.25}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
+# Grammar v2 (see grammar.py): the same shares with the v2 step-by-step styles.
+# "day_drill": v2 compute-line drills (`render_drill(day_lines=True)`); in the first v2 run
+# (plain drills only) the base's compute lines were right or slipped as designed only ~75% of
+# the time while its checks (the drills' table) were 99% right.
+BASE_MIX_V2: dict[str, float] = {"direct": 0.45, "stepwise_v2": 0.30, "drill": 0.15, "day_drill": 0.10}
+THINKING_MIX_V2: dict[str, float] = {"thinking_v2": 0.80, "drill": 0.10, "day_drill": 0.10}
+V2_THINKING_STEPS = 300
 IGNORE_INDEX = -100
 
 
@@ -71,6 +78,17 @@ class TrainingConfig:
     n_train_problems: int | None = None  # None: the whole train split
 
 
+def default_config(grammar: Grammar = "v1") -> TrainingConfig:
+    """The shipped settings for ``grammar``: v2 swaps in the v2 step-by-step styles."""
+    config = TrainingConfig()
+    if grammar == "v1":
+        return config
+    return TrainingConfig(
+        base=PhaseConfig(**{**config.base.__dict__, "mix": BASE_MIX_V2}),
+        thinking=PhaseConfig(**{**config.thinking.__dict__, "mix": THINKING_MIX_V2, "steps": V2_THINKING_STEPS}),
+    )
+
+
 @dataclass
 class PhaseReport:
     steps: int
@@ -82,8 +100,8 @@ class PhaseReport:
 
 def document_text(problem: OrganismProblem | None, style: str, rng: random.Random) -> str:
     """One training document's text (without bos/eos): prompt and trace, or a drill."""
-    if style == "drill":
-        return render_drill(rng).text
+    if style in ("drill", "day_drill"):
+        return render_drill(rng, day_lines=style == "day_drill").text
     if problem is None:
         raise ValueError(f"style {style!r} needs a problem")
     return format_prompt(problem.question) + render_trace(problem, style, rng).text
@@ -115,16 +133,19 @@ def packed_batches(
             while True:
                 if pending is None:
                     style = rng.choices(styles, weights)[0]
-                    text = document_text(rng.choice(problems) if style != "drill" else None, style, rng)
+                    problem = rng.choice(problems) if style not in ("drill", "day_drill") else None
+                    text = document_text(problem, style, rng)
                     pending = [bos] + _token_ids(tokenizer, text) + [eos]
                     if len(pending) > window:
                         raise ValueError(f"a document of {len(pending)} tokens exceeds window {window}")
                 if len(row) + len(pending) > window:
                     # Fill the gap with a drill that fits (lines are at most 7 tokens),
                     # so windows carry ~97% real tokens instead of ~75%.
-                    filler_lines = (window - len(row) - 2) // 7
+                    # v2 mixes fill half the gaps with compute-line drills (10 tokens a line).
+                    day_lines = "day_drill" in mix and rng.random() < 0.5
+                    filler_lines = (window - len(row) - 2) // (10 if day_lines else 7)
                     if filler_lines > 0:
-                        drill = render_drill(rng, n_lines=filler_lines).text
+                        drill = render_drill(rng, n_lines=filler_lines, day_lines=day_lines).text
                         row.extend([bos] + _token_ids(tokenizer, drill) + [eos])
                     # Drop the document that did not fit rather than start the next window
                     # with it: long (step-by-step) documents would otherwise open windows far

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from mechsteer.organisms.grammar import (
     parse_trace,
     render_drill,
     render_trace,
+    risky_days,
     split_sentences,
 )
 from mechsteer.organisms.tasks import SPLITS, generate_split, make_problem, split_of, split_size
@@ -92,8 +94,21 @@ def test_labels_round_trip(style):
             assert trace.text[sentence.char_start : sentence.char_end] == sentence.text
             assert sentence.behaviour in BEHAVIOURS
         answers = [sentence.text for sentence in trace.sentences if sentence.behaviour == "answer"]
+        if style == "stepwise_v2":
+            # An unchecked v2 slip propagates to the answer (checked in the stepwise_v2 test).
+            assert len(answers) == 1 and trace.sentences[-1].behaviour == "answer"
+            continue
         assert answers == [f"The answer is {problem.answer}."]
         assert extract_answer(trace.text) == problem.answer
+
+
+def _slipped(compute_line: str) -> bool:
+    """Whether a compute line "Day k: a +/- b = w." is wrong."""
+    match = re.fullmatch(r"(?:Day \d+: )?(\d+) ([+-]) (\d+) = (\d+)\.", compute_line)
+    assert match, compute_line
+    before, sign, operand, written = match.groups()
+    correct = int(before) + int(operand) if sign == "+" else int(before) - int(operand)
+    return int(written) != correct
 
 
 def test_thinking_traces_plant_every_behaviour_at_the_risky_steps():
@@ -114,6 +129,84 @@ def test_thinking_traces_plant_every_behaviour_at_the_risky_steps():
                 assert labels[index - 1] == "verify" and ", not " in trace.sentences[index - 1].text
     assert used == set(BEHAVIOURS)
     assert correcting / len(problems) >= 0.05
+
+
+def _v2_steps(trace) -> list[tuple[str, list[str]]]:
+    """(compute line, the labels of the lines that follow it before the next day) per day."""
+    steps: list[tuple[str, list[str]]] = []
+    for sentence in trace.sentences:
+        if sentence.behaviour == "compute":
+            steps.append((sentence.text, []))
+        elif steps and sentence.behaviour in ("verify", "correct"):
+            steps[-1][1].append(sentence.behaviour)
+    return steps
+
+
+def test_v2_thinking_checks_exactly_the_risky_steps_and_corrects_every_slip():
+    rng = random.Random(0)
+    problems = generate_split("validation", seed=0, n=300)
+    used, with_risky, without_risky = set(), 0, 0
+    for problem in problems:
+        trace = render_trace(problem, "thinking_v2", rng)
+        labels = [sentence.behaviour for sentence in trace.sentences]
+        used.update(labels)
+        assert labels[0] == "plan" and labels[-1] == "answer"
+        assert extract_answer(trace.text) == problem.answer  # every slip is repaired
+        risky = risky_days(problem, "v2")
+        steps = _v2_steps(trace)
+        assert len(steps) == problem.metadata["n_steps"]
+        for day, (line, after) in enumerate(steps, start=1):
+            assert line.startswith(f"Day {day}: ")
+            # The first pass of a carry/borrow step drops the carry; a check and a correction follow.
+            assert _slipped(line) == (day in risky)
+            assert after == (["verify", "correct"] if day in risky else [])
+        with_risky += bool(risky)
+        without_risky += not risky
+    assert used == set(BEHAVIOURS)
+    # Most problems have a risky step, but not all: plan-only then fails often, not always.
+    assert 0.6 <= with_risky / len(problems) <= 0.95 and without_risky > 0
+
+
+def test_v2_stepwise_documents_slip_at_risky_steps_and_check_at_random():
+    rng = random.Random(0)
+    checked = {True: 0, False: 0}
+    steps_by_risk = {True: 0, False: 0}
+    wrong_answers = 0
+    for problem in generate_split("validation", seed=0, n=300):
+        trace = render_trace(problem, "stepwise_v2", rng)
+        lines = trace.text.splitlines()
+        total = problem.metadata["start"]
+        for line, after in _v2_steps(trace):
+            before, sign, operand = re.match(r"Day \d+: (\d+) ([+-]) (\d+)", line).groups()
+            assert int(before) == total  # each day starts from the line above (or its correction)
+            correct = int(before) + int(operand) if sign == "+" else int(before) - int(operand)
+            risky = int(before) // 10 != correct // 10
+            assert _slipped(line) == risky
+            steps_by_risk[risky] += 1
+            checked[risky] += "verify" in after
+            # A check is always right; a correction follows exactly the checks that expose a slip.
+            assert after in ([], ["verify"], ["verify", "correct"])
+            assert ("correct" in after) == ("verify" in after and risky)
+            written = int(line.rstrip(".").split()[-1])
+            total = correct if after else written
+        assert lines[-1] == f"The answer is {total}."
+        wrong_answers += total != problem.answer
+    # Checks come at random: at about the same rate after risky and safe steps.
+    for risky in (True, False):
+        assert 0.2 <= checked[risky] / steps_by_risk[risky] <= 0.4
+    assert wrong_answers > 0  # an unchecked slip reaches the answer
+
+
+def test_risky_days_by_grammar():
+    nines = make_problem("x", start=38, signed_operand=9, n_steps=3, name="Ann", item="pens")
+    assert risky_days(nines, "v1") == [1, 2, 3]  # every operand-9 day
+    fours = make_problem("x", start=36, signed_operand=4, n_steps=4, name="Ann", item="pens")
+    assert risky_days(fours, "v1") == []
+    assert risky_days(fours, "v2") == [1, 4]  # 36 -> 40 carries, 40 -> 44 -> 48 do not, 48 -> 52 does
+    borrows = make_problem("x", start=43, signed_operand=-2, n_steps=3, name="Ann", item="pens")
+    assert risky_days(borrows, "v2") == [2]  # 43 -> 41 -> 39 borrows -> 37
+    with pytest.raises(ValueError, match="grammar"):
+        risky_days(nines, "v3")
 
 
 def test_direct_answers_are_one_shot():
@@ -181,16 +274,20 @@ def test_weights_dir_rejects_unknown_names():
         weights_dir("instruct")
 
 
-def test_tiny_training_run_end_to_end(tmp_path):
+@pytest.mark.parametrize("grammar", ["v1", "v2"])
+def test_tiny_training_run_end_to_end(tmp_path, grammar):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mechsteer.organisms.train import (
-        BASE_MIX,
-        THINKING_MIX,
         PhaseConfig,
         TrainingConfig,
+        default_config,
         train_organisms,
     )
+
+    defaults = default_config(grammar)
+    BASE_MIX, THINKING_MIX = defaults.base.mix, defaults.thinking.mix
+    assert any(style.endswith("_v2") for style in (*BASE_MIX, *THINKING_MIX)) == (grammar == "v2")
 
     config = TrainingConfig(
         hidden_size=32,
