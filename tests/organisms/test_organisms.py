@@ -316,18 +316,18 @@ def test_tiny_training_run_end_to_end(tmp_path, grammar):
     assert torch.isfinite(base(**batch).logits).all()
 
 
-# Greedy accuracies of the shipped pair on the first 100 test problems (TransformerBridge
-# generation), as the README states them. Measured: base 0.58, thinking 0.97, forced base
-# 0.93 (n=500: 0.52 / 0.956 / 0.926). The ranges are the README's.
-SHIPPED_RANGES_N100 = {
+# Greedy accuracies of the shipped pair on the first 500 test problems (TransformerBridge
+# generation), the README's `mechsteer organism eval --n 500`: base 0.52, thinking 0.956,
+# forced base 0.926. The ranges and targets are the README's.
+SHIPPED_RANGES_N500 = {
     "base_accuracy": (0.4, 0.7),
     "thinking_accuracy": (0.9, 1.0),
     "forced_base_accuracy": (0.85, 1.0),
 }
-# Per-behaviour share of the thinking organism's traces (measured n=100: verify 0.08,
-# correct 0.07; plan, compute and answer 1.0). Only the operand-9 problems (about 1 in 9)
+# Per-behaviour share of the thinking organism's traces (measured n=500, the README's
+# `organism eval --n 500`: verify 0.086, correct 0.052; plan, compute and answer 1.0). Only the operand-9 problems (about 1 in 9)
 # call for a check.
-THINKING_TRACE_RATE_RANGES_N100 = {
+THINKING_TRACE_RATE_RANGES_N500 = {
     "plan": (0.95, 1.0),
     "compute": (0.95, 1.0),
     "verify": (0.03, 0.2),
@@ -340,23 +340,23 @@ THINKING_TRACE_RATE_RANGES_N100 = {
 def test_shipped_pair_loads_and_evaluates_within_stated_ranges(capsys):
     from mechsteer.cli import main
 
-    assert main(["organism", "eval", "--n", "100", "--json"]) == 0
+    assert main(["organism", "eval", "--n", "500", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n"] == 100 and summary["backend"] == "bridge"
-    for key, (low, high) in SHIPPED_RANGES_N100.items():
+    assert summary["n"] == 500 and summary["backend"] == "bridge"
+    for key, (low, high) in SHIPPED_RANGES_N500.items():
         assert low <= summary[key] <= high, (key, summary[key])
-    for behaviour, (low, high) in THINKING_TRACE_RATE_RANGES_N100.items():
+    for behaviour, (low, high) in THINKING_TRACE_RATE_RANGES_N500.items():
         assert low <= summary["thinking_trace_rates"][behaviour] <= high, behaviour
         assert summary["behaviour_counts"][behaviour] > 0, behaviour
     # The targets: the thinking organism is far better, and the base forced into the
     # step-by-step format nearly as good (the base knows HOW; the WHEN differs).
-    assert summary["thinking_accuracy"] - summary["base_accuracy"] >= 0.3
+    assert summary["thinking_accuracy"] - summary["base_accuracy"] >= 0.40  # the README's target
     assert summary["forced_base_accuracy"] >= 0.8 * summary["thinking_accuracy"]
     # Prompted normally, the base answers in one shot: no plan, no check, no correction.
     assert summary["base_trace_rates"]["plan"] < 0.05
     assert summary["base_trace_rates"]["verify"] < 0.05
     assert summary["base_trace_rates"]["correct"] < 0.05
-    assert summary["correct_trace_share"] >= 0.03
+    assert summary["correct_trace_share"] >= 0.05  # the README's target
 
 
 def test_bridge_and_hf_generation_agree_on_the_shipped_thinking_organism():
