@@ -244,26 +244,28 @@ def plain_generator(config: RunConfig, pair: ResidentPair, role: Role) -> Transf
                        return_token_ids=config.engine_return_token_ids)
 
 
-def trace_settings(config: RunConfig, role: str) -> dict[str, Any]:
-    """generate_traces' settings for the train traces of one model (its length, sampling, stops)."""
-    settings: dict[str, Any] = dict(max_new_tokens=config.trace_max_new_tokens or config.max_new_tokens,
+def _generation_settings(config: RunConfig, role: str, max_new_tokens: int | None, temperature: float,
+                         top_p: float) -> dict[str, Any]:
+    """generate_traces' settings for one model: a length (default: ``max_new_tokens``), sampling, stops."""
+    settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens or config.max_new_tokens,
                                     batch_size=config.batch_size, progress=False,
                                     unclosed=config.unclosed_thinking)
-    settings.update(_sampling(config.trace_temperature, config.trace_top_p, config.seed))
+    settings.update(_sampling(temperature, top_p, config.seed))
     if role == "base":
         settings["stop_strings"] = config.resolved_base_stop_strings
     return settings
+
+
+def trace_settings(config: RunConfig, role: str) -> dict[str, Any]:
+    """generate_traces' settings for the train traces of one model."""
+    return _generation_settings(config, role, config.trace_max_new_tokens, config.trace_temperature,
+                                config.trace_top_p)
 
 
 def eval_settings(config: RunConfig, role: str) -> dict[str, Any]:
     """generate_traces' settings for a plain evaluation of one model."""
-    settings: dict[str, Any] = dict(max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-                                    batch_size=config.batch_size, progress=False,
-                                    unclosed=config.unclosed_thinking)
-    settings.update(_sampling(config.eval_temperature, config.eval_top_p, config.seed))
-    if role == "base":
-        settings["stop_strings"] = config.resolved_base_stop_strings
-    return settings
+    return _generation_settings(config, role, config.eval_max_new_tokens, config.eval_temperature,
+                                config.eval_top_p)
 
 
 def _sampling(temperature: float, top_p: float, seed: int) -> dict[str, Any]:
