@@ -66,8 +66,20 @@ class RunConfig:
     windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = field(default_factory=lambda: [1])
     policy: Literal["sae_argmax", "threshold"] = "sae_argmax"
     threshold: float = 0.0
-    controls: list[Literal["only_bias", "random_firing", "random_vectors"]] = field(
+    # A tuning stage (mechsteer.experiment.tuning): the hybrid tries each (coefficient, window) (and
+    # each of tune_thresholds) on n_tune problems of tune_split, a split of the benchmark other than
+    # the train and eval splits, and the evaluations use the most accurate. None: no tuning stage,
+    # the hybrid uses coefficients x windows (and threshold) as set.
+    tune_split: Annotated[str, NonEmpty()] | None = None
+    n_tune: Annotated[int, Range(min=1)] = 100
+    tune_thresholds: Annotated[list[float], NonEmpty()] | None = None  # policy threshold only
+    # Controls at the hybrid's own steering: only_bias (its timing, the bias alone), only_bias_replayed
+    # (the bias alone at its exact steered tokens), random_firing (random tokens at its rate),
+    # random_vectors (random vectors of the norms it adds); baselines: first_token_only (the hybrid
+    # steering at the first generated token only).
+    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = field(
         default_factory=lambda: ["only_bias", "random_firing", "random_vectors"])
+    baselines: list[Literal["first_token_only", "oracle_timing"]] = field(default_factory=list)
     ablations: bool = True
     ablation_contexts: Annotated[int, Range(min=1)] = 40
     seed: int = 0
@@ -209,6 +221,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "trace_temperature": 0.0, "trace_top_p": 1.0, "eval_temperature": 0.0, "eval_top_p": 1.0,
     "base_stop_strings": None, "unclosed_thinking": "no_answer",
     "engine": "bridge", "engine_model_base": None, "engine_model_thinking": None, "engine_return_token_ids": False,
+    "tune_split": None, "n_tune": 100, "tune_thresholds": None, "baselines": [],
 }
 
 
@@ -255,6 +268,9 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         splits = benchmark_splits(benchmark)
         if getattr(config, split_key) not in splits:
             refuse(split_key, f"{split_key} = {getattr(config, split_key)!r}: benchmark {benchmark!r} has splits {splits}")
+    problems += tuning_problems(config)
+    if "oracle_timing" in config.baselines:
+        refuse("baselines", "baseline 'oracle_timing' is not available yet; use baselines: [first_token_only]")
     for key in ("base_template", "thinking_template"):
         name = getattr(config, key)
         if name is not None and name not in template_names():
@@ -282,6 +298,37 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
     elif config.sae_k > min(config.n_latents):
         refuse("sae_k", f"sae_k = {config.sae_k} is more than the smallest n_latents ({min(config.n_latents)}): "
                         "the SAE keeps its top sae_k latents")
+    return problems
+
+
+def tuning_problems(config: RunConfig) -> list[Problem]:
+    """The tuning keys: a validation split of the benchmark that is neither the reported split nor
+    the one the taxonomy and directions come from; thresholds only for the threshold policy."""
+    problems: list[Problem] = []
+    split = config.tune_split
+    if config.tune_thresholds is not None:
+        if config.policy != "threshold":
+            problems.append(Problem("tune_thresholds", f"tune_thresholds are thresholds of the threshold policy, "
+                                    f"but policy is {config.policy!r}; set policy: threshold or remove "
+                                    "tune_thresholds", "value"))
+        if split is None:
+            problems.append(Problem("tune_thresholds", "tune_thresholds are compared on the validation split: "
+                                    "set tune_split (e.g. validation) or remove tune_thresholds", "value"))
+    if split is None or config.benchmark not in benchmark_names():
+        return problems
+    splits = benchmark_splits(config.benchmark)
+    others = [name for name in splits if name not in (config.eval_split, config.train_split)]
+    instead = f"use another split of {config.benchmark!r} ({', '.join(others)})" if others else (
+        f"benchmark {config.benchmark!r} has no third split ({', '.join(splits)}); remove tune_split")
+    if split not in splits:
+        problems.append(Problem("tune_split", f"tune_split = {split!r}: benchmark {config.benchmark!r} has splits "
+                                f"{splits}", "value"))
+    elif split == config.eval_split:
+        problems.append(Problem("tune_split", f"tune_split = {split!r} is the eval_split: tuning on the split you "
+                                f"report overstates the result; {instead}", "value"))
+    elif split == config.train_split and config.resolved_train_benchmark == config.benchmark:
+        problems.append(Problem("tune_split", f"tune_split = {split!r} is the train_split, whose problems built the "
+                                f"taxonomy and the directions; {instead}", "value"))
     return problems
 
 

@@ -26,8 +26,13 @@ SELECTION_CRITERIA = {
 }
 CONTROLS = {
     "only_bias": "steers the bias alone, at the hybrid's timing",
+    "only_bias_replayed": "steers the bias alone, at exactly the tokens the hybrid steered",
     "random_firing": "steers random behaviours at random tokens, as often as the hybrid",
     "random_vectors": "steers random vectors of the same norms, timed by the SAE's argmax latent",
+}
+BASELINES = {
+    "first_token_only": "the hybrid allowed to steer at the first generated token only",
+    "oracle_timing": "steered at the ground-truth positions",
 }
 DIRECTION_METHODS = {
     "mean": "difference-of-means directions",
@@ -135,14 +140,15 @@ def run_markdown(view: RunView) -> str:
     if view.missing:
         lines += [f"> **Unfinished run.** Stages not done: {', '.join(view.missing)}. The sections below show "
                   "the finished stages; rerunning `mechsteer run` with the same config resumes the rest.", ""]
-    lines += _headline(view) + _taxonomy(view) + _directions(view) + _ablations(view) + _firing(view)
+    lines += _headline(view) + _taxonomy(view) + _directions(view) + _tuning(view) + _ablations(view) + _firing(view)
     lines += _timings(view)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _headline(view: RunView) -> list[str]:
     report = view.report
-    models = ["base", "thinking", "hybrid", *report.get("controls", {})]
+    compared = {**report.get("controls", {}), **report.get("baselines", {})}  # each one's numbers
+    models = ["base", "thinking", "hybrid", *compared]
     intervals = report.get("accuracy_intervals") or {}
     cut_off = report.get("cut_off") or {}  # generations that reached the length limit
     rows = []
@@ -156,7 +162,7 @@ def _headline(view: RunView) -> list[str]:
                      "gap_recovered_interval": report["gap_recovered_interval"],
                      "steered_fraction": report["tokens_steered_fraction"]}
         else:
-            entry = report["controls"][name]
+            entry = compared[name]
         rows.append([f"**{name}**" if name == "hybrid" else name, num(entry["accuracy"]), interval(intervals[name]),
                      num(entry.get("gap_recovered")), interval(entry.get("gap_recovered_interval")),
                      percent(entry.get("steered_fraction")), num(cut_off.get(name))])
@@ -168,15 +174,25 @@ def _headline(view: RunView) -> list[str]:
     if not counted:
         header, rows = header[:-1], [row[:-1] for row in rows]
     lines += table(header, rows, "lrlrlrr")
-    controls = "; ".join(f"`{name}` {CONTROLS[name]}" for name in report.get("controls", {}) if name in CONTROLS)
+    controls = "; ".join(f"`{name}` {_control_text(name, entry)}" for name, entry in report.get("controls", {}).items()
+                         if name in CONTROLS)
+    baselines = "; ".join(f"`{name}` {BASELINES[name]}" for name in report.get("baselines", {}) if name in BASELINES)
     lines += [f"{view.config.n_eval} problems. Accuracy intervals are Wilson 95%; the gap recovered is "
               "(model − base) / (thinking − base), with a 95% paired bootstrap interval over problems (1000 "
               "resamples)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
                                "before it ends has no answer)." if counted else "")
-              + (f" Controls: {controls}." if controls else ""), ""]
+              + (f" Controls: {controls}." if controls else "") + (f" Baselines: {baselines}." if baselines else ""),
+              ""]
     lines += figure("accuracy.png", "Accuracy per model with 95% Wilson intervals: the hybrid should approach "
                     "thinking while steering few tokens, and the controls should not.", view.plots)
     return lines
+
+
+def _control_text(name: str, entry: dict[str, Any]) -> str:
+    matched = entry.get("norm_matched_to")
+    if name == "random_vectors" and matched is not None:
+        return f"steers random vectors timed by the SAE's argmax latent, each of the norm of the {matched} it replaces"
+    return CONTROLS[name]
 
 
 def _taxonomy(view: RunView) -> list[str]:
@@ -190,10 +206,12 @@ def _taxonomy(view: RunView) -> list[str]:
     criterion = SELECTION_CRITERIA.get(metrics.selection_criterion, metrics.selection_criterion)
     method = "an SAE" if provenance.method == "sae" else provenance.method
     top_k = "" if provenance.k is None else f" (top-{provenance.k})"
+    selected_by = (view.report.get("taxonomy") or {}).get("selected_by")  # report.json's words (no judge: no labels)
     lines += [f"**Selection:** layer {provenance.layer}, K = {provenance.n_latents}, vectors "
               f"{'' if provenance.normalised else 'not '}L2-normalised: the best of {len(sweep)} taxonomies (sweep "
               f"below) by {criterion}, {num(metrics.selection_score)}. Built with {method}{top_k} on "
-              f"{provenance.n_sentences} sentences of `{provenance.model}`.", ""]
+              f"{provenance.n_sentences} sentences of `{provenance.model}`."
+              + (f" Selected by: {cell(selected_by)}." if selected_by else ""), ""]
     measured = [("FVU", metrics.fvu), ("silhouette", metrics.silhouette),
                 ("consistency F1", metrics.consistency_f1), ("completeness", metrics.completeness),
                 ("orthogonality", metrics.orthogonality), ("ARI", metrics.ari), ("NMI", metrics.nmi)]
@@ -263,6 +281,30 @@ def _directions(view: RunView) -> list[str]:
     rows = [[str(b), cell(title), num(norm, 2)]
             for b, title, norm in zip(summary["behaviour_ids"], summary["titles"], summary["norms"], strict=True)]
     return lines + table(["latent", "behaviour", "norm"], rows, "rlr")
+
+
+def _tuning(view: RunView) -> list[str]:
+    config, tuning = view.config, view.report.get("tuning")
+    lines = ["## Tuning", ""]
+    if config.tune_split is None:
+        threshold = f" and threshold {value_text(config.threshold)}" if config.policy == "threshold" else ""
+        return lines + [f"No tuning stage: the hybrid, the controls and the baselines steer with coefficients "
+                        f"{value_text(config.coefficients)}, windows {value_text(config.windows)}{threshold}, as "
+                        "set in the config.", ""]
+    if tuning is None:
+        return lines + ["The tuning stage has not finished.", ""]
+    chosen = tuning["chosen"]
+    lines += [f"Each candidate ran the hybrid on {tuning['n']} problems of the `{cell(tuning['split'])}` split "
+              f"(the evaluations above are on `{cell(config.eval_split)}`); "
+              f"the evaluations use the most accurate, **{cell(chosen['name'])}** (ties: fewer tokens steered, then "
+              "the smaller coefficient)."
+              + (" `grid`: every (coefficient, window) at once, the hybrid choosing among them at each steered token."
+                 if any(row["name"].startswith("grid") for row in tuning["candidates"]) else ""), ""]
+    rows = [[f"**{cell(row['name'])}**" if row["name"] == chosen["name"] else cell(row["name"]),
+             value_text(row["coefficients"]), value_text(row["windows"]), num(row["threshold"], 2),
+             num(row["accuracy"]), percent(row["tokens_steered_fraction"])] for row in tuning["candidates"]]
+    return lines + table(["candidate", "coefficients", "windows", "threshold", "validation accuracy",
+                          "tokens steered"], rows, "lllrrr")
 
 
 def _ablations(view: RunView) -> list[str]:

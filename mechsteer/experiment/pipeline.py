@@ -1,5 +1,6 @@
-"""The end-to-end run: traces -> sentence activations -> taxonomy -> directions -> hybrid
-evaluation (with controls) -> ablations -> report, for one model pair and one benchmark.
+"""The end-to-end run: traces -> sentence activations -> taxonomy -> directions -> (tuning on a
+validation split) -> hybrid evaluation (with controls) -> ablations -> report, for one model pair
+and one benchmark.
 
 Every stage writes into its own folder under the run's ``out`` directory and marks itself
 done in ``stages.json`` only when finished (:class:`~mechsteer.experiment.state.RunState`); a
@@ -45,14 +46,23 @@ from mechsteer.experiment.config import (
 from mechsteer.experiment.report import build_report, track_report, write_report
 from mechsteer.experiment.state import RunState
 from mechsteer.experiment.tracking import open_tracker
+from mechsteer.experiment.tuning import (
+    SteeringSetting,
+    chosen_setting,
+    hybrid_policy,
+    run_tuning,
+    with_setting,
+)
 from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.hybrid import generator
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import (
+    BatchBound,
     BiasOnlyPolicy,
+    FirstTokenOnlyPolicy,
     RandomFiringPolicy,
+    ReplayPolicy,
     SAEArgmaxPolicy,
-    ThresholdPolicy,
     TimingPolicy,
 )
 from mechsteer.steering.direction_set import DirectionSet
@@ -84,6 +94,8 @@ def evaluate_hybrid(
         batch = todo[start : start + hybrid_config.batch_size]
         base_prompts = [render_prompt(base_template, p.question, pair.base.tokenizer) for p in batch]
         thinking_prompts = [render_prompt(thinking_template, p.question, pair.thinking.tokenizer) for p in batch]
+        if isinstance(policy, BatchBound):
+            policy.bind([problem.id for problem in batch])
         # looked up on its module at each call, so that a test can replace it
         output = generator.hybrid_generate(pair.base, pair.thinking, base_prompts, thinking_prompts, directions, policy,
                                            hybrid_config)
@@ -112,6 +124,11 @@ def evaluate_hybrid(
         progress(f"  hybrid {policy.name}: {len(done) + start + len(batch)}/{len(problems)}")
     by_id = {record["problem_id"]: record for record in read_jsonl(out_path)}
     return [by_id[problem.id] for problem in problems]
+
+
+def steered_positions(results_path: Path) -> dict[str, list[int]]:
+    """Each problem's steered token positions in a hybrid evaluation's ``results.jsonl``."""
+    return {record["problem_id"]: record["steered_positions"] for record in read_jsonl(results_path)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,7 +234,8 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
 
     state.run("directions", directions, log)
 
-    evaluations = _run_evaluations(config, state, pair, evaluation, out, steer_layer, log)
+    setting = _run_tuning(config, state, pair, out, steer_layer, log)
+    evaluations = _run_evaluations(config, state, pair, evaluation, out, steer_layer, setting, log)
     ablation_summary = _run_ablations(config, state, pair, out, log) if config.ablations else None
     pair.release()
 
@@ -305,8 +323,37 @@ def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str
             "sizes": metrics.get("sizes"), "sweep": rows}
 
 
+def _run_tuning(config: RunConfig, state: RunState, pair: ResidentPair, out: Path, steer_layer: int,
+                log: Callable[[str], None]) -> SteeringSetting:
+    """The tuning stage (with ``tune_split``, mechsteer.experiment.tuning): the hybrid's setting
+    chosen on the validation split; without it, the config's own setting."""
+    split = config.tune_split
+    if split is None:
+        return chosen_setting(config, None)
+
+    def body() -> dict[str, Any]:
+        pair.need("base", "thinking")
+        problems = load_benchmark(config.benchmark, split, config.n_tune)
+        taxonomy = checked_taxonomy(out, pair)
+        sae = taxonomy.load_sae()
+        direction_set = DirectionSet.load(out / "directions")
+        direction_set.check_model(pair.info("base"))
+        hybrid_config = run_hybrid_config(config, steer_layer, taxonomy.provenance.layer)
+        behaviour_ids = list(direction_set.behaviour_ids)
+
+        def evaluate(setting: SteeringSetting, path: Path) -> list[dict[str, Any]]:
+            return evaluate_hybrid(pair, problems, direction_set, hybrid_policy(config, sae, behaviour_ids, setting),
+                                   with_setting(hybrid_config, setting), path,
+                                   base_template=config.resolved_base_template,
+                                   thinking_template=config.resolved_thinking_template, progress=log)
+
+        return run_tuning(config, out, len(problems), evaluate, log)
+
+    return chosen_setting(config, state.run("tuning", body, log))
+
+
 def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, evaluation: list[Problem], out: Path,
-                     steer_layer: int, log: Callable[[str], None]) -> dict[str, Any]:
+                     steer_layer: int, setting: SteeringSetting, log: Callable[[str], None]) -> dict[str, Any]:
     def model_eval(role: Role, template: str) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
             records = generate_traces(plain_generator(config, pair, role), evaluation, out / "eval" / role,
@@ -323,10 +370,12 @@ def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, eva
     sae = taxonomy.load_sae()
     direction_set = DirectionSet.load(out / "directions")
     direction_set.check_model(pair.info("base"))
-    hybrid_config = run_hybrid_config(config, steer_layer, taxonomy.provenance.layer)
+    # the tuning stage's choice, else the config's coefficients, windows and threshold
+    hybrid_config = with_setting(run_hybrid_config(config, steer_layer, taxonomy.provenance.layer), setting)
     behaviour_ids = list(direction_set.behaviour_ids)
 
-    def hybrid_eval(name: str, policy: TimingPolicy, steering: DirectionSet) -> Callable[[], dict[str, Any]]:
+    def hybrid_eval(name: str, policy: TimingPolicy, steering: DirectionSet,
+                    **recorded: Any) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
             pair.need("base", "thinking")
             records = evaluate_hybrid(pair, evaluation, steering, policy, hybrid_config,
@@ -335,32 +384,40 @@ def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, eva
                                       thinking_template=config.resolved_thinking_template, progress=log)
             return {"correct": [bool(r["correct"]) for r in records],
                     "steered_fraction": sum(r["steered_fraction"] for r in records) / len(records),
-                    "cut_off": sum(r.get("finish_reason") == "length" for r in records)}
+                    "cut_off": sum(r.get("finish_reason") == "length" for r in records), **recorded}
         return body
 
-    if config.policy == "sae_argmax":
-        policy = SAEArgmaxPolicy(sae, behaviour_ids)
-    elif config.policy == "threshold":
-        policy = ThresholdPolicy(sae, behaviour_ids, threshold=config.threshold)
-    else:
-        raise ValueError(f"unknown policy {config.policy!r} for the hybrid; expected sae_argmax or threshold")
+    policy = hybrid_policy(config, sae, behaviour_ids, setting)
     hybrid = state.run("eval_hybrid", hybrid_eval("hybrid", policy, direction_set), log)
     results = {"base": state.summary("eval_base"), "thinking": state.summary("eval_thinking"), "hybrid": hybrid}
     for control in config.controls:
+        if control in ("only_bias", "only_bias_replayed") and direction_set.bias is None:
+            raise ValueError(f"the {control} control needs a bias direction; the direction set has none")
         if control == "only_bias":
-            if direction_set.bias is None:
-                raise ValueError("the only_bias control needs a bias direction; the direction set has none")
             # the paper's control: the hybrid's own timing, the bias without behaviour directions
             body = hybrid_eval("only_bias", BiasOnlyPolicy(policy), direction_set)
+        elif control == "only_bias_replayed":
+            # the bias alone at exactly the tokens the hybrid steered, whatever the base model writes in between
+            replay = ReplayPolicy(steered_positions(out / "eval" / "hybrid" / "results.jsonl"))
+            body = hybrid_eval("only_bias_replayed", replay, direction_set)
         elif control == "random_firing":
             body = hybrid_eval("random_firing", RandomFiringPolicy(hybrid["steered_fraction"], behaviour_ids,
                                                                    seed=config.seed), direction_set)
         elif control == "random_vectors":
+            # each random vector has the norm of what the hybrid adds for its behaviour: bias + direction
             body = hybrid_eval("random_vectors", SAEArgmaxPolicy(sae, behaviour_ids),
-                               direction_set.random_like(config.seed))
+                               direction_set.random_like(config.seed, match="added"),
+                               norm_matched_to="direction" if direction_set.bias is None else "bias + direction")
         else:
-            raise ValueError(f"unknown control {control!r}; expected only_bias, random_firing or random_vectors")
+            raise ValueError(f"unknown control {control!r}; expected only_bias, only_bias_replayed, random_firing "
+                             "or random_vectors")
         results[control] = state.run(f"eval_{control}", body, log)
+    for baseline in config.baselines:
+        if baseline != "first_token_only":
+            raise ConfigError(f"baseline {baseline!r} is not available yet; use baselines: [first_token_only]")
+        # the hybrid allowed to steer at the first generated token only
+        results[baseline] = state.run(f"eval_{baseline}",
+                                      hybrid_eval(baseline, FirstTokenOnlyPolicy(policy), direction_set), log)
     return results
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,11 @@ from mechsteer.experiment.plots import (
 )
 from mechsteer.experiment.state import RunState
 from mechsteer.experiment.tracking import Tracker
+from mechsteer.experiment.tuning import tuning_report
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.plots import plot_metrics_vs_k
-from mechsteer.taxonomy.sweep import METRICS_PLOT, SENTENCE_MAP_PLOT
+from mechsteer.taxonomy.sweep import METRICS_PLOT, SENTENCE_MAP_PLOT, selected_by
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -55,7 +57,9 @@ BOOTSTRAP_RESAMPLES = 1000
 def expected_stages(config: RunConfig) -> list[str]:
     """The stages a finished run of ``config`` has done, in order (``report``: report.json written)."""
     stages = ["traces_thinking_train", "traces_base_train", "activations", "taxonomy", "directions",
-              "eval_base", "eval_thinking", "eval_hybrid", *(f"eval_{control}" for control in config.controls)]
+              *(["tuning"] if config.tune_split is not None else []),
+              "eval_base", "eval_thinking", "eval_hybrid",
+              *(f"eval_{name}" for name in [*config.controls, *config.baselines])]
     return stages + (["ablations"] if config.ablations else []) + [REPORT_STAGE]
 
 
@@ -96,6 +100,7 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict
     """The report of a finished run: accuracies, gap recovered, controls, and every stage's summary."""
     report = assemble_report(config, evaluations, taxonomy_summary, state.summary("directions"), ablation_summary,
                              state.timings())
+    report["tuning"] = tuning_report(config, state.summary("tuning") if state.done("tuning") else None)
     report["timings"]["total_this_invocation"] = round(total_seconds, 2)
     return report
 
@@ -122,12 +127,20 @@ def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
                                          seed=config.seed)
         return None if bootstrap.ci_low is None or bootstrap.ci_high is None else [bootstrap.ci_low, bootstrap.ci_high]
 
-    controls = {
-        name: {"accuracy": summary[name].accuracy, "gap_recovered": gap(name),
-               "steered_fraction": evaluations[name].get("steered_fraction"),
-               "gap_recovered_interval": gap_interval(name)}
-        for name in config.controls if name in summary
-    }
+    def compared(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The controls' or baselines' numbers, each compared with the hybrid's."""
+        entries = {}
+        for name in names:
+            if name not in summary:
+                continue
+            steered = evaluations[name].get("steered_fraction")
+            entries[name] = {"accuracy": summary[name].accuracy, "gap_recovered": gap(name),
+                             "tokens_steered_fraction": steered, "steered_fraction": steered,
+                             "gap_recovered_interval": gap_interval(name)}
+            if "norm_matched_to" in evaluations[name]:  # random vectors' norms: of bias + direction, or direction
+                entries[name]["norm_matched_to"] = evaluations[name]["norm_matched_to"]
+        return entries
+
     return {
         "name": config.name,
         "pair": {"base": config.base_model, "thinking": config.thinking_model},
@@ -142,13 +155,21 @@ def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
         "tokens_steered_fraction": evaluations["hybrid"]["steered_fraction"] if "hybrid" in evaluations else None,
         # generations that ran to their length limit (a thinking trace cut off before </think> has no answer)
         "cut_off": {name: result.get("cut_off") for name, result in evaluations.items()},
-        "controls": controls,
-        "taxonomy": taxonomy_summary,
+        "controls": compared(config.controls),
+        "baselines": compared(config.baselines),
+        "taxonomy": None if taxonomy_summary is None else {
+            **taxonomy_summary, "selected_by": taxonomy_selected_by(config, taxonomy_summary)},
         "directions": directions_summary,
         "ablations": ablation_summary,
         "timings": dict(timings),
         "config": asdict(config),
     }
+
+
+def taxonomy_selected_by(config: RunConfig, taxonomy_summary: dict[str, Any]) -> str | None:
+    """What selected the run's taxonomy: the sweep's selection criterion and the run's judge."""
+    criterion = (taxonomy_summary.get("metrics") or {}).get("selection_criterion")
+    return None if criterion is None else selected_by(criterion, config.judge)
 
 
 def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +182,7 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "gap_recovered": report["gap_recovered"],
         "tokens_steered_fraction": report["tokens_steered_fraction"],
     }
-    for name, control in report["controls"].items():
+    for name, control in [*report["controls"].items(), *report.get("baselines", {}).items()]:
         row[f"{name}_accuracy"] = control["accuracy"]
         row[f"{name}_gap_recovered"] = control["gap_recovered"]
         row[f"{name}_steered_fraction"] = control["steered_fraction"]
@@ -173,11 +194,12 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per evaluated model (base, thinking, hybrid, controls; those evaluated so far)."""
+    """One row per evaluated model (base, thinking, hybrid, controls, baselines; those evaluated so far)."""
     rows = [("base", report["base_accuracy"], None, None),
             ("thinking", report["thinking_accuracy"], None, None),
             ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
-    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in report["controls"].items()]
+    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"])
+             for name, c in [*report["controls"].items(), *report.get("baselines", {}).items()]]
     intervals = report["accuracy_intervals"]
     return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
              "gap_recovered": gap, "steered_fraction": steered}
@@ -223,10 +245,11 @@ def read_run(out: str | Path) -> tuple[RunView, list[dict[str, Any]]]:
     if not missing:
         report = read_json(out / REPORT_JSON, "run's report")
     else:  # the same keys from the finished stages
-        models = ["base", "thinking", "hybrid", *config.controls]
+        models = ["base", "thinking", "hybrid", *config.controls, *config.baselines]
         evaluations = {name: stages[f"eval_{name}"]["summary"] for name in models if f"eval_{name}" in stages}
         report = assemble_report(config, evaluations, summary("taxonomy"), directions, summary("ablations"),
                                  {name: entry["seconds"] for name, entry in stages.items()})
+        report["tuning"] = tuning_report(config, summary("tuning"))
         if hybrid_records and directions is not None:
             report["behaviour_statistics"] = behaviour_statistics(hybrid_records, titles)
     ablations = None

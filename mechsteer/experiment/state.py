@@ -22,8 +22,9 @@ from mechsteer.experiment.tracking import NullTracker, Tracker
 
 _TRAIN_TRACES = ("benchmark", "train_split", "n_train", "max_new_tokens", "batch_size")
 _EVAL = ("benchmark", "eval_split", "n_eval", "max_new_tokens", "batch_size")
-_HYBRID = ("base_model", "thinking_model", "base_template", "thinking_template", "steer_layer", "coefficients",
-           "windows", "policy", "threshold", *_EVAL)
+_STEERING = ("base_model", "thinking_model", "base_template", "thinking_template", "steer_layer", "coefficients",
+             "windows", "policy", "threshold", "tune_split", "n_tune", "tune_thresholds")
+_HYBRID = (*_STEERING, *_EVAL)  # the evaluations steer with the tuning stage's choice
 # The config keys each stage's results depend on (mechsteer.experiment.pipeline's stages). A key
 # listed under no stage and not in UNREAD_KEYS counts as read by every stage, so a key added to
 # RunConfig later refuses a change in a folder with finished stages until it is listed here.
@@ -35,17 +36,20 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
                  "sae_k", "seed", "normalise"),
     "directions": ("base_model", "thinking_model", "benchmark", "train_split", "n_train", "direction_method",
                    "optimisation", "seed", "steer_layer"),
+    "tuning": (*_STEERING, "benchmark", "max_new_tokens", "batch_size"),
     "eval_base": ("base_model", "base_template", *_EVAL),
     "eval_thinking": ("thinking_model", "thinking_template", *_EVAL),
     "eval_hybrid": _HYBRID,
     "eval_only_bias": _HYBRID,
+    "eval_only_bias_replayed": _HYBRID,  # replays eval_hybrid's steered positions
     "eval_random_firing": (*_HYBRID, "seed"),
     "eval_random_vectors": (*_HYBRID, "seed"),
+    "eval_first_token_only": _HYBRID,
     "ablations": ("base_model", "thinking_model", "benchmark", "train_split", "n_train", "eval_split",
                   "ablation_contexts", "thinking_template", "max_new_tokens", "batch_size", "coefficients", "seed"),
 }
 # Keys no stage's results depend on: naming, threads, logging, and which optional stages run.
-UNREAD_KEYS: tuple[str, ...] = ("name", "threads", "controls", "ablations", *TRACKING_KEYS)
+UNREAD_KEYS: tuple[str, ...] = ("name", "threads", "controls", "baselines", "ablations", *TRACKING_KEYS)
 
 
 def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:

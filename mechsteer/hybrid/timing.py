@@ -23,12 +23,19 @@ Policies:
 - ``only_bias`` (:class:`BiasOnlyPolicy`, the paper's "only bias" control): another policy's
   timing, with the bias alone instead of bias + behaviour direction; it isolates what the
   behaviour directions add at the hybrid's own steering times.
+- ``only_bias_replayed`` (:class:`ReplayPolicy`): the bias alone at given token positions per
+  problem, e.g. the hybrid's own steered positions, whatever the base model generates meanwhile.
+- ``first_token_only`` (:class:`FirstTokenOnlyPolicy`): another policy restricted to the first
+  generated token.
 - ``random_firing``: steer each token with probability ``rate`` and a uniformly random
   behaviour (match ``rate`` to the hybrid's measured steering rate for the control).
 - ``never``: the base model alone.
 
 The "random vectors" control is :class:`SAEArgmaxPolicy` run with norm-matched random
 directions in place of the behaviour vectors (``DirectionSet.random_like``).
+
+A policy that must know which problems a batch's rows are (:class:`BatchBound`, e.g. the replay)
+is told before each batch by whoever runs the batches (``mechsteer.experiment.pipeline.evaluate_hybrid``).
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
 BIAS_ONLY = -1
 
 # The built-in policies' names (a policy of one's own may take any name).
-PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "random_firing", "never"]
+PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "only_bias_replayed", "first_token_only",
+                     "random_firing", "never"]
 
 
 @dataclass
@@ -70,6 +78,13 @@ class TimingPolicy(Protocol):
     def name(self) -> str: ...  # read-only here, so that a policy may narrow it (a Literal field)
 
     def decide(self, state: PolicyInput) -> PolicyDecision: ...
+
+
+@runtime_checkable
+class BatchBound(Protocol):
+    """A policy whose decisions depend on which problems the rows are: bound before each batch."""
+
+    def bind(self, problem_ids: list[str]) -> None: ...
 
 
 @runtime_checkable
@@ -138,6 +153,55 @@ class BiasOnlyPolicy:
         decision = self.timing.decide(state)
         return PolicyDecision(steer=decision.steer, behaviour=torch.full_like(decision.behaviour, BIAS_ONLY),
                               latent_values=decision.latent_values, latent_ids=decision.latent_ids)
+
+
+@dataclass
+class ReplayPolicy:
+    """The bias alone at given generated-token positions (``PolicyInput.step``) of each problem.
+
+    ``positions`` maps a problem id to its steered positions; :meth:`bind` says which problem
+    each row of the next batch is.
+    """
+
+    positions: dict[str, list[int]]
+    name: PolicyName = "only_bias_replayed"
+
+    def __post_init__(self) -> None:
+        self.masks: dict[int, list[bool]] = {}  # step -> which rows steer (only steps where some row does)
+        self.n_rows: int | None = None
+
+    def bind(self, problem_ids: list[str]) -> None:
+        unknown = [problem for problem in problem_ids if problem not in self.positions]
+        if unknown:
+            raise ValueError(f"no positions to replay for problems {unknown[:5]} ({len(unknown)} in all)")
+        self.masks, self.n_rows = {}, len(problem_ids)
+        for row, problem in enumerate(problem_ids):
+            for step in self.positions[problem]:
+                self.masks.setdefault(step, [False] * len(problem_ids))[row] = True
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        batch, device = state.agree.shape[0], state.agree.device
+        if self.n_rows != batch:
+            raise ValueError(f"ReplayPolicy is bound to {self.n_rows} rows but the batch has {batch}; "
+                             "call bind(problem_ids) before each batch")
+        mask = self.masks.get(state.step)
+        steer = (torch.zeros(batch, dtype=torch.bool, device=device) if mask is None
+                 else torch.tensor(mask, dtype=torch.bool, device=device))
+        return PolicyDecision(steer=steer, behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
+
+
+@dataclass
+class FirstTokenOnlyPolicy:
+    """``timing``'s decisions (behaviour and latent log included) at the first generated token only."""
+
+    timing: TimingPolicy
+    name: PolicyName = "first_token_only"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        steer = decision.steer if state.step == 0 else torch.zeros_like(decision.steer)
+        return PolicyDecision(steer=steer, behaviour=decision.behaviour, latent_values=decision.latent_values,
+                              latent_ids=decision.latent_ids)
 
 
 @dataclass

@@ -45,6 +45,8 @@ from mechsteer.interventions.hooks import (
 )
 
 DirectionMethod = Literal["mean", "sae", "optimised", "random"]
+# What DirectionSet.random_like matches the random vectors' norms to (see there).
+RandomMatch = Literal["parts", "added"]
 METHODS: tuple[str, ...] = get_args(DirectionMethod)
 Site = Literal["resid_post"]
 SITE: Site = "resid_post"
@@ -202,17 +204,29 @@ class DirectionSet:
                                      titles=[self.titles[r] for r in rows], directions=self.directions[rows])
         return chosen._derived(chosen.directions, chosen.bias, {"op": "subset", "behaviour_ids": chosen.behaviour_ids})
 
-    def random_like(self, seed: int) -> DirectionSet:
-        """Norm-matched random controls: one Gaussian direction per behaviour, same norms; bias too."""
+    def random_like(self, seed: int, match: RandomMatch = "parts") -> DirectionSet:
+        """Norm-matched random controls: one Gaussian direction per behaviour.
+
+        ``parts``: each direction has its behaviour direction's norm, and the bias (if any) is a
+        random vector of the bias's norm. ``added``: each direction has the norm of
+        ``bias + direction`` (what the hybrid adds per unit coefficient for that behaviour) and the
+        set has no bias, so that steering with it adds a random vector of exactly that norm.
+        """
+        if match not in get_args(RandomMatch):
+            raise ValueError(f"match must be one of {get_args(RandomMatch)}; got {match!r}")
         generator = torch.Generator().manual_seed(seed)
         raw = torch.randn(self.n_behaviours, self.d_model, generator=generator)
-        directions = raw / raw.norm(dim=-1, keepdim=True) * self.norms[:, None]
+        if match == "added" and self.bias is not None:
+            norms = (self.directions + self.bias).norm(dim=-1)
+        else:
+            norms = self.norms
+        directions = raw / raw.norm(dim=-1, keepdim=True) * norms[:, None]
         bias = None
-        if self.bias is not None:
+        if match == "parts" and self.bias is not None:
             raw_bias = torch.randn(self.d_model, generator=generator)
             bias = raw_bias / raw_bias.norm() * self.bias.norm()
-        return self._derived(directions, bias, {"op": "random_like", "seed": int(seed), "source_method": self.method},
-                             method="random")
+        return self._derived(directions, bias, {"op": "random_like", "seed": int(seed), "match": match,
+                                                "source_method": self.method}, method="random")
 
     # ---- applying to a model
 
@@ -305,4 +319,4 @@ def direction_provenance(model: TransformerBridge, method: DirectionMethod, **ex
             "site": SITE, **extra}
 
 
-__all__ = ["DIRECTIONS_FORMAT", "METHODS", "SITE", "DirectionMethod", "DirectionSet", "Site", "direction_provenance"]
+__all__ = ["DIRECTIONS_FORMAT", "METHODS", "SITE", "DirectionMethod", "DirectionSet", "RandomMatch", "Site", "direction_provenance"]

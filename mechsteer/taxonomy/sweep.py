@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.artefact import SELECTION_GEOMETRIC, SELECTION_JUDGE, Taxonomy
 from mechsteer.taxonomy.build import JudgeSettings, build_from_layer, load_layer
 from mechsteer.taxonomy.clustering import ClusteringMethod
 from mechsteer.taxonomy.judge.base import Judge
@@ -55,6 +55,19 @@ def sweep_row(taxonomy: Taxonomy) -> dict[str, Any]:
     }
     row.update({column: metrics[column] for column in SWEEP_COLUMNS if column in metrics})
     return row
+
+
+def selected_by(selection_criterion: str, judge_spec: str) -> str:
+    """What selected a sweep's taxonomy, in words: its selection criterion and, for a judge's score,
+    the judge named by ``judge_spec`` (the oracle's score is computed from ground-truth labels)."""
+    if selection_criterion == SELECTION_GEOMETRIC:
+        return "silhouette (no labels)"
+    if selection_criterion == SELECTION_JUDGE:
+        judge = "oracle — ground-truth labels" if judge_spec == "oracle" else judge_spec
+        if judge_spec == "http":
+            judge = "http (the model MECHSTEER_JUDGE_MODEL named)"
+        return f"judge final score (judge: {judge})"
+    return selection_criterion
 
 
 def selection_key(taxonomy: Taxonomy) -> tuple[float, int, int, bool]:
@@ -158,6 +171,7 @@ __all__ = [
     "METRICS_PLOT",
     "SENTENCE_MAP_PLOT",
     "SWEEP_COLUMNS",
+    "selected_by",
     "selection_key",
     "sweep_row",
     "sweep_taxonomies",

@@ -9,7 +9,9 @@ SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organ
                  n_train=50, n_eval=50, max_new_tokens=288, batch_size=25, n_latents=[4, 5],
                  normalise=[True, False], judge="oracle", threads=1,
                  direction_method="optimised", optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
-                 coefficients=[1.0, 2.0, 4.0], ablation_contexts=10)
+                 coefficients=[1.0, 2.0, 4.0], ablation_contexts=10,
+                 controls=["only_bias", "only_bias_replayed", "random_firing", "random_vectors"],
+                 baselines=["first_token_only"])
 
 
 @pytest.fixture(scope="session")

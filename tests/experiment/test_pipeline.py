@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mechsteer.core.store import read_jsonl
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.report import behaviour_statistics
 from mechsteer.experiment.state import RunState
@@ -128,9 +129,22 @@ def comparable(value):
 def test_short_organism_run_writes_the_full_report(short_run):
     out, report = short_run
     assert REPORT_KEYS <= set(report)
-    assert set(report["controls"]) == {"only_bias", "random_firing", "random_vectors"}
-    for control in report["controls"].values():
-        assert {"accuracy", "gap_recovered"} <= set(control)
+    assert set(report["controls"]) == {"only_bias", "only_bias_replayed", "random_firing", "random_vectors"}
+    assert set(report["baselines"]) == {"first_token_only"}
+    for entry in [*report["controls"].values(), *report["baselines"].values()]:
+        assert {"accuracy", "gap_recovered", "tokens_steered_fraction"} <= set(entry)
+    assert report["controls"]["random_vectors"]["norm_matched_to"] == "bias + direction"
+    # the replay steers the bias alone at the hybrid's steered positions, up to where its own generation ends
+    hybrid = {record["problem_id"]: record for record in read_jsonl(out / "eval" / "hybrid" / "results.jsonl")}
+    replayed = read_jsonl(out / "eval" / "only_bias_replayed" / "results.jsonl")
+    assert len(replayed) == len(hybrid) and sum(len(record["steered_positions"]) for record in replayed) > 0
+    for record in replayed:
+        steered = hybrid[record["problem_id"]]["steered_positions"]
+        assert record["steered_positions"] == [position for position in steered if position < record["n_tokens"]]
+        assert set(record["steered_behaviours"]) <= {-1}
+    first = read_jsonl(out / "eval" / "first_token_only" / "results.jsonl")
+    assert all(record["steered_positions"] in ([], [0]) for record in first)
+    assert any(record["steered_positions"] == [0] for record in first)
     assert report["taxonomy"]["ari"] is not None  # ground truth exists for organisms
     assert 0 < report["tokens_steered_fraction"] < 1
     assert json.loads((out / "report.json").read_text())["hybrid_accuracy"] == report["hybrid_accuracy"]

@@ -153,6 +153,28 @@ def small_set(d_model: int = 8, method: str = "mean", bias: bool = True) -> Dire
     )
 
 
+def test_random_like_matches_the_parts_or_the_added_vector():
+    base = small_set()
+    # "parts" (the default) draws what it always drew: the directions, then the bias, from one seeded stream
+    generator = torch.Generator().manual_seed(5)
+    raw, raw_bias = torch.randn(3, 8, generator=generator), torch.randn(8, generator=generator)
+    parts = base.random_like(5)
+    assert torch.equal(parts.directions, raw / raw.norm(dim=-1, keepdim=True) * base.norms[:, None])
+    assert torch.equal(parts.bias, raw_bias / raw_bias.norm() * base.bias.norm())
+    added = base.random_like(5, match="added")
+    assert added.bias is None and added.method == "random"
+    assert torch.allclose(added.norms, (base.directions + base.bias).norm(dim=-1), atol=1e-5)
+    assert not torch.allclose(added.norms, base.norms, atol=1e-3)  # the bias changes the norm to match
+    assert added.provenance["history"][-1]["match"] == "added"
+    assert torch.equal(base.random_like(5, match="added").directions, added.directions)
+    assert not torch.equal(base.random_like(6, match="added").directions, added.directions)
+    # without a bias the added vector is the direction itself
+    no_bias = small_set(bias=False)
+    assert torch.allclose(no_bias.random_like(5, match="added").norms, no_bias.norms, atol=1e-5)
+    with refused("match must be one of", parameter="match"):
+        base.random_like(5, match="sum")
+
+
 def test_direction_set_round_trip(tmp_path):
     original = small_set()
     original.save(tmp_path / "set")
@@ -181,7 +203,8 @@ def test_direction_set_arithmetic():
     assert control.method == "random"
     assert torch.allclose(control.norms, base.norms, atol=1e-5)
     assert torch.allclose(control.bias.norm(), base.bias.norm(), atol=1e-5)
-    assert control.provenance["history"][-1] == {"op": "random_like", "seed": 0, "source_method": "mean"}
+    assert control.provenance["history"][-1] == {"op": "random_like", "seed": 0, "match": "parts",
+                                                 "source_method": "mean"}
     cosines = torch.nn.functional.cosine_similarity(control.directions, base.directions, dim=-1)
     assert bool((cosines.abs() < 0.99).all())
     assert torch.equal(base.random_like(seed=0).directions, control.directions)

@@ -1,0 +1,94 @@
+"""The matched-steering controls' policies: the bias replayed at given positions per problem, and
+another policy restricted to the first generated token."""
+
+import pytest
+import torch
+
+from mechsteer.core.models import load_model
+from mechsteer.hybrid.generator import HybridConfig, hybrid_generate
+from mechsteer.hybrid.timing import (
+    BIAS_ONLY,
+    AlwaysBiasPolicy,
+    BatchBound,
+    FirstTokenOnlyPolicy,
+    PolicyInput,
+    ReplayPolicy,
+    SAEArgmaxPolicy,
+)
+from tests.device_discipline import DeviceDiscipline
+from tests.hybrid.test_hybrid import LinearClassifier, make_vectors
+from tests.tiny_models import save_tiny_model
+
+CONFIG = HybridConfig(steer_layer=1, read_layer=2, coefficients=(1.0,), windows=(1,), max_new_tokens=8,
+                      ignore_eos=True)
+# two batches of two problems; "b" is never steered, "c" at its first token and later
+POSITIONS = {"a": [0, 3], "b": [], "c": [0, 2, 5, 7], "d": [4]}
+BATCHES = [(["a", "b"], ["The cat sat", "A longer prompt, with padding"]), (["c", "d"], ["Hi", "In the"])]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("timing_models")
+    return (load_model(str(save_tiny_model(root / "base", "llama", seed=0))),
+            load_model(str(save_tiny_model(root / "thinking", "qwen2", seed=1))))
+
+
+def state(step: int, agree: list[bool]) -> PolicyInput:
+    batch = len(agree)
+    return PolicyInput(step, torch.randn(batch, 32), torch.zeros(batch, 5), torch.zeros(batch, 5),
+                       torch.tensor(agree))
+
+
+def test_replay_steers_the_bias_exactly_at_each_problems_positions(pair):
+    base, thinking = pair
+    vectors = make_vectors(base.cfg.d_model)
+    policy = ReplayPolicy(POSITIONS)
+    assert isinstance(policy, BatchBound) and not isinstance(AlwaysBiasPolicy(), BatchBound)
+    mode = DeviceDiscipline()
+    for problem_ids, prompts in BATCHES:
+        policy.bind(problem_ids)
+        with mode:
+            out = hybrid_generate(base, thinking, prompts, prompts, vectors, policy, CONFIG)
+        for row, problem in enumerate(problem_ids):
+            logs = out.token_logs[row]
+            assert len(logs) == CONFIG.max_new_tokens
+            assert [i for i, log in enumerate(logs) if log.steered] == POSITIONS[problem], problem
+            assert all(log.behaviour == BIAS_ONLY for log in logs if log.steered)
+    assert mode.faults == []
+
+
+def test_replay_refuses_unknown_problems_and_an_unbound_batch():
+    policy = ReplayPolicy(POSITIONS)
+    with pytest.raises(ValueError, match="call bind"):
+        policy.decide(state(0, [True, True]))
+    with pytest.raises(ValueError, match=r"no positions to replay for problems \['z'\]"):
+        policy.bind(["a", "z"])
+    policy.bind(["d", "a", "c"])
+    assert policy.decide(state(0, [True] * 3)).steer.tolist() == [False, True, True]
+    assert policy.decide(state(4, [True] * 3)).steer.tolist() == [True, False, False]
+    assert policy.decide(state(6, [True] * 3)).steer.tolist() == [False, False, False]
+    with pytest.raises(ValueError, match="bound to 3 rows but the batch has 2"):
+        policy.decide(state(0, [True, True]))
+
+
+def test_first_token_only_keeps_the_wrapped_decision_at_step_zero_and_never_steers_after():
+    timing = SAEArgmaxPolicy(LinearClassifier(32, 4), behaviour_ids=[1, 2])
+    policy = FirstTokenOnlyPolicy(timing)
+    first, wrapped = policy.decide(state(0, [False, True, False])), timing.decide(state(0, [False, True, False]))
+    assert first.steer.tolist() == [True, False, True]
+    assert set(first.behaviour.tolist()) <= {1, 2} and first.latent_ids is not None
+    later = policy.decide(state(1, [False, False, False]))
+    assert later.steer.tolist() == [False, False, False] and later.latent_ids is not None
+    assert wrapped.steer.tolist() == first.steer.tolist()
+
+
+def test_first_token_only_in_the_hybrid(pair):
+    base, thinking = pair
+    prompts = BATCHES[0][1]
+    mode = DeviceDiscipline()
+    with mode:
+        out = hybrid_generate(base, thinking, prompts, prompts, make_vectors(base.cfg.d_model),
+                              FirstTokenOnlyPolicy(AlwaysBiasPolicy()), CONFIG)
+    assert mode.faults == []
+    for logs in out.token_logs:
+        assert [log.steered for log in logs] == [True] + [False] * (CONFIG.max_new_tokens - 1)
