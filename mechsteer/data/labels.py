@@ -4,8 +4,8 @@ Real benchmarks have none: their behaviours are discovered by the taxonomy. A be
 traces follow a known grammar (mechsteer's model organisms) registers a :class:`GroundTruth`
 through a plug-in (:mod:`mechsteer.core.plugins`); the generic stages ask
 :func:`ground_truth_for` and never import the plug-in. Ground truth only ever *measures*
-(ARI, the oracle judge, ablation rates on the organisms); nothing selects a setting with it
-unless a caller asks for the oracle explicitly.
+(ARI, the oracle judge, ablation rates on the organisms, the oracle-timing baseline); nothing
+selects a setting with it unless a caller asks for the oracle explicitly.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from mechsteer.core.plugins import load_plugins
 
 # A trace's sentences that carry a behaviour: (char_start, char_end) within the text -> title.
 TraceLabeller = Callable[[str], dict[tuple[int, int], str]]
+# Where the thinking model of a known grammar would start a behaviour: the text generated so far
+# -> the title of the behaviour its next sentence should be, or None (the oracle-timing baseline).
+TimingOracle = Callable[[str], str | None]
 
 UNLABELLED = "other"  # a labelled trace's sentence that the labeller did not recognise
 
@@ -30,6 +33,7 @@ class GroundTruth:
     label_reasoning: TraceLabeller
     descriptions: Mapping[str, str]  # what each behaviour (and UNLABELLED) is, in one sentence
     source: str  # where the labels come from, recorded in artefacts
+    timing_oracle: TimingOracle | None = None
 
     def behaviour_id(self, title: str) -> int | None:
         return self.behaviours.index(title) if title in self.behaviours else None

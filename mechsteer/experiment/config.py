@@ -76,7 +76,8 @@ class RunConfig:
     # Controls at the hybrid's own steering: only_bias (its timing, the bias alone), only_bias_replayed
     # (the bias alone at its exact steered tokens), random_firing (random tokens at its rate),
     # random_vectors (random vectors of the norms it adds); baselines: first_token_only (the hybrid
-    # steering at the first generated token only).
+    # steering at the first generated token only), oracle_timing (steered where the benchmark's
+    # ground-truth timing oracle says: the organisms only).
     controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = field(
         default_factory=lambda: ["only_bias", "random_firing", "random_vectors"])
     baselines: list[Literal["first_token_only", "oracle_timing"]] = field(default_factory=list)
@@ -269,8 +270,11 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         if getattr(config, split_key) not in splits:
             refuse(split_key, f"{split_key} = {getattr(config, split_key)!r}: benchmark {benchmark!r} has splits {splits}")
     problems += tuning_problems(config)
-    if "oracle_timing" in config.baselines:
-        refuse("baselines", "baseline 'oracle_timing' is not available yet; use baselines: [first_token_only]")
+    if "oracle_timing" in config.baselines and config.benchmark in benchmark_names():
+        truth = ground_truth_for(config.benchmark)
+        if truth is None or truth.timing_oracle is None:
+            refuse("baselines", f"baseline 'oracle_timing' steers where a ground-truth timing oracle says, which "
+                                f"benchmark {config.benchmark!r} has none of; use baselines: [first_token_only]")
     for key in ("base_template", "thinking_template"):
         name = getattr(config, key)
         if name is not None and name not in template_names():

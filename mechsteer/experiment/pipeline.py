@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.activations import ActivationConfig, Manifest, extract_activations
+from mechsteer.activations import ActivationConfig, Manifest, extract_activations, read_sentences
 from mechsteer.causal.necessity import necessity
 from mechsteer.causal.outputs import write_outputs
 from mechsteer.causal.sufficiency import sufficiency, sufficiency_contexts
@@ -63,6 +63,7 @@ from mechsteer.hybrid.timing import (
     RandomFiringPolicy,
     ReplayPolicy,
     SAEArgmaxPolicy,
+    TimingOraclePolicy,
     TimingPolicy,
 )
 from mechsteer.steering.direction_set import DirectionSet
@@ -76,6 +77,7 @@ from mechsteer.steering.mean import build_mean_directions, default_layer
 from mechsteer.steering.optimise import build_optimised_directions
 from mechsteer.steering.sae_map import build_sae_directions
 from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
 from mechsteer.taxonomy.sweep import sweep_to_folder
 
 # ------------------------------------------------------------------------------------------
@@ -413,12 +415,36 @@ def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, eva
                              "or random_vectors")
         results[control] = state.run(f"eval_{control}", body, log)
     for baseline in config.baselines:
-        if baseline != "first_token_only":
-            raise ConfigError(f"baseline {baseline!r} is not available yet; use baselines: [first_token_only]")
-        # the hybrid allowed to steer at the first generated token only
-        results[baseline] = state.run(f"eval_{baseline}",
-                                      hybrid_eval(baseline, FirstTokenOnlyPolicy(policy), direction_set), log)
+        if baseline == "first_token_only":
+            # the hybrid allowed to steer at the first generated token only
+            body = hybrid_eval(baseline, FirstTokenOnlyPolicy(policy), direction_set)
+        elif baseline == "oracle_timing":
+            oracle = oracle_timing_policy(config, out, pair, taxonomy)
+            body = hybrid_eval(baseline, oracle, direction_set, behaviour_of_title=oracle.behaviour_of_title)
+        else:
+            raise ValueError(f"unknown baseline {baseline!r}; expected first_token_only or oracle_timing")
+        results[baseline] = state.run(f"eval_{baseline}", body, log)
     return results
+
+
+def oracle_timing_policy(config: RunConfig, out: Path, pair: ResidentPair, taxonomy: Taxonomy) -> TimingOraclePolicy:
+    """The oracle-timing baseline's policy: steered where the benchmark's ground-truth timing oracle
+    names a behaviour, with the latent that holds most of that behaviour's labelled train sentences."""
+    ground_truth = ground_truth_for(config.benchmark)
+    if ground_truth is None or ground_truth.timing_oracle is None:
+        raise ConfigError(f"baseline oracle_timing needs a ground-truth timing oracle, which benchmark "
+                          f"{config.benchmark!r} has none of")
+    labels = sentence_labels(read_sentences(out / "activations"))
+    if labels is None:
+        raise ValueError(f"{out / 'activations'}: the sentences carry no ground-truth labels")
+    holding = behaviour_holding_most(labels, taxonomy.assignments.tolist())
+    behaviour_of_title = {str(title): cast(int, latent) for title, latent in holding.items()
+                          if title in ground_truth.behaviours}
+
+    def decode(ids: list[int]) -> str:
+        return pair.base.tokenizer.decode(ids, skip_special_tokens=True)
+
+    return TimingOraclePolicy(ground_truth.timing_oracle, decode, behaviour_of_title)
 
 
 def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: Path,

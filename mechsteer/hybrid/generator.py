@@ -321,6 +321,7 @@ class _HybridBatch:
                  config: HybridConfig, vocab: PairVocab):
         self.base, self.thinking = base, thinking
         self.behaviours, self.policy, self.config, self.vocab = behaviours, policy, config, vocab
+        self.reads_text = bool(getattr(policy, "reads_text", False))
         self.shared = vocab.shared
         self.base_runner = CachedRunner(base, tokenize_prompts(base, base_prompts))
         self.think_runner = CachedRunner(thinking, tokenize_prompts(thinking, thinking_prompts))
@@ -463,8 +464,12 @@ class _HybridBatch:
                 base_greedy = base_logits.argmax(dim=-1).to(self.base_device)
                 think_greedy = think_logits.argmax(dim=-1).to(self.think_device)
                 agree = self.vocab.agree(base_greedy, think_greedy)
+                generated = None
+                if self.reads_text:
+                    self._resolve_now()  # the text up to this step, steered tokens included
+                    generated = self.new_ids
                 decision: PolicyDecision = self.policy.decide(
-                    PolicyInput(step, think_acts, base_logits, think_logits, agree))
+                    PolicyInput(step, think_acts, base_logits, think_logits, agree, generated))
                 host = _to_host(decision, agree, base_greedy, self.previous if self.unresolved else None,
                                 self.think_device)
                 if host.previous is not None and host.previous_choice is not None:

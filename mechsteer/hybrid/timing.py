@@ -27,6 +27,9 @@ Policies:
   problem, e.g. the hybrid's own steered positions, whatever the base model generates meanwhile.
 - ``first_token_only`` (:class:`FirstTokenOnlyPolicy`): another policy restricted to the first
   generated token.
+- ``oracle_timing`` (:class:`TimingOraclePolicy`, a baseline): steered where a ground-truth timing
+  oracle says the thinking model starts a behaviour, with that behaviour's direction (benchmarks
+  with a known grammar only: the organisms).
 - ``random_firing``: steer each token with probability ``rate`` and a uniformly random
   behaviour (match ``rate`` to the hybrid's measured steering rate for the control).
 - ``never``: the base model alone.
@@ -40,6 +43,7 @@ is told before each batch by whoever runs the batches (``mechsteer.experiment.pi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -51,7 +55,7 @@ BIAS_ONLY = -1
 
 # The built-in policies' names (a policy of one's own may take any name).
 PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "only_bias_replayed", "first_token_only",
-                     "random_firing", "never"]
+                     "oracle_timing", "random_firing", "never"]
 
 
 @dataclass
@@ -61,6 +65,9 @@ class PolicyInput:
     base_logits: Float[Tensor, "batch base_vocab"]
     thinking_logits: Float[Tensor, "batch thinking_vocab"]
     agree: Bool[Tensor, " batch"]  # the two models' greedy next tokens are the same text
+    # The base model's generated tokens so far, per row (host lists): only for a policy that reads
+    # the text (``reads_text = True``), which costs the generator one host transfer per step.
+    generated: list[list[int]] | None = None
 
 
 @dataclass
@@ -188,6 +195,29 @@ class ReplayPolicy:
         steer = (torch.zeros(batch, dtype=torch.bool, device=device) if mask is None
                  else torch.tensor(mask, dtype=torch.bool, device=device))
         return PolicyDecision(steer=steer, behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
+
+
+@dataclass
+class TimingOraclePolicy:
+    """Steer where ``oracle`` (the text generated so far -> a behaviour title or None) names a
+    behaviour that ``behaviour_of_title`` has a direction for, with that direction."""
+
+    oracle: Callable[[str], str | None]
+    decode: Callable[[list[int]], str]  # the base model's tokens -> text
+    behaviour_of_title: dict[str, int]
+    name: PolicyName = "oracle_timing"
+    reads_text: bool = True
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        device = state.agree.device
+        if state.generated is None:
+            raise ValueError("the oracle-timing policy reads the generated text; the generator passed none")
+        titles = [self.oracle(self.decode(ids)) for ids in state.generated]
+        behaviours = [self.behaviour_of_title.get(title, BIAS_ONLY) if title else BIAS_ONLY for title in titles]
+        steer = [behaviour != BIAS_ONLY for behaviour in behaviours]
+        # one host-to-device copy for the whole batch
+        packed = torch.tensor([steer, behaviours], dtype=torch.long, device=device)
+        return PolicyDecision(steer=packed[0].bool(), behaviour=packed[1])
 
 
 @dataclass

@@ -25,7 +25,7 @@ DEMO = dataclasses.asdict(DEMO_CONFIG)
     ({"policy": "argmax"}, "unknown policy 'argmax'"),
     ({"controls": ["random_fire"]}, "unknown controls[0] 'random_fire'"),
     ({"baselines": ["first_token"]}, "unknown baselines[0] 'first_token'"),
-    ({"baselines": ["oracle_timing"]}, "baseline 'oracle_timing' is not available yet"),
+    ({"benchmark": "gsm8k", "baselines": ["oracle_timing"]}, "which benchmark 'gsm8k' has none of"),
     ({"n_latents": [1, 4]}, "n_latents[0] = 1 must be >= 2"),
     ({"n_latents": 4}, "n_latents = 4 is not a list[int]"),
     ({"coefficients": ["2"]}, "coefficients[0] = '2' is not a number"),

@@ -14,6 +14,7 @@ from mechsteer.hybrid.timing import (
     PolicyInput,
     ReplayPolicy,
     SAEArgmaxPolicy,
+    TimingOraclePolicy,
 )
 from tests.device_discipline import DeviceDiscipline
 from tests.hybrid.test_hybrid import LinearClassifier, make_vectors
@@ -92,3 +93,46 @@ def test_first_token_only_in_the_hybrid(pair):
     assert mode.faults == []
     for logs in out.token_logs:
         assert [log.steered for log in logs] == [True] + [False] * (CONFIG.max_new_tokens - 1)
+
+
+def test_oracle_timing_steers_where_the_oracle_names_a_behaviour_on_the_text_so_far(pair):
+    base, thinking = pair
+    vectors = make_vectors(base.cfg.d_model)
+    seen: list[str] = []
+
+    def oracle(text: str) -> str | None:
+        # steer at the start and whenever the text so far has an odd number of tokens
+        seen.append(text)
+        n_tokens = len(base.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        if n_tokens == 0:
+            return "start"
+        return "odd" if n_tokens % 2 == 1 else ("unknown" if n_tokens == 4 else None)
+
+    def decode(ids: list[int]) -> str:
+        return base.tokenizer.decode(ids, skip_special_tokens=True)
+
+    behaviour_of_title = {"start": vectors.behaviour_ids[0], "odd": vectors.behaviour_ids[1]}
+    policy = TimingOraclePolicy(oracle, decode, behaviour_of_title)
+    mode = DeviceDiscipline()
+    with mode:
+        out = hybrid_generate(base, thinking, ["The cat sat", "Hi"], ["The cat sat", "Hi"], vectors, policy, CONFIG)
+    assert mode.faults == []
+    for row in range(2):
+        ids = out.token_ids[row]
+        expected = {}
+        for step in range(len(ids)):
+            title = oracle(decode(ids[:step]))
+            if title in behaviour_of_title:  # "unknown" has no direction: not steered
+                expected[step] = behaviour_of_title[title]
+        steered = {i: log.behaviour for i, log in enumerate(out.token_logs[row]) if log.steered}
+        assert steered == expected and 0 in steered
+    assert seen and all(isinstance(text, str) for text in seen)
+
+
+def test_oracle_timing_needs_the_generated_text():
+    policy = TimingOraclePolicy(lambda text: "x", lambda ids: "", {"x": 1})
+    with pytest.raises(ValueError, match="reads the generated text"):
+        policy.decide(state(0, [True]))
+    decision = policy.decide(PolicyInput(0, torch.randn(2, 32), torch.zeros(2, 5), torch.zeros(2, 5),
+                                         torch.tensor([True, False]), generated=[[], [3]]))
+    assert decision.steer.tolist() == [True, True] and decision.behaviour.tolist() == [1, 1]

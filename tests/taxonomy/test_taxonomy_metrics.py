@@ -10,6 +10,7 @@ import torch
 
 from mechsteer.taxonomy.metrics import (
     adjusted_rand_index,
+    behaviour_holding_most,
     cluster_size_distribution,
     contingency_table,
     geometric_metrics,
@@ -124,3 +125,11 @@ def test_geometric_metrics_bundle():
     assert metrics.mean_direction_dissimilarity == pytest.approx(1.0)
     assert metrics.sizes.counts == [2, 2]
     assert metrics.to_dict()["sizes"]["n_empty"] == 0
+
+
+def test_behaviour_holding_most_gives_every_label_a_behaviour_even_without_a_majority():
+    # "verify" is nowhere a majority (cluster 0 is mostly compute) but cluster 0 holds most of it.
+    truth = ["compute"] * 5 + ["verify"] * 3 + ["compute"] * 4 + ["verify"] * 1 + ["plan"] * 2
+    predicted = [0] * 8 + [1] * 5 + [2] * 2
+    assert behaviour_holding_most(truth, predicted) == {"compute": 0, "verify": 0, "plan": 2}
+    assert {m.label for m in match_behaviours_to_labels(truth, predicted)} == {"compute", "plan"}
