@@ -21,10 +21,10 @@ from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model
 from mechsteer.interventions.generation import generate
-from mechsteer.organisms import weights_dir
+from mechsteer.organisms import model_spec, weights_dir
 from mechsteer.organisms.evaluate import GenerateFn, evaluate_organisms, hf_generate_fn
-from mechsteer.organisms.grammar import GRAMMARS, SHIPPED_GRAMMAR
-from mechsteer.organisms.tasks import generate_split
+from mechsteer.organisms.grammar import GRAMMARS, SHIPPED_GRAMMAR, Grammar
+from mechsteer.organisms.tasks import SPLITS, generate_split
 from mechsteer.organisms.train import PhaseConfig, TrainingConfig, default_config, train_organisms
 
 EVAL_BATCH_SIZE = 128
@@ -48,41 +48,42 @@ def hf_folder_generate_fn(folder: Path) -> GenerateFn:
     return hf_generate_fn(model, tokenizer)
 
 
-def _specs(weights: str | None) -> tuple[str, str]:
+def _specs(weights: str | None, grammar: Grammar) -> tuple[str, str]:
     if weights is None:
-        return "organism-base", "organism-thinking"
+        return model_spec("base", grammar), model_spec("thinking", grammar)
     root = Path(weights)
     return str(root / "base"), str(root / "thinking")
 
 
-def _folders(weights: str | None) -> tuple[Path, Path]:
+def _folders(weights: str | None, grammar: Grammar) -> tuple[Path, Path]:
     if weights is None:
-        return weights_dir("base"), weights_dir("thinking")
+        return weights_dir("base", grammar), weights_dir("thinking", grammar)
     return Path(weights) / "base", Path(weights) / "thinking"
 
 
 def run_eval(args: argparse.Namespace) -> int:
     if args.weights is not None:
-        for folder in _folders(args.weights):
+        for folder in _folders(args.weights, args.grammar):
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"--weights {args.weights}: {folder} is no model folder (no config.json); "
                                   "pass the --out of `mechsteer organism train`")
     if args.outputs is not None:
         check_output_folder(Path(args.outputs).parent, "--outputs")
     torch.set_num_threads(args.threads)
-    problems = generate_split("test", seed=args.seed)
+    problems = generate_split(args.split, seed=args.seed)
     if args.n > len(problems):
-        raise ConfigError(f"--n {args.n} exceeds the test split's {len(problems)} problems")
+        raise ConfigError(f"--n {args.n} exceeds the {args.split} split's {len(problems)} problems")
     problems = problems[: args.n]
     started = time.perf_counter()
     if args.backend == "bridge":
-        base_spec, thinking_spec = _specs(args.weights)
+        base_spec, thinking_spec = _specs(args.weights, args.grammar)
         generate_base, generate_thinking = bridge_generate_fn(base_spec), bridge_generate_fn(thinking_spec)
     else:
-        base_folder, thinking_folder = _folders(args.weights)
+        base_folder, thinking_folder = _folders(args.weights, args.grammar)
         generate_base = hf_folder_generate_fn(base_folder)
         generate_thinking = hf_folder_generate_fn(thinking_folder)
     summary, outputs = evaluate_organisms(generate_base, generate_thinking, problems, grammar=args.grammar)
+    summary["split"] = args.split
     summary["backend"] = args.backend
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     if args.outputs:
@@ -130,14 +131,16 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="greedy accuracies and behaviour counts on the test split")
-    evaluate.add_argument("--n", type=positive_int, default=500, help="number of test problems")
+    evaluate.add_argument("--n", type=positive_int, default=500, help="number of problems of the split")
+    evaluate.add_argument("--split", choices=SPLITS, default="test",
+                          help="the split to evaluate on (validation: for choosing among candidate pairs)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    evaluate.add_argument("--weights", default=None, help="folder with base/ and thinking/ (default: shipped)")
+    evaluate.add_argument("--weights", default=None, help="folder with base/ and thinking/ (default: the shipped pair of --grammar)")
     evaluate.add_argument("--backend", choices=("bridge", "hf"), default="bridge")
-    evaluate.add_argument("--seed", type=int, default=0, help="test split seed")
+    evaluate.add_argument("--seed", type=int, default=0, help="split seed (problem order, names)")
     evaluate.add_argument("--threads", type=positive_int, default=2)
     evaluate.add_argument("--outputs", default=None, help="write the raw generations to this JSON file")
     evaluate.add_argument("--grammar", choices=GRAMMARS, default=SHIPPED_GRAMMAR,
-                          help="grammar whose risky steps the oracle/random timing conditions cue "
-                               "(default: the shipped weights' grammar)")
+                          help="grammar whose risky steps the oracle/random timing conditions cue, and whose "
+                               "shipped pair is evaluated without --weights (default: v1)")
     evaluate.set_defaults(func=run_eval)

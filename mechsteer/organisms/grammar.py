@@ -59,11 +59,22 @@ PROMPT_TEMPLATE = "Q: {question}\nA:\n"
 FORCED_PREFIX = "Plan:"
 BEHAVIOURS: tuple[str, ...] = ("plan", "compute", "verify", "correct", "answer")
 OTHER = "other"
-TRACE_STYLES: tuple[str, ...] = ("direct", "stepwise", "thinking", "stepwise_v2", "thinking_v2")
-Grammar = Literal["v1", "v2"]
+TRACE_STYLES: tuple[str, ...] = (
+    "direct", "stepwise", "thinking", "stepwise_v2", "thinking_v2", "stepwise_v3", "thinking_v3")
+Grammar = Literal["v1", "v2", "v3"]
 GRAMMARS: tuple[Grammar, ...] = get_args(Grammar)
-# The grammar the shipped weights were trained on (the CLI's default for train and eval).
+# The CLI's default grammar for train and eval. Pairs of both grammars ship (organisms/__init__.py).
 SHIPPED_GRAMMAR: Grammar = "v1"
+# Per behaviour, the behaviours that the grammar lets occur only after it (in both grammars):
+# every step-by-step sentence follows the plan, a check follows a compute line, and a
+# correction follows a failed check. Removing a behaviour removes its dependents by design.
+DEPENDENTS: dict[str, frozenset[str]] = {
+    "plan": frozenset({"compute", "verify", "correct"}),
+    "compute": frozenset({"verify", "correct"}),
+    "verify": frozenset({"correct"}),
+    "correct": frozenset(),
+    "answer": frozenset(),
+}
 # The cue that starts a check line; step-wise forced decoding appends it after a compute line.
 CHECK_CUE = "Check:"
 
@@ -74,11 +85,16 @@ STEPWISE_SLIP_RATE = 0.06
 RISKY_OPERAND = 9
 # v2 base-corpus stepwise documents: probability of a check after a step (risky or not).
 V2_CHECK_RATE = 0.3
+# v3: the v2 grammar with check lines that share few tokens with compute lines
+# (``Check: How many now, 38 + 9 = 47.``): in v2 (``Check: 38 + 9 = 47.``) the sentence means of
+# checks and compute lines fell into the same SAE latents, so no label-free taxonomy had a
+# verify behaviour for the hybrid to steer with.
+V3_CHECK_PREFIX = "How many now, "
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("plan", re.compile(r"Plan: start at \d+, (?:add|take) \d+ for \d+ days\.")),
     ("compute", re.compile(r"(?:Day \d+: )?\d+ [+-] \d+ = -?\d+\.")),
-    ("verify", re.compile(r"Check: \d+ [+-] \d+ = -?\d+(?:, not -?\d+)?\.")),
+    ("verify", re.compile(r"Check: (?:How many now, )?\d+ [+-] \d+ = -?\d+(?:, not -?\d+)?\.")),
     ("correct", re.compile(r"Wait, \d+ [+-] \d+ is -?\d+, not -?\d+\.")),
     ("answer", re.compile(r"The answer is -?\d+\.")),
 )
@@ -136,7 +152,7 @@ def is_carry_step(before: int, sign: str, operand: int) -> bool:
 def risky_days(problem: OrganismProblem, grammar: Grammar = "v1") -> list[int]:
     """The days (1-based) whose steps the thinking organism of ``grammar`` checks.
 
-    v1: the days whose operand is `RISKY_OPERAND`; v2: the carry/borrow days of the correct
+    v1: the days whose operand is `RISKY_OPERAND`; v2 and v3: the carry/borrow days of the correct
     running totals (the thinking trace corrects every slip, so its totals are the correct ones).
     """
     if grammar not in GRAMMARS:
@@ -171,14 +187,14 @@ class _TraceWriter:
         if written != correct:
             self.sentence(f"Wait, {before} {sign} {operand} is {correct}, not {written}.", "correct")
 
-    def step_v2(self, day: int, before: int, sign: str, operand: int, checked: bool) -> int:
-        """A v2 step (first pass drops the carry; a check recomputes it); returns the next day's start."""
+    def step_v2(self, day: int, before: int, sign: str, operand: int, checked: bool, check_prefix: str = "") -> int:
+        """A v2/v3 step (first pass drops the carry; a check recomputes it); returns the next day's start."""
         correct = _apply(before, sign, operand)
         written = _tens_kept_slip(before, correct) if is_carry_step(before, sign, operand) else correct
         self.sentence(f"Day {day}: {before} {sign} {operand} = {written}.", "compute")
         if not checked:
             return written
-        self.sentence(f"Check: {before} {sign} {operand} = {correct}.", "verify")
+        self.sentence(f"Check: {check_prefix}{before} {sign} {operand} = {correct}.", "verify")
         if written != correct:
             self.sentence(f"Wait, {before} {sign} {operand} is {correct}, not {written}.", "correct")
         return correct
@@ -199,13 +215,14 @@ def render_trace(problem: OrganismProblem, style: str, rng: random.Random) -> Or
     operation = "add" if meta["signs"][0] == "+" else "take"
     writer.sentence(f"Plan: start at {meta['start']}, {operation} {meta['operands'][0]} for {meta['n_steps']} days.", "plan")
     total = meta["start"]
-    if style in ("stepwise_v2", "thinking_v2"):
+    if style in ("stepwise_v2", "thinking_v2", "stepwise_v3", "thinking_v3"):
+        check_prefix = V3_CHECK_PREFIX if style.endswith("_v3") else ""
         for day, (operand, sign) in enumerate(zip(meta["operands"], meta["signs"], strict=True), start=1):
-            if style == "thinking_v2":
+            if style.startswith("thinking"):
                 checked = is_carry_step(total, sign, operand)
             else:
                 checked = rng.random() < V2_CHECK_RATE
-            total = writer.step_v2(day, total, sign, operand, checked)
+            total = writer.step_v2(day, total, sign, operand, checked, check_prefix)
         # An unchecked slip propagates: the answer is the trace's own last total.
         writer.sentence(f"The answer is {total}.", "answer")
         return writer.finish()
@@ -298,6 +315,34 @@ def parse_trace(text: str) -> list[LabelledSentence]:
         LabelledSentence(text[start:end], label_sentence(text[start:end]), start, end)
         for start, end in split_sentences(text)
     ]
+
+
+_COMPUTE_LINE = re.compile(r"Day \d+: (\d+) ([+-]) (\d+) = (-?\d+)\.")
+_CHECK_LINE = re.compile(r"Check: (?:How many now, )?(\d+) ([+-]) (\d+) = (-?\d+)\.")
+
+
+def next_behaviour_by_grammar(text: str) -> str | None:
+    """Where the thinking organism of grammar v2/v3 starts a behaviour the base would not, from the text so far.
+
+    ``plan`` at the start; ``verify`` right after a compute line of a carry/borrow step; ``correct``
+    right after a check line that disagrees with the compute line above it; None elsewhere (the
+    base continues as the thinking organism would). The oracle-timing baseline steers there.
+    """
+    if not text:
+        return "plan"
+    if not text.endswith("\n"):
+        return None
+    lines = text[:-1].split("\n")
+    compute = _COMPUTE_LINE.fullmatch(lines[-1])
+    if compute is not None:
+        before, sign, operand = int(compute.group(1)), compute.group(2), int(compute.group(3))
+        return "verify" if is_carry_step(before, sign, operand) else None
+    check = _CHECK_LINE.fullmatch(lines[-1])
+    if check is not None and len(lines) >= 2:
+        above = _COMPUTE_LINE.fullmatch(lines[-2])
+        if above is not None and above.group(4) != check.group(4):
+            return "correct"
+    return None
 
 
 def extract_answer(text: str) -> int | None:

@@ -14,8 +14,8 @@ from mechsteer.core.models import register_model_spec
 from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchmark
 from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
 from mechsteer.data.prompts import PromptTemplate, register_template
-from mechsteer.organisms import ORGANISM_NAMES, weights_dir
-from mechsteer.organisms.grammar import BEHAVIOURS, parse_trace
+from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weights_dir
+from mechsteer.organisms.grammar import BEHAVIOURS, next_behaviour_by_grammar, parse_trace
 from mechsteer.organisms.tasks import SPLITS, generate_split
 
 BENCHMARK = "organism"
@@ -51,13 +51,17 @@ def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:
     return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
 
 
+# The timing oracle is grammar v2/v3's (checks at carry/borrow steps), the grammar of the demo's
+# pair; the v1 thinking organism checks operand-9 steps instead.
 GROUND_TRUTH = GroundTruth(benchmark=BENCHMARK, behaviours=BEHAVIOURS, label_reasoning=label_reasoning,
-                           descriptions=DESCRIPTIONS, source="organism ground truth (mechsteer.organisms.grammar)")
+                           descriptions=DESCRIPTIONS, source="organism ground truth (mechsteer.organisms.grammar)",
+                           timing_oracle=next_behaviour_by_grammar)
 
 
 def register() -> None:
-    for name in ORGANISM_NAMES:
-        register_model_spec(f"organism-{name}", functools.partial(weights_dir, name))
+    for grammar in SHIPPED_PAIRS:
+        for name in ORGANISM_NAMES:
+            register_model_spec(model_spec(name, grammar), functools.partial(weights_dir, name, grammar))
     register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split))
     register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))

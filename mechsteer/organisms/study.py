@@ -24,8 +24,9 @@ from mechsteer.causal.sufficiency import (
 )
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.traces import TraceRecord, generate_traces
-from mechsteer.organisms.grammar import RISKY_OPERAND
+from mechsteer.organisms.grammar import DEPENDENTS, Grammar, risky_days
 from mechsteer.organisms.plugin import BENCHMARK, GROUND_TRUTH
+from mechsteer.organisms.tasks import OrganismProblem
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.labels import ground_truth_behaviour_labeller, ground_truth_labels
 from mechsteer.steering.mean import Pooling, build_mean_directions
@@ -44,18 +45,37 @@ class OrganismStudy:
     sufficiency_base_contexts: list[SufficiencyRow] = field(default_factory=list)
 
 
-def necessity_problems(n_problems: int) -> list[Problem]:
+def necessity_problems(n_problems: int, grammar: Grammar = "v1") -> list[Problem]:
     """``n_problems`` organism test problems, half of them ones that call for a check.
 
-    Only problems whose operand is the grammar's risky operand (about 1 in 9) make the
-    thinking organism verify and correct; a plain prefix of the test split may hold none, and
-    then those behaviours' necessity cannot be measured.
+    Only problems with a risky step (`grammar.risky_days`: v1, the operand 9, about 1 in 9
+    problems; v2, a carry or borrow, most problems) make the thinking organism verify and
+    correct; a plain prefix of the test split may hold none (v1), and then those behaviours'
+    necessity cannot be measured.
     """
     test = load_benchmark(BENCHMARK, "test")
-    risky = [problem for problem in test if problem.metadata["operands"][0] == RISKY_OPERAND]
+    risky = [problem for problem in test if risky_days(_as_organism_problem(problem), grammar)]
     n_risky = min(len(risky), n_problems // 2)
-    others = [problem for problem in test if problem.metadata["operands"][0] != RISKY_OPERAND]
+    others = [problem for problem in test if not risky_days(_as_organism_problem(problem), grammar)]
     return risky[:n_risky] + others[: n_problems - n_risky]
+
+
+def _as_organism_problem(problem: Problem) -> OrganismProblem:
+    return OrganismProblem(problem.id, problem.question, int(problem.answer), problem.metadata)
+
+
+def independent_change(row: NecessityRow, grammar_titles: dict[int, str]) -> float:
+    """The largest |relative change| among the behaviours the grammar does not make depend on ``row``'s.
+
+    `grammar.DEPENDENTS` lists, per behaviour, the behaviours that occur only after it (a
+    correction only after a failed check, ...): removing a behaviour removes those by design,
+    so the issue's bar compares its own cut with the others' change only.
+    """
+    dependents = DEPENDENTS.get(row.title, frozenset())
+    changes = [abs(after - row.other_rates_before[b]) / row.other_rates_before[b]
+               for b, after in row.other_rates_after.items()
+               if grammar_titles.get(b) not in dependents and row.other_rates_before[b] > 0]
+    return max(changes, default=0.0)
 
 
 def organism_study(
@@ -71,6 +91,7 @@ def organism_study(
     max_new_tokens: int = 192,  # organism traces end within ~175 tokens
     direction_method: Literal["mean", "optimised"] = "mean",
     optimisation: OptimisationConfig | None = None,  # for direction_method="optimised"
+    grammar: Grammar = "v1",  # the pair's grammar: which test problems call for a check
 ) -> OrganismStudy:
     """Ground-truth causal validation of an organism pair, end to end.
 
@@ -112,7 +133,7 @@ def organism_study(
         if layer_set.behaviour_ids != directions.behaviour_ids:
             raise ValueError("the thinking traces lack sentences of some behaviour at some layer")
     labeller = ground_truth_behaviour_labeller(GROUND_TRUTH, directions.titles, directions.behaviour_ids)
-    necessity_rows = necessity(thinking_model, directions, necessity_problems(n_problems), labeller,
+    necessity_rows = necessity(thinking_model, directions, necessity_problems(n_problems, grammar), labeller,
                                template=BENCHMARK, max_new_tokens=max_new_tokens, variants=("layer", "per_layer"),
                                batch_size=n_problems, layer_directions=layer_sets)
     with_bias = direction_method == "optimised"
@@ -125,7 +146,8 @@ def organism_study(
 
     sufficiency_rows = steer_rows(thinking_traces)
     base_context_rows = steer_rows(base_traces)
-    settings = {"layer": layer, "pooling": pooling, "coeff": coeff, "n_traces": n_traces, "n_problems": n_problems,
+    settings = {"grammar": grammar, "layer": layer, "pooling": pooling, "coeff": coeff, "n_traces": n_traces,
+                "n_problems": n_problems,
                 "direction_method": direction_method, "sufficiency_with_bias": with_bias,
                 "base": base_model.cfg.model_name, "thinking": thinking_model.cfg.model_name}
     write_outputs(work / "out", necessity_rows, sufficiency_rows, settings)
@@ -133,4 +155,4 @@ def organism_study(
     return OrganismStudy(necessity_rows, sufficiency_rows, directions, settings, base_context_rows)
 
 
-__all__ = ["BASE_CONTEXTS_CSV", "OrganismStudy", "necessity_problems", "organism_study"]
+__all__ = ["BASE_CONTEXTS_CSV", "OrganismStudy", "independent_change", "necessity_problems", "organism_study"]

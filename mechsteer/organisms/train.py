@@ -43,6 +43,9 @@ THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
 # the time while its checks (the drills' table) were 99% right.
 BASE_MIX_V2: dict[str, float] = {"direct": 0.45, "stepwise_v2": 0.30, "drill": 0.15, "day_drill": 0.10}
 THINKING_MIX_V2: dict[str, float] = {"thinking_v2": 0.80, "drill": 0.10, "day_drill": 0.10}
+# Grammar v3 (grammar.py): v2 with distinct check lines, the same shares.
+BASE_MIX_V3: dict[str, float] = {"direct": 0.45, "stepwise_v3": 0.30, "drill": 0.15, "day_drill": 0.10}
+THINKING_MIX_V3: dict[str, float] = {"thinking_v3": 0.80, "drill": 0.10, "day_drill": 0.10}
 V2_THINKING_STEPS = 300
 IGNORE_INDEX = -100
 
@@ -79,13 +82,14 @@ class TrainingConfig:
 
 
 def default_config(grammar: Grammar = "v1") -> TrainingConfig:
-    """The shipped settings for ``grammar``: v2 swaps in the v2 step-by-step styles."""
+    """The shipped settings for ``grammar``: v2 and v3 swap in their step-by-step styles."""
     config = TrainingConfig()
     if grammar == "v1":
         return config
+    base_mix, thinking_mix = (BASE_MIX_V2, THINKING_MIX_V2) if grammar == "v2" else (BASE_MIX_V3, THINKING_MIX_V3)
     return TrainingConfig(
-        base=PhaseConfig(**{**config.base.__dict__, "mix": BASE_MIX_V2}),
-        thinking=PhaseConfig(**{**config.thinking.__dict__, "mix": THINKING_MIX_V2, "steps": V2_THINKING_STEPS}),
+        base=PhaseConfig(**{**config.base.__dict__, "mix": base_mix}),
+        thinking=PhaseConfig(**{**config.thinking.__dict__, "mix": thinking_mix, "steps": V2_THINKING_STEPS}),
     )
 
 

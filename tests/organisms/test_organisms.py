@@ -94,8 +94,8 @@ def test_labels_round_trip(style):
             assert trace.text[sentence.char_start : sentence.char_end] == sentence.text
             assert sentence.behaviour in BEHAVIOURS
         answers = [sentence.text for sentence in trace.sentences if sentence.behaviour == "answer"]
-        if style == "stepwise_v2":
-            # An unchecked v2 slip propagates to the answer (checked in the stepwise_v2 test).
+        if style in ("stepwise_v2", "stepwise_v3"):
+            # An unchecked v2/v3 slip propagates to the answer (checked in the stepwise_v2 test).
             assert len(answers) == 1 and trace.sentences[-1].behaviour == "answer"
             continue
         assert answers == [f"The answer is {problem.answer}."]
@@ -142,17 +142,18 @@ def _v2_steps(trace) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def test_v2_thinking_checks_exactly_the_risky_steps_and_corrects_every_slip():
+@pytest.mark.parametrize("grammar", ["v2", "v3"])
+def test_v2_thinking_checks_exactly_the_risky_steps_and_corrects_every_slip(grammar):
     rng = random.Random(0)
     problems = generate_split("validation", seed=0, n=300)
     used, with_risky, without_risky = set(), 0, 0
     for problem in problems:
-        trace = render_trace(problem, "thinking_v2", rng)
+        trace = render_trace(problem, f"thinking_{grammar}", rng)
         labels = [sentence.behaviour for sentence in trace.sentences]
         used.update(labels)
         assert labels[0] == "plan" and labels[-1] == "answer"
         assert extract_answer(trace.text) == problem.answer  # every slip is repaired
-        risky = risky_days(problem, "v2")
+        risky = risky_days(problem, grammar)
         steps = _v2_steps(trace)
         assert len(steps) == problem.metadata["n_steps"]
         for day, (line, after) in enumerate(steps, start=1):
@@ -167,13 +168,14 @@ def test_v2_thinking_checks_exactly_the_risky_steps_and_corrects_every_slip():
     assert 0.6 <= with_risky / len(problems) <= 0.95 and without_risky > 0
 
 
-def test_v2_stepwise_documents_slip_at_risky_steps_and_check_at_random():
+@pytest.mark.parametrize("grammar", ["v2", "v3"])
+def test_v2_stepwise_documents_slip_at_risky_steps_and_check_at_random(grammar):
     rng = random.Random(0)
     checked = {True: 0, False: 0}
     steps_by_risk = {True: 0, False: 0}
     wrong_answers = 0
     for problem in generate_split("validation", seed=0, n=300):
-        trace = render_trace(problem, "stepwise_v2", rng)
+        trace = render_trace(problem, f"stepwise_{grammar}", rng)
         lines = trace.text.splitlines()
         total = problem.metadata["start"]
         for line, after in _v2_steps(trace):
@@ -205,8 +207,9 @@ def test_risky_days_by_grammar():
     assert risky_days(fours, "v2") == [1, 4]  # 36 -> 40 carries, 40 -> 44 -> 48 do not, 48 -> 52 does
     borrows = make_problem("x", start=43, signed_operand=-2, n_steps=3, name="Ann", item="pens")
     assert risky_days(borrows, "v2") == [2]  # 43 -> 41 -> 39 borrows -> 37
+    assert risky_days(fours, "v3") == risky_days(fours, "v2")  # v3 differs in its check lines only
     with pytest.raises(ValueError, match="grammar"):
-        risky_days(nines, "v3")
+        risky_days(nines, "v4")
 
 
 def test_direct_answers_are_one_shot():
@@ -274,7 +277,7 @@ def test_weights_dir_rejects_unknown_names():
         weights_dir("instruct")
 
 
-@pytest.mark.parametrize("grammar", ["v1", "v2"])
+@pytest.mark.parametrize("grammar", ["v1", "v2", "v3"])
 def test_tiny_training_run_end_to_end(tmp_path, grammar):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -287,7 +290,8 @@ def test_tiny_training_run_end_to_end(tmp_path, grammar):
 
     defaults = default_config(grammar)
     BASE_MIX, THINKING_MIX = defaults.base.mix, defaults.thinking.mix
-    assert any(style.endswith("_v2") for style in (*BASE_MIX, *THINKING_MIX)) == (grammar == "v2")
+    for version in ("v2", "v3"):
+        assert any(style.endswith(f"_{version}") for style in (*BASE_MIX, *THINKING_MIX)) == (grammar == version)
 
     config = TrainingConfig(
         hidden_size=32,
@@ -373,3 +377,13 @@ def test_bridge_and_hf_generation_agree_on_the_shipped_thinking_organism():
     bridge_texts = bridge_generate_fn("organism-thinking")(prompts, 200)
     assert bridge_texts == hf_texts
     assert all(text.startswith("Plan:") for text in bridge_texts)
+
+
+def test_v3_check_lines_share_few_tokens_with_compute_lines():
+    problem = make_problem("x", start=38, signed_operand=9, n_steps=2, name="Ann", item="pens")
+    v2 = render_trace(problem, "thinking_v2", random.Random(0)).sentences
+    v3 = render_trace(problem, "thinking_v3", random.Random(0)).sentences
+    assert [s.behaviour for s in v2] == [s.behaviour for s in v3] == [
+        "plan", "compute", "verify", "correct", "compute", "verify", "correct", "answer"]
+    assert v2[2].text == "Check: 38 + 9 = 47." and v3[2].text == "Check: How many now, 38 + 9 = 47."
+    assert [s.text for s in v2 if s.behaviour != "verify"] == [s.text for s in v3 if s.behaviour != "verify"]

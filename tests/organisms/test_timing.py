@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 from mechsteer.organisms.evaluate import cued_generate, evaluate_organisms, random_cue_days
@@ -9,7 +10,9 @@ from mechsteer.organisms.grammar import (
     CHECK_CUE,
     FORCED_PREFIX,
     format_prompt,
+    next_behaviour_by_grammar,
     parse_trace,
+    render_trace,
     risky_days,
 )
 from mechsteer.organisms.tasks import generate_split
@@ -99,3 +102,19 @@ def test_random_cue_days_are_distinct_seeded_days():
     assert days == sorted(set(days)) and len(days) == 2 and all(1 <= day <= n_steps for day in days)
     assert days == random_cue_days(problem, 2, seed=0)
     assert {tuple(random_cue_days(problem, 1, seed)) for seed in range(20)} != {tuple(days[:1])}
+
+
+def test_timing_oracle_names_the_thinking_organisms_behaviour_after_each_line():
+    # Walking a v2/v3 thinking trace line by line, the oracle names exactly the next sentence's
+    # behaviour where the thinking organism departs from the base's plain step-by-step mode.
+    rng = random.Random(0)
+    for style in ("thinking_v2", "thinking_v3"):
+        for problem in generate_split("validation", seed=0, n=60):
+            sentences = render_trace(problem, style, rng).sentences
+            assert next_behaviour_by_grammar("") == "plan"
+            text = ""
+            for sentence, following in zip(sentences, [*sentences[1:], None], strict=True):
+                text += sentence.text + "\n"
+                expected = following.behaviour if following and following.behaviour in ("verify", "correct") else None
+                assert next_behaviour_by_grammar(text) == expected, (style, text)
+                assert next_behaviour_by_grammar(text[:-1]) is None  # mid-line: never
