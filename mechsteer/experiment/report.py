@@ -208,9 +208,11 @@ def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report_table(report: dict[str, Any]) -> str:
     """The accuracy table that ``mechsteer run`` and ``mechsteer demo`` print (and report.md holds)."""
-    lines = [f"{'model':<16}{'accuracy':>10}{'gap rec.':>10}{'steered':>10}"]
-    lines += [f"{row['model']:<16}{_fmt(row['accuracy']):>10}{_fmt(row['gap_recovered']):>10}"
-              f"{_fmt(row['steered_fraction']):>10}" for row in accuracy_rows(report)]
+    rows = accuracy_rows(report)
+    width = max([16, *(len(row["model"]) + 2 for row in rows)])
+    lines = [f"{'model':<{width}}{'accuracy':>10}{'gap rec.':>10}{'steered':>10}"]
+    lines += [f"{row['model']:<{width}}{_fmt(row['accuracy']):>10}{_fmt(row['gap_recovered']):>10}"
+              f"{_fmt(row['steered_fraction']):>10}" for row in rows]
     return "\n".join(lines)
 
 
