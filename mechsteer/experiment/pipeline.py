@@ -462,22 +462,27 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: 
         ground_truth = ground_truth_for(config.benchmark)
         if ground_truth is not None:
             # Ground truth measures the behaviours of generated text, and taxonomy latents map to
-            # it by title. Several latents can share a title (the oracle judge names each by its
-            # majority behaviour) and ground truth cannot tell them apart, so each behaviour is
-            # measured once, with the direction of its first latent; latents whose title is no
-            # behaviour of the ground truth cannot be measured at all. Both are listed in the output.
+            # it by title, or, where the title is none of its behaviours (no judge), by the planted
+            # label most of the latent's sentences carry. Several latents can map to one behaviour
+            # and ground truth cannot tell them apart, so each behaviour is measured once, with the
+            # direction of its first latent; latents that map to no behaviour cannot be measured
+            # at all. Both are listed in the output.
+            matched = {b.id: b.matched_label for b in taxonomy.behaviours}
             first_latent: dict[str, int] = {}
             for behaviour in direction_set.behaviour_ids:
                 title = direction_set.title(behaviour)
-                if title in ground_truth.behaviours and title not in first_latent:
-                    first_latent[title] = behaviour
+                measured_as = title if title in ground_truth.behaviours else matched.get(behaviour)
+                if measured_as in ground_truth.behaviours and measured_as not in first_latent:
+                    first_latent[measured_as] = behaviour
+            settings["measured_as"] = {str(b): title for title, b in first_latent.items()}
             settings["not_measured"] = {str(b): direction_set.title(b) for b in direction_set.behaviour_ids
                                         if b not in first_latent.values()}
             if not first_latent:
-                raise ValueError(f"no taxonomy latent is titled with a behaviour of the {config.benchmark!r} "
-                                 f"ground truth ({sorted(ground_truth.behaviours)}); titles: {direction_set.titles}")
+                raise ValueError(f"no taxonomy latent is titled with, or mostly holds, a behaviour of the "
+                                 f"{config.benchmark!r} ground truth ({sorted(ground_truth.behaviours)}); "
+                                 f"titles: {direction_set.titles}")
             direction_set = direction_set.subset(list(first_latent.values()))
-            labeller = ground_truth_behaviour_labeller(ground_truth, direction_set.titles, direction_set.behaviour_ids)
+            labeller = ground_truth_behaviour_labeller(ground_truth, list(first_latent), list(first_latent.values()))
         else:
             labeller = SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
                                             taxonomy.provenance.include_previous_token)
