@@ -11,7 +11,8 @@ from typing import get_args
 
 from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.core.models import DTypeChoice
-from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+from mechsteer.engines import ENGINE_KINDS
+from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import report_table
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
@@ -21,7 +22,7 @@ def run_cli(args: argparse.Namespace) -> int:
     config = RunConfig.from_yaml(args.config)  # every key checked: a refused config runs nothing
     if args.wandb:
         config = dataclasses.replace(config, wandb=True)
-    config = with_placement(config, args)
+    config = with_overrides(config, args)
     check_output_folder(args.out)
     if args.clear_judge_cache:
         removed = clear_judge_cache(Path(args.out) / "taxonomy")
@@ -32,9 +33,16 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_placement(config: RunConfig, args: argparse.Namespace) -> RunConfig:
-    """The config with ``--device``/``--dtype`` where given (a device is not part of the digest)."""
-    changes = {key: getattr(args, key) for key in ("device", "dtype") if getattr(args, key, None) is not None}
+# `mechsteer run` flags (argparse dest) -> the config key each overrides.
+OVERRIDES = {"device": "device", "dtype": "dtype", "engine": "engine", "engine_url": "engine_url",
+             "engine_model": "engine_model_thinking", "engine_url_base": "engine_url_base",
+             "engine_model_base": "engine_model_base"}
+
+
+def with_overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """The config with ``--device``/``--dtype`` and the ``--engine*`` flags where given (a device and
+    a server's URL are not part of the digest; the engine and the served model names are)."""
+    changes = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if getattr(args, flag, None) is not None}
     if not changes:
         return config
     config = dataclasses.replace(config, **changes)
@@ -43,16 +51,32 @@ def with_placement(config: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def demo_cli(args: argparse.Namespace) -> int:
-    print("mechsteer demo: the full pipeline (traces -> activations -> SAE taxonomy -> directions -> "
-          "hybrid + controls -> ablations) on the shipped organism pair and the organism task.")
-    config = DEMO_CONFIG if args.n is None else dataclasses.replace(DEMO_CONFIG, n_eval=args.n, n_train=args.n)
-    if args.wandb:
-        config = dataclasses.replace(config, wandb=True)
-    check_output_folder(args.out)
-    report = run_pipeline(config, args.out)
-    print(report_table(report))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    print("mechsteer demo: the full pipeline (traces -> activations -> SAE taxonomy -> directions -> tuning -> "
+          "hybrid + controls + baselines -> ablations) on the shipped organism pair and the organism task, "
+          "twice: tuned on the validation split, and with the paper's coefficient grid and guardrail.")
+    outputs = []
+    for config, out in ((DEMO_CONFIG, Path(args.out)), (DEMO_GRID_CONFIG, Path(f"{args.out}-grid"))):
+        if args.n is not None:
+            config = dataclasses.replace(config, n_eval=args.n, n_train=args.n)
+        if args.wandb:
+            config = dataclasses.replace(config, wandb=True)
+        check_output_folder(out)
+        report = run_pipeline(config, out)
+        outputs.append((config, out, report))
+    for config, out, report in outputs:
+        tuning = report.get("tuning") or {}
+        chosen = (tuning.get("chosen") or {})
+        how = (f"tuned on {tuning['split']}: coefficients {chosen.get('coefficients')}, windows {chosen.get('windows')}"
+               if tuning.get("split") else f"coefficients {config.coefficients} with the guardrail, windows {config.windows}")
+        print(f"\n{config.name} ({how}; taxonomy selected by {report['taxonomy'].get('selected_by')}, "
+              f"ARI {_fmt(report['taxonomy'].get('ari'))})")
+        print(report_table(report))
+        print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 WANDB_HELP = ("track the run with wandb (sets wandb: true; WANDB_MODE=offline keeps it local; "
@@ -66,12 +90,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:1 ...)")
     parser.add_argument("--dtype", default=None, choices=get_args(DTypeChoice), help="override the config's dtype")
+    parser.add_argument("--engine", choices=ENGINE_KINDS, default=None,
+                        help="override the config's engine: plain generation (train traces, the base and thinking "
+                             "evaluations) on the bridge or through an OpenAI-compatible server")
+    parser.add_argument("--engine-url", default=None,
+                        help="override engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
+    parser.add_argument("--engine-model", default=None,
+                        help="override engine_model_thinking, the server's name for the thinking model")
+    parser.add_argument("--engine-url-base", default=None,
+                        help="override engine_url_base, the base model's server (default: engine_url)")
+    parser.add_argument("--engine-model-base", default=None,
+                        help="override engine_model_base, the server's name for the base model")
     parser.add_argument("--clear-judge-cache", action="store_true",
                         help=f"delete OUT/taxonomy/{JUDGE_CACHE_DIR} (the HTTP judge's saved answers) first; "
                              "it matters only when the taxonomy stage runs again")
     parser.set_defaults(func=run_cli)
-    demo = subparsers.add_parser("demo", help="the pipeline on the shipped organism pair (runs/demo)")
-    demo.add_argument("--out", default="runs/demo")
+    demo = subparsers.add_parser("demo", help="the pipeline on the shipped organism pair (runs/demo, runs/demo-grid)")
+    demo.add_argument("--out", default="runs/demo", help="the tuned run's folder; the grid run goes to OUT-grid")
     demo.add_argument("--n", type=positive_int, default=None,
                       help="problems for training and evaluation (default 200)")
     demo.add_argument("--wandb", action="store_true", help=WANDB_HELP)

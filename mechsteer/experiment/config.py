@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from mechsteer.core.errors import ConfigError
+from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
 from mechsteer.core.store import json_digest
 from mechsteer.core.validation import NonEmpty, Problem, Range, check_fields, join_problems
@@ -56,6 +57,11 @@ class RunConfig:
     n_latents: Annotated[list[Annotated[int, Range(min=2)]], NonEmpty()] = field(default_factory=lambda: [5, 10, 15])
     sae_k: Annotated[int, Range(min=1)] = 3
     judge: str = "none"  # none | oracle | http | http:MODEL | local:SPEC
+    # An HTTP judge's seconds per attempt (a retry after a timeout waits twice as long; not part of the
+    # digest) and cap on every judge answer's tokens (None: each prompt's own budget, 256 for titles);
+    # as `mechsteer taxonomy --judge-timeout/--judge-max-tokens`.
+    judge_timeout: Annotated[float, Range(min=1)] = HTTPSettings.timeout
+    judge_max_tokens: Annotated[int, Range(min=1)] | None = None
     direction_method: Literal["mean", "sae", "optimised"] = "mean"
     # Settings of the optimised vectors (OptimisationConfig fields, e.g. lr, steps, init_norm);
     # empty: the paper's defaults.
@@ -177,7 +183,7 @@ class RunConfig:
             raise ConfigError((f"{source}: " if source else "") + join_problems(problems))
 
     def digest(self) -> str:
-        skipped = {*TRACKING_KEYS, *PLACEMENT_KEYS, *ENGINE_CONNECTION_KEYS}
+        skipped = {*TRACKING_KEYS, *PLACEMENT_KEYS, *ENGINE_CONNECTION_KEYS, *JUDGE_CONNECTION_KEYS}
         computed = {key: value for key, value in asdict(self).items() if key not in skipped}
         if not computed["optimisation"]:
             del computed["optimisation"]  # added later: configs without it keep their digests
@@ -215,6 +221,8 @@ PLACEMENT_KEYS = ("device", "base_device", "thinking_device", "device_map")
 # How a generation server is reached; not part of the digest either.
 ENGINE_CONNECTION_KEYS = ("engine_url", "engine_url_base", "engine_timeout", "engine_max_concurrency",
                           "engine_max_retries")
+# How patiently the judge server is asked; its answers do not depend on it (its max tokens do).
+JUDGE_CONNECTION_KEYS = ("judge_timeout",)
 # Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
 LATER_DEFAULTS: dict[str, Any] = {
     "dtype": "auto", "train_benchmark": None, "trace_max_new_tokens": None, "eval_max_new_tokens": None,
@@ -223,6 +231,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "base_stop_strings": None, "unclosed_thinking": "no_answer",
     "engine": "bridge", "engine_model_base": None, "engine_model_thinking": None, "engine_return_token_ids": False,
     "tune_split": None, "n_tune": 100, "tune_thresholds": None, "baselines": [],
+    "judge_max_tokens": None,
 }
 
 
@@ -385,32 +394,39 @@ def default_activation_layers(n_layers: int) -> list[int]:
 
 DEMO_CONFIG = RunConfig(
     name="organism-demo",
-    base_model="organism-base",
-    thinking_model="organism-thinking",
+    # Grammar v3: the thinking advantage is mid-trace timing (checks after carry/borrow steps),
+    # not one decision at the first token (README, "Model organisms").
+    base_model="organism-v3-base",
+    thinking_model="organism-v3-thinking",
     benchmark="organism",
+    # Three disjoint splits: train (traces, taxonomy, directions), validation (the tuning stage
+    # picks the coefficient, or the whole grid, by validation accuracy), test (everything reported).
+    train_split="train",
     n_train=200,
+    tune_split="validation",
+    n_tune=100,
+    eval_split="test",
     n_eval=200,
-    max_new_tokens=288,  # the longest thinking-organism traces run ~265 tokens
+    max_new_tokens=192,  # the longest thinking-organism traces (five checked days) run ~180 tokens
     batch_size=50,
     activation_layers=None,
-    # Without L2 normalisation the organism's sentence clusters separate far better (compute
-    # sentences dominate the centring mean); the sweep tries both and the silhouette picks.
+    # The taxonomy is selected without labels: the cosine silhouette (judge none) over layers,
+    # normalisations and sizes; ARI against the planted labels is computed afterwards, for the report.
     normalise=[True, False],
     n_latents=[4, 5, 6, 8],
-    judge="oracle",
-    # Optimised vectors, trained at a larger step and initial norm than the paper's defaults:
-    # with those (norm ~1-2 against residual norms ~44) and with difference-of-means
-    # directions, no vector made the base organism start a plan, and the hybrid fell below
-    # the base (README, "The end-to-end demo").
+    judge="none",
     direction_method="optimised",
     optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
-    # One coefficient, so no guardrail: with a grid, the thinking model's choice among the
-    # candidates lets any vector that can flip a token at some coefficient do so, and the
-    # controls borrow that choice (bias only recovers 0.99 of the gap with {1, 2, 4}; README).
-    coefficients=[2.0],
+    coefficients=[1.0, 2.0, 4.0],
     windows=[1],
+    controls=["only_bias", "only_bias_replayed", "random_firing", "random_vectors"],
+    baselines=["first_token_only", "oracle_timing"],
     ablation_contexts=30,
     # The organisms are tiny (d_model 128): one thread is as fast as two, and far faster when
     # anything else runs on the machine (OpenMP threads spin-wait for a busy core).
     threads=1,
 )
+
+# The same run with the paper's algorithm: no tuning stage, the whole coefficient grid at every
+# steered token with the guardrail (the candidate token the thinking model finds most likely).
+DEMO_GRID_CONFIG = dataclasses.replace(DEMO_CONFIG, name="organism-demo-grid", tune_split=None)

@@ -77,6 +77,7 @@ from mechsteer.steering.mean import build_mean_directions, default_layer
 from mechsteer.steering.optimise import build_optimised_directions
 from mechsteer.steering.sae_map import build_sae_directions
 from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
 from mechsteer.taxonomy.sweep import sweep_to_folder
 
@@ -317,7 +318,8 @@ def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str
     rows, best = sweep_to_folder(
         out / "activations", layers, config.n_latents, out / "taxonomy", judge_spec=config.judge,
         benchmark=config.resolved_train_benchmark, method=config.taxonomy_method, k=config.sae_k, seed=config.seed,
-        normalise=tuple(config.normalise))
+        normalise=tuple(config.normalise),
+        judge_settings=JudgeSettings(timeout=config.judge_timeout, max_tokens=config.judge_max_tokens))
     metrics = asdict(best.metrics)
     return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
             "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),

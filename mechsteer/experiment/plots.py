@@ -26,8 +26,9 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     plt = _pyplot()
     names = [row["model"].replace("_", "\n") for row in rows]
     values = [row["accuracy"] for row in rows]
-    errors = [[value - row["ci_low"] for value, row in zip(values, rows, strict=True)],
-              [row["ci_high"] - value for value, row in zip(values, rows, strict=True)]]
+    # clamped at 0: at an accuracy of 0 or 1 the Wilson bound can miss it by a rounding error
+    errors = [[max(0.0, value - row["ci_low"]) for value, row in zip(values, rows, strict=True)],
+              [max(0.0, row["ci_high"] - value) for value, row in zip(values, rows, strict=True)]]
     colours = {"base": "#888", "thinking": "#2a6", "hybrid": "#26a"}
     figure, axis = plt.subplots(figsize=(max(5.0, 1.15 * len(rows) + 1), 3.8))
     axis.bar(range(len(rows)), values, yerr=errors, capsize=4,

@@ -4,8 +4,8 @@ The base organism knows HOW to reason step by step (plan, compute, verify, corre
 answer) but, prompted normally, answers in one shot; the thinking organism learned WHEN
 to use those behaviours. Both are trained here on CPU (`mechsteer organism train`). Two pairs
 ship: grammar v1 in ``weights/base`` and ``weights/thinking`` (model specs ``organism-base``,
-``organism-thinking``), grammar v2 (timing matters mid-trace; see grammar.py) in ``weights/v2/``
-(``organism-v2-base``, ``organism-v2-thinking``).
+``organism-thinking``), grammar v3 (timing matters mid-trace; see grammar.py) in ``weights/v3/``
+(``organism-v3-base``, ``organism-v3-thinking``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 ORGANISM_NAMES: tuple[str, ...] = ("base", "thinking")
 WEIGHTS_ROOT = Path(__file__).resolve().parent / "weights"
 # The shipped pairs: grammar -> folder under WEIGHTS_ROOT ("" for v1, shipped first).
-SHIPPED_PAIRS: dict[str, str] = {"v1": "", "v2": "v2"}
+SHIPPED_PAIRS: dict[str, str] = {"v1": "", "v3": "v3"}
 
 
 def model_spec(name: str, grammar: str = "v1") -> str:
-    """The registered model spec of a shipped organism: ``organism-base``, ``organism-v2-thinking`` ..."""
+    """The registered model spec of a shipped organism: ``organism-base``, ``organism-v3-thinking`` ..."""
     return f"organism-{name}" if grammar == "v1" else f"organism-{grammar}-{name}"
 
 

@@ -2,8 +2,12 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from mechsteer.cli import run, sweep
+from mechsteer.cli import main, run, sweep
+from mechsteer.experiment.config import DEMO_CONFIG
+
+DEMO_YAML = Path(__file__).resolve().parents[2] / "experiments" / "organism-demo.yaml"
 
 
 def test_info_prints_json_with_assets():
@@ -33,3 +37,23 @@ def test_run_demo_and_sweep_register_their_commands():
     assert (args.func, args.config, args.out, args.wandb) == (run.run_cli, "c.yaml", "o", True)
     args = parser.parse_args(["sweep", "--config", "s.yaml", "--executor", "ray"])
     assert (args.func, args.executor, args.out, args.point) == (sweep.sweep_cli, "ray", None, None)
+
+
+def test_run_flags_override_the_configs_engine_and_placement(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="mechsteer")
+    run.register(parser.add_subparsers(dest="command"))
+    plain = ["run", "--config", "c.yaml", "--out", "o"]
+    assert run.with_overrides(DEMO_CONFIG, parser.parse_args(plain)) is DEMO_CONFIG
+    args = parser.parse_args([*plain, "--engine", "openai", "--engine-url", "http://127.0.0.1:9/v1", "--engine-model",
+                              "served-thinking", "--engine-model-base", "served-base", "--device", "cpu"])
+    config = run.with_overrides(DEMO_CONFIG, args)
+    assert (config.engine, config.engine_url, config.engine_url_base, config.engine_model_thinking,
+            config.engine_model_base, config.device) == (
+        "openai", "http://127.0.0.1:9/v1", None, "served-thinking", "served-base", "cpu")
+    assert config.digest() != DEMO_CONFIG.digest()  # another engine computes other traces
+    url_only = run.with_overrides(DEMO_CONFIG, parser.parse_args([*plain, "--engine-url-base", "http://h:1/v1"]))
+    assert url_only.engine_url_base == "http://h:1/v1" and url_only.digest() == DEMO_CONFIG.digest()
+    # overrides go through the config's validator, before the run folder is touched
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(DEMO_YAML), "--out", str(out), "--engine", "openai"]) != 0
+    assert "engine_url" in capsys.readouterr().err and not out.exists()

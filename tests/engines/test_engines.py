@@ -30,6 +30,7 @@ from mechsteer.engines import (
 )
 from mechsteer.engines.openai import ENV_ENGINE_API_KEY
 from mechsteer.experiment import config as config_module
+from mechsteer.experiment import pipeline as pipeline_module
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import plain_generator
 from tests.engines.stub import Answer, StubServer, completion
@@ -318,10 +319,45 @@ def test_a_run_asks_the_server_without_loading_the_model() -> None:
     base = plain_generator(config, pair, "base")
     assert isinstance(thinking, OpenAIEngine) and isinstance(base, OpenAIEngine)
     assert (thinking.url, thinking.server_model, thinking.model_name) == (
-        "http://127.0.0.1:9/v1/completions", "served-thinking", "organism-thinking")
+        "http://127.0.0.1:9/v1/completions", "served-thinking", DEMO_CONFIG.thinking_model)
     assert (base.url, base.server_model, base.model_name) == (
-        "http://127.0.0.1:8/v1/completions", "organism-base", "organism-base")
+        "http://127.0.0.1:8/v1/completions", DEMO_CONFIG.base_model, DEMO_CONFIG.base_model)
     assert (thinking.http.settings.timeout, thinking.http.settings.max_concurrency) == (30.0, 3)
     assert pair.loads == []  # only the tokenizers
     bridge = plain_generator(DEMO_CONFIG, pair, "thinking")
     assert not isinstance(bridge, OpenAIEngine) and pair.loads == ["thinking"]
+
+
+def test_the_judge_keys_reach_the_taxonomy_stage_and_only_max_tokens_is_digested(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    timeout_default = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "judge_timeout")
+    assert timeout_default == HTTPSettings().timeout  # the HTTP judge's own default
+    digested: list[dict] = []
+    monkeypatch.setattr(config_module, "json_digest", lambda value: digested.append(value) or "digest")
+    DEMO_CONFIG.digest()
+    assert not [key for key in digested[0] if key.startswith("judge_")]  # at their defaults: not digested
+    monkeypatch.undo()
+    base = DEMO_CONFIG.digest()
+    assert dataclasses.replace(DEMO_CONFIG, judge_timeout=600.0).digest() == base  # patience, not answers
+    assert dataclasses.replace(DEMO_CONFIG, judge_max_tokens=48).digest() != base  # shorter answers
+    data = {f.name: getattr(DEMO_CONFIG, f.name) for f in dataclasses.fields(RunConfig)}
+    with pytest.raises(ConfigError, match="judge_max_tokens"):
+        RunConfig.from_dict({**data, "judge_max_tokens": 0})
+    with pytest.raises(ConfigError, match="judge_timeout"):
+        RunConfig.from_dict({**data, "judge_timeout": 0.0})
+
+    class Swept(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def sweep_to_folder(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise Swept
+
+    monkeypatch.setattr(pipeline_module, "sweep_to_folder", sweep_to_folder)
+    config = RunConfig.from_dict({**data, "judge": "http:served-judge", "judge_timeout": 45.0, "judge_max_tokens": 48})
+    with pytest.raises(Swept):
+        pipeline_module._taxonomy_stage(config, tmp_path, [2])
+    assert seen["judge_spec"] == "http:served-judge"
+    assert (seen["judge_settings"].timeout, seen["judge_settings"].max_tokens) == (45.0, 48)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mechsteer.core.store import read_jsonl
-from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.report import behaviour_statistics
 from mechsteer.experiment.state import RunState
 from tests.experiment.conftest import SHORT_RUN  # the short_run fixture (conftest) runs this config
@@ -31,8 +31,12 @@ def test_every_experiment_config_parses():
         assert config.base_model and config.thinking_model and config.benchmark in {"gsm8k", "math500", "organism"}
 
 
-def test_demo_yaml_is_the_embedded_demo_config():
+def test_demo_yamls_are_the_embedded_demo_configs():
     assert RunConfig.from_yaml(REPO / "experiments" / "organism-demo.yaml") == DEMO_CONFIG
+    assert RunConfig.from_yaml(REPO / "experiments" / "organism-demo-grid.yaml") == DEMO_GRID_CONFIG
+    # the grid run differs only in having no tuning stage
+    assert {key for key, value in vars(DEMO_CONFIG).items() if vars(DEMO_GRID_CONFIG)[key] != value} == {
+        "name", "tune_split"}
 
 
 def test_unknown_config_key_is_rejected():

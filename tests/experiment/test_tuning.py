@@ -69,18 +69,25 @@ def test_tuning_keys_are_refused_with_the_fix(change, message):
         assert "use another split of 'organism' (validation)" in str(refused.value)
 
 
+# The demo config before the demo protocol (issue 17): run folders were written under its digest.
+OLD_DEMO = dataclasses.replace(
+    DEMO_CONFIG, name="organism-demo", base_model="organism-base", thinking_model="organism-thinking",
+    tune_split=None, max_new_tokens=288, judge="oracle", coefficients=[2.0], baselines=[],
+    controls=["only_bias", "random_firing", "random_vectors"])
+
+
 def test_tuning_keys_leave_existing_digests_alone():
-    assert DEMO_CONFIG.digest() == "f2c2834c78ea8dc1"  # the digest run folders were written under
-    explicit = dataclasses.replace(DEMO_CONFIG, tune_split=None, n_tune=100, tune_thresholds=None)
-    assert explicit.digest() == DEMO_CONFIG.digest()
-    tuned = dataclasses.replace(DEMO_CONFIG, tune_split="validation")
-    assert tuned.digest() != DEMO_CONFIG.digest()
+    assert OLD_DEMO.digest() == "f2c2834c78ea8dc1"  # the digest run folders were written under
+    explicit = dataclasses.replace(OLD_DEMO, tune_split=None, n_tune=100, tune_thresholds=None)
+    assert explicit.digest() == OLD_DEMO.digest()
+    tuned = dataclasses.replace(OLD_DEMO, tune_split="validation")
+    assert tuned.digest() != OLD_DEMO.digest()
     assert dataclasses.replace(tuned, n_tune=50).digest() != tuned.digest()
     tuned.validate()
 
 
 def test_report_without_tuning_says_the_config_set_it_and_names_what_selected_the_taxonomy():
-    config = dataclasses.replace(DEMO_CONFIG, policy="threshold", threshold=0.3)
+    config = dataclasses.replace(OLD_DEMO, policy="threshold", threshold=0.3)
     assert tuning_report(config, None) == {"split": None, "note": "set in the config",
                                            "chosen": {"coefficients": [2.0], "windows": [1], "threshold": 0.3}}
     assert config_setting(DEMO_CONFIG).threshold is None  # the argmax policy has none

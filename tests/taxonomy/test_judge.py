@@ -424,6 +424,7 @@ def test_cache_makes_reruns_free(server: ChatServer, tmp_path: Path, monkeypatch
     rerun_judge.complete(prompts[0], temperature=0.5)
     rerun_judge.complete(prompts[0], max_tokens=99)
     HTTPJudge(server.url, "other-model", SECRET, cache_dir=tmp_path).complete(prompts[0])
+    released_version = judge_prompts.PROMPT_VERSION
     monkeypatch.setattr(judge_prompts, "PROMPT_VERSION", "test-next")
     rerun_judge.complete(prompts[0])
     assert server.count == 7
@@ -431,7 +432,7 @@ def test_cache_makes_reruns_free(server: ChatServer, tmp_path: Path, monkeypatch
     files = sorted(tmp_path.rglob("*.json"))
     assert len(files) == 7
     versions = sorted({json.loads(f.read_text())["prompt_version"] for f in files})
-    assert versions == sorted({"test-next", "1"})
+    assert versions == sorted({"test-next", released_version})
 
 
 def test_cache_file_layout(server: ChatServer, tmp_path: Path) -> None:

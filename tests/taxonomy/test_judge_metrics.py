@@ -399,6 +399,60 @@ def test_parse_description_answer(text: str, parsed: tuple[str, str] | None) -> 
     assert judge_prompts.parse_description_answer(text) == parsed
 
 
+def test_describe_prompt_shows_worked_examples_before_the_request() -> None:
+    sentences = ["Day 1: 83 + 4 = 87.", "Day 2: 87 + 4 = 91."]
+    messages = judge_prompts.describe_behaviour_messages(sentences)
+    examples = judge_prompts.DESCRIBE_BEHAVIOUR.examples
+    assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(examples) + ["user"]
+    assert len(examples) >= 2 and len({example.answer for example in examples}) == len(examples)
+    for example, (question, answer) in zip(examples, zip(messages[1::2], messages[2::2], strict=False),
+                                           strict=False):
+        shown = parse_prompt([question])
+        assert shown.task == "describe_behaviour" and shown.fields["Sentence"] == tuple(s for _, s in example.fields)
+        assert answer["content"] == example.answer
+        # the worked answers are in the asked format (read without the echo check)
+        assert judge_prompts._read_description_answer(answer["content"]) is not None
+    assert parse_prompt(messages).fields["Sentence"] == tuple(sentences)  # the request is the last user turn
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # SmolLM2-135M's answers before the worked examples (tests/engines/test_server.py)
+        "Task: describe_behaviour\n\nTask: describe_behaviour\n\nTask: describe_behaviour",
+        "The answer is 46.",
+        # the format's placeholders copied back
+        "Title: <a short title of two to five words>\n"
+        "Description: <one or two sentences describing the shared cognitive function>",
+        # a worked example's title or description copied
+        "Title: Doing arithmetic\nDescription: The model adds numbers.",
+        "Title: **restating  the problem**\nDescription: The model adds numbers.",
+        "Title: Adding\nDescription: The model carries out one arithmetic operation on the running value.",
+        # one of the described sentences as the title
+        "Title: The answer is 46.\nDescription: The model gives its final answer.",
+        "Title: the answer is 46\nDescription: The model gives its final answer.",
+    ],
+)
+def test_description_answers_that_echo_the_prompt_are_refused(answer: str) -> None:
+    sentences = ["The answer is 46.", "The answer is 12."]
+    assert judge_prompts.parse_description_answer(answer, sentences) is None
+    assert judge_prompts.answer_parses(judge_prompts.describe_behaviour_messages(sentences), answer) is False
+
+
+def test_an_own_title_is_kept_and_the_refusal_quotes_the_answer() -> None:
+    sentences = ["The answer is 46.", "The answer is 12."]
+    own = "Title: Stating the answer\nDescription: The model states its final answer."
+    assert judge_prompts.parse_description_answer(own, sentences) == (
+        "Stating the answer", "The model states its final answer.")
+    assert judge_prompts.answer_parses(judge_prompts.describe_behaviour_messages(sentences), own) is True
+    # a sentence is an echo only for the prompt that showed it
+    echo = "Title: The answer is 46.\nDescription: The model gives its final answer."
+    assert judge_prompts.parse_description_answer(echo) == ("The answer is 46.", "The model gives its final answer.")
+    judge = ScriptedJudge(describe=lambda shown, _index: echo)
+    with pytest.raises(JudgeParseError, match=r"behaviour 0 .*'Title: The answer is 46\.\\nDescription"):
+        describe_behaviours(judge, {0: sentences}, n_repeats=1)
+
+
 # ---- LocalJudge on a real chat model -----------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ class BehaviourDescription:
     """A behaviour's judge-written title and description.
 
     ``candidates`` holds the (title, description) of every parsable repeat, in repeat order;
-    ``n_unparsable`` counts the repeats whose answer had no Title/Description.
+    ``n_unparsable`` counts the repeats whose answer had no Title/Description (or echoed the prompt).
     """
 
     behaviour: int
@@ -217,12 +217,14 @@ def describe_behaviours(
     descriptions: dict[int, BehaviourDescription] = {}
     for position, behaviour in enumerate(behaviours):
         raw = answers[position * n_repeats : (position + 1) * n_repeats]
-        parsed = [p for p in (parse_description_answer(a) for a in raw) if p is not None]
+        sentences = list(examples[behaviour])
+        parsed = [p for p in (parse_description_answer(a, sentences) for a in raw) if p is not None]
         if not parsed:
-            shown = "; ".join(repr(a[:80]) for a in raw[:3])
+            shown = "; ".join(repr(a[:120]) for a in raw[:3])
             raise JudgeParseError(
                 f"no Title/Description in any of the {n_repeats} judge answers for behaviour "
-                f"{behaviour}: {shown}"
+                f"{behaviour} (each needs a 'Title:' and a 'Description:' line of its own, not copied "
+                f"from the prompt): {shown}"
             )
         normalised = [" ".join(title.lower().split()) for title, _ in parsed]
         counts = Counter(normalised)

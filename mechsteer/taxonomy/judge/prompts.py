@@ -13,7 +13,15 @@ can answer the very same prompts a real judge gets: the user message starts with
 ``Task: <name>`` line, and every free-text field sits on its own line as ``Key: "<json>"``
 (a JSON string literal, so sentences with newlines or quotes stay on one line and parse back
 exactly). Instruction lines never start with a field key. :func:`parse_prompt` inverts
-:func:`render_messages`.
+:func:`render_messages` (it reads the last user message).
+
+``describe_behaviour`` and ``pair_similarity`` show two worked examples first (earlier
+user/assistant turns in the same layout, answered in the asked format): without them a small chat
+model (SmolLM2-135M-Instruct behind ``transformers serve``) echoes the prompt (``Task:
+describe_behaviour``, ``Title A: ...``) instead of answering; with them it answers every such
+prompt of the real-server test (tests/engines/test_server.py) in the format. A description answer
+that copies an example's title or description, the format's ``<placeholders>`` or one of the
+sentences is refused as an echo of the prompt.
 
 Bump ``PROMPT_VERSION`` whenever a template's wording changes: the HTTP judge's on-disk cache
 key includes it, so cached answers to old wording are never reused.
@@ -26,7 +34,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"
 
 # Field keys that may appear as `Key: "<json string>"` lines in a user message.
 FIELD_KEYS: tuple[str, ...] = (
@@ -41,14 +49,24 @@ FIELD_KEYS: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class WorkedExample:
+    """An earlier user turn (the template's layout with these fields) and the answer it shows."""
+
+    fields: tuple[tuple[str, str], ...]
+    answer: str
+
+
+@dataclass(frozen=True)
 class PromptTemplate:
-    """One named prompt: a system message, instructions, the fields it carries, its answer budget."""
+    """One named prompt: a system message, instructions, the fields it carries, its answer budget,
+    and the worked examples shown before the request (none for most templates)."""
 
     name: str
     system: str
     instructions: str
     answer_instruction: str
     max_tokens: int
+    examples: tuple[WorkedExample, ...] = ()
 
 
 SYSTEM_ANALYST = (
@@ -72,6 +90,32 @@ DESCRIBE_BEHAVIOUR = PromptTemplate(
         "Description: <one or two sentences describing the shared cognitive function>"
     ),
     max_tokens=256,
+    # Two functions, so that the format is shown and not one title to copy (a 135M model copies a
+    # single example's title, or the later of two examples that share a domain).
+    examples=(
+        WorkedExample(
+            fields=tuple(("Sentence", sentence) for sentence in (
+                "Then 12 + 5 = 17.",
+                "So 17 - 4 = 13 apples remain.",
+                "Next, 13 times 2 is 26.",
+                "Adding the two parts gives 26 + 9 = 35.",
+                "Subtracting the fee, 35 - 6 = 29.",
+            )),
+            answer="Title: Doing arithmetic\n"
+                   "Description: The model carries out one arithmetic operation on the running value.",
+        ),
+        WorkedExample(
+            fields=tuple(("Sentence", sentence) for sentence in (
+                "So the question asks how many apples are left after the sale.",
+                "Let me restate: we need the total cost of three tickets.",
+                "In other words, we want the time when the two trains meet.",
+                "The problem wants the area of the remaining garden.",
+                "So we are asked for the speed of the second car.",
+            )),
+            answer="Title: Restating the problem\n"
+                   "Description: The model restates what the question asks in its own words before solving it.",
+        ),
+    ),
 )
 
 CONSISTENCY = PromptTemplate(
@@ -110,6 +154,27 @@ PAIR_SIMILARITY = PromptTemplate(
     ),
     answer_instruction="Answer with a single integer from 0 to 10 and nothing else.",
     max_tokens=8,
+    # The two ends of the scale; without them SmolLM2-135M echoes "Title A: ..." instead of a number.
+    examples=(
+        WorkedExample(
+            fields=(
+                ("Title A", "Doing arithmetic"),
+                ("Description A", "The model carries out one arithmetic operation on the running value."),
+                ("Title B", "Restating the problem"),
+                ("Description B", "The model restates what the question asks in its own words before solving it."),
+            ),
+            answer="1",
+        ),
+        WorkedExample(
+            fields=(
+                ("Title A", "Checking a result"),
+                ("Description A", "The model verifies a value it computed earlier."),
+                ("Title B", "Verifying a computation"),
+                ("Description B", "The model recomputes an earlier step to confirm that it is right."),
+            ),
+            answer="9",
+        ),
+    ),
 )
 
 TEMPLATES: dict[str, PromptTemplate] = {
@@ -120,8 +185,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
 Messages = list[dict[str, str]]
 
 
-def render_messages(template: PromptTemplate, fields: Sequence[tuple[str, str]]) -> Messages:
-    """Chat messages (OpenAI format) for ``template`` carrying ``fields`` in the given order."""
+def _user_content(template: PromptTemplate, fields: Sequence[tuple[str, str]]) -> str:
     lines = [f"Task: {template.name}", "", template.instructions, ""]
     for key, value in fields:
         if key not in FIELD_KEYS:
@@ -130,10 +194,20 @@ def render_messages(template: PromptTemplate, fields: Sequence[tuple[str, str]])
             raise ValueError(f"prompt field {key!r} must be a str, got {type(value).__name__}")
         lines.append(f"{key}: {json.dumps(value, ensure_ascii=False)}")
     lines += ["", template.answer_instruction]
-    return [
-        {"role": "system", "content": template.system},
-        {"role": "user", "content": "\n".join(lines)},
-    ]
+    return "\n".join(lines)
+
+
+def render_messages(template: PromptTemplate, fields: Sequence[tuple[str, str]]) -> Messages:
+    """Chat messages (OpenAI format) for ``template`` carrying ``fields`` in the given order:
+    the system message, the template's worked examples as earlier turns, then the request."""
+    messages = [{"role": "system", "content": template.system}]
+    for example in template.examples:
+        messages += [
+            {"role": "user", "content": _user_content(template, example.fields)},
+            {"role": "assistant", "content": example.answer},
+        ]
+    messages.append({"role": "user", "content": _user_content(template, fields)})
+    return messages
 
 
 def describe_behaviour_messages(sentences: Sequence[str]) -> Messages:
@@ -219,12 +293,38 @@ _DECORATION = "*_`#>\"' \t"
 _KEYED_LINE = re.compile(r"^[\W_]*(title|description)[\W_]*?:\s*(.*)$", re.IGNORECASE)
 
 
-def parse_description_answer(text: str) -> tuple[str, str] | None:
-    """(title, description) from a DESCRIBE_BEHAVIOUR answer, or None if either is missing.
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split()).strip(_DECORATION + ".")
+
+
+# What an answer copied from the prompt would hold: the worked examples' titles and descriptions.
+_EXAMPLE_PARTS = frozenset(
+    _normalised(part)
+    for example in DESCRIBE_BEHAVIOUR.examples
+    for part in example.answer.replace("Title:", "\n").replace("Description:", "\n").splitlines()
+    if part.strip()
+)
+
+
+def parse_description_answer(text: str, sentences: Sequence[str] = ()) -> tuple[str, str] | None:
+    """(title, description) from a DESCRIBE_BEHAVIOUR answer, or None if either is missing or
+    echoes the prompt.
 
     Tolerates markdown bold/headers, quotes and case in the keys, and a description that runs
-    over several lines (everything after ``Description:`` up to a further key line).
+    over several lines (everything after ``Description:`` up to a further key line). An echo is
+    a title or description that is the format's ``<placeholder>``, a worked example's title or
+    description, or (case and spacing aside) one of the described ``sentences``.
     """
+    parsed = _read_description_answer(text)
+    if parsed is None:
+        return None
+    echoes = _EXAMPLE_PARTS | {_normalised(sentence) for sentence in sentences}
+    if any(part.startswith("<") or _normalised(part) in echoes for part in parsed):
+        return None
+    return parsed
+
+
+def _read_description_answer(text: str) -> tuple[str, str] | None:
     title: str | None = None
     description_lines: list[str] | None = None
     for line in text.splitlines():
@@ -285,12 +385,13 @@ def parse_score(text: str) -> float | None:
     return None
 
 
-# A parser per task: an answer it cannot read is never cached (mechsteer.taxonomy.judge.http).
-ANSWER_PARSERS: dict[str, Callable[[str], object]] = {
-    DESCRIBE_BEHAVIOUR.name: parse_description_answer,
-    CONSISTENCY.name: parse_yes_no,
-    COMPLETENESS.name: parse_score,
-    PAIR_SIMILARITY.name: parse_score,
+# A parser per task (the answer, the prompt it answers): an answer it cannot read is never cached
+# (mechsteer.taxonomy.judge.http).
+ANSWER_PARSERS: dict[str, Callable[[str, ParsedPrompt], object]] = {
+    DESCRIBE_BEHAVIOUR.name: lambda answer, prompt: parse_description_answer(answer, prompt.fields.get("Sentence", ())),
+    CONSISTENCY.name: lambda answer, _prompt: parse_yes_no(answer),
+    COMPLETENESS.name: lambda answer, _prompt: parse_score(answer),
+    PAIR_SIMILARITY.name: lambda answer, _prompt: parse_score(answer),
 }
 
 
@@ -298,7 +399,7 @@ def answer_parses(messages: Sequence[Mapping[str, str]], answer: str) -> bool | 
     """Whether ``answer`` reads as an answer to the task of ``messages`` (a mechsteer prompt);
     None for a prompt of another kind, which this module cannot judge."""
     try:
-        task = parse_prompt(messages).task
+        prompt = parse_prompt(messages)
     except ValueError:
         return None
-    return ANSWER_PARSERS[task](answer) is not None
+    return ANSWER_PARSERS[prompt.task](answer, prompt) is not None
