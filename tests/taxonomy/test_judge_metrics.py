@@ -424,10 +424,9 @@ def test_describe_prompt_shows_worked_examples_before_the_request() -> None:
         # the format's placeholders copied back
         "Title: <a short title of two to five words>\n"
         "Description: <one or two sentences describing the shared cognitive function>",
-        # a worked example's title or description copied
-        "Title: Doing arithmetic\nDescription: The model adds numbers.",
-        "Title: **restating  the problem**\nDescription: The model adds numbers.",
-        "Title: Adding\nDescription: The model carries out one arithmetic operation on the running value.",
+        # a worked example copied, or its description
+        "Title: Doing arithmetic\nDescription: The model carries out one arithmetic operation on the running value.",
+        "Title: Adding\nDescription: the model carries out one arithmetic operation on the running value",
         # one of the described sentences as the title
         "Title: The answer is 46.\nDescription: The model gives its final answer.",
         "Title: the answer is 46\nDescription: The model gives its final answer.",
@@ -445,6 +444,10 @@ def test_an_own_title_is_kept_and_the_refusal_quotes_the_answer() -> None:
     assert judge_prompts.parse_description_answer(own, sentences) == (
         "Stating the answer", "The model states its final answer.")
     assert judge_prompts.answer_parses(judge_prompts.describe_behaviour_messages(sentences), own) is True
+    # an example's title may be the apt one: kept with a description of its own
+    apt = "Title: **Restating  the problem**\nDescription: The model says again what is asked."
+    assert judge_prompts.parse_description_answer(apt, sentences) == (
+        "Restating  the problem", "The model says again what is asked.")
     # a sentence is an echo only for the prompt that showed it
     echo = "Title: The answer is 46.\nDescription: The model gives its final answer."
     assert judge_prompts.parse_description_answer(echo) == ("The answer is 46.", "The model gives its final answer.")

@@ -20,8 +20,8 @@ user/assistant turns in the same layout, answered in the asked format): without 
 model (SmolLM2-135M-Instruct behind ``transformers serve``) echoes the prompt (``Task:
 describe_behaviour``, ``Title A: ...``) instead of answering; with them it answers every such
 prompt of the real-server test (tests/engines/test_server.py) in the format. A description answer
-that copies an example's title or description, the format's ``<placeholders>`` or one of the
-sentences is refused as an echo of the prompt.
+that copies an example's description, the format's ``<placeholders>`` or one of the sentences is
+refused as an echo of the prompt.
 
 Bump ``PROMPT_VERSION`` whenever a template's wording changes: the HTTP judge's on-disk cache
 key includes it, so cached answers to old wording are never reused.
@@ -297,31 +297,26 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split()).strip(_DECORATION + ".")
 
 
-# What an answer copied from the prompt would hold: the worked examples' titles and descriptions.
-_EXAMPLE_PARTS = frozenset(
-    _normalised(part)
-    for example in DESCRIBE_BEHAVIOUR.examples
-    for part in example.answer.replace("Title:", "\n").replace("Description:", "\n").splitlines()
-    if part.strip()
-)
-
-
 def parse_description_answer(text: str, sentences: Sequence[str] = ()) -> tuple[str, str] | None:
     """(title, description) from a DESCRIBE_BEHAVIOUR answer, or None if either is missing or
     echoes the prompt.
 
     Tolerates markdown bold/headers, quotes and case in the keys, and a description that runs
-    over several lines (everything after ``Description:`` up to a further key line). An echo is
-    a title or description that is the format's ``<placeholder>``, a worked example's title or
-    description, or (case and spacing aside) one of the described ``sentences``.
+    over several lines (everything after ``Description:`` up to a further key line). An echo
+    (case, spacing and a final full stop aside) is a title or description that is the format's
+    ``<placeholder>`` or one of the described ``sentences``, or a worked example's description. A
+    worked example's title alone is kept: it may be the apt title, written with an own description.
     """
     parsed = _read_description_answer(text)
     if parsed is None:
         return None
-    echoes = _EXAMPLE_PARTS | {_normalised(sentence) for sentence in sentences}
-    if any(part.startswith("<") or _normalised(part) in echoes for part in parsed):
+    title, description = parsed
+    shown = {_normalised(sentence) for sentence in sentences}
+    if any(part.startswith("<") or _normalised(part) in shown for part in parsed):
         return None
-    return parsed
+    if _normalised(description) in _EXAMPLE_DESCRIPTIONS:
+        return None
+    return title, description
 
 
 def _read_description_answer(text: str) -> tuple[str, str] | None:
@@ -346,6 +341,13 @@ def _read_description_answer(text: str) -> tuple[str, str] | None:
         return None
     return title, description
 
+
+# What a copied worked example would hold (parse_description_answer refuses it).
+_EXAMPLE_DESCRIPTIONS = frozenset(
+    _normalised(parsed[1])
+    for parsed in (_read_description_answer(example.answer) for example in DESCRIBE_BEHAVIOUR.examples)
+    if parsed is not None
+)
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
