@@ -75,7 +75,7 @@ def test_run_config_stage_settings():
     assert hybrid.windows == (0, 1) and hybrid.stop_strings == ("\nQ:",)
     # the demo's own settings are untouched: one length, its batch, its template's (no) stop strings
     demo = run_hybrid_config(DEMO_CONFIG, 1, 2)
-    assert (demo.max_new_tokens, demo.batch_size, demo.stop_strings) == (288, 50, ())
+    assert (demo.max_new_tokens, demo.batch_size, demo.stop_strings) == (192, 50, ())
     assert trace_settings(DEMO_CONFIG, "base")["stop_strings"] == ()
     gsm8k = dataclasses.replace(DEMO_CONFIG, benchmark="gsm8k", judge="none")
     assert gsm8k.resolved_base_stop_strings == get_template("base_paper").stop_strings

@@ -26,6 +26,7 @@ from mechsteer.experiment.tracking import (
     table_columns,
     wandb_environment,
 )
+from tests.experiment.configs import OLD_DEMO
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = yaml.safe_load((REPO / "experiments" / "sweeps" / "organism-tiny.yaml").read_text())["base"]
@@ -43,17 +44,17 @@ def test_tracking_is_off_by_default_and_never_imports_wandb(tmp_path):
 
 def test_tracking_keys_leave_the_digest_as_it_was():
     """Run folders written before the tracking keys existed hashed every other key: still equal."""
-    tracked = dataclasses.replace(DEMO_CONFIG, wandb=True, wandb_project="p", wandb_group="g", wandb_mode="offline")
+    tracked = dataclasses.replace(OLD_DEMO, wandb=True, wandb_project="p", wandb_group="g", wandb_mode="offline")
     # The keys the config had then; every key added later leaves the digest alone at its default.
     then = ("name base_model thinking_model benchmark base_template thinking_template train_split n_train eval_split "
             "n_eval max_new_tokens batch_size activation_layers include_previous_token taxonomy_method normalise "
             "n_latents sae_k judge direction_method optimisation steer_layer coefficients windows policy threshold controls "
             "ablations ablation_contexts seed threads").split()
-    untracked_fields = {k: v for k, v in asdict(DEMO_CONFIG).items() if k in then}
+    untracked_fields = {k: v for k, v in asdict(OLD_DEMO).items() if k in then}
     before = hashlib.sha256(json.dumps(untracked_fields, sort_keys=True).encode()).hexdigest()[:16]
-    assert tracked.digest() == DEMO_CONFIG.digest() == before
-    # the demo's run folders (and every experiments/*.yaml's) were written under this digest
-    assert DEMO_CONFIG.digest() == "f2c2834c78ea8dc1"
+    assert tracked.digest() == OLD_DEMO.digest() == before
+    # the old demo's run folders (and every experiments/*.yaml's) were written under this digest
+    assert OLD_DEMO.digest() == "f2c2834c78ea8dc1"
     placed = dataclasses.replace(DEMO_CONFIG, device="cpu", thinking_device="cpu", device_map="auto")
     assert placed.digest() == DEMO_CONFIG.digest()  # where a run computes is not what it computes
     assert dataclasses.replace(DEMO_CONFIG, dtype="bfloat16").digest() != DEMO_CONFIG.digest()

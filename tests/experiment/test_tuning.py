@@ -16,6 +16,7 @@ from mechsteer.experiment.tuning import choose, config_setting, tuning_candidate
 from mechsteer.hybrid import generator
 from mechsteer.hybrid.generator import HybridOutput, TokenLog
 from mechsteer.taxonomy.sweep import selected_by
+from tests.experiment.configs import OLD_DEMO
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = yaml.safe_load((REPO / "experiments" / "sweeps" / "organism-tiny.yaml").read_text())["base"]
@@ -67,13 +68,6 @@ def test_tuning_keys_are_refused_with_the_fix(change, message):
     assert message in str(refused.value)
     if change.get("tune_split") in ("test", "train"):
         assert "use another split of 'organism' (validation)" in str(refused.value)
-
-
-# The demo config before the demo protocol (issue 17): run folders were written under its digest.
-OLD_DEMO = dataclasses.replace(
-    DEMO_CONFIG, name="organism-demo", base_model="organism-base", thinking_model="organism-thinking",
-    tune_split=None, max_new_tokens=288, judge="oracle", coefficients=[2.0], baselines=[],
-    controls=["only_bias", "random_firing", "random_vectors"])
 
 
 def test_tuning_keys_leave_existing_digests_alone():
