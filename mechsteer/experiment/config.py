@@ -26,6 +26,7 @@ from mechsteer.data.prompts import benchmark_template, get_template, template_na
 from mechsteer.data.traces import UnclosedThinking
 from mechsteer.engines.base import EngineKind
 from mechsteer.hybrid.generator import HybridConfig
+from mechsteer.hybrid.timing import PolicyRead
 from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.taxonomy.judge.spec import check_judge_spec
 
@@ -71,6 +72,9 @@ class RunConfig:
     # steer the last w positions; 0: all of them (the paper's "all tokens")
     windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = field(default_factory=lambda: [1])
     policy: Literal["sae_argmax", "threshold"] = "sae_argmax"
+    # The activation the policy classifies: the thinking model's last token (the paper's), or its own
+    # greedy next token (mechsteer.hybrid.timing.PolicyRead).
+    policy_read: PolicyRead = "last_token"
     threshold: float = 0.0
     # A tuning stage (mechsteer.experiment.tuning): the hybrid tries each (coefficient, window) (and
     # each of tune_thresholds) on n_tune problems of tune_split, a split of the benchmark other than
@@ -230,7 +234,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "trace_temperature": 0.0, "trace_top_p": 1.0, "eval_temperature": 0.0, "eval_top_p": 1.0,
     "base_stop_strings": None, "unclosed_thinking": "no_answer",
     "engine": "bridge", "engine_model_base": None, "engine_model_thinking": None, "engine_return_token_ids": False,
-    "tune_split": None, "n_tune": 100, "tune_thresholds": None, "baselines": [],
+    "tune_split": None, "n_tune": 100, "tune_thresholds": None, "baselines": [], "policy_read": "last_token",
     "judge_max_tokens": None,
 }
 

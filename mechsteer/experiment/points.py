@@ -23,7 +23,7 @@ from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
 
 # Keys read only after the directions exist: points differing only in these share the rest.
-DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "threshold", "controls", "baselines", "ablations",
+DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "policy_read", "threshold", "controls", "baselines", "ablations",
                    "ablation_contexts", "hybrid_max_new_tokens", "hybrid_batch_size", "max_candidates_per_chunk",
                    "tune_split", "n_tune", "tune_thresholds")
 # The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).

@@ -23,7 +23,7 @@ from mechsteer.experiment.tracking import NullTracker, Tracker
 _TRAIN_TRACES = ("benchmark", "train_split", "n_train", "max_new_tokens", "batch_size")
 _EVAL = ("benchmark", "eval_split", "n_eval", "max_new_tokens", "batch_size")
 _STEERING = ("base_model", "thinking_model", "base_template", "thinking_template", "steer_layer", "coefficients",
-             "windows", "policy", "threshold", "tune_split", "n_tune", "tune_thresholds")
+             "windows", "policy", "policy_read", "threshold", "tune_split", "n_tune", "tune_thresholds")
 _HYBRID = (*_STEERING, *_EVAL)  # the evaluations steer with the tuning stage's choice
 # The config keys each stage's results depend on (mechsteer.experiment.pipeline's stages). A key
 # listed under no stage and not in UNREAD_KEYS counts as read by every stage, so a key added to
@@ -45,6 +45,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "eval_random_firing": (*_HYBRID, "seed"),
     "eval_random_vectors": (*_HYBRID, "seed"),
     "eval_first_token_only": _HYBRID,
+    "eval_oracle_timing": _HYBRID,
     "ablations": ("base_model", "thinking_model", "benchmark", "train_split", "n_train", "eval_split",
                   "ablation_contexts", "thinking_template", "max_new_tokens", "batch_size", "coefficients", "seed"),
 }

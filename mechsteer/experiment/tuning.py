@@ -95,10 +95,10 @@ def hybrid_policy(config: RunConfig, sae: BehaviourClassifier, behaviour_ids: li
                   setting: SteeringSetting) -> TimingPolicy:
     """The run's timing policy, with ``setting``'s threshold for the threshold policy."""
     if config.policy == "sae_argmax":
-        return SAEArgmaxPolicy(sae, behaviour_ids)
+        return SAEArgmaxPolicy(sae, behaviour_ids, read=config.policy_read)
     if config.policy == "threshold":
         threshold = config.threshold if setting.threshold is None else setting.threshold
-        return ThresholdPolicy(sae, behaviour_ids, threshold=threshold)
+        return ThresholdPolicy(sae, behaviour_ids, threshold=threshold, read=config.policy_read)
     raise ValueError(f"unknown policy {config.policy!r} for the hybrid; expected sae_argmax or threshold")
 
 

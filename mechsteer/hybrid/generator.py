@@ -54,7 +54,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.core.models import HOST, input_device, resid_hook_name
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
 from mechsteer.core.vocab import cross_tables, shared_id_map, tokenizers_compatible
-from mechsteer.hybrid.timing import BIAS_ONLY, PolicyDecision, PolicyInput, TimingPolicy
+from mechsteer.hybrid.timing import (
+    BIAS_ONLY,
+    PolicyDecision,
+    PolicyInput,
+    TimingPolicy,
+    policy_read,
+)
 from mechsteer.interventions.generation import StopChecker, tokenize_prompts
 from mechsteer.interventions.hooks import add_direction
 from mechsteer.interventions.runner import CachedRunner
@@ -322,6 +328,7 @@ class _HybridBatch:
         self.base, self.thinking = base, thinking
         self.behaviours, self.policy, self.config, self.vocab = behaviours, policy, config, vocab
         self.reads_text = bool(getattr(policy, "reads_text", False))
+        self.read_next = policy_read(policy) == "next_token"
         self.shared = vocab.shared
         self.base_runner = CachedRunner(base, tokenize_prompts(base, base_prompts))
         self.think_runner = CachedRunner(thinking, tokenize_prompts(thinking, thinking_prompts))
@@ -424,6 +431,15 @@ class _HybridBatch:
             tokens, choices = torch.stack(self.previous).tolist()
             self._resolve(tokens, choices)
 
+    def _next_token_acts(self, think_greedy: Tensor) -> Tensor:
+        """The thinking model's read-layer activation at its own greedy next token: appended to every
+        running row for one forward, then dropped again (the cache is cropped back)."""
+        self.think_runner.append(think_greedy, real=[not done for done in self.finished])
+        self.think_runner.forward(last_only=True)
+        acts = self._recorded()
+        self.think_runner.drop_last_column()
+        return acts
+
     def _only_unresolved_run(self) -> bool:
         return bool(self.unresolved) and all(self.finished[row] or row in self.unresolved for row in range(self.batch))
 
@@ -468,8 +484,9 @@ class _HybridBatch:
                 if self.reads_text:
                     self._resolve_now()  # the text up to this step, steered tokens included
                     generated = self.new_ids
+                read_acts = self._next_token_acts(think_greedy) if self.read_next else think_acts
                 decision: PolicyDecision = self.policy.decide(
-                    PolicyInput(step, think_acts, base_logits, think_logits, agree, generated))
+                    PolicyInput(step, read_acts, base_logits, think_logits, agree, generated))
                 host = _to_host(decision, agree, base_greedy, self.previous if self.unresolved else None,
                                 self.think_device)
                 if host.previous is not None and host.previous_choice is not None:

@@ -17,7 +17,8 @@ Policies:
 
 - ``sae_argmax`` (the paper's): behaviour = argmax SAE latent of the thinking model's last-token
   activation (centred and normalised like the SAE's training vectors); steer only where the
-  two models' greedy tokens disagree.
+  two models' greedy tokens disagree. With ``read="next_token"`` it classifies the activation at
+  the thinking model's own greedy next token instead (:data:`PolicyRead`).
 - ``threshold``: steer where the top latent's pre-activation exceeds a threshold.
 - ``always``: bias only, at every token.
 - ``only_bias`` (:class:`BiasOnlyPolicy`, the paper's "only bias" control): another policy's
@@ -45,13 +46,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, get_args, runtime_checkable
 
 import torch
 
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
 
 BIAS_ONLY = -1
+
+# Which thinking-model activation a policy classifies: the last token's (the paper's), or the
+# activation at the thinking model's own greedy next token, appended for one extra forward and
+# dropped again (the first token of the sentence the thinking model is about to start).
+PolicyRead = Literal["last_token", "next_token"]
 
 # The built-in policies' names (a policy of one's own may take any name).
 PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "only_bias_replayed", "first_token_only",
@@ -87,6 +93,14 @@ class TimingPolicy(Protocol):
     def decide(self, state: PolicyInput) -> PolicyDecision: ...
 
 
+def policy_read(policy: object) -> PolicyRead:
+    """The activation ``policy`` classifies: its ``read`` (wrappers report their wrapped policy's)."""
+    read = getattr(policy, "read", "last_token")
+    if read in get_args(PolicyRead):
+        return cast(PolicyRead, read)
+    raise ValueError(f"policy {getattr(policy, 'name', policy)!r} has read {read!r}; expected last_token or next_token")
+
+
 @runtime_checkable
 class BatchBound(Protocol):
     """A policy whose decisions depend on which problems the rows are: bound before each batch."""
@@ -109,6 +123,8 @@ class SAEArgmaxPolicy:
     behaviour_ids: list[int] | None = None  # latents that have a direction; None: all latents
     name: PolicyName = "sae_argmax"
     top: int = 3
+    # Which thinking-model activation the policy classifies (see PolicyRead).
+    read: PolicyRead = "last_token"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         values, ids = self._latents(state)
@@ -155,6 +171,10 @@ class BiasOnlyPolicy:
 
     timing: TimingPolicy
     name: PolicyName = "only_bias"
+
+    @property
+    def read(self) -> PolicyRead:
+        return policy_read(self.timing)
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)
@@ -226,6 +246,10 @@ class FirstTokenOnlyPolicy:
 
     timing: TimingPolicy
     name: PolicyName = "first_token_only"
+
+    @property
+    def read(self) -> PolicyRead:
+        return policy_read(self.timing)
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)

@@ -138,6 +138,21 @@ class CachedRunner:
         self.attention_mask = torch.cat([self.attention_mask, mask_column], dim=1)
         self.host_mask = torch.cat([self.host_mask, host_column], dim=1)
 
+    def drop_last_column(self) -> None:
+        """Undo the last one-token :meth:`append` (and its forward, if fed): the column leaves the
+        queue or the cache, as if it had never been appended."""
+        if self.tokens.shape[1] == 0:
+            raise ValueError("no column to drop")
+        self.tokens = self.tokens[:, :-1]
+        self.attention_mask = self.attention_mask[:, :-1]
+        self.host_mask = self.host_mask[:, :-1]
+        if self.n_fed > self.tokens.shape[1]:
+            self.n_fed = int(self.tokens.shape[1])
+            if self.n_fed == 0:
+                self.cache = None
+            elif self.cache is not None:
+                self.cache.crop(-(self.cache.get_seq_length() - self.n_fed))  # transformers 5.x: drop the last n
+
     def last_real_column(self) -> Bool[Tensor, " batch"]:
         """Which rows got a real token in the last column (on the device)."""
         return self.attention_mask[:, -1].bool()

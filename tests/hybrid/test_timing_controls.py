@@ -10,11 +10,14 @@ from mechsteer.hybrid.timing import (
     BIAS_ONLY,
     AlwaysBiasPolicy,
     BatchBound,
+    BiasOnlyPolicy,
     FirstTokenOnlyPolicy,
+    PolicyDecision,
     PolicyInput,
     ReplayPolicy,
     SAEArgmaxPolicy,
     TimingOraclePolicy,
+    policy_read,
 )
 from tests.device_discipline import DeviceDiscipline
 from tests.hybrid.test_hybrid import LinearClassifier, make_vectors
@@ -136,3 +139,59 @@ def test_oracle_timing_needs_the_generated_text():
     decision = policy.decide(PolicyInput(0, torch.randn(2, 32), torch.zeros(2, 5), torch.zeros(2, 5),
                                          torch.tensor([True, False]), generated=[[], [3]]))
     assert decision.steer.tolist() == [True, True] and decision.behaviour.tolist() == [1, 1]
+
+
+class _Recording:
+    """Never steers; records the activation it is given at each step."""
+
+    def __init__(self, read: str):
+        self.read, self.name, self.seen = read, "never", []
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        self.seen.append(state.thinking_acts.clone())
+        batch, device = state.agree.shape[0], state.agree.device
+        return PolicyDecision(steer=torch.zeros(batch, dtype=torch.bool, device=device),
+                              behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
+
+
+@pytest.fixture(scope="module")
+def organism_pair():
+    # one tokenizer for both: the hybrid's shared-vocabulary path
+    return load_model("organism-v3-base"), load_model("organism-v3-thinking")
+
+
+@pytest.mark.parametrize("which", ["pair", "organism_pair"])
+def test_next_token_read_is_the_thinking_models_activation_at_its_own_greedy_next_token(which, request):
+    base, thinking = request.getfixturevalue(which)
+    vectors = make_vectors(base.cfg.d_model)
+    prompts = (["The cat sat", "A longer prompt, with padding"] if which == "pair" else
+               ["Q: Ann has 38 pens. Each day Ann buys 9. How many after 2 days?\nA:\n", "Q: Ben has 12 cards.\nA:\n"])
+    last, ahead = _Recording("last_token"), _Recording("next_token")
+    mode = DeviceDiscipline()
+    out_last = hybrid_generate(base, thinking, prompts, prompts, vectors, last, CONFIG)
+    with mode:
+        out_ahead = hybrid_generate(base, thinking, prompts, prompts, vectors, ahead, CONFIG)
+    assert mode.faults == []
+    # the extra forward leaves the generation exactly as it was
+    assert out_ahead.token_ids == out_last.token_ids and out_ahead.texts == out_last.texts
+    hook = f"blocks.{CONFIG.read_layer}.hook_resid_post"
+    for row, prompt in enumerate(prompts):
+        ids = thinking.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        for step, generated in enumerate(out_last.token_ids[row][: len(ahead.seen)]):
+            with torch.no_grad():
+                logits, cache = thinking.run_with_cache(ids, names_filter=hook)
+                assert torch.allclose(last.seen[step][row], cache[hook][0, -1], atol=1e-4)
+                greedy = logits[0, -1].argmax().view(1, 1)
+                _, cache = thinking.run_with_cache(torch.cat([ids, greedy], dim=1), names_filter=hook)
+            assert torch.allclose(ahead.seen[step][row], cache[hook][0, -1], atol=1e-4), (row, step)
+            assert not torch.allclose(ahead.seen[step][row], last.seen[step][row])
+            ids = torch.cat([ids, torch.tensor([[generated]])], dim=1)
+
+
+def test_wrapped_policies_report_the_read_of_the_policy_they_wrap():
+    timing = SAEArgmaxPolicy(LinearClassifier(32, 4), behaviour_ids=[1, 2], read="next_token")
+    assert policy_read(timing) == "next_token" == policy_read(FirstTokenOnlyPolicy(timing))
+    assert policy_read(BiasOnlyPolicy(timing)) == "next_token"
+    assert policy_read(AlwaysBiasPolicy()) == "last_token"
+    with pytest.raises(ValueError, match="expected last_token or next_token"):
+        policy_read(_Recording("middle"))
