@@ -421,8 +421,11 @@ DEMO_CONFIG = RunConfig(
     judge="none",
     direction_method="optimised",
     optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
+    # The candidates the tuning stage compares (each alone, and all together with the guardrail),
+    # and the policy's read: compared on the validation split before the one test run (README).
     coefficients=[1.0, 2.0, 4.0],
-    windows=[1],
+    windows=[1, 15],
+    policy_read="next_token",
     controls=["only_bias", "only_bias_replayed", "random_firing", "random_vectors"],
     baselines=["first_token_only", "oracle_timing"],
     ablation_contexts=30,
