@@ -11,13 +11,13 @@ from mechsteer.experiment.pipeline import run_pipeline
 
 # The README's table (`mechsteer demo`, 200 test problems): accuracy, gap recovered, tokens steered.
 README_TABLE = {
-    "hybrid": (0.190, 0.188, 0.043),
-    "only_bias": (0.170, 0.168, 0.045),
-    "only_bias_replayed": (0.170, 0.168, 0.043),
-    "random_firing": (0.015, 0.010, 0.036),
+    "hybrid": (0.620, 0.624, 0.030),
+    "only_bias": (0.175, 0.173, 0.045),
+    "only_bias_replayed": (0.175, 0.173, 0.037),
+    "random_firing": (0.010, 0.005, 0.026),
     "random_vectors": (0.005, 0.000, 0.269),
     "first_token_only": (0.155, 0.152, 0.017),
-    "oracle_timing": (0.525, 0.528, 0.042),
+    "oracle_timing": (0.630, 0.635, 0.041),
 }
 
 
@@ -34,7 +34,8 @@ def test_demo_protocol_reports_what_selected_and_tuned_it(demo_report):
     assert round(taxonomy["ari"], 3) == 0.990
     assert tuning["split"] == "validation" and tuning["n"] == 100
     assert tuning["chosen"]["name"] == "grid"
-    assert {row["name"] for row in tuning["candidates"]} == {"c1_w1", "c2_w1", "c4_w1", "grid"}
+    assert {row["name"]: row["accuracy"] for row in tuning["candidates"]} == {
+        "c1_w1": 0.01, "c1_w15": 0.01, "c2_w1": 0.23, "c2_w15": 0.15, "c4_w1": 0.14, "c4_w15": 0.14, "grid": 0.61}
     assert DEMO_CONFIG.eval_split == "test" and demo_report["n_eval"] == 200
 
 
@@ -54,13 +55,13 @@ def test_demo_table_is_the_readmes(demo_report):
 def test_demo_targets_met_and_missed_as_the_readme_says(demo_report):
     hybrid = demo_report["gap_recovered"]
     controls, baselines = demo_report["controls"], demo_report["baselines"]
-    # met: first-token-only recovers at most 0.6; random firing and random vectors below half the hybrid's
+    # met: first-token-only recovers at most 0.6; every control below half the hybrid's recovery;
+    # at most 20% of tokens steered
     assert baselines["first_token_only"]["gap_recovered"] <= 0.6
-    assert controls["random_firing"]["gap_recovered"] < hybrid / 2
-    assert controls["random_vectors"]["gap_recovered"] < hybrid / 2
+    for name in ("only_bias", "only_bias_replayed", "random_firing", "random_vectors"):
+        assert controls[name]["gap_recovered"] < hybrid / 2, name
     assert demo_report["tokens_steered_fraction"] <= 0.20
-    # missed (README): the hybrid recovers less than 0.8, and the bias alone, at the policy's
-    # timing or replayed at the hybrid's steered tokens, recovers more than half as much
+    # missed (README): the hybrid recovers less than 0.8 of the gap, about what steering at the
+    # ground-truth positions with the same vectors recovers
     assert hybrid < 0.8
-    assert controls["only_bias"]["gap_recovered"] >= hybrid / 2
-    assert controls["only_bias_replayed"]["gap_recovered"] >= hybrid / 2
+    assert abs(baselines["oracle_timing"]["gap_recovered"] - hybrid) < 0.05
