@@ -51,11 +51,16 @@ class OptimisationConfig:
     init_norm: float = 1.0
     max_examples: int = 2048
     positions: SteerPositions = "targets"
+    # Behaviour vectors: score only the first ``onset_tokens`` tokens of each sentence (the
+    # decision to start the behaviour), not the whole sentence (None, the paper's objective).
+    onset_tokens: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.positions not in STEER_POSITIONS:
             raise ValueError(f"positions must be 'targets' or 'all'; got {self.positions!r}")
+        if self.onset_tokens is not None and self.onset_tokens < 1:
+            raise ValueError(f"onset_tokens must be >= 1 (or None: the whole sentence); got {self.onset_tokens}")
         if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
             raise ValueError("steps, batch_size, eval_every and patience must be >= 1")
         if not 0 < self.val_fraction < 1:
@@ -115,6 +120,12 @@ def sentence_examples(
             if labeller(sentence) == behaviour_id and sentence.tok_start >= 1:
                 examples.append(SteeringExample(tuple(ids[: sentence.tok_end]), sentence.tok_start, sentence.tok_end))
     return examples
+
+
+def onset_example(example: SteeringExample, n_tokens: int) -> SteeringExample:
+    """``example`` cut after the first ``n_tokens`` of its target span (the rest is never seen)."""
+    end = min(example.target_end, example.target_start + n_tokens)
+    return SteeringExample(example.token_ids[:end], example.target_start, end)
 
 
 def _batch_tensors(examples: Sequence[SteeringExample], pad_id: int, positions: SteerPositions
@@ -270,6 +281,8 @@ def build_optimised_directions(
                                      text_labeller=text_labeller, min_words=min_words)
         if len(examples) < 2:
             raise ValueError(f"behaviour {behaviour} has {len(examples)} labelled sentences; need at least 2")
+        if config.onset_tokens is not None:
+            examples = [onset_example(example, config.onset_tokens) for example in examples]
         vector, report = optimise_vector(base_model, examples, layer, config, fixed=bias)
         vectors.append(vector)
         reports[str(int(behaviour))] = dataclasses.asdict(report)

@@ -13,6 +13,7 @@ from mechsteer.steering.mean import build_mean_directions, difference_of_means, 
 from mechsteer.steering.optimise import (
     OptimisationConfig,
     SteeringExample,
+    onset_example,
     optimise_vector,
     reasoning_example,
     sentence_examples,
@@ -141,6 +142,13 @@ def test_behaviour_examples_target_the_labelled_sentences(tiny_models):
     assert model.tokenizer.decode(list(example.token_ids[example.target_start:])) == "4 + 3 = 7."
     with pytest.raises(ValueError, match="target span"):
         SteeringExample((1, 2, 3), 0, 2)
+    # onset_tokens: only the sentence's first tokens are targets, and nothing after them is seen
+    onset = onset_example(example, 2)
+    assert onset.token_ids == example.token_ids[: example.target_start + 2]
+    assert (onset.target_start, onset.target_end) == (example.target_start, example.target_start + 2)
+    assert onset_example(example, 100) == example
+    with pytest.raises(ValueError, match="onset_tokens"):
+        OptimisationConfig(onset_tokens=0)
 
 
 def small_set(d_model: int = 8, method: str = "mean", bias: bool = True) -> DirectionSet:
