@@ -20,6 +20,7 @@ import argparse
 import torch
 
 from mechsteer import load_model
+from mechsteer.experiment.config import DEMO_CONFIG
 from mechsteer.organisms import model_spec
 from mechsteer.organisms.study import independent_change, organism_study
 from mechsteer.steering.optimise import OptimisationConfig
@@ -38,7 +39,8 @@ def main() -> None:
     thinking = load_model(model_spec("thinking", args.grammar))
     settings = {}
     if args.method == "optimised":
-        settings["optimisation"] = OptimisationConfig(lr=0.1, steps=100, init_norm=8.0)  # the demo's
+        # the demo's optimisation settings (DEMO_CONFIG.optimisation)
+        settings["optimisation"] = OptimisationConfig(**DEMO_CONFIG.optimisation)
     study = organism_study(base, thinking, args.out, grammar=args.grammar, direction_method=args.method,
                            coeff=args.coeff, layer=args.layer, **settings)
     titles = dict(zip(study.directions.behaviour_ids, study.directions.titles, strict=True))

@@ -420,7 +420,8 @@ DEMO_CONFIG = RunConfig(
     n_latents=[4, 5, 6, 8],
     judge="none",
     direction_method="optimised",
-    optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0},
+    # Behaviour vectors trained on each sentence's first token, the decision to start it (README).
+    optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0, "onset_tokens": 1},
     # The candidates the tuning stage compares (each alone, and all together with the guardrail),
     # and the policy's read: compared on the validation split before the one test run (README).
     coefficients=[1.0, 2.0, 4.0],
