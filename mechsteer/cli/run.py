@@ -14,7 +14,7 @@ from mechsteer.core.models import DTypeChoice
 from mechsteer.engines import ENGINE_KINDS
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
-from mechsteer.experiment.report import report_table
+from mechsteer.experiment.report import format_number, report_table
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
 
 
@@ -69,14 +69,10 @@ def demo_cli(args: argparse.Namespace) -> int:
         how = (f"tuned on {tuning['split']}: coefficients {chosen.get('coefficients')}, windows {chosen.get('windows')}"
                if tuning.get("split") else f"coefficients {config.coefficients} with the guardrail, windows {config.windows}")
         print(f"\n{config.name} ({how}; taxonomy selected by {report['taxonomy'].get('selected_by')}, "
-              f"ARI {_fmt(report['taxonomy'].get('ari'))})")
+              f"ARI {format_number(report['taxonomy'].get('ari'))})")
         print(report_table(report))
         print(f"report: {out / 'report.md'}")
     return 0
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 WANDB_HELP = ("track the run with wandb (sets wandb: true; WANDB_MODE=offline keeps it local; "

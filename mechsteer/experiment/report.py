@@ -211,8 +211,8 @@ def report_table(report: dict[str, Any]) -> str:
     rows = accuracy_rows(report)
     width = max([16, *(len(row["model"]) + 2 for row in rows)])
     lines = [f"{'model':<{width}}{'accuracy':>10}{'gap rec.':>10}{'steered':>10}"]
-    lines += [f"{row['model']:<{width}}{_fmt(row['accuracy']):>10}{_fmt(row['gap_recovered']):>10}"
-              f"{_fmt(row['steered_fraction']):>10}" for row in rows]
+    lines += [f"{row['model']:<{width}}" + "".join(f"{format_number(row[key]):>10}" for key in
+                                                   ("accuracy", "gap_recovered", "steered_fraction")) for row in rows]
     return "\n".join(lines)
 
 
@@ -279,7 +279,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
     rows = accuracy_rows(report)
     if rows:
         steered = "" if report["tokens_steered_fraction"] is None else (
-            f": gap recovered {_fmt(report['gap_recovered'])}, {100 * report['tokens_steered_fraction']:.1f}% "
+            f": gap recovered {format_number(report['gap_recovered'])}, {100 * report['tokens_steered_fraction']:.1f}% "
             "of tokens steered")
         _draw(out / ACCURACY_PLOT, lambda path: plot_accuracy(rows, path, f"{report['name']}{steered}"))
     if hybrid_records:
@@ -335,5 +335,6 @@ def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     tracker.log_artifact(f"{report['name']}-report", "report", [out / "report.json", out / "report.md"])
 
 
-def _fmt(value: Any) -> str:
+def format_number(value: Any) -> str:
+    """A table cell: three decimals, or n/a."""
     return "n/a" if value is None else f"{value:.3f}"

@@ -44,6 +44,7 @@ is told before each batch by whoever runs the batches (``mechsteer.experiment.pi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, cast, get_args, runtime_checkable
@@ -166,20 +167,25 @@ class AlwaysBiasPolicy:
 
 
 @dataclass
-class BiasOnlyPolicy:
-    """``timing``'s decisions (when to steer, and its latent log) with the bias only."""
+class _WrappingPolicy:
+    """A policy made from another's decisions; it reads what the policy it wraps reads."""
 
     timing: TimingPolicy
-    name: PolicyName = "only_bias"
 
     @property
     def read(self) -> PolicyRead:
         return policy_read(self.timing)
 
+
+@dataclass
+class BiasOnlyPolicy(_WrappingPolicy):
+    """``timing``'s decisions (when to steer, and its latent log) with the bias only."""
+
+    name: PolicyName = "only_bias"
+
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)
-        return PolicyDecision(steer=decision.steer, behaviour=torch.full_like(decision.behaviour, BIAS_ONLY),
-                              latent_values=decision.latent_values, latent_ids=decision.latent_ids)
+        return dataclasses.replace(decision, behaviour=torch.full_like(decision.behaviour, BIAS_ONLY))
 
 
 @dataclass
@@ -241,21 +247,14 @@ class TimingOraclePolicy:
 
 
 @dataclass
-class FirstTokenOnlyPolicy:
+class FirstTokenOnlyPolicy(_WrappingPolicy):
     """``timing``'s decisions (behaviour and latent log included) at the first generated token only."""
 
-    timing: TimingPolicy
     name: PolicyName = "first_token_only"
-
-    @property
-    def read(self) -> PolicyRead:
-        return policy_read(self.timing)
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)
-        steer = decision.steer if state.step == 0 else torch.zeros_like(decision.steer)
-        return PolicyDecision(steer=steer, behaviour=decision.behaviour, latent_values=decision.latent_values,
-                              latent_ids=decision.latent_ids)
+        return decision if state.step == 0 else dataclasses.replace(decision, steer=torch.zeros_like(decision.steer))
 
 
 @dataclass

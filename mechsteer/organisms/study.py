@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.causal.necessity import NecessityRow, necessity
+from mechsteer.causal.necessity import NecessityRow, necessity, relative_change
 from mechsteer.causal.outputs import write_outputs, write_rows_csv
 from mechsteer.causal.sufficiency import (
     SufficiencyRow,
@@ -72,9 +72,8 @@ def independent_change(row: NecessityRow, grammar_titles: dict[int, str]) -> flo
     so the issue's bar compares its own cut with the others' change only.
     """
     dependents = DEPENDENTS.get(row.title, frozenset())
-    changes = [abs(after - row.other_rates_before[b]) / row.other_rates_before[b]
-               for b, after in row.other_rates_after.items()
-               if grammar_titles.get(b) not in dependents and row.other_rates_before[b] > 0]
+    changes = [abs(relative_change(row.other_rates_before[b], after)) for b, after in row.other_rates_after.items()
+               if grammar_titles.get(b) not in dependents]
     return max(changes, default=0.0)
 
 
