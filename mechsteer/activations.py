@@ -80,6 +80,18 @@ class SentenceRecord:
     tok_start: int  # token span of the sentence itself (before any previous-token pooling)
     tok_end: int
     label: str | None = None
+    # Where the trace's reasoning starts in its text (None in sentence files written before it was
+    # recorded). A sentence's place in the reasoning is the same in every framing of the trace.
+    reasoning_char_start: int | None = None
+
+    def reasoning_span(self) -> tuple[int, int]:
+        """The sentence's character span within its trace's reasoning: the same under the thinking
+        model's prompt, the base model's, or any other (the reasoning is fed verbatim)."""
+        if self.reasoning_char_start is None:
+            raise ArtefactError(f"sentence {self.sentence_index} of trace {self.trace_index} ({self.problem_id!r}) "
+                                "does not record where its reasoning starts (pooled by an older mechsteer); "
+                                "pass the traces it was pooled from, or pool the activations again")
+        return self.char_start - self.reasoning_char_start, self.char_end - self.reasoning_char_start
 
 
 @dataclass
@@ -184,6 +196,7 @@ def trace_sentences(
             text=sentence.text, char_start=sentence.char_start, char_end=sentence.char_end,
             tok_start=_span_end(sentence.tok_start), tok_end=_span_end(sentence.tok_end),
             label=labels.get((original.char_start, original.char_end), UNLABELLED) if labeller else None,
+            reasoning_char_start=record.reasoning_char_start,
         )
         for index, (original, sentence) in enumerate(zip(kept, attached, strict=True))
     ]

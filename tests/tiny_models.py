@@ -123,23 +123,29 @@ R1_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<｜User｜>{{ 
 
 
 def byte_tokenizer(added: list[str], *, bos: str | None, eos: str, ordinary_size: int | None = None,
-                   chat_template: str | None = None, ascii_only: bool = False) -> PreTrainedTokenizerFast:
+                   chat_template: str | None = None, ascii_only: bool = False,
+                   merges: list[tuple[str, str]] | None = None) -> PreTrainedTokenizerFast:
     """A byte-level BPE without merges (every text splits into its bytes, canonically), with
     ``added`` special tokens after the ordinary ones and, with ``ordinary_size``, ordinary filler
     tokens up to that size (so that nearly every id a real-shaped model emits decodes).
 
     ``ascii_only``: only the bytes of printable ASCII and newline, so that every token a random
     model emits is whole text (a lone byte of a multi-byte character is not, and goes through
-    text as a replacement character)."""
+    text as a replacement character).
+
+    ``merges``: BPE merges of byte symbols (``"Ġ"`` is the space), each adding its merged token, so
+    that two tokenizers of one family split the same text differently (different vocabularies)."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_symbols = bytes_to_unicode()
     kept = [byte for byte in byte_symbols if not ascii_only or 32 <= byte < 127 or byte == 10]
     vocab = {byte_symbols[byte]: index for index, byte in enumerate(kept)}
+    for left, right in merges or []:
+        vocab[left + right] = len(vocab)
     if ordinary_size is not None:
         for index in range(len(vocab), ordinary_size):
             vocab[f"<filler_{index}>"] = index
-    backend = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False, byte_fallback=False))
+    backend = Tokenizer(models.BPE(vocab, list(merges or []), unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
@@ -201,6 +207,53 @@ def save_real_pair(folder: Path, arch: str, *, tiny: bool = True, seed: int = 0)
                 for index in tokenizer.added_tokens_decoder:
                     model.lm_head.weight[index] *= 0.01
         path = folder / name
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+# Both tokenizers of a chat pair have one-letter words (" a" ... " z"); the thinking one also has
+# merges the base's lacks, so the pair's ordinary vocabularies differ and the hybrid and the
+# directions go through text (the re-encoding path), as for pairs of two families.
+WORD_MERGES = [("Ġ", chr(code)) for code in range(ord("a"), ord("z") + 1)]
+THINKING_MERGES = [("h", "e"), ("i", "n"), ("e", "r"), ("o", "n"), ("r", "e"), ("a", "n")]
+
+
+def save_chat_pair(folder: Path, *, thinking_prompt: str = "r1", seed: int = 0) -> tuple[Path, Path]:
+    """A random-weight tiny Qwen2 (base, thinking) pair with different ordinary vocabularies, as HF folders.
+
+    ``thinking_prompt="r1"``: the thinking tokenizer has R1's added tokens and chat template (the
+    BOS written by the template, ``<think>`` opened); ``"orz"``: Qwen2.5's tokens and no chat
+    template (Open-Reasoner-Zero is prompted with its own plain template).
+
+    The models write sentences: their output layer favours words, full stops and newlines over
+    other bytes (a random model would otherwise write ~1 space per 100 characters, and no
+    sentence of three words for the later stages)."""
+    base = byte_tokenizer(BASE_ADDED["qwen2"], bos=None, eos="<|endoftext|>", ascii_only=True, merges=WORD_MERGES)
+    merges = WORD_MERGES + THINKING_MERGES
+    if thinking_prompt == "r1":
+        thinking = byte_tokenizer(R1_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+                                  chat_template=R1_CHAT_TEMPLATE, ascii_only=True, merges=merges)
+    elif thinking_prompt == "orz":
+        thinking = byte_tokenizer(BASE_ADDED["qwen2"], bos=None, eos="<|endoftext|>", ascii_only=True, merges=merges)
+    else:
+        raise ValueError(f"unknown thinking_prompt {thinking_prompt!r}")
+    paths = []
+    for offset, (name, tokenizer) in enumerate(((REAL_PAIRS["qwen2"][0], base), (REAL_PAIRS["qwen2"][1], thinking))):
+        model_class, config = real_config(name, tiny=True, vocab_size=len(tokenizer) + 2,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+        torch.manual_seed(seed + offset)
+        model = model_class(config)
+        favoured = {index for token, index in tokenizer.get_vocab().items()
+                    if (token.startswith("Ġ") and len(token) == 2 and token[1].isalpha()) or token in (".", "Ċ")}
+        with torch.no_grad():
+            for index in range(config.vocab_size):
+                if index not in favoured:
+                    model.lm_head.weight[index] *= 0.2
+        path = folder / f"{name}-{thinking_prompt}"
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

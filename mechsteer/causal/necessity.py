@@ -13,7 +13,7 @@ pass a set made in the thinking model to test it there instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -125,11 +125,13 @@ def necessity(
     batch_size: int = 64,
     behaviour_ids: Sequence[int] | None = None,
     layer_directions: Mapping[int, DirectionSet] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[NecessityRow]:
     """Project each behaviour's direction out of the thinking model and regenerate (module docstring).
 
     Variants: ``"layer"`` (the set's layer), ``"all"`` (the set's direction at every layer) and
     ``"per_layer"`` (at every layer L, the direction ``layer_directions[L]`` made at L).
+    ``progress`` gets a line per generation pass.
     """
     directions.check_model(thinking_model, allow_other_name=True)
     _check_variants(thinking_model, directions, variants, layer_directions)
@@ -137,12 +139,15 @@ def necessity(
         raise ValueError("necessity needs at least one problem")
     prompts = [render_prompt(template, p.question, thinking_model.tokenizer) for p in problems]
     chosen = list(directions.behaviour_ids if behaviour_ids is None else behaviour_ids)
+    say = progress or (lambda message: None)
+    say(f"  necessity: unablated traces of {len(problems)} problems")
     baseline = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size)
     rates_before = behaviour_rates(labeller(prompts, baseline), directions.behaviour_ids)
     accuracy_before = _accuracy(baseline, problems)
     rows = []
     for behaviour in chosen:
         for variant in variants:
+            say(f"  necessity {directions.title(behaviour)!r} ablated ({variant})")
             ablations = _ablations(thinking_model, directions, behaviour, variant, layer_directions)
             texts = _generate_traces(thinking_model, prompts, max_new_tokens, batch_size, ablations)
             rates_after = behaviour_rates(labeller(prompts, texts), directions.behaviour_ids)

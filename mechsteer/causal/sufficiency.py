@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import trace_sentences
+from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ResidSite
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.data.labels import TraceLabeller
@@ -101,6 +102,20 @@ def contexts_for(contexts: Sequence[SteeringContext], behaviour: int) -> list[St
     return [c for c in contexts if c.next_behaviour is not None and c.next_behaviour != behaviour]
 
 
+def require_contexts(contexts: Sequence[SteeringContext], directions: DirectionSet,
+                     behaviour_ids: Sequence[int] | None = None) -> None:
+    """Refuse, in one line naming each behaviour, when one has no context to be measured in (a
+    next sentence of another behaviour): checked before any generation, the necessity pass's too."""
+    chosen = directions.behaviour_ids if behaviour_ids is None else behaviour_ids
+    missing = [f"{b} ({directions.title(b)!r})" for b in chosen if not contexts_for(contexts, b)]
+    if missing:
+        labelled = sum(c.next_behaviour is not None for c in contexts)
+        raise ConfigError(
+            f"sufficiency has no context for behaviour(s) {', '.join(missing)}: of {len(contexts)} sentence "
+            f"boundaries in the train traces, {labelled} precede a labelled sentence, and none of another "
+            "behaviour; give it more train traces (n_train) or longer ones (max_new_tokens), or turn ablations off")
+
+
 @dataclass
 class SufficiencyRow:
     behaviour_id: int
@@ -157,11 +172,13 @@ def sufficiency(
     stop_strings: Sequence[str] = ("\n",),
     batch_size: int = 64,
     behaviour_ids: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> list[SufficiencyRow]:
     """For each behaviour b: contexts whose next sentence is another behaviour; steer toward b (module docstring).
 
     ``with_bias`` steers with ``coeff * (bias + direction)``, as the hybrid generator does (the
-    random control then uses its own norm-matched random bias).
+    random control then uses its own norm-matched random bias). ``progress`` gets a line per
+    behaviour and coefficient.
     """
     directions.check_model(base_model)
     if with_bias and directions.bias is None:
@@ -170,6 +187,7 @@ def sufficiency(
         raise ValueError(f"window must be >= 1; got {window}")
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1; got {n_random}")
+    require_contexts(contexts, directions, behaviour_ids)
     controls = [directions.random_like(seed + index) for index in range(n_random)]
     rows = []
     next_sentences = functools.partial(_next_sentences, base_model, layer=directions.layer, window=window,
@@ -177,8 +195,6 @@ def sufficiency(
                                        stop_strings=stop_strings, batch_size=batch_size)
     for behaviour in directions.behaviour_ids if behaviour_ids is None else behaviour_ids:
         eligible = contexts_for(contexts, behaviour)
-        if not eligible:
-            raise ValueError(f"no contexts whose next sentence is another behaviour than {behaviour}")
         chosen = random.Random(f"{seed}-{behaviour}").sample(eligible, min(n_contexts, len(eligible)))
         texts = [c.text for c in chosen]
 
@@ -206,8 +222,11 @@ def sufficiency(
                 rate_steered=steered, rate_random=mean_random,
                 ratio_vs_random=steered / max(mean_random, 1 / len(chosen)), random_rates=random_rates,
             ))
+            if progress is not None:
+                progress(f"  sufficiency {directions.title(behaviour)!r} x{coeff:g}: steered {steered:.2f}, "
+                         f"random {mean_random:.2f}, unsteered {unsteered:.2f} ({len(chosen)} contexts)")
     return rows
 
 
-__all__ = ["RowWindowSteering", "SteeringContext", "SufficiencyRow", "contexts_for", "sufficiency",
-           "sufficiency_contexts"]
+__all__ = ["RowWindowSteering", "SteeringContext", "SufficiencyRow", "contexts_for", "require_contexts",
+           "sufficiency", "sufficiency_contexts"]

@@ -9,13 +9,14 @@ import torch
 
 from mechsteer.causal.necessity import NecessityVariant, necessity
 from mechsteer.causal.outputs import write_outputs
-from mechsteer.causal.sufficiency import sufficiency, sufficiency_contexts
+from mechsteer.causal.sufficiency import require_contexts, sufficiency, sufficiency_contexts
 from mechsteer.cli.common import (
     add_pair_and_label_args,
     check_pair_and_labels,
     float_list,
     labels_from_args,
     positive_int,
+    progress_line,
     split_pair,
 )
 from mechsteer.core.models import load_model
@@ -72,10 +73,13 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
             for layer in range(thinking.cfg.n_layers)
         }
         variants.append("per_layer")
+    # the sufficiency contexts are checked before the necessity pass generates anything
+    contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+    require_contexts(contexts, directions)
     necessity_rows = necessity(thinking, necessity_set, problems, behaviour_labeller,
                                template=default_template(thinking, benchmark), max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, variants=variants, layer_directions=layer_directions)
-    contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+                               batch_size=args.batch_size, variants=variants, layer_directions=layer_directions,
+                               progress=progress_line)
     # Optimised vectors are trained added over the whole target sentence, so they are tested that way.
     optimised = directions.method == "optimised"
     steer_generation = args.steer_generation == "on" or (args.steer_generation == "auto" and optimised)
@@ -84,7 +88,8 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
                                    window=args.window, steer_generation=steer_generation, with_bias=with_bias,
                                    n_contexts=args.n_contexts, n_random=args.n_random, seed=args.seed,
                                    max_new_tokens=args.sentence_tokens,
-                                   stop_strings=("\n",) if one_sentence_per_line else (), batch_size=args.batch_size)
+                                   stop_strings=("\n",) if one_sentence_per_line else (), batch_size=args.batch_size,
+                                   progress=progress_line)
     settings = {key: value for key, value in vars(args).items() if key != "func"}
     paths = write_outputs(args.out, necessity_rows, sufficiency_rows, settings)
     summary = {

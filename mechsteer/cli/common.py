@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
 from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import DTypeChoice, missing_model_path, spec_model_name
-from mechsteer.data.traces import TRACES_FILE, load_traces, traces_digest
+from mechsteer.data.traces import TRACES_FILE, load_traces
 from mechsteer.steering.labels import BehaviourLabels, ground_truth_labels, taxonomy_labels
 
 # ------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def labels_from_args(args: argparse.Namespace, n_traces: int, benchmark: str | N
         raise ConfigError("pass either --taxonomy or --ground-truth, not both")
     if args.taxonomy:
         raw = load_traces(args.traces)
-        labels = taxonomy_labels(args.taxonomy, n_traces, traces_digest=traces_digest(raw))
+        labels = taxonomy_labels(args.taxonomy, traces=raw)
         if labels.taxonomy is not None and not getattr(args, "allow_other_model", False):
             labels.taxonomy.check_model_name(thinking_model_name(args), args.taxonomy)
         return labels
@@ -189,6 +190,11 @@ def _traces_benchmark(traces_dir: str) -> str:
     if not traces:
         raise ArtefactError(f"no traces in {traces_dir}")
     return traces[0].benchmark
+
+
+def progress_line(message: str) -> None:
+    """A long stage's progress, on stderr (stdout carries a command's JSON result)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def split_pair(pair: str | tuple[str, str]) -> tuple[str, str]:
@@ -210,4 +216,4 @@ def parse_floats(text: str) -> list[float]:
 
 __all__ = ["add_pair_and_label_args", "check_model_specs", "check_output_folder", "check_pair_and_labels",
            "check_traces_folder", "float_list", "int_at_least", "int_list", "labels_from_args", "model_pair",
-           "non_negative_int", "parse_floats", "positive_int", "split_pair", "thinking_model_name"]
+           "non_negative_int", "parse_floats", "positive_int", "progress_line", "split_pair", "thinking_model_name"]

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mechsteer.core.errors import MechsteerError
 from mechsteer.core.plugins import load_plugins
-from mechsteer.core.vocab import tokenizers_compatible
+from mechsteer.core.vocab import keep_own_bos, prepends_bos, tokenizers_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -317,9 +317,12 @@ def wrap_hf_model(
     re-loads it by its ``name_or_path``). :func:`load_model` ends here; so do models built in
     memory (``bench/gpu_check.py``'s random-weight models of real shapes)."""
     hf_model.eval()
+    own_prepends_bos = prepends_bos(tokenizer)  # before TransformerLens' set-up changes it
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
+    bridge.tokenizer = keep_own_bos(bridge.tokenizer, own_prepends_bos)
+    bridge.cfg.tokenizer_prepends_bos = own_prepends_bos
     bridge.eval()
     bridge.cfg.model_name = model_name
     check_placement(bridge, device=device, dtype=dtype, device_map=device_map)

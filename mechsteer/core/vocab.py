@@ -28,6 +28,30 @@ def adds_special_tokens(tokenizer: Any, text: str) -> bool:
     return not (isinstance(bos, str) and bos and text.startswith(bos))
 
 
+def prepends_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts its BOS in front of plain text (``add_special_tokens=True``)."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+def keep_own_bos(tokenizer: Any, own_prepends_bos: bool) -> Any:
+    """``tokenizer`` (as TransformerLens set it up) adding a BOS exactly when the model's own
+    tokenizer does (``own_prepends_bos``, probed with :func:`prepends_bos` before the set-up).
+
+    TransformerLens reloads tokenizers with ``add_bos_token=True``: SmolLM2's would write
+    ``<|im_start|>`` in front of every plain prompt, where Hugging Face ``generate``, vLLM and the
+    paper's code write none. One rule for every path that tokenizes (generation, activations,
+    optimisation, the hybrid, the engines): the model's own."""
+    if prepends_bos(tokenizer) == own_prepends_bos:
+        return tokenizer
+    tokenizer.add_bos_token = own_prepends_bos
+    if prepends_bos(tokenizer) != own_prepends_bos:
+        raise ValueError(f"cannot make {type(tokenizer).__name__} {'add' if own_prepends_bos else 'omit'} its BOS "
+                         "as the model's own tokenizer does")
+    return tokenizer
+
+
 def added_tokens(tokenizer: Any) -> dict[int, tuple[str, bool]]:
     """id -> (text, special) of the tokenizer's added tokens (special tokens and the like)."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
@@ -102,4 +126,4 @@ def cross_tables(base_tokenizer: Any, thinking_tokenizer: Any, base_vocab_size: 
     return CrossTables(base_class, thinking_class, first)
 
 
-__all__ = ["CrossTables", "added_tokens", "adds_special_tokens", "cross_tables", "ordinary_vocab", "shared_id_map", "tokenizers_compatible"]
+__all__ = ["CrossTables", "added_tokens", "adds_special_tokens", "keep_own_bos", "prepends_bos", "cross_tables", "ordinary_vocab", "shared_id_map", "tokenizers_compatible"]

@@ -104,15 +104,33 @@ def register_template(template: PromptTemplate, *, replace: bool = False) -> Non
     _REGISTRY[template.name] = template
 
 
+def is_inline_template(name: str) -> bool:
+    """Whether a template key holds a format string itself (``"User: {question}\\nAssistant:"``)
+    instead of a registered name."""
+    return "{question}" in name
+
+
+def inline_template(text: str) -> PromptTemplate:
+    """A plain template given as its format string. It opens a thinking block when ``<think>``
+    follows the question (as Open-Reasoner-Zero's prompt does); its stop strings come from the
+    config beside it (``base_stop_strings``)."""
+    return PromptTemplate(name=text, text=text, description="inline format string",
+                          opens_thinking=THINK_OPEN in text.split("{question}")[-1])
+
+
 def get_template(name: str) -> PromptTemplate:
-    """The registered template called ``name``."""
+    """The registered template called ``name``, or the inline template ``name`` is (see
+    :func:`is_inline_template`)."""
+    if is_inline_template(name):
+        return inline_template(name)
     if name not in _REGISTRY:
         load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ConfigError(
-            f"unknown prompt template {name!r}; registered: {sorted(_REGISTRY)}"
+            f"unknown prompt template {name!r}; registered: {sorted(_REGISTRY)}, or a format string "
+            "containing {question}"
         ) from None
 
 

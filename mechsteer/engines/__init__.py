@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import ModelNotAvailableError, resolve_spec
+from mechsteer.core.vocab import keep_own_bos, prepends_bos
 from mechsteer.engines.base import (
     ENGINE_KINDS,
     Completion,
@@ -29,15 +30,17 @@ from mechsteer.engines.openai import ENGINE_HTTP_SETTINGS, OpenAIEngine
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer of a model spec as the bridge holds it (TransformerLens' normalisation, which
-    may make it add a BOS), without loading the weights: what the ``openai`` engine needs."""
+    """The tokenizer of a model spec as the bridge holds it (TransformerLens' normalisation, adding
+    a BOS exactly when the model's own tokenizer does), without loading the weights: what the
+    ``openai`` engine needs."""
     resolved = resolve_spec(spec)
     source = str(resolved.folder) if resolved.folder is not None else spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ModelNotAvailableError(f"could not load the tokenizer of {spec!r} from {source}: {error}") from error
-    return setup_tokenizer(tokenizer)
+    own_prepends_bos = prepends_bos(tokenizer)  # before TransformerLens' set-up changes it
+    return keep_own_bos(setup_tokenizer(tokenizer), own_prepends_bos)
 
 
 def make_engine(kind: EngineKind, model: TransformerBridge | None = None, *, tokenizer: Any = None,

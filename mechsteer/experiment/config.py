@@ -22,7 +22,12 @@ from mechsteer.core.store import json_digest
 from mechsteer.core.validation import NonEmpty, Problem, Range, check_fields, join_problems
 from mechsteer.data.benchmarks import benchmark_names, benchmark_splits
 from mechsteer.data.labels import ground_truth_for
-from mechsteer.data.prompts import benchmark_template, get_template, template_names
+from mechsteer.data.prompts import (
+    benchmark_template,
+    get_template,
+    is_inline_template,
+    template_names,
+)
 from mechsteer.data.traces import UnclosedThinking
 from mechsteer.engines.base import EngineKind
 from mechsteer.hybrid.generator import HybridConfig
@@ -41,6 +46,7 @@ class RunConfig:
     base_model: Annotated[str, NonEmpty()]
     thinking_model: Annotated[str, NonEmpty()]
     benchmark: Annotated[str, NonEmpty()]
+    # A registered template's name, or a format string with {question} ("User: {question}\nAssistant:").
     base_template: str | None = None  # default: the benchmark's own template if registered, else "base_paper"
     thinking_template: str | None = None  # default: the benchmark's own template if registered, else "thinking_chat"
     train_split: str = "train"
@@ -290,8 +296,9 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
                                 f"benchmark {config.benchmark!r} has none of; use baselines: [first_token_only]")
     for key in ("base_template", "thinking_template"):
         name = getattr(config, key)
-        if name is not None and name not in template_names():
-            refuse(key, f"unknown {key} {name!r}; registered templates: {template_names()}")
+        if name is not None and not is_inline_template(name) and name not in template_names():
+            refuse(key, f"unknown {key} {name!r}; registered templates: {template_names()}, or a format string "
+                        "containing {question}")
     try:
         check_judge_spec(config.judge)
     except ConfigError as error:

@@ -26,7 +26,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.activations import ActivationConfig, Manifest, extract_activations, read_sentences
 from mechsteer.causal.necessity import necessity
 from mechsteer.causal.outputs import write_outputs
-from mechsteer.causal.sufficiency import sufficiency, sufficiency_contexts
+from mechsteer.causal.sufficiency import require_contexts, sufficiency, sufficiency_contexts
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
@@ -34,7 +34,7 @@ from mechsteer.core.store import append_jsonl, read_jsonl
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
-from mechsteer.data.traces import generate_traces, load_traces, traces_digest
+from mechsteer.data.traces import generate_traces, load_traces
 from mechsteer.engines import GenerationEngine, load_tokenizer, make_engine
 from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import (
@@ -213,8 +213,9 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
         pair.need(*(("base", "thinking") if config.direction_method == "sae" else ("base",)))
         taxonomy = checked_taxonomy(out, pair)
         raw_traces = load_traces(out / "traces" / "thinking_train")
-        labels = taxonomy_labels(out / "taxonomy", traces_digest=traces_digest(raw_traces))
-        thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer)
+        labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
+        thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
+                                         config.resolved_base_template)
         base_traces = load_traces(out / "traces" / "base_train")
         if config.direction_method == "mean":
             result = build_mean_directions(
@@ -457,9 +458,10 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: 
         direction_set.check_model(pair.base)
         taxonomy = checked_taxonomy(out, pair)
         raw_traces = load_traces(out / "traces" / "thinking_train")
-        labels = taxonomy_labels(out / "taxonomy", traces_digest=traces_digest(raw_traces))
+        labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
         train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
-        traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer)
+        traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
+                                config.resolved_base_template)
         settings: dict[str, Any] = {"source": "mechsteer run"}
         ground_truth = ground_truth_for(config.benchmark)
         if ground_truth is not None:
@@ -488,11 +490,26 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: 
         else:
             labeller = SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
                                             taxonomy.provenance.include_previous_token)
-        problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
-        necessity_rows = necessity(pair.thinking, direction_set, problems, labeller,
-                                template=config.resolved_thinking_template,
-                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        # every check before the first generation: contexts for each behaviour, directions for the thinking model
         contexts = sufficiency_contexts(traces, pair.base.tokenizer, labels.labeller)
+        require_contexts(contexts, direction_set)
+        necessity_set = direction_set
+        if pair.info("thinking").cfg.d_model != direction_set.d_model:
+            # The base model's directions do not live in a thinking model of another width: the
+            # necessity pass removes the thinking model's own difference-of-means directions, made
+            # at the taxonomy's layer from the same traces and labels.
+            log(f"  necessity: the thinking model's width ({pair.info('thinking').cfg.d_model}) is not the base "
+                f"model's ({direction_set.d_model}); ablating the thinking model's own difference-of-means "
+                f"directions at layer {taxonomy.provenance.layer}")
+            necessity_set = build_mean_directions(
+                pair.thinking, raw_traces, labels.labeller, direction_set.behaviour_ids, direction_set.titles,
+                taxonomy.provenance.layer)
+            settings["necessity_directions"] = (f"difference of means in the thinking model at layer "
+                                                f"{taxonomy.provenance.layer} (the pair's widths differ)")
+        problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
+        necessity_rows = necessity(pair.thinking, necessity_set, problems, labeller,
+                                   template=config.resolved_thinking_template,
+                                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=log)
         # optimised behaviour vectors were trained on top of the bias: steer with both, as the hybrid does
         with_bias = direction_set.method == "optimised" and direction_set.bias is not None
         settings["sufficiency_with_bias"] = with_bias
@@ -502,7 +519,7 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: 
         sufficiency_rows = sufficiency(
             pair.base, direction_set, contexts, labeller, coeffs=tuple(config.coefficients),
             n_contexts=config.ablation_contexts, seed=config.seed, with_bias=with_bias,
-            stop_strings=("\n",) if one_sentence_per_line else (), batch_size=config.batch_size)
+            stop_strings=("\n",) if one_sentence_per_line else (), batch_size=config.batch_size, progress=log)
         write_outputs(out / "ablations", necessity_rows, sufficiency_rows, settings)
         return {
             "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,

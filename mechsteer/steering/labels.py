@@ -18,6 +18,7 @@ benchmark's registered ground truth (:func:`ground_truth_labels`) or from a taxo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from mechsteer.activations import (
     read_sentences,
     trace_sentences,
 )
-from mechsteer.core.errors import ProvenanceError
+from mechsteer.core.errors import ConfigError, ProvenanceError
 from mechsteer.core.provenance import mismatch
 from mechsteer.core.tensor_types import Int, Tensor
 from mechsteer.data.labels import GroundTruth, TraceLabeller, require_ground_truth
 from mechsteer.data.traces import TraceRecord
+from mechsteer.data.traces import traces_digest as digest_of_traces
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.sae import TopKSAE
 
@@ -64,14 +66,36 @@ def ground_truth_labeller(titles: Sequence[str]) -> SentenceLabeller:
     return label
 
 
-def aligned_labeller(sentences: Sequence[SentenceRecord], labels: Sequence[int]) -> SentenceLabeller:
-    """Labels from another run's sentences (e.g. a taxonomy's assignments), matched by trace and char span."""
+def aligned_labeller(sentences: Sequence[SentenceRecord], labels: Sequence[int], *,
+                     reasoning_starts: Sequence[int] | None = None) -> SentenceLabeller:
+    """Labels from another run's sentences (e.g. a taxonomy's assignments), matched by trace and by
+    span *within the trace's reasoning*, so that a trace re-framed under another prompt (the base
+    model's) finds its labels. A matched sentence whose text differs is refused: the traces changed.
+
+    ``reasoning_starts`` (each trace's ``reasoning_char_start``, by trace index) places sentences
+    pooled by an older mechsteer, which did not record it.
+    """
     if len(sentences) != len(labels):
         raise ValueError(f"need one label per sentence; got {len(labels)} labels for {len(sentences)} sentences")
-    table = {(s.trace_index, s.char_start, s.char_end): int(label) for s, label in zip(sentences, labels, strict=True)}
+    table: dict[tuple[int, int, int], tuple[int, str, str]] = {}
+    for sentence, label in zip(sentences, labels, strict=True):
+        if sentence.reasoning_char_start is None and reasoning_starts is not None:
+            sentence = dataclasses.replace(sentence, reasoning_char_start=reasoning_starts[sentence.trace_index])
+        start, end = sentence.reasoning_span()
+        table[(sentence.trace_index, start, end)] = (int(label), sentence.text, sentence.problem_id)
 
     def label(sentence: SentenceRecord) -> int | None:
-        return table.get((sentence.trace_index, sentence.char_start, sentence.char_end))
+        start, end = sentence.reasoning_span()
+        entry = table.get((sentence.trace_index, start, end))
+        if entry is None:
+            return None
+        behaviour, text, problem_id = entry
+        if text != sentence.text or (problem_id and sentence.problem_id and problem_id != sentence.problem_id):
+            raise ProvenanceError(
+                f"trace {sentence.trace_index} ({sentence.problem_id!r}): the sentence at reasoning characters "
+                f"{start}-{end} reads {sentence.text!r}, but the labelled one ({problem_id!r}) read {text!r}; "
+                "label the traces the labels were made from (the same file, in the same order)")
+        return behaviour
 
     return label
 
@@ -80,6 +104,31 @@ def sentence_labels(sentences: Sequence[SentenceRecord], labeller: SentenceLabel
     """Behaviour id per sentence, ``NO_LABEL`` (-1) where none."""
     labels = [labeller(sentence) for sentence in sentences]
     return torch.tensor([NO_LABEL if label is None else int(label) for label in labels], dtype=torch.long)
+
+
+def labelled_counts(traces: Sequence[TraceRecord], tokenizer: object, labeller: SentenceLabeller,
+                    behaviour_ids: Sequence[int], *, text_labeller: TraceLabeller | None = None,
+                    min_words: int = 3) -> dict[int, int]:
+    """How many kept sentences of ``traces`` each behaviour labels: tokenisation only, no forward
+    pass, so that a stage can check its labels before its expensive work."""
+    counts = {int(behaviour): 0 for behaviour in behaviour_ids}
+    for index, record in enumerate(traces):
+        _, sentences = trace_sentences(record, index, tokenizer, min_words=min_words, labeller=text_labeller)
+        for sentence in sentences:
+            behaviour = labeller(sentence)
+            if behaviour is not None and behaviour in counts:
+                counts[behaviour] += 1
+    return counts
+
+
+def require_labelled(counts: dict[int, int], titles: Sequence[str], need: int, what: str) -> None:
+    """Refuse, in one line naming each short behaviour, when one has fewer than ``need`` labelled sentences."""
+    title_of = dict(zip(counts, titles, strict=True))
+    short = [f"behaviour {b} ({title_of[b]!r}) has {n}" for b, n in counts.items() if n < need]
+    if short:
+        raise ConfigError(f"{what} need at least {need} labelled sentence(s) per behaviour, but {'; '.join(short)}; "
+                          "give them more train traces (n_train) or longer ones (max_new_tokens), or fewer "
+                          "behaviours (n_latents)")
 
 
 @dataclass
@@ -103,13 +152,20 @@ def ground_truth_labels(benchmark: str = "organism") -> BehaviourLabels:
 
 
 def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None, *,
-                    traces_digest: str | None = None) -> BehaviourLabels:
-    """Labels from a taxonomy: its sentence assignments, matched to sentences by trace index and span.
+                    traces_digest: str | None = None,
+                    traces: Sequence[TraceRecord] | None = None) -> BehaviourLabels:
+    """Labels from a taxonomy: its sentence assignments, matched to sentences by trace index and by
+    span within the trace's reasoning (:func:`aligned_labeller`), so they label the same traces
+    under any framing.
 
     The traces must be the ones (same file, same order) the taxonomy's activations came from:
     ``n_traces`` and ``traces_digest`` (:func:`mechsteer.data.traces.traces_digest` of the traces
-    as read from their file) are checked against the activations' manifest when given.
+    as read from their file) are checked against the activations' manifest when given; ``traces``
+    (as read from their file) gives both, and places sentences of activations pooled before
+    sentences recorded where their reasoning starts.
     """
+    if traces is not None:
+        n_traces, traces_digest = len(traces), digest_of_traces(traces)
     taxonomy = Taxonomy.load(taxonomy_dir)
     activations_dir = taxonomy.provenance.activations_dir
     manifest = Manifest.load(activations_dir)
@@ -121,7 +177,8 @@ def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None, *,
         raise mismatch(f"the taxonomy {taxonomy_dir} (activations {activations_dir})", "traces of digest",
                        manifest.traces_digest, traces_digest, way_out)
     sentences = read_sentences(activations_dir)
-    labeller = aligned_labeller(sentences, taxonomy.assignments.tolist())
+    starts = None if traces is None else [record.reasoning_char_start for record in traces]
+    labeller = aligned_labeller(sentences, taxonomy.assignments.tolist(), reasoning_starts=starts)
     return BehaviourLabels(labeller, taxonomy.behaviour_ids, [b.title for b in taxonomy.behaviours], None, taxonomy,
                            f"taxonomy {taxonomy_dir}")
 
@@ -198,5 +255,6 @@ def _text_record(context: str, continuation: str) -> TraceRecord:
 __all__ = [
     "NO_LABEL", "BehaviourLabeller", "BehaviourLabels", "SAEBehaviourLabeller", "SentenceLabeller",
     "aligned_labeller", "ground_truth_behaviour_labeller", "ground_truth_labeller", "ground_truth_labels",
+    "labelled_counts", "require_labelled",
     "sentence_labels", "taxonomy_labels",
 ]

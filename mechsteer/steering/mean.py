@@ -24,7 +24,12 @@ from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
 from mechsteer.data.labels import TraceLabeller
 from mechsteer.data.traces import TraceRecord
 from mechsteer.steering.direction_set import SITE, DirectionSet, Site, direction_provenance
-from mechsteer.steering.labels import SentenceLabeller, sentence_labels
+from mechsteer.steering.labels import (
+    SentenceLabeller,
+    labelled_counts,
+    require_labelled,
+    sentence_labels,
+)
 
 # "sentence": mean over the sentence's tokens and the one before it; "boundary": the token before it.
 Pooling = Literal["sentence", "boundary"]
@@ -153,6 +158,9 @@ def build_mean_directions(
     behaviour without labelled sentences raises, unless ``skip_empty`` leaves it out (it is
     then listed in ``provenance["skipped_behaviours"]``).
     """
+    if not skip_empty:  # checked before the forward passes
+        require_labelled(labelled_counts(thinking_traces, base_model.tokenizer, labeller, behaviour_ids,
+                                         text_labeller=text_labeller), titles, 1, "difference-of-means directions")
     pooled = pool_sentences(base_model, thinking_traces, layer, pooling=pooling, labeller=text_labeller,
                             batch_size=batch_size)
     labels = sentence_labels(pooled.sentences, labeller)

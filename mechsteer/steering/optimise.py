@@ -30,7 +30,7 @@ from mechsteer.data.labels import TraceLabeller
 from mechsteer.data.traces import TraceRecord
 from mechsteer.interventions.hooks import add_direction
 from mechsteer.steering.direction_set import SITE, DirectionSet, direction_provenance
-from mechsteer.steering.labels import SentenceLabeller
+from mechsteer.steering.labels import SentenceLabeller, require_labelled
 
 # "targets": the positions predicting target tokens; "all": every position of the example.
 SteerPositions = Literal["targets", "all"]
@@ -264,14 +264,16 @@ def build_optimised_directions(
     ``provenance["skipped_behaviours"]``) instead of raising.
     """
     tokenizer = base_model.tokenizer
+    # every behaviour's examples counted before any training step
+    counts = {int(b): len(sentence_examples(thinking_traces, tokenizer, labeller, int(b), text_labeller=text_labeller,
+                                            min_words=min_words))
+              for b in behaviour_ids}
     if skip_empty:
-        counts = {int(b): len(sentence_examples(thinking_traces, tokenizer, labeller, int(b),
-                                                text_labeller=text_labeller, min_words=min_words))
-                  for b in behaviour_ids}
         kept = [(int(b), t) for b, t in zip(behaviour_ids, titles, strict=True) if counts[int(b)] >= 2]
         skipped = [b for b in counts if counts[b] < 2]
         behaviour_ids, titles = [b for b, _ in kept], [t for _, t in kept]
     else:
+        require_labelled(counts, titles, 2, "optimised vectors (a training and a held-out example)")
         skipped = []
     bias, bias_report = optimise_vector(base_model, [reasoning_example(r, tokenizer) for r in thinking_traces],
                                         layer, config)
