@@ -124,7 +124,7 @@ R1_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<｜User｜>{{ 
 
 def byte_tokenizer(added: list[str], *, bos: str | None, eos: str, ordinary_size: int | None = None,
                    chat_template: str | None = None, ascii_only: bool = False,
-                   merges: list[tuple[str, str]] | None = None) -> PreTrainedTokenizerFast:
+                   merges: list[tuple[str, str]] | None = None, prepend_bos: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE without merges (every text splits into its bytes, canonically), with
     ``added`` special tokens after the ordinary ones and, with ``ordinary_size``, ordinary filler
     tokens up to that size (so that nearly every id a real-shaped model emits decodes).
@@ -134,7 +134,8 @@ def byte_tokenizer(added: list[str], *, bos: str | None, eos: str, ordinary_size
     text as a replacement character).
 
     ``merges``: BPE merges of byte symbols (``"Ġ"`` is the space), each adding its merged token, so
-    that two tokenizers of one family split the same text differently (different vocabularies)."""
+    that two tokenizers of one family split the same text differently (different vocabularies).
+    ``prepend_bos``: the tokenizer writes its BOS in front of every text, as Llama 3's does."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     byte_symbols = bytes_to_unicode()
@@ -148,6 +149,12 @@ def byte_tokenizer(added: list[str], *, bos: str | None, eos: str, ordinary_size
     backend = Tokenizer(models.BPE(vocab, list(merges or []), unk_token=None, fuse_unk=False, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
+    if prepend_bos:
+        if bos is None or bos not in added:
+            raise ValueError("prepend_bos needs a BOS among the added tokens")
+        backend.add_special_tokens(added)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     tokenizer.add_special_tokens({"additional_special_tokens": added})
     if bos is not None:
@@ -182,7 +189,9 @@ def real_pair_tokenizers(arch: str, vocab_size: int | None = None) -> tuple[PreT
     ascii_only = vocab_size is None
     # the same ordinary vocabulary for both; the added tokens (and TL's) fit in the ids above it
     ordinary = None if vocab_size is None else vocab_size - 16
-    base = byte_tokenizer(BASE_ADDED[arch], bos=base_bos, eos=base_eos, ordinary_size=ordinary, ascii_only=ascii_only)
+    # Llama 3's tokenizer writes <|begin_of_text|> in front of every text; Qwen2.5's writes nothing.
+    base = byte_tokenizer(BASE_ADDED[arch], bos=base_bos, eos=base_eos, ordinary_size=ordinary, ascii_only=ascii_only,
+                          prepend_bos=arch == "llama")
     thinking = byte_tokenizer(R1_ADDED, bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", ordinary_size=ordinary,
                               chat_template=R1_CHAT_TEMPLATE, ascii_only=ascii_only)
     return base, thinking

@@ -47,7 +47,7 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
     directions.check_model(base, allow_other_name=args.allow_other_model)
     # A set made in the base model is applied to the thinking model as is (same residual basis).
     necessity_set.check_model(thinking, allow_other_name=True)
-    traces = load_framed_traces(args.traces, base.tokenizer, args.split)
+    traces = load_framed_traces(args.traces, base.tokenizer, args.split, args.base_template)
     benchmark = traces[0].benchmark
     labels = labels_from_args(args, len(traces), benchmark)
     if labels.taxonomy is not None:

@@ -136,6 +136,9 @@ def add_pair_and_label_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-other-model", action="store_true",
                         help="use a taxonomy or direction set made for another model of the same width on purpose")
     parser.add_argument("--split", default="test", help="benchmark split of the traces (to re-frame prompts)")
+    parser.add_argument("--base-template", default=None,
+                        help="the base model's prompt, under which the traces are re-framed: a registered template "
+                             "or a format string with {question} (default: the benchmark's own, else base_paper)")
     add_placement_args(parser)
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
 

