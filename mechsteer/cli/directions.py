@@ -14,6 +14,7 @@ from mechsteer.cli.common import (
     labels_from_args,
     non_negative_int,
     positive_int,
+    progress_line,
     split_pair,
 )
 from mechsteer.core.errors import ConfigError
@@ -57,7 +58,7 @@ def run_directions_cli(args: argparse.Namespace) -> int:
         config = OptimisationConfig(steps=args.steps, max_examples=args.max_examples, seed=args.seed)
         result = build_optimised_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids,
                                             labels.titles, layer, config, text_labeller=labels.text_labeller,
-                                            skip_empty=True)
+                                            skip_empty=True, progress=progress_line)
     result.provenance.update({"labels": labels.source, "traces": str(args.traces),
                               "base_traces": str(args.base_traces) if args.base_traces else None,
                               "pair": [base_spec, thinking_spec]})

@@ -321,7 +321,7 @@ def wrap_hf_model(
     bridge = TransformerBridge.boot_transformers(
         model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
-    bridge.tokenizer = keep_own_bos(bridge.tokenizer, own_prepends_bos)
+    keep_own_bos(bridge.tokenizer, own_prepends_bos)  # in place: assigning the tokenizer resets cfg.d_vocab
     bridge.cfg.tokenizer_prepends_bos = own_prepends_bos
     bridge.eval()
     bridge.cfg.model_name = model_name

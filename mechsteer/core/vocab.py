@@ -35,21 +35,20 @@ def prepends_bos(tokenizer: Any) -> bool:
     return bos_id is not None and bool(ids) and ids[0] == bos_id
 
 
-def keep_own_bos(tokenizer: Any, own_prepends_bos: bool) -> Any:
-    """``tokenizer`` (as TransformerLens set it up) adding a BOS exactly when the model's own
-    tokenizer does (``own_prepends_bos``, probed with :func:`prepends_bos` before the set-up).
+def keep_own_bos(tokenizer: Any, own_prepends_bos: bool) -> None:
+    """Make ``tokenizer`` (as TransformerLens set it up) add a BOS exactly when the model's own
+    tokenizer does (``own_prepends_bos``, probed with :func:`prepends_bos` before the set-up); in place.
 
     TransformerLens reloads tokenizers with ``add_bos_token=True``: SmolLM2's would write
     ``<|im_start|>`` in front of every plain prompt, where Hugging Face ``generate``, vLLM and the
     paper's code write none. One rule for every path that tokenizes (generation, activations,
     optimisation, the hybrid, the engines): the model's own."""
     if prepends_bos(tokenizer) == own_prepends_bos:
-        return tokenizer
+        return
     tokenizer.add_bos_token = own_prepends_bos
     if prepends_bos(tokenizer) != own_prepends_bos:
         raise ValueError(f"cannot make {type(tokenizer).__name__} {'add' if own_prepends_bos else 'omit'} its BOS "
                          "as the model's own tokenizer does")
-    return tokenizer
 
 
 def added_tokens(tokenizer: Any) -> dict[int, tuple[str, bool]]:

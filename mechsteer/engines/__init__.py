@@ -40,7 +40,9 @@ def load_tokenizer(spec: str) -> Any:
     except (OSError, ValueError) as error:
         raise ModelNotAvailableError(f"could not load the tokenizer of {spec!r} from {source}: {error}") from error
     own_prepends_bos = prepends_bos(tokenizer)  # before TransformerLens' set-up changes it
-    return keep_own_bos(setup_tokenizer(tokenizer), own_prepends_bos)
+    tokenizer = setup_tokenizer(tokenizer)
+    keep_own_bos(tokenizer, own_prepends_bos)
+    return tokenizer
 
 
 def make_engine(kind: EngineKind, model: TransformerBridge | None = None, *, tokenizer: Any = None,

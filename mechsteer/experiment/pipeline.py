@@ -191,7 +191,7 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
             pair.thinking, load_traces(out / "traces" / "thinking_train"), out / "activations",
             ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
                              batch_size=config.batch_size),
-            labeller=labeller, progress=False,
+            labeller=labeller, progress=True,
         )
         return {"n_sentences": manifest.n_sentences, "layers": layers, "throughput": manifest.throughput}
 
@@ -228,7 +228,7 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
         elif config.direction_method == "optimised":
             result = build_optimised_directions(
                 pair.base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles, steer_layer,
-                optimisation_config(config))
+                optimisation_config(config), progress=log)
         else:
             raise ValueError(f"unknown direction_method {config.direction_method!r}; expected mean, sae or optimised")
         result.save(out / "directions")
@@ -270,7 +270,7 @@ def _generation_settings(config: RunConfig, role: str, max_new_tokens: int | Non
                          top_p: float) -> dict[str, Any]:
     """generate_traces' settings for one model: a length (default: ``max_new_tokens``), sampling, stops."""
     settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens or config.max_new_tokens,
-                                    batch_size=config.batch_size, progress=False,
+                                    batch_size=config.batch_size, progress=True,
                                     unclosed=config.unclosed_thinking)
     settings.update(_sampling(temperature, top_p, config.seed))
     if role == "base":

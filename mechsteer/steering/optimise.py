@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -257,12 +257,14 @@ def build_optimised_directions(
     text_labeller: TraceLabeller | None = None,
     min_words: int = 3,
     skip_empty: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> DirectionSet:
     """The bias on whole traces, then each behaviour's vector with the bias added (see the module docstring).
 
     ``skip_empty`` leaves out behaviours with fewer than 2 labelled sentences (listed in
-    ``provenance["skipped_behaviours"]``) instead of raising.
+    ``provenance["skipped_behaviours"]``) instead of raising. ``progress`` gets a line per vector.
     """
+    say = progress or (lambda message: None)
     tokenizer = base_model.tokenizer
     # every behaviour's examples counted before any training step
     counts = {int(b): len(sentence_examples(thinking_traces, tokenizer, labeller, int(b), text_labeller=text_labeller,
@@ -275,6 +277,7 @@ def build_optimised_directions(
     else:
         require_labelled(counts, titles, 2, "optimised vectors (a training and a held-out example)")
         skipped = []
+    say(f"  optimising the bias on {len(thinking_traces)} traces ({config.steps} steps)")
     bias, bias_report = optimise_vector(base_model, [reasoning_example(r, tokenizer) for r in thinking_traces],
                                         layer, config)
     vectors, reports = [], {}
@@ -285,6 +288,7 @@ def build_optimised_directions(
             raise ValueError(f"behaviour {behaviour} has {len(examples)} labelled sentences; need at least 2")
         if config.onset_tokens is not None:
             examples = [onset_example(example, config.onset_tokens) for example in examples]
+        say(f"  optimising behaviour {behaviour} on {len(examples)} sentences ({config.steps} steps)")
         vector, report = optimise_vector(base_model, examples, layer, config, fixed=bias)
         vectors.append(vector)
         reports[str(int(behaviour))] = dataclasses.asdict(report)
