@@ -78,11 +78,11 @@ def aligned_labeller(sentences: Sequence[SentenceRecord], labels: Sequence[int],
     if len(sentences) != len(labels):
         raise ValueError(f"need one label per sentence; got {len(labels)} labels for {len(sentences)} sentences")
     table: dict[tuple[int, int, int], tuple[int, str, str]] = {}
-    for sentence, label in zip(sentences, labels, strict=True):
+    for sentence, assigned in zip(sentences, labels, strict=True):
         if sentence.reasoning_char_start is None and reasoning_starts is not None:
             sentence = dataclasses.replace(sentence, reasoning_char_start=reasoning_starts[sentence.trace_index])
         start, end = sentence.reasoning_span()
-        table[(sentence.trace_index, start, end)] = (int(label), sentence.text, sentence.problem_id)
+        table[(sentence.trace_index, start, end)] = (int(assigned), sentence.text, sentence.problem_id)
 
     def label(sentence: SentenceRecord) -> int | None:
         start, end = sentence.reasoning_span()

@@ -76,7 +76,7 @@ def test_sufficiency_counts_steered_random_and_unsteered(tiny_models, tmp_path):
         table = list(csv.DictReader(handle))
     assert len(table) == 4 and float(table[1]["rate_steered"]) == 1.0
     assert paths["plot"].stat().st_size > 0
-    with pytest.raises(ValueError, match="no contexts"):
+    with pytest.raises(ValueError, match=r"no context for behaviour\(s\) 1"):
         sufficiency(model, directions, contexts[1:2], char_labeller(model), n_contexts=1, behaviour_ids=[1])
 
 
