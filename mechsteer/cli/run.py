@@ -13,6 +13,7 @@ from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.core.models import DTypeChoice
 from mechsteer.engines import ENGINE_KINDS
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
+from mechsteer.experiment.keys import override_flags
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import format_number, report_table
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
@@ -33,10 +34,8 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-# `mechsteer run` flags (argparse dest) -> the config key each overrides.
-OVERRIDES = {"device": "device", "dtype": "dtype", "engine": "engine", "engine_url": "engine_url",
-             "engine_model": "engine_model_thinking", "engine_url_base": "engine_url_base",
-             "engine_model_base": "engine_model_base"}
+# `mechsteer run` flags (argparse dest) -> the config key each overrides (declared with the key).
+OVERRIDES = override_flags(RunConfig)
 
 
 def with_overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:

@@ -264,14 +264,14 @@ def _hub_help(spec: str, error: Exception) -> ModelNotAvailableError:
 def load_model(
     spec: str,
     *,
-    device: str | torch.device | None = "cpu",
-    dtype: DTypeChoice | torch.dtype | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: DTypeChoice | torch.dtype | None = "auto",
     device_map: DeviceMap | None = None,
 ) -> TransformerBridge:
     """Load ``spec`` (see the module docstring) into a TransformerLens 4 ``TransformerBridge``.
 
-    The bridge is in eval mode, on ``device`` (``"auto"``: CUDA when present), in ``dtype``
-    (default float32; ``"auto"``: bfloat16 on CUDA). With ``device_map`` (accelerate's, e.g.
+    The bridge is in eval mode, on ``device`` (``"auto"``, the default as in every command: CUDA
+    when present), in ``dtype`` (``"auto"``, the default: bfloat16 on CUDA, float32 on the CPU). With ``device_map`` (accelerate's, e.g.
     ``"auto"``: one model over several GPUs) the weights are dispatched by accelerate instead and
     ``device`` is ignored. The weights are loaded straight onto their device, and checked there
     afterwards (:func:`check_placement`): TransformerLens uses a model handed to it as it is, so a
@@ -400,8 +400,8 @@ def load_pair(
     base_spec: str,
     thinking_spec: str,
     *,
-    device: str | torch.device | None = "cpu",
-    dtype: DTypeChoice | torch.dtype | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: DTypeChoice | torch.dtype | None = "auto",
     base_device: str | torch.device | None = None,
     thinking_device: str | torch.device | None = None,
     device_map: DeviceMap | None = None,

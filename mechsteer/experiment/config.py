@@ -8,7 +8,7 @@ are left out of it (logging does not change what a run computes).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +30,16 @@ from mechsteer.data.prompts import (
 )
 from mechsteer.data.traces import UnclosedThinking
 from mechsteer.engines.base import EngineKind
+from mechsteer.experiment.keys import (
+    EVALS,
+    HYBRID,
+    PLAIN_EVALS,
+    TRAIN_TRACES,
+    key,
+    keys_of,
+    later_defaults,
+    undigested_keys,
+)
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead
 from mechsteer.steering.optimise import OptimisationConfig
@@ -42,117 +52,142 @@ WandbMode = Literal["online", "offline", "disabled"]
 class RunConfig:
     # Each annotation is checked before a run starts (mechsteer.core.validation): types, Literal
     # choices, and Annotated ranges; a key added here is checked by its annotation alone.
-    name: Annotated[str, NonEmpty()]
-    base_model: Annotated[str, NonEmpty()]
-    thinking_model: Annotated[str, NonEmpty()]
-    benchmark: Annotated[str, NonEmpty()]
+    name: Annotated[str, NonEmpty()] = key(read_by=(), in_sweeps=False)
+    base_model: Annotated[str, NonEmpty()] = key(
+        read_by=("traces_base_train", "directions", *HYBRID, "eval_base", "ablations"))
+    thinking_model: Annotated[str, NonEmpty()] = key(
+        read_by=("traces_thinking_train", "activations", "taxonomy", "directions", *HYBRID, "eval_thinking",
+                 "ablations"))
+    benchmark: Annotated[str, NonEmpty()] = key()
     # A registered template's name, or a format string with {question} ("User: {question}\nAssistant:").
-    base_template: str | None = None  # default: the benchmark's own template if registered, else "base_paper"
-    thinking_template: str | None = None  # default: the benchmark's own template if registered, else "thinking_chat"
-    train_split: str = "train"
-    n_train: Annotated[int, Range(min=1)] = 200  # thinking traces used for the taxonomy and the directions
-    eval_split: str = "test"
-    n_eval: Annotated[int, Range(min=1)] = 200
-    max_new_tokens: Annotated[int, Range(min=1)] = 256
-    batch_size: Annotated[int, Range(min=1)] = 16
+    # default: the benchmark's own template if registered, else "base_paper"
+    base_template: str | None = key(None, read_by=("traces_base_train", *HYBRID, "eval_base"))
+    # default: the benchmark's own template if registered, else "thinking_chat"
+    thinking_template: str | None = key(None, read_by=("traces_thinking_train", *HYBRID, "eval_thinking", "ablations"))
+    train_split: str = key("train", read_by=(*TRAIN_TRACES, "directions", "ablations"))
+    # thinking traces used for the taxonomy and the directions
+    n_train: Annotated[int, Range(min=1)] = key(200, read_by=(*TRAIN_TRACES, "directions", "ablations"))
+    eval_split: str = key("test", read_by=(*EVALS, "ablations"))
+    n_eval: Annotated[int, Range(min=1)] = key(200, read_by=EVALS)
+    max_new_tokens: Annotated[int, Range(min=1)] = key(256, read_by=(*TRAIN_TRACES, *HYBRID, *PLAIN_EVALS, "ablations"))
+    batch_size: Annotated[int, Range(min=1)] = key(16,
+        read_by=(*TRAIN_TRACES, "activations", *HYBRID, *PLAIN_EVALS, "ablations"))
     # thinking-model layers to pool (default: depth/8 grid)
-    activation_layers: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] | None = None
-    include_previous_token: bool = True
-    taxonomy_method: Literal["sae", "kmeans", "gmm"] = "sae"
+    activation_layers: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] | None = key(None,
+        read_by=("activations", "taxonomy"))
+    include_previous_token: bool = key(True, read_by=("activations",))
+    taxonomy_method: Literal["sae", "kmeans", "gmm"] = key("sae", read_by=("taxonomy",))
     # L2-normalise sentence vectors (sweepable)
-    normalise: Annotated[list[bool], NonEmpty()] = field(default_factory=lambda: [True])
-    n_latents: Annotated[list[Annotated[int, Range(min=2)]], NonEmpty()] = field(default_factory=lambda: [5, 10, 15])
-    sae_k: Annotated[int, Range(min=1)] = 3
-    judge: str = "none"  # none | oracle | http | http:MODEL | local:SPEC
+    normalise: Annotated[list[bool], NonEmpty()] = key(factory=lambda: [True], read_by=("taxonomy",))
+    n_latents: Annotated[list[Annotated[int, Range(min=2)]], NonEmpty()] = key(factory=lambda: [5, 10, 15],
+        read_by=("taxonomy",))
+    sae_k: Annotated[int, Range(min=1)] = key(3, read_by=("taxonomy",))
+    judge: str = key("none", read_by=("taxonomy",))  # none | oracle | http | http:MODEL | local:SPEC
     # An HTTP judge's seconds per attempt (a retry after a timeout waits twice as long; not part of the
     # digest) and cap on every judge answer's tokens (None: each prompt's own budget, 256 for titles);
     # as `mechsteer taxonomy --judge-timeout/--judge-max-tokens`.
-    judge_timeout: Annotated[float, Range(min=1)] = HTTPSettings.timeout
-    judge_max_tokens: Annotated[int, Range(min=1)] | None = None
-    direction_method: Literal["mean", "sae", "optimised"] = "mean"
+    judge_timeout: Annotated[float, Range(min=1)] = key(HTTPSettings.timeout, kind="connection")
+    judge_max_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=("taxonomy",), later=True)
+    direction_method: Literal["mean", "sae", "optimised"] = key("mean", read_by=("directions",))
     # Settings of the optimised vectors (OptimisationConfig fields, e.g. lr, steps, init_norm);
     # empty: the paper's defaults.
-    optimisation: dict[str, Any] = field(default_factory=dict)
-    steer_layer: Annotated[int, Range(min=0)] | None = None  # base-model layer (default: ~37.5% of the depth)
-    coefficients: Annotated[list[float], NonEmpty()] = field(default_factory=lambda: [1.0])
+    optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",))
+    # base-model layer (default: ~37.5% of the depth)
+    steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *HYBRID))
+    coefficients: Annotated[list[float], NonEmpty()] = key(factory=lambda: [1.0], read_by=(*HYBRID, "ablations"),
+        downstream=True)
     # steer the last w positions; 0: all of them (the paper's "all tokens")
-    windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = field(default_factory=lambda: [1])
-    policy: Literal["sae_argmax", "threshold"] = "sae_argmax"
+    windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = key(factory=lambda: [1], read_by=HYBRID,
+        downstream=True)
+    policy: Literal["sae_argmax", "threshold"] = key("sae_argmax", read_by=HYBRID, downstream=True)
     # The activation the policy classifies: the thinking model's last token (the paper's), or its own
     # greedy next token (mechsteer.hybrid.timing.PolicyRead).
-    policy_read: PolicyRead = "last_token"
-    threshold: float = 0.0
+    policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True)
+    threshold: float = key(0.0, read_by=HYBRID, downstream=True)
     # A tuning stage (mechsteer.experiment.tuning): the hybrid tries each (coefficient, window) (and
     # each of tune_thresholds) on n_tune problems of tune_split, a split of the benchmark other than
     # the train and eval splits, and the evaluations use the most accurate. None: no tuning stage,
     # the hybrid uses coefficients x windows (and threshold) as set.
-    tune_split: Annotated[str, NonEmpty()] | None = None
-    n_tune: Annotated[int, Range(min=1)] = 100
-    tune_thresholds: Annotated[list[float], NonEmpty()] | None = None  # policy threshold only
+    tune_split: Annotated[str, NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True)
+    n_tune: Annotated[int, Range(min=1)] = key(100, read_by=HYBRID, later=True, downstream=True)
+    # policy threshold only
+    tune_thresholds: Annotated[list[float], NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True)
     # Controls at the hybrid's own steering: only_bias (its timing, the bias alone), only_bias_replayed
     # (the bias alone at its exact steered tokens), random_firing (random tokens at its rate),
     # random_vectors (random vectors of the norms it adds); baselines: first_token_only (the hybrid
     # steering at the first generated token only), oracle_timing (steered where the benchmark's
     # ground-truth timing oracle says: the organisms only).
-    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = field(
-        default_factory=lambda: ["only_bias", "random_firing", "random_vectors"])
-    baselines: list[Literal["first_token_only", "oracle_timing"]] = field(default_factory=list)
-    ablations: bool = True
-    ablation_contexts: Annotated[int, Range(min=1)] = 40
-    seed: int = 0
-    threads: Annotated[int, Range(min=1)] | None = None
+    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = key(
+        factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True)
+    baselines: list[Literal["first_token_only", "oracle_timing"]] = key(factory=list, read_by=(), later=True,
+        downstream=True)
+    ablations: bool = key(True, read_by=(), downstream=True)
+    ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True)
+    seed: int = key(0, read_by=("taxonomy", "directions", "eval_random_firing", "eval_random_vectors", "ablations"))
+    threads: Annotated[int, Range(min=1)] | None = key(None, read_by=())
     # Placement (mechsteer.core.models.load_model). Not part of the digest: where a run computes
     # does not change what it computes (up to the dtype, which is). "auto": CUDA when present.
-    device: Annotated[str, NonEmpty()] = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: DTypeChoice = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU
-    base_device: Annotated[str, NonEmpty()] | None = None  # default: device
-    thinking_device: Annotated[str, NonEmpty()] | None = None  # default: device
+    # "auto", "cpu", "cuda", "cuda:1", ...
+    device: Annotated[str, NonEmpty()] = key("auto", kind="placement", flag="device")
+    dtype: DTypeChoice = key("auto", later=True, flag="dtype")  # "auto": bfloat16 on CUDA, float32 on the CPU
+    base_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement")  # default: device
+    thinking_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement")  # default: device
     # accelerate's device map for each model ("auto", "balanced", or module -> GPU), one model over
     # several GPUs; replaces the devices above. Stages load only the models they need.
-    device_map: str | dict[str, int | str] | None = None
+    device_map: str | dict[str, int | str] | None = key(None, kind="placement")
     # Keys added with the GPU placement work; at their defaults they leave the digest as it was.
     # The train problems' benchmark (default: `benchmark`), e.g. MATH train for MATH-500 runs, so
     # the taxonomy and the directions come from problems the evaluation does not use.
-    train_benchmark: Annotated[str, NonEmpty()] | None = None
+    train_benchmark: Annotated[str, NonEmpty()] | None = key(None, later=True)
     # Lengths per stage (default: max_new_tokens): traces of the train problems, the plain
     # evaluations of both models, and the hybrid.
-    trace_max_new_tokens: Annotated[int, Range(min=1)] | None = None
-    eval_max_new_tokens: Annotated[int, Range(min=1)] | None = None
-    hybrid_max_new_tokens: Annotated[int, Range(min=1)] | None = None
-    hybrid_batch_size: Annotated[int, Range(min=1)] | None = None  # default: batch_size
+    trace_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=TRAIN_TRACES, later=True)
+    eval_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=PLAIN_EVALS, later=True)
+    hybrid_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True)
+    # default: batch_size
+    hybrid_batch_size: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True)
     # Forked (row, candidate) sequences the hybrid evaluates per forward: bounds a steered step's memory.
-    max_candidates_per_chunk: Annotated[int, Range(min=1)] = 32
+    max_candidates_per_chunk: Annotated[int, Range(min=1)] = key(32, read_by=HYBRID, later=True, downstream=True)
     # Sampling of the train traces and of the plain evaluations (temperature 0: greedy, the
     # default); seeded by `seed`. The hybrid stays greedy.
-    trace_temperature: Annotated[float, Range(min=0)] = 0.0
-    trace_top_p: Annotated[float, Range(min=0, max=1)] = 1.0
-    eval_temperature: Annotated[float, Range(min=0)] = 0.0
-    eval_top_p: Annotated[float, Range(min=0, max=1)] = 1.0
+    trace_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=TRAIN_TRACES, later=True)
+    trace_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=TRAIN_TRACES, later=True)
+    eval_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=PLAIN_EVALS, later=True)
+    eval_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=PLAIN_EVALS, later=True)
     # Stop strings of base-model runs (traces, evaluation, hybrid); default: the base template's own.
-    base_stop_strings: list[str] | None = None
+    base_stop_strings: list[str] | None = key(None, read_by=("traces_base_train", "eval_base", *HYBRID), later=True)
     # A thinking trace cut off before its closing tag: no answer (the default), or the answer
     # extracted from the unfinished text.
-    unclosed_thinking: UnclosedThinking = "no_answer"
+    unclosed_thinking: UnclosedThinking = key("no_answer", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True)
     # Plain generation (train traces, the base and thinking evaluations) on the bridge, or through an
     # OpenAI-compatible server such as `vllm serve` (mechsteer.engines, docs/engines.md); the stages
     # that read or write activations always run on the bridge.
-    engine: EngineKind = "bridge"
-    engine_model_base: Annotated[str, NonEmpty()] | None = None  # the server's name for it (default: base_model)
-    engine_model_thinking: Annotated[str, NonEmpty()] | None = None  # likewise (default: thinking_model)
+    engine: EngineKind = key("bridge", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, flag="engine")
+    # the server's name for it (default: base_model)
+    engine_model_base: Annotated[str, NonEmpty()] | None = key(None, read_by=("traces_base_train", "eval_base"),
+        later=True, flag="engine_model_base")
+    # likewise (default: thinking_model)
+    engine_model_thinking: Annotated[str, NonEmpty()] | None = key(None,
+        read_by=("traces_thinking_train", "eval_thinking"), later=True, flag="engine_model")
     # Record the server's generated token ids (vLLM's return_token_ids extension) instead of re-tokenising.
-    engine_return_token_ids: bool = False
+    engine_return_token_ids: bool = key(False, read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True)
     # How the server is reached; not part of the digest (a server on another port resumes the run).
-    engine_url: Annotated[str, NonEmpty()] | None = None  # e.g. http://127.0.0.1:8000/v1
-    engine_url_base: Annotated[str, NonEmpty()] | None = None  # the base model's server (default: engine_url)
-    engine_timeout: Annotated[float, Range(min=1)] = 600.0  # seconds per attempt; a retry waits twice as long
-    engine_max_concurrency: Annotated[int, Range(min=1)] = 8  # requests in flight, abandoned ones included
-    engine_max_retries: Annotated[int, Range(min=0)] = 3
+    # e.g. http://127.0.0.1:8000/v1
+    engine_url: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url")
+    # the base model's server (default: engine_url)
+    engine_url_base: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url_base")
+    # seconds per attempt; a retry waits twice as long
+    engine_timeout: Annotated[float, Range(min=1)] = key(600.0, kind="connection")
+    # requests in flight, abandoned ones included
+    engine_max_concurrency: Annotated[int, Range(min=1)] = key(8, kind="connection")
+    engine_max_retries: Annotated[int, Range(min=0)] = key(3, kind="connection")
     # Tracking (mechsteer.experiment.tracking), off by default. Not part of the digest: logging does not
     # change what a run computes, so a tracked rerun resumes an untracked run folder.
-    wandb: bool = False
-    wandb_project: str = "mechsteer"
-    wandb_group: str | None = None  # default: the config's name (runs are grouped by experiment)
-    wandb_mode: WandbMode | None = None  # default: WANDB_MODE, else online
+    wandb: bool = key(False, kind="tracking")
+    wandb_project: str = key("mechsteer", kind="tracking")
+    # default: the config's name (runs are grouped by experiment)
+    wandb_group: str | None = key(None, kind="tracking", in_sweeps=False)
+    wandb_mode: WandbMode | None = key(None, kind="tracking")  # default: WANDB_MODE, else online
 
     @classmethod
     def from_dict(cls, data: Any, *, check_values: bool = True, source: str | None = None) -> RunConfig:
@@ -193,13 +228,12 @@ class RunConfig:
             raise ConfigError((f"{source}: " if source else "") + join_problems(problems))
 
     def digest(self) -> str:
-        skipped = {*TRACKING_KEYS, *PLACEMENT_KEYS, *ENGINE_CONNECTION_KEYS, *JUDGE_CONNECTION_KEYS}
-        computed = {key: value for key, value in asdict(self).items() if key not in skipped}
+        computed = {name: value for name, value in asdict(self).items() if name not in _UNDIGESTED}
         if not computed["optimisation"]:
             del computed["optimisation"]  # added later: configs without it keep their digests
-        for key, default in LATER_DEFAULTS.items():  # likewise for the keys added later
-            if computed[key] == default:
-                del computed[key]
+        for name, default in LATER_DEFAULTS.items():  # likewise for the keys added later
+            if computed[name] == default:
+                del computed[name]
         return json_digest(computed)
 
     @property
@@ -225,24 +259,15 @@ class RunConfig:
         return self.thinking_template or benchmark_template(self.benchmark) or "thinking_chat"
 
 
-TRACKING_KEYS = ("wandb", "wandb_project", "wandb_group", "wandb_mode")
+# Derived from the keys' own declarations (mechsteer.experiment.keys).
+TRACKING_KEYS = keys_of(RunConfig, "tracking")
 # Where the models run; not part of the digest (a run moved to a GPU resumes its folder).
-PLACEMENT_KEYS = ("device", "base_device", "thinking_device", "device_map")
-# How a generation server is reached; not part of the digest either.
-ENGINE_CONNECTION_KEYS = ("engine_url", "engine_url_base", "engine_timeout", "engine_max_concurrency",
-                          "engine_max_retries")
-# How patiently the judge server is asked; its answers do not depend on it (its max tokens do).
-JUDGE_CONNECTION_KEYS = ("judge_timeout",)
+PLACEMENT_KEYS = keys_of(RunConfig, "placement")
+# How a server is reached or waited for; not part of the digest either.
+CONNECTION_KEYS = keys_of(RunConfig, "connection")
 # Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
-LATER_DEFAULTS: dict[str, Any] = {
-    "dtype": "auto", "train_benchmark": None, "trace_max_new_tokens": None, "eval_max_new_tokens": None,
-    "hybrid_max_new_tokens": None, "hybrid_batch_size": None, "max_candidates_per_chunk": 32,
-    "trace_temperature": 0.0, "trace_top_p": 1.0, "eval_temperature": 0.0, "eval_top_p": 1.0,
-    "base_stop_strings": None, "unclosed_thinking": "no_answer",
-    "engine": "bridge", "engine_model_base": None, "engine_model_thinking": None, "engine_return_token_ids": False,
-    "tune_split": None, "n_tune": 100, "tune_thresholds": None, "baselines": [], "policy_read": "last_token",
-    "judge_max_tokens": None,
-}
+LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
+_UNDIGESTED = undigested_keys(RunConfig)
 
 
 def optimisation_config(config: RunConfig) -> OptimisationConfig:
@@ -272,18 +297,18 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
     templates), the judge's spec, model paths that must exist, settings that need each other."""
     problems: list[Problem] = []
 
-    def refuse(key: str, message: str) -> None:
-        problems.append(Problem(key, message, "value"))
+    def refuse(which: str, message: str) -> None:
+        problems.append(Problem(which, message, "value"))
 
-    for key in ("base_model", "thinking_model"):
-        missing = missing_model_path(getattr(config, key))
+    for option in ("base_model", "thinking_model"):
+        missing = missing_model_path(getattr(config, option))
         if missing:
-            refuse(key, f"{key} {getattr(config, key)!r}: {missing}")
-    for key, benchmark, split_key in (("benchmark", config.benchmark, "eval_split"),
+            refuse(option, f"{option} {getattr(config, option)!r}: {missing}")
+    for option, benchmark, split_key in (("benchmark", config.benchmark, "eval_split"),
                                       ("train_benchmark", config.resolved_train_benchmark, "train_split")):
         if benchmark not in benchmark_names():
-            if key == "benchmark" or config.train_benchmark is not None:
-                refuse(key, f"unknown {key} {benchmark!r}; expected one of {benchmark_names()}")
+            if option == "benchmark" or config.train_benchmark is not None:
+                refuse(option, f"unknown {option} {benchmark!r}; expected one of {benchmark_names()}")
             continue
         splits = benchmark_splits(benchmark)
         if getattr(config, split_key) not in splits:
@@ -294,10 +319,10 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         if truth is None or truth.timing_oracle is None:
             refuse("baselines", f"baseline 'oracle_timing' steers where a ground-truth timing oracle says, which "
                                 f"benchmark {config.benchmark!r} has none of; use baselines: [first_token_only]")
-    for key in ("base_template", "thinking_template"):
-        name = getattr(config, key)
+    for option in ("base_template", "thinking_template"):
+        name = getattr(config, option)
         if name is not None and not is_inline_template(name) and name not in template_names():
-            refuse(key, f"unknown {key} {name!r}; registered templates: {template_names()}, or a format string "
+            refuse(option, f"unknown {option} {name!r}; registered templates: {template_names()}, or a format string "
                         "containing {question}")
     try:
         check_judge_spec(config.judge)
@@ -308,10 +333,10 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
             refuse("judge", f"judge 'oracle' needs ground-truth labels, which benchmark {config.benchmark!r} has "
                             "none of; use http, http:<model> or local:<model spec>")
     problems += optimisation_problems(config.optimisation)
-    for key in ("device", "base_device", "thinking_device"):
-        value = getattr(config, key)
+    for option in ("device", "base_device", "thinking_device"):
+        value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):
-            refuse(key, f"{key} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
+            refuse(option, f"{option} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
     if config.engine == "openai" and config.engine_url is None:
         refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
     if config.taxonomy_method != "sae":

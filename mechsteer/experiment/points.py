@@ -19,13 +19,12 @@ from typing import Any
 
 from mechsteer.core.store import json_digest, write_json_atomic
 from mechsteer.experiment.config import PLACEMENT_KEYS, TRACKING_KEYS, RunConfig
+from mechsteer.experiment.keys import downstream_keys
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
 
 # Keys read only after the directions exist: points differing only in these share the rest.
-DOWNSTREAM_KEYS = ("coefficients", "windows", "policy", "policy_read", "threshold", "controls", "baselines", "ablations",
-                   "ablation_contexts", "hybrid_max_new_tokens", "hybrid_batch_size", "max_candidates_per_chunk",
-                   "tune_split", "n_tune", "tune_thresholds")
+DOWNSTREAM_KEYS = downstream_keys(RunConfig)
 # The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).
 SHARED_STAGES: dict[str, tuple[str, ...]] = {
     "traces_thinking_train": ("traces/thinking_train",),

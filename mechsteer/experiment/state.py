@@ -2,8 +2,10 @@
 summaries. A stage is marked done only when it has finished, so a rerun skips finished stages.
 
 A folder belongs to one config. A rerun with another config continues only when every key it
-changes is read by stages that have not run yet (:data:`STAGE_KEYS`); otherwise it is refused,
-naming the keys that differ and the finished stages that read them.
+changes is read by stages that have not run yet (:data:`STAGE_KEYS`, from the keys' own
+declarations); otherwise it is refused, naming the keys that differ and the finished stages that
+read them. Each finished stage records where its models ran and in which dtype; a rerun that would
+compute in another dtype (``dtype: auto`` resolves per machine) is refused.
 """
 
 from __future__ import annotations
@@ -15,42 +17,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mechsteer.core.errors import ConfigError
+from mechsteer.core.models import resolve_device, resolve_dtype
 from mechsteer.core.store import read_json, write_json_atomic
-from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.experiment import keys
+from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.keys import stage_keys
 from mechsteer.experiment.tracking import NullTracker, Tracker
 
-_TRAIN_TRACES = ("benchmark", "train_split", "n_train", "max_new_tokens", "batch_size")
-_EVAL = ("benchmark", "eval_split", "n_eval", "max_new_tokens", "batch_size")
-_STEERING = ("base_model", "thinking_model", "base_template", "thinking_template", "steer_layer", "coefficients",
-             "windows", "policy", "policy_read", "threshold", "tune_split", "n_tune", "tune_thresholds")
-_HYBRID = (*_STEERING, *_EVAL)  # the evaluations steer with the tuning stage's choice
-# The config keys each stage's results depend on (mechsteer.experiment.pipeline's stages). A key
-# listed under no stage and not in UNREAD_KEYS counts as read by every stage, so a key added to
-# RunConfig later refuses a change in a folder with finished stages until it is listed here.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "traces_thinking_train": ("thinking_model", "thinking_template", *_TRAIN_TRACES),
-    "traces_base_train": ("base_model", "base_template", *_TRAIN_TRACES),
-    "activations": ("thinking_model", "activation_layers", "include_previous_token", "batch_size", "benchmark"),
-    "taxonomy": ("thinking_model", "activation_layers", "n_latents", "judge", "judge_max_tokens", "benchmark",
-                 "taxonomy_method", "sae_k", "seed", "normalise"),
-    "directions": ("base_model", "thinking_model", "benchmark", "train_split", "n_train", "direction_method",
-                   "optimisation", "seed", "steer_layer"),
-    "tuning": (*_STEERING, "benchmark", "max_new_tokens", "batch_size"),
-    "eval_base": ("base_model", "base_template", *_EVAL),
-    "eval_thinking": ("thinking_model", "thinking_template", *_EVAL),
-    "eval_hybrid": _HYBRID,
-    "eval_only_bias": _HYBRID,
-    "eval_only_bias_replayed": _HYBRID,  # replays eval_hybrid's steered positions
-    "eval_random_firing": (*_HYBRID, "seed"),
-    "eval_random_vectors": (*_HYBRID, "seed"),
-    "eval_first_token_only": _HYBRID,
-    "eval_oracle_timing": _HYBRID,
-    "ablations": ("base_model", "thinking_model", "benchmark", "train_split", "n_train", "eval_split",
-                  "ablation_contexts", "thinking_template", "max_new_tokens", "batch_size", "coefficients", "seed"),
-}
-# Keys no stage's results depend on: naming, threads, logging, and which optional stages run.
-UNREAD_KEYS: tuple[str, ...] = ("name", "threads", "controls", "baselines", "ablations", *TRACKING_KEYS)
+# The config keys each stage's results depend on, from the keys' declarations (RunConfig's field
+# metadata, mechsteer.experiment.keys). A key declared without its stages counts as read by every
+# stage, so a change of it is refused in a folder with finished stages until it says which.
+STAGE_KEYS: dict[str, tuple[str, ...]] = stage_keys(RunConfig)
 
 
 def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:
@@ -72,24 +52,35 @@ def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:
 
 
 def stages_reading(key: str, stages: list[str]) -> list[str]:
-    """Which of ``stages`` read ``key``: by :data:`STAGE_KEYS`; a key or a stage it does not know
-    counts as read (a change of it is refused rather than silently mixed into finished results)."""
-    if key in UNREAD_KEYS:
-        return []
-    listed = any(key in keys for keys in STAGE_KEYS.values())
-    return [stage for stage in stages if not listed or stage not in STAGE_KEYS or key in STAGE_KEYS[stage]]
+    """Which of ``stages`` read ``key`` (:func:`mechsteer.experiment.keys.stages_reading`)."""
+    return keys.stages_reading(RunConfig, key, stages)
+
+
+def resolved_placement(config: RunConfig) -> dict[str, dict[str, str]]:
+    """Where each model of a run computes, and in which dtype, as this machine resolves the config
+    (``dtype: auto`` is bfloat16 on CUDA and float32 on the CPU)."""
+    placement = {}
+    for role, device in (("base", config.base_device or config.device),
+                         ("thinking", config.thinking_device or config.device)):
+        target = torch.device("cuda") if config.device_map is not None else resolve_device(device)
+        dtype = str(resolve_dtype(config.dtype, target)).removeprefix("torch.")
+        placement[role] = {"device": str(target), "dtype": dtype}
+    return placement
 
 
 class RunState:
-    """``stages.json``: which stages are done, their timings and summaries."""
+    """``stages.json``: which stages are done, their timings, summaries and placement."""
 
     def __init__(self, out: Path, config: RunConfig):
         self.out = out
         self.tracker: Tracker = NullTracker()  # run_pipeline sets the run's own once the folder is accepted
         self.path = out / "stages.json"
+        self.placement = resolved_placement(config)
         state = read_json(self.path, "run's stage record (stages.json)") if self.path.exists() else {}
         if state and state.get("config_digest") != config.digest():
             self._accept_changes(state, config)
+        if state:
+            self._check_precision(state, config)
         out.mkdir(parents=True, exist_ok=True)  # only once the folder is accepted
         self.state = state or {"config_digest": config.digest(), "config": asdict(config), "stages": {}}
         write_json_atomic(out / "config.json", asdict(config))
@@ -112,6 +103,18 @@ class RunState:
         state["config_changes"] = [*state.get("config_changes", []), {"keys": changed, "stages_done": done}]
         state["config_digest"], state["config"] = config.digest(), asdict(config)
 
+    def _check_precision(self, state: dict[str, Any], config: RunConfig) -> None:
+        """Refuse to mix precisions: a finished stage computed in another dtype than this run would."""
+        for stage, entry in state.get("stages", {}).items():
+            for role, recorded in (entry.get("placement") or {}).items():
+                now = self.placement.get(role, {}).get("dtype")
+                if now is not None and recorded.get("dtype") != now:
+                    raise ConfigError(
+                        f"{self.out}: stage {stage!r} ran the {role} model in {recorded.get('dtype')} (on "
+                        f"{recorded.get('device')}), but this run would use {now} (dtype: {config.dtype!r} on "
+                        f"{self.placement[role]['device']}); set dtype: {recorded.get('dtype')} to resume it, "
+                        "or use another --out")
+
     def save(self) -> None:
         write_json_atomic(self.path, self.state)
 
@@ -129,7 +132,8 @@ class RunState:
             started = time.perf_counter()
             summary = body()
             seconds = time.perf_counter() - started
-            self.state["stages"][stage] = {"seconds": round(seconds, 2), "summary": summary}
+            self.state["stages"][stage] = {"seconds": round(seconds, 2), "summary": summary,
+                                           "placement": self.placement}
             self.save()
             log(f"[{stage}] done in {seconds:.1f}s")
         # a resumed run logs the stages it skipped too, so its tracked run is complete

@@ -51,6 +51,7 @@ from mechsteer.core.store import read_json, write_json_atomic, write_text_atomic
 from mechsteer.core.validation import Range, check_fields, describe, field_hints, join_problems
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig, read_yaml_mapping
 from mechsteer.experiment.executors import EXECUTORS, ExecutorKind, make_executor
+from mechsteer.experiment.keys import sweep_reserved_keys
 from mechsteer.experiment.markdown import sweep_markdown
 from mechsteer.experiment.points import (
     SweepPoint,
@@ -65,7 +66,7 @@ from mechsteer.experiment.tracking import WandbTracker, wandb_environment
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "list", "executor", "retries", "resources", "ray", "wandb"}
 # Keys a sweep may not vary: the sweep names its points and groups their wandb runs.
-RESERVED_KEYS = ("name", "wandb_group")
+RESERVED_KEYS = sweep_reserved_keys(RunConfig)
 STATUS_COLUMNS = ("status", "attempts", "error", "seconds")
 
 

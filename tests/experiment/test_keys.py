@@ -1,0 +1,105 @@
+"""Config keys that describe themselves (mechsteer.experiment.keys): every list the top floor used
+to keep by hand is derived from the keys' declarations, the digests of existing run folders stay
+as they were, a key changed after a stage that does not read it resumes the run, and a folder is
+never resumed in another precision."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.store import read_json, write_json_atomic
+from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
+from mechsteer.experiment.keys import STAGES, key_infos, stage_keys
+from mechsteer.experiment.state import RunState
+from tests.experiment.configs import OLD_DEMO
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+# The digests run folders were written under before the keys declared themselves.
+DIGESTS = {
+    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "f81defce6094ea78",
+    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "4e2223587dc62ff6",
+    "organism-demo-confirm400.yaml": "40378eac4881d884",
+    "organism-demo-grid.yaml": "481f056e29f249eb",
+    "organism-demo.yaml": "c83941482403d842",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "1473719ea2e7e27b",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "7c068272e73a9e2b",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "6fcdb7f763d3136c",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "c8c1c1177f82165d",
+    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "d8c0580962be1ab3",
+    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "f282a775c314d201",
+    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "8c2468fb1d264902",
+    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "d3492dea8503c377",
+    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "a6eb9b5c64ffb4f8",
+    "qwen2.5-32b__qwq-32b__math500.yaml": "421e35ca526fea59",
+    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "bdeaafc14ba0b889",
+    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "569c2cab2677a5ef",
+    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "29b3a5d4d7771e8d",
+    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "f6ee9c343962fc84",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "34a519e32248c7b6",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "86a8a2b4f87d81cc",
+}
+
+
+def test_every_key_is_declared_with_its_metadata():
+    for field in dataclasses.fields(RunConfig):
+        assert "key" in field.metadata, f"RunConfig.{field.name} is not declared with mechsteer.experiment.keys.key"
+    infos = key_infos(RunConfig)
+    for name, info in infos.items():
+        assert info.read_by is None or set(info.read_by) <= set(STAGES), name
+        assert info.kind == "computed" or not info.read_by, name  # a key outside the digest changes no result
+
+
+def test_every_config_keeps_its_digest():
+    assert {path.name: RunConfig.from_yaml(path).digest() for path in sorted(EXPERIMENTS.glob("*.yaml"))} == DIGESTS
+    assert DEMO_CONFIG.digest() == DIGESTS["organism-demo.yaml"]
+    assert DEMO_GRID_CONFIG.digest() == DIGESTS["organism-demo-grid.yaml"]
+    assert OLD_DEMO.digest() == "f2c2834c78ea8dc1"
+
+
+def test_keys_outside_the_digest_do_not_change_it():
+    for name, info in key_infos(RunConfig).items():
+        if info.kind != "computed":
+            field = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+            value = {"tracking": "x", "placement": "cpu", "connection": "http://127.0.0.1:1/v1"}[info.kind]
+            if field.type.startswith(("bool", "Annotated[float", "Annotated[int")):
+                value = 7 if "int" in field.type else (7.0 if "float" in field.type else True)
+            assert dataclasses.replace(DEMO_CONFIG, **{name: value}).digest() == DEMO_CONFIG.digest(), name
+
+
+def finished(out: Path, config: RunConfig, stages: list[str]) -> None:
+    """A run folder of ``config`` whose ``stages`` are done (as RunState records them)."""
+    state = RunState(out, config)
+    for stage in stages:
+        state.run(stage, lambda: {}, lambda message: None)
+
+
+def test_a_hybrid_setting_changed_after_the_traces_resumes_the_run(tmp_path):
+    base = dataclasses.replace(DEMO_CONFIG, device="cpu")
+    finished(tmp_path, base, ["traces_thinking_train", "activations", "traces_base_train", "taxonomy", "directions"])
+    for change in ({"hybrid_max_new_tokens": 64}, {"max_candidates_per_chunk": 8}, {"hybrid_batch_size": 5}):
+        RunState(tmp_path, dataclasses.replace(base, **change))  # accepted
+    assert "hybrid_max_new_tokens" in stage_keys(RunConfig)["eval_hybrid"]
+    assert "hybrid_max_new_tokens" not in stage_keys(RunConfig)["traces_thinking_train"]
+    with pytest.raises(ConfigError, match=r"trace_max_new_tokens: None -> 64 \(read by traces_thinking_train"):
+        RunState(tmp_path, dataclasses.replace(base, trace_max_new_tokens=64))
+
+
+def test_a_folder_is_not_resumed_in_another_precision(tmp_path):
+    base = dataclasses.replace(DEMO_CONFIG, device="cpu")  # dtype auto: float32 on the CPU
+    finished(tmp_path, base, ["traces_thinking_train"])
+    entry = read_json(tmp_path / "stages.json", "stages")["stages"]["traces_thinking_train"]
+    assert entry["placement"] == {"base": {"device": "cpu", "dtype": "float32"},
+                                  "thinking": {"device": "cpu", "dtype": "float32"}}
+    with pytest.raises(ConfigError, match=r"dtype: 'auto' -> 'bfloat16'"):
+        RunState(tmp_path, dataclasses.replace(base, dtype="bfloat16"))
+    # The same config resolving to another dtype (dtype: auto on a GPU machine) is refused too.
+    state = read_json(tmp_path / "stages.json", "stages")
+    for role in ("base", "thinking"):
+        state["stages"]["traces_thinking_train"]["placement"][role]["dtype"] = "bfloat16"
+    write_json_atomic(tmp_path / "stages.json", state)
+    with pytest.raises(ConfigError, match=r"ran the base model in bfloat16.*set dtype: bfloat16 to resume it"):
+        RunState(tmp_path, base)
