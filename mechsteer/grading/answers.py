@@ -1,12 +1,16 @@
-"""Answer extraction and deterministic grading (no LLM judge).
+"""Answer extraction and deterministic grading (no LLM judge), one :class:`Grader` per benchmark.
 
-Benchmarks are graded in one of two ways:
+The built-in benchmarks are graded in one of two ways:
 
-- numeric (``gsm8k``, ``organism``): answers are numbers, compared exactly as fractions
+- numeric (``gsm8k``): answers are numbers, compared exactly as fractions
   (so ``18``, ``18.00``, ``$18``, ``1,000`` and ``18 dollars`` all read as numbers);
 - MATH (``math500``, ``math``): LaTeX answers, compared by
   ``mechsteer.grading.math_equivalence.math_answers_equivalent`` (normalisation, structure, exact
   rationals, and sympy in a sandboxed worker process under a timeout).
+
+A plug-in benchmark registers its own grader (:func:`register_grader`; the organisms' reads
+their answer sentence and compares numbers with :func:`numbers_equal`), found by name through the
+plug-in entry points on a miss.
 
 ``extract_answer(text, benchmark)`` finds the final answer in a model's output;
 ``is_correct(prediction, reference, benchmark)`` grades an extracted answer. Neither raises
@@ -19,20 +23,19 @@ The metrics over the grades (Wilson interval, gap recovered, bootstrap) are in
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 
+from mechsteer.core.plugins import load_plugins
 from mechsteer.grading.math_equivalence import math_answers_equivalent
 
 # The tags around a thinking model's reasoning; the answer follows the closing one.
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
-NUMERIC_BENCHMARKS: tuple[str, ...] = ("gsm8k", "organism")
-MATH_BENCHMARKS: tuple[str, ...] = ("math500", "math")
-GRADED_BENCHMARKS: tuple[str, ...] = NUMERIC_BENCHMARKS + MATH_BENCHMARKS
-
-# Only the end of very long outputs is searched (the start, for the organism's first answer
-# sentence): the final answer is there, and it bounds the regex work on pathological inputs.
+# Only the end of very long outputs is searched (a plug-in's grader may search the start): the
+# final answer is there, and it bounds the regex work on pathological inputs.
 MAX_SEARCH_CHARS = 50_000
 MAX_NUMBER_CHARS = 200
 
@@ -40,7 +43,6 @@ _ANSWER_PHRASE = re.compile(r"(?:final\s+)?answer\s*(?:is|:|=)\s*:?", re.IGNOREC
 _NUMBER = re.compile(
     r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|(?<![\w.\d])-?\.\d+"
 )
-_ORGANISM_ANSWER = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
 _FULL_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 
 
@@ -72,9 +74,41 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def _check_benchmark(benchmark: str) -> None:
-    if benchmark not in GRADED_BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {GRADED_BENCHMARKS}")
+@dataclass(frozen=True)
+class Grader:
+    """How one benchmark's answers are read and compared.
+
+    ``extract`` gets the output after its last ``</think>`` and returns the final answer or None;
+    ``equivalent(prediction, reference)`` compares an extracted answer with the reference. Neither
+    may raise on any str content (a reference that is not an answer may: a data error)."""
+
+    benchmark: str
+    extract: Callable[[str], str | None]
+    equivalent: Callable[[str, str], bool]
+
+
+_GRADERS: dict[str, Grader] = {}
+
+
+def register_grader(grader: Grader, *, replace: bool = False) -> None:
+    """Add a benchmark's grader (a plug-in registers its benchmark's here)."""
+    if grader.benchmark in _GRADERS and not replace:
+        raise ValueError(f"a grader for benchmark {grader.benchmark!r} is already registered; pass replace=True")
+    _GRADERS[grader.benchmark] = grader
+
+
+def grader_for(benchmark: str) -> Grader:
+    """The benchmark's grader (plug-ins loaded on a miss); ValueError naming the graded ones."""
+    if benchmark not in _GRADERS:
+        load_plugins()
+    if benchmark not in _GRADERS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {graded_benchmarks()}")
+    return _GRADERS[benchmark]
+
+
+def graded_benchmarks() -> tuple[str, ...]:
+    load_plugins()
+    return tuple(sorted(_GRADERS))
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,26 +123,20 @@ def extract_answer(text: str, benchmark: str) -> str | None:
     a new question of the paper's prompt (``"\n\nQuestion:\n"`` or ``"\nTask: Answer the
     question below"``) is cut off first.
 
-    - ``organism``: N in the first "The answer is N" (the organism grammar's answer
-      sentence; later text may be a new, hallucinated problem); None if absent.
     - ``gsm8k``: the number after the last ``####``; else in the last
       ``\\boxed{}``; else after the last "the answer is"/"answer:"; else the last number.
       Commas, ``$``, units and trailing periods are dropped: ``"#### $1,000."`` -> ``"1000"``.
     - MATH benchmarks: the content of the last ``\\boxed{...}``/``\\fbox{...}`` (braces
       balanced); else what follows the last "the answer is" (a ``$...$`` span, or up to the
       end of the sentence); else, as in the paper, the last number.
+    - a plug-in's benchmark: as its grader reads it.
     """
-    _check_benchmark(benchmark)
+    grader = grader_for(benchmark)
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     if THINK_CLOSE in text:
         text = text.rsplit(THINK_CLOSE, 1)[1]
-    if benchmark == "organism":
-        return _extract_organism_answer(text[:MAX_SEARCH_CHARS])
-    text = _cut_continuation(text)[-MAX_SEARCH_CHARS:]
-    if benchmark == "gsm8k":
-        return _extract_number_answer(text)
-    return _extract_math_answer(text)
+    return grader.extract(text)
 
 
 # A base model given the paper's prompt may go on to write the next "Question:" (or a whole
@@ -151,14 +179,6 @@ def _extract_number_answer(text: str) -> str | None:
             return numbers[0]
     numbers = _numbers(text)
     return numbers[-1] if numbers else None
-
-
-def _extract_organism_answer(text: str) -> str | None:
-    # The organism's answer sentence is "The answer is N."; a small model may keep writing
-    # after it (a new problem, another answer), so the first one counts, as in
-    # mechsteer.organisms.grammar.
-    sentence = _ORGANISM_ANSWER.search(text)
-    return sentence.group(1) if sentence else None
 
 
 def _extract_math_answer(text: str) -> str | None:
@@ -220,21 +240,35 @@ def is_correct(prediction: str | None, reference: str, benchmark: str) -> bool:
     an unparseable prediction is wrong. A numeric reference that is not a number raises
     ValueError (that is a data error, not a model error).
     """
-    _check_benchmark(benchmark)
+    grader = grader_for(benchmark)
     if not isinstance(reference, str):
         raise ValueError(f"reference must be a str, got {type(reference).__name__}")
     if prediction is None:
         return False
     if not isinstance(prediction, str):
         raise ValueError(f"prediction must be a str or None, got {type(prediction).__name__}")
-    if benchmark in NUMERIC_BENCHMARKS:
-        expected = parse_number(reference)
-        if expected is None:
-            raise ValueError(f"{benchmark} reference {reference!r} is not a number")
-        return parse_number(prediction) == expected
-    return math_answers_equivalent(prediction, reference)
+    return grader.equivalent(prediction, reference)
+
+
+def numbers_equal(prediction: str, reference: str) -> bool:
+    """Numeric grading: both answers as exact numbers; an unparseable prediction is wrong, a
+    reference that is not a number raises ValueError."""
+    expected = parse_number(reference)
+    if expected is None:
+        raise ValueError(f"reference {reference!r} is not a number")
+    return parse_number(prediction) == expected
 
 
 def grade(output: str, reference: str, benchmark: str) -> bool:
     """``is_correct(extract_answer(output, benchmark), reference, benchmark)``."""
     return is_correct(extract_answer(output, benchmark), reference, benchmark)
+
+
+def _cut_and_extract(extract: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """A reader of the end of an output, a base model's continuation into a new question cut first."""
+    return lambda text: extract(_cut_continuation(text)[-MAX_SEARCH_CHARS:])
+
+
+register_grader(Grader("gsm8k", _cut_and_extract(_extract_number_answer), numbers_equal))
+for _name in ("math500", "math"):
+    register_grader(Grader(_name, _cut_and_extract(_extract_math_answer), math_answers_equivalent))

@@ -1,4 +1,5 @@
-"""The organisms as a mechsteer plug-in: their model specs, benchmark, prompt template and ground truth.
+"""The organisms as a mechsteer plug-in: their model specs, benchmark, grader, prompt template and
+ground truth.
 
 Declared in ``pyproject.toml`` as the entry point ``mechsteer.plugins: organisms``; the generic
 registries run :func:`register` the first time they miss a name, so no generic stage imports
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import re
 
 from mechsteer.core.models import register_model_spec
 from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchmark
 from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
 from mechsteer.data.prompts import PromptTemplate, register_template
+from mechsteer.grading.answers import MAX_SEARCH_CHARS, Grader, numbers_equal, register_grader
 from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weights_dir
 from mechsteer.organisms.grammar import BEHAVIOURS, next_behaviour_by_grammar, parse_trace
 from mechsteer.organisms.tasks import SPLITS, generate_split
@@ -46,6 +49,16 @@ def prompt_template_text() -> str:
     return importlib.import_module("mechsteer.organisms.grammar").PROMPT_TEMPLATE
 
 
+_ANSWER_SENTENCE = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
+
+
+def extract_answer_sentence(text: str) -> str | None:
+    """N in the first "The answer is N" (the grammar's answer sentence): a small model may keep
+    writing after it (a new problem, another answer), so the first one counts."""
+    sentence = _ANSWER_SENTENCE.search(text[:MAX_SEARCH_CHARS])
+    return sentence.group(1) if sentence else None
+
+
 def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:
     """Ground-truth behaviour labels of an organism trace, from the organism grammar."""
     return {(s.char_start, s.char_end): s.behaviour for s in parse_trace(reasoning)}
@@ -66,6 +79,8 @@ def register() -> None:
     register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))
     register_ground_truth(GROUND_TRUTH)
+    register_grader(Grader(BENCHMARK, extract_answer_sentence, numbers_equal))
 
 
-__all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "label_reasoning", "load_split", "register"]
+__all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "extract_answer_sentence", "label_reasoning", "load_split",
+           "register"]
