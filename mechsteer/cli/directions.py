@@ -19,10 +19,13 @@ from mechsteer.cli.common import (
 )
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model
+from mechsteer.core.validation import join_problems
+from mechsteer.experiment.config import optimisation_problems
 from mechsteer.steering.framing import load_framed_traces
-from mechsteer.steering.mean import POOLINGS, build_mean_directions, default_layer
-from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
-from mechsteer.steering.sae_map import MAPPINGS, build_sae_directions
+from mechsteer.steering.mean import POOLINGS, default_layer
+from mechsteer.steering.optimise import OptimisationConfig
+from mechsteer.steering.sae_map import MAPPINGS
+from mechsteer.steering.stage import DirectionSettings, build_directions
 
 
 def run_directions_cli(args: argparse.Namespace) -> int:
@@ -42,32 +45,40 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split, args.base_template)
     base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split, args.base_template) if args.base_traces else None
     labels = labels_from_args(args, len(thinking_traces), thinking_traces[0].benchmark)
-    if args.method == "mean":
-        result = build_mean_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles,
-                                       layer, base_traces=base_traces, pooling=args.pooling,
-                                       text_labeller=labels.text_labeller, skip_empty=True)
-    elif args.method == "sae":
+    settings = DirectionSettings(method=args.method, layer=layer, pooling=args.pooling, mapping=args.mapping,
+                                 optimisation=optimisation_from_args(args))
+    thinking = None
+    if settings.needs_thinking:
         if labels.taxonomy is None:
             raise ConfigError("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
         thinking = load_model(thinking_spec, device=args.device, dtype=args.dtype)
         labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
-        result = build_sae_directions(base, thinking, labels.taxonomy.load_sae(), labels.behaviour_ids,
-                                      labels.titles, layer, thinking_traces, sae_layer=labels.taxonomy.provenance.layer,
-                                      mapping=args.mapping, base_traces=base_traces, pooling=args.pooling)
-    else:
-        config = OptimisationConfig(steps=args.steps, max_examples=args.max_examples, seed=args.seed)
-        result = build_optimised_directions(base, thinking_traces, labels.labeller, labels.behaviour_ids,
-                                            labels.titles, layer, config, text_labeller=labels.text_labeller,
-                                            skip_empty=True, progress=progress_line)
-    result.provenance.update({"labels": labels.source, "traces": str(args.traces),
-                              "base_traces": str(args.base_traces) if args.base_traces else None,
-                              "pair": [base_spec, thinking_spec]})
+    result = build_directions(base, thinking_traces, labels, settings, base_traces=base_traces, thinking=thinking,
+                              provenance={"traces": str(args.traces),
+                                          "base_traces": str(args.base_traces) if args.base_traces else None,
+                                          "pair": [base_spec, thinking_spec]},
+                              progress=progress_line)
     result.save(args.out)
     print(json.dumps({"out": str(args.out), "method": result.method, "layer": layer,
                       "norms": dict(zip(result.titles, result.norms.tolist(), strict=True)),
-                      "bias_norm": None if result.bias is None else float(result.bias.norm()),
-                      "skipped_behaviours": result.provenance.get("skipped_behaviours", [])}))
+                      "bias_norm": None if result.bias is None else float(result.bias.norm())}))
     return 0
+
+
+def optimisation_from_args(args: argparse.Namespace) -> OptimisationConfig:
+    """``--steps``/``--max-examples`` and any other OptimisationConfig field from ``--optimisation``
+    (a JSON mapping, as a run config's ``optimisation``; its keys win), seeded by ``--seed``."""
+    try:
+        extra = json.loads(args.optimisation) if args.optimisation else {}
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--optimisation is not JSON ({error.msg}); e.g. '{{\"lr\": 0.1, \"steps\": 100}}'") from None
+    if not isinstance(extra, dict):
+        raise ConfigError(f"--optimisation must be a JSON mapping of OptimisationConfig fields, not {extra!r}")
+    settings = {"steps": args.steps, "max_examples": args.max_examples, **extra}
+    problems = optimisation_problems(settings)
+    if problems:
+        raise ConfigError("--" + join_problems(problems))
+    return OptimisationConfig(**settings, seed=args.seed)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +94,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="SAE directions: thinking -> base space")
     parser.add_argument("--steps", type=positive_int, default=50, help="optimised: steps per vector")
     parser.add_argument("--max-examples", type=positive_int, default=2048, help="optimised: examples per vector")
+    parser.add_argument("--optimisation", default=None,
+                        help='optimised: other OptimisationConfig fields as JSON, as a run config\'s optimisation '
+                             '(e.g. \'{"lr": 0.1, "init_norm": 8}\')')
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=run_directions_cli)
 

@@ -74,8 +74,7 @@ from mechsteer.steering.labels import (
     taxonomy_labels,
 )
 from mechsteer.steering.mean import build_mean_directions, default_layer
-from mechsteer.steering.optimise import build_optimised_directions
-from mechsteer.steering.sae_map import build_sae_directions
+from mechsteer.steering.stage import DirectionSettings, build_directions
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
@@ -210,27 +209,19 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
                    else default_layer(pair.info("base").cfg.n_layers))
 
     def directions() -> dict[str, Any]:
-        pair.need(*(("base", "thinking") if config.direction_method == "sae" else ("base",)))
-        taxonomy = checked_taxonomy(out, pair)
+        settings = DirectionSettings(method=config.direction_method, layer=steer_layer,
+                                     optimisation=optimisation_config(config))
+        pair.need(*(("base", "thinking") if settings.needs_thinking else ("base",)))
+        checked_taxonomy(out, pair)
         raw_traces = load_traces(out / "traces" / "thinking_train")
         labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
         thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
                                          config.resolved_base_template)
         base_traces = load_traces(out / "traces" / "base_train")
-        if config.direction_method == "mean":
-            result = build_mean_directions(
-                pair.base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles, steer_layer,
-                base_traces=base_traces)
-        elif config.direction_method == "sae":
-            result = build_sae_directions(
-                pair.base, pair.thinking, taxonomy.load_sae(), labels.behaviour_ids, labels.titles,
-                steer_layer, thinking_traces, sae_layer=taxonomy.provenance.layer, base_traces=base_traces)
-        elif config.direction_method == "optimised":
-            result = build_optimised_directions(
-                pair.base, thinking_traces, labels.labeller, labels.behaviour_ids, labels.titles, steer_layer,
-                optimisation_config(config), progress=log)
-        else:
-            raise ValueError(f"unknown direction_method {config.direction_method!r}; expected mean, sae or optimised")
+        result = build_directions(pair.base, thinking_traces, labels, settings, base_traces=base_traces,
+                                  thinking=pair.thinking if settings.needs_thinking else None,
+                                  provenance=directions_provenance(out, config.base_model, config.thinking_model),
+                                  progress=log)
         result.save(out / "directions")
         return {"method": result.method, "layer": steer_layer, "behaviour_ids": result.behaviour_ids,
                 "titles": result.titles, "norms": [round(float(n), 4) for n in result.norms],
@@ -247,6 +238,12 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
                           total_seconds=time.perf_counter() - started)
     write_report(report, out)
     return report
+
+
+def directions_provenance(out: Path, base_spec: str, thinking_spec: str) -> dict[str, Any]:
+    """Where a run's directions came from, as ``mechsteer directions`` records it for the same inputs."""
+    return {"traces": str(out / "traces" / "thinking_train"), "base_traces": str(out / "traces" / "base_train"),
+            "pair": [base_spec, thinking_spec]}
 
 
 def plain_generator(config: RunConfig, pair: ResidentPair, role: Role) -> TransformerBridge | GenerationEngine:
