@@ -16,6 +16,7 @@ from typing import get_args
 
 from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import DTypeChoice, missing_model_path, spec_model_name
+from mechsteer.data.prompts import get_template
 from mechsteer.data.traces import TRACES_FILE, load_traces
 from mechsteer.steering.labels import BehaviourLabels, ground_truth_labels, taxonomy_labels
 
@@ -158,6 +159,9 @@ def check_pair_and_labels(args: argparse.Namespace) -> None:
     if not args.taxonomy and not args.ground_truth:
         raise ConfigError("sentence labels needed: pass --taxonomy DIR (SAE labels) or --ground-truth (organisms)")
     check_traces_folder(args.traces)
+    for flag in ("base_template", "thinking_template"):
+        if getattr(args, flag, None) is not None:
+            get_template(getattr(args, flag))  # an unknown name is refused before anything loads
     base_spec, thinking_spec = args.pair
     check_model_specs(("--pair", base_spec), ("--pair", thinking_spec))
     check_output_folder(args.out)

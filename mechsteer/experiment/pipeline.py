@@ -24,9 +24,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import ActivationConfig, Manifest, extract_activations, read_sentences
-from mechsteer.causal.necessity import necessity
-from mechsteer.causal.outputs import write_outputs
-from mechsteer.causal.sufficiency import require_contexts, sufficiency, sufficiency_contexts
+from mechsteer.causal.stage import AblationSettings, run_ablations
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
@@ -69,11 +67,9 @@ from mechsteer.hybrid.timing import (
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.framing import frame_for_base
 from mechsteer.steering.labels import (
-    SAEBehaviourLabeller,
-    ground_truth_behaviour_labeller,
     taxonomy_labels,
 )
-from mechsteer.steering.mean import build_mean_directions, default_layer
+from mechsteer.steering.mean import default_layer
 from mechsteer.steering.stage import DirectionSettings, build_directions
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.build import JudgeSettings
@@ -453,77 +449,19 @@ def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: 
         pair.need("base", "thinking")
         direction_set = DirectionSet.load(out / "directions")
         direction_set.check_model(pair.base)
-        taxonomy = checked_taxonomy(out, pair)
+        checked_taxonomy(out, pair)
         raw_traces = load_traces(out / "traces" / "thinking_train")
         labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
         train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
         traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
                                 config.resolved_base_template)
-        settings: dict[str, Any] = {"source": "mechsteer run"}
-        ground_truth = ground_truth_for(config.benchmark)
-        if ground_truth is not None:
-            # Ground truth measures the behaviours of generated text, and taxonomy latents map to
-            # it by title, or, where the title is none of its behaviours (no judge), by the planted
-            # label most of the latent's sentences carry. Several latents can map to one behaviour
-            # and ground truth cannot tell them apart, so each behaviour is measured once, with the
-            # direction of its first latent; latents that map to no behaviour cannot be measured
-            # at all. Both are listed in the output.
-            matched = {b.id: b.matched_label for b in taxonomy.behaviours}
-            first_latent: dict[str, int] = {}
-            for behaviour in direction_set.behaviour_ids:
-                title = direction_set.title(behaviour)
-                measured_as = title if title in ground_truth.behaviours else matched.get(behaviour)
-                if measured_as in ground_truth.behaviours and measured_as not in first_latent:
-                    first_latent[measured_as] = behaviour
-            settings["measured_as"] = {str(b): title for title, b in first_latent.items()}
-            settings["not_measured"] = {str(b): direction_set.title(b) for b in direction_set.behaviour_ids
-                                        if b not in first_latent.values()}
-            if not first_latent:
-                raise ValueError(f"no taxonomy latent is titled with, or mostly holds, a behaviour of the "
-                                 f"{config.benchmark!r} ground truth ({sorted(ground_truth.behaviours)}); "
-                                 f"titles: {direction_set.titles}")
-            direction_set = direction_set.subset(list(first_latent.values()))
-            labeller = ground_truth_behaviour_labeller(ground_truth, list(first_latent), list(first_latent.values()))
-        else:
-            labeller = SAEBehaviourLabeller(pair.thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
-                                            taxonomy.provenance.include_previous_token)
-        # every check before the first generation: contexts for each behaviour, directions for the thinking model
-        contexts = sufficiency_contexts(traces, pair.base.tokenizer, labels.labeller)
-        require_contexts(contexts, direction_set)
-        necessity_set = direction_set
-        if pair.info("thinking").cfg.d_model != direction_set.d_model:
-            # The base model's directions do not live in a thinking model of another width: the
-            # necessity pass removes the thinking model's own difference-of-means directions, made
-            # at the taxonomy's layer from the same traces and labels.
-            log(f"  necessity: the thinking model's width ({pair.info('thinking').cfg.d_model}) is not the base "
-                f"model's ({direction_set.d_model}); ablating the thinking model's own difference-of-means "
-                f"directions at layer {taxonomy.provenance.layer}")
-            necessity_set = build_mean_directions(
-                pair.thinking, raw_traces, labels.labeller, direction_set.behaviour_ids, direction_set.titles,
-                taxonomy.provenance.layer)
-            settings["necessity_directions"] = (f"difference of means in the thinking model at layer "
-                                                f"{taxonomy.provenance.layer} (the pair's widths differ)")
         problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
-        necessity_rows = necessity(pair.thinking, necessity_set, problems, labeller,
-                                   template=config.resolved_thinking_template,
-                                   max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, progress=log)
-        # optimised behaviour vectors were trained on top of the bias: steer with both, as the hybrid does
-        with_bias = direction_set.method == "optimised" and direction_set.bias is not None
-        settings["sufficiency_with_bias"] = with_bias
-        # A benchmark with ground truth follows a grammar of one sentence per line (the organisms):
-        # the next sentence ends at the newline.
-        one_sentence_per_line = ground_truth is not None
-        sufficiency_rows = sufficiency(
-            pair.base, direction_set, contexts, labeller, coeffs=tuple(config.coefficients),
-            n_contexts=config.ablation_contexts, seed=config.seed, with_bias=with_bias,
-            stop_strings=("\n",) if one_sentence_per_line else (), batch_size=config.batch_size, progress=log)
-        write_outputs(out / "ablations", necessity_rows, sufficiency_rows, settings)
-        return {
-            "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,
-                           "max_other_relative_change": r.max_other_relative_change} for r in necessity_rows],
-            "sufficiency": [{"behaviour": r.title, "coeff": r.coeff, "steered": r.rate_steered,
-                             "random": r.rate_random, "unsteered": r.rate_unsteered} for r in sufficiency_rows],
-            "not_measured": settings.get("not_measured", {}),
-        }
+        settings = AblationSettings(thinking_template=config.resolved_thinking_template,
+                                    max_new_tokens=config.max_new_tokens, coeffs=tuple(config.coefficients),
+                                    n_contexts=config.ablation_contexts, batch_size=config.batch_size, seed=config.seed)
+        summary = run_ablations(pair.base, pair.thinking, direction_set, labels, traces, raw_traces, problems,
+                                config.benchmark, settings, out / "ablations", progress=log)
+        summary.pop("outputs")
+        return summary
 
     return state.run("ablations", body, log)

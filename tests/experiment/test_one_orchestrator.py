@@ -30,3 +30,19 @@ def test_the_directions_command_writes_the_run_stages_directions(short_run, tmp_
                  "--optimisation", json.dumps(SHORT_RUN["optimisation"]), "--out", str(command)]) == 0
     assert (command / "directions.safetensors").read_bytes() == (out / "directions" / "directions.safetensors").read_bytes()
     assert metadata_without_times(command / "directions.json") == metadata_without_times(out / "directions" / "directions.json")
+
+
+def test_the_ablate_command_writes_the_run_stages_ablations(short_run, tmp_path):
+    """mechsteer ablate and the run's ablation stage: mechsteer.causal.stage.run_ablations, the same
+    tables and settings on the same inputs."""
+    out, _ = short_run
+    command = tmp_path / "ablations"
+    coeffs = ",".join(str(c) for c in SHORT_RUN["coefficients"])
+    assert main(["ablate", "--pair", f"{SHORT_RUN['base_model']},{SHORT_RUN['thinking_model']}",
+                 "--traces", str(out / "traces" / "thinking_train"), "--taxonomy", str(out / "taxonomy"),
+                 "--split", "train", "--directions", str(out / "directions"), "--eval-split", "test",
+                 "--n-problems", str(SHORT_RUN["ablation_contexts"]), "--max-new-tokens", str(SHORT_RUN["max_new_tokens"]),
+                 "--coeffs", coeffs, "--n-contexts", str(SHORT_RUN["ablation_contexts"]),
+                 "--batch-size", str(SHORT_RUN["batch_size"]), "--out", str(command)]) == 0
+    for name in ("necessity.csv", "sufficiency.csv", "ablations.json"):
+        assert (command / name).read_bytes() == (out / "ablations" / name).read_bytes(), name

@@ -1,0 +1,157 @@
+"""Stage 6 as one function: necessity in the thinking model and sufficiency in the base model for
+one direction set. ``mechsteer run``'s ablation stage and the ``mechsteer ablate`` command both call
+:func:`run_ablations`, with the same rules for what measures the behaviours, which directions the
+thinking model loses, and how the base model is steered."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformer_lens.model_bridge import TransformerBridge
+
+from mechsteer.causal.necessity import NecessityVariant, necessity
+from mechsteer.causal.outputs import write_outputs
+from mechsteer.causal.sufficiency import require_contexts, sufficiency, sufficiency_contexts
+from mechsteer.core.errors import ConfigError
+from mechsteer.data.benchmarks import Problem
+from mechsteer.data.labels import ground_truth_for
+from mechsteer.data.traces import TraceRecord
+from mechsteer.steering.direction_set import DirectionSet
+from mechsteer.steering.labels import (
+    BehaviourLabeller,
+    BehaviourLabels,
+    SAEBehaviourLabeller,
+    ground_truth_behaviour_labeller,
+)
+from mechsteer.steering.mean import Pooling, build_mean_directions
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """How the behaviours are ablated and added (``mechsteer ablate``'s options, a run's keys)."""
+
+    thinking_template: str  # the necessity problems' prompt for the thinking model
+    max_new_tokens: int  # of each necessity trace
+    coeffs: tuple[float, ...] = (1.0,)
+    n_contexts: int = 64  # sufficiency contexts per behaviour
+    window: int = 1  # steer the last N context positions
+    # Also steer the generated sentence / steer bias + direction; None: only for optimised sets,
+    # which are trained that way (over the whole target sentence, on top of the bias).
+    steer_generation: bool | None = None
+    with_bias: bool | None = None
+    n_random: int = 1
+    sentence_tokens: int = 48  # max tokens of the generated next sentence
+    per_layer: bool = False  # also ablate the thinking model's own per-layer difference-of-means directions
+    per_layer_pooling: Pooling = "boundary"
+    batch_size: int = 64
+    seed: int = 0
+
+
+def measured_behaviours(directions: DirectionSet, labels: BehaviourLabels, benchmark: str, thinking: TransformerBridge
+                        ) -> tuple[DirectionSet, BehaviourLabeller, dict[str, Any]]:
+    """The behaviours that can be measured, what measures them, and what was left unmeasured.
+
+    A benchmark with ground truth measures generated text by its grammar: a latent maps to a
+    ground-truth behaviour by its title, or, where the title is none (no judge), by the planted
+    label most of its sentences carry. Several latents can map to one behaviour and ground truth
+    cannot tell them apart, so each behaviour is measured once, with its first latent's direction.
+    Without ground truth, the taxonomy's SAE classifies each generated sentence in the thinking model."""
+    ground_truth = ground_truth_for(benchmark)
+    if ground_truth is None:
+        if labels.taxonomy is None:
+            raise ConfigError(f"benchmark {benchmark!r} has no ground truth: measure the behaviours with a taxonomy")
+        taxonomy = labels.taxonomy
+        return directions, SAEBehaviourLabeller(thinking, taxonomy.load_sae(), taxonomy.provenance.layer,
+                                                taxonomy.provenance.include_previous_token), {}
+    matched = {b.id: b.matched_label for b in labels.taxonomy.behaviours} if labels.taxonomy is not None else {}
+    first_latent: dict[str, int] = {}
+    for behaviour in directions.behaviour_ids:
+        title = directions.title(behaviour)
+        measured_as = title if title in ground_truth.behaviours else matched.get(behaviour)
+        if measured_as in ground_truth.behaviours and measured_as not in first_latent:
+            first_latent[measured_as] = behaviour
+    if not first_latent:
+        raise ConfigError(f"no direction is titled with, or mostly holds, a behaviour of the {benchmark!r} ground "
+                          f"truth ({sorted(ground_truth.behaviours)}); titles: {directions.titles}")
+    recorded = {"measured_as": {str(b): title for title, b in first_latent.items()},
+                "not_measured": {str(b): directions.title(b) for b in directions.behaviour_ids
+                                 if b not in first_latent.values()}}
+    labeller = ground_truth_behaviour_labeller(ground_truth, list(first_latent), list(first_latent.values()))
+    return directions.subset(list(first_latent.values())), labeller, recorded
+
+
+def run_ablations(
+    base: TransformerBridge, thinking: TransformerBridge, directions: DirectionSet, labels: BehaviourLabels,
+    traces: Sequence[TraceRecord], thinking_traces: Sequence[TraceRecord], problems: Sequence[Problem],
+    benchmark: str, settings: AblationSettings, out: str | Path, *, necessity_directions: DirectionSet | None = None,
+    recorded: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Necessity on ``problems`` and sufficiency at the sentence boundaries of ``traces`` (under the
+    base framing; ``thinking_traces`` are the same traces as the thinking model wrote them), written
+    to ``out``; returns the summary.
+
+    The thinking model loses ``necessity_directions`` (default: ``directions``, applied as they are,
+    which needs the same width; a thinking model of another width loses its own difference-of-means
+    directions at the taxonomy's layer instead). Every check comes before the first generation."""
+    say = progress or (lambda message: None)
+    measured, labeller, settings_record = measured_behaviours(directions, labels, benchmark, thinking)
+    settings_record.update(recorded or {})
+    # A benchmark with ground truth follows a grammar of one sentence per line (the organisms):
+    # the next sentence ends at the newline.
+    one_sentence_per_line = ground_truth_for(benchmark) is not None
+    contexts = sufficiency_contexts(traces, base.tokenizer, labels.labeller, text_labeller=labels.text_labeller)
+    require_contexts(contexts, measured)
+    necessity_set = necessity_directions or measured
+    if necessity_directions is None and thinking.cfg.d_model != measured.d_model:
+        if labels.taxonomy is None:
+            raise ConfigError(f"the thinking model's width ({thinking.cfg.d_model}) is not the directions' "
+                              f"({measured.d_model}): pass directions made in the thinking model for the necessity pass")
+        layer = labels.taxonomy.provenance.layer
+        say(f"  necessity: the thinking model's width ({thinking.cfg.d_model}) is not the base model's "
+            f"({measured.d_model}); ablating the thinking model's own difference-of-means directions at layer {layer}")
+        necessity_set = build_mean_directions(thinking, thinking_traces, labels.labeller, measured.behaviour_ids,
+                                              measured.titles, layer)
+        settings_record["necessity_directions"] = (f"difference of means in the thinking model at layer {layer} "
+                                                   "(the pair's widths differ)")
+    else:
+        necessity_set.check_model(thinking, allow_other_name=True)
+    variants: list[NecessityVariant] = ["layer", "all"]
+    layer_directions = None
+    if settings.per_layer:
+        # Difference-of-means in the thinking model itself, one set per layer, on the same traces and labels.
+        layer_directions = {
+            layer: build_mean_directions(thinking, thinking_traces, labels.labeller, necessity_set.behaviour_ids,
+                                         necessity_set.titles, layer, pooling=settings.per_layer_pooling,
+                                         text_labeller=labels.text_labeller)
+            for layer in range(thinking.cfg.n_layers)
+        }
+        variants.append("per_layer")
+    necessity_rows = necessity(thinking, necessity_set, problems, labeller, template=settings.thinking_template,
+                               max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                               variants=variants, layer_directions=layer_directions, progress=progress)
+    optimised = measured.method == "optimised"
+    steer_generation = optimised if settings.steer_generation is None else settings.steer_generation
+    with_bias = (optimised and measured.bias is not None) if settings.with_bias is None else settings.with_bias
+    settings_record.update({"sufficiency_with_bias": with_bias, "sufficiency_steer_generation": steer_generation,
+                            "settings": dataclasses.asdict(settings)})
+    sufficiency_rows = sufficiency(
+        base, measured, contexts, labeller, coeffs=settings.coeffs, window=settings.window,
+        steer_generation=steer_generation, with_bias=with_bias, n_contexts=settings.n_contexts,
+        n_random=settings.n_random, seed=settings.seed, max_new_tokens=settings.sentence_tokens,
+        stop_strings=("\n",) if one_sentence_per_line else (), batch_size=settings.batch_size, progress=progress)
+    paths = write_outputs(out, necessity_rows, sufficiency_rows, settings_record)
+    return {
+        "necessity": [{"behaviour": r.title, "variant": r.variant, "relative_change": r.relative_change,
+                       "max_other_relative_change": r.max_other_relative_change} for r in necessity_rows],
+        "sufficiency": [{"behaviour": r.title, "coeff": r.coeff, "steered": r.rate_steered, "random": r.rate_random,
+                         "unsteered": r.rate_unsteered} for r in sufficiency_rows],
+        "not_measured": settings_record.get("not_measured", {}),
+        "outputs": {key: value.name for key, value in paths.items()},  # in ``out``
+    }
+
+
+__all__ = ["AblationSettings", "measured_behaviours", "run_ablations"]
