@@ -41,7 +41,7 @@ from mechsteer.experiment.keys import (
     undigested_keys,
 )
 from mechsteer.hybrid.generator import HybridConfig
-from mechsteer.hybrid.timing import PolicyRead
+from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.taxonomy.judge.spec import check_judge_spec
 
@@ -99,7 +99,8 @@ class RunConfig:
     # steer the last w positions; 0: all of them (the paper's "all tokens")
     windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = key(factory=lambda: [1], read_by=HYBRID,
         downstream=True)
-    policy: Literal["sae_argmax", "threshold"] = key("sae_argmax", read_by=HYBRID, downstream=True)
+    # A registered timing policy (mechsteer.hybrid.timing.register_timing_policy): sae_argmax, threshold, a plug-in's.
+    policy: Annotated[str, NonEmpty()] = key("sae_argmax", read_by=HYBRID, downstream=True)
     # The activation the policy classifies: the thinking model's last token (the paper's), or its own
     # greedy next token (mechsteer.hybrid.timing.PolicyRead).
     policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True)
@@ -337,6 +338,8 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):
             refuse(option, f"{option} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
+    if config.policy not in timing_policy_names():
+        refuse("policy", f"unknown policy {config.policy!r}; registered timing policies: {timing_policy_names()}")
     if config.engine == "openai" and config.engine_url is None:
         refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
     if config.taxonomy_method != "sae":

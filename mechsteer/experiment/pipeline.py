@@ -60,7 +60,6 @@ from mechsteer.hybrid.timing import (
     FirstTokenOnlyPolicy,
     RandomFiringPolicy,
     ReplayPolicy,
-    SAEArgmaxPolicy,
     TimingOraclePolicy,
     TimingPolicy,
 )
@@ -403,7 +402,7 @@ def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, eva
                                                                    seed=config.seed), direction_set)
         elif control == "random_vectors":
             # each random vector has the norm of what the hybrid adds for its behaviour: bias + direction
-            body = hybrid_eval("random_vectors", SAEArgmaxPolicy(sae, behaviour_ids, read=config.policy_read),
+            body = hybrid_eval("random_vectors", hybrid_policy(config, sae, behaviour_ids, setting),
                                direction_set.random_like(config.seed, match="added"),
                                norm_matched_to="direction" if direction_set.bias is None else "bias + direction")
         else:

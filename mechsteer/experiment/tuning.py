@@ -23,9 +23,9 @@ from mechsteer.experiment.config import RunConfig
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import (
     BehaviourClassifier,
-    SAEArgmaxPolicy,
-    ThresholdPolicy,
+    PolicySpec,
     TimingPolicy,
+    build_timing_policy,
 )
 
 TUNING_DIR = "tuning"
@@ -93,13 +93,11 @@ def with_setting(hybrid_config: HybridConfig, setting: SteeringSetting) -> Hybri
 
 def hybrid_policy(config: RunConfig, sae: BehaviourClassifier, behaviour_ids: list[int],
                   setting: SteeringSetting) -> TimingPolicy:
-    """The run's timing policy, with ``setting``'s threshold for the threshold policy."""
-    if config.policy == "sae_argmax":
-        return SAEArgmaxPolicy(sae, behaviour_ids, read=config.policy_read)
-    if config.policy == "threshold":
-        threshold = config.threshold if setting.threshold is None else setting.threshold
-        return ThresholdPolicy(sae, behaviour_ids, threshold=threshold, read=config.policy_read)
-    raise ValueError(f"unknown policy {config.policy!r} for the hybrid; expected sae_argmax or threshold")
+    """The run's timing policy (a registered name, mechsteer.hybrid.timing.register_timing_policy),
+    with ``setting``'s threshold where the tuning stage chose one."""
+    threshold = config.threshold if setting.threshold is None else setting.threshold
+    return build_timing_policy(config.policy, PolicySpec(sae, behaviour_ids, read=config.policy_read,
+                                                         threshold=threshold))
 
 
 def candidate_log(out: Path, setting: SteeringSetting) -> Path:

@@ -51,6 +51,7 @@ from typing import Literal, Protocol, cast, get_args, runtime_checkable
 
 import torch
 
+from mechsteer.core.plugins import load_plugins
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
 
 BIAS_ONLY = -1
@@ -291,3 +292,49 @@ class RandomFiringPolicy:
         choice = torch.randint(len(self.behaviour_ids), (batch,), generator=generator, device=device)
         behaviour = torch.tensor(self.behaviour_ids, dtype=torch.long, device=device)[choice]
         return PolicyDecision(steer=steer, behaviour=behaviour)
+
+
+# --------------------------------------------------------------------------------------------
+# The policies a run's ``policy`` key can name: name -> how to build it from the run's classifier
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a run gives its timing policy: the taxonomy's classifier, the latents that have a
+    direction, which activation to read, and the threshold (of threshold-like policies)."""
+
+    classifier: BehaviourClassifier
+    behaviour_ids: list[int]
+    read: PolicyRead = "last_token"
+    threshold: float = 0.0
+
+
+PolicyFactory = Callable[[PolicySpec], TimingPolicy]
+_POLICIES: dict[str, PolicyFactory] = {}
+
+
+def register_timing_policy(name: str, factory: PolicyFactory, *, replace: bool = False) -> None:
+    """Make ``policy: name`` in a run config build its policy with ``factory`` (a plug-in's too)."""
+    if name in _POLICIES and not replace:
+        raise ValueError(f"timing policy {name!r} is already registered; pass replace=True")
+    _POLICIES[name] = factory
+
+
+def timing_policy_names() -> list[str]:
+    load_plugins()
+    return sorted(_POLICIES)
+
+
+def build_timing_policy(name: str, spec: PolicySpec) -> TimingPolicy:
+    """The registered policy ``name`` built for ``spec`` (plug-ins loaded on a miss)."""
+    if name not in _POLICIES:
+        load_plugins()
+    if name not in _POLICIES:
+        raise ValueError(f"unknown timing policy {name!r}; registered: {sorted(_POLICIES)}")
+    return _POLICIES[name](spec)
+
+
+register_timing_policy("sae_argmax", lambda spec: SAEArgmaxPolicy(spec.classifier, spec.behaviour_ids,
+                                                                  read=spec.read))
+register_timing_policy("threshold", lambda spec: ThresholdPolicy(spec.classifier, spec.behaviour_ids, read=spec.read,
+                                                                 threshold=spec.threshold))

@@ -1,0 +1,55 @@
+"""The extension example (examples/extending_mechsteer.py): a benchmark with its own grader and a
+timing policy, registered from outside the package, run through mechsteer run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mechsteer.core.errors import ConfigError
+from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.pipeline import run_pipeline
+from mechsteer.grading.answers import extract_answer, is_correct
+from tests.tiny_models import save_chat_pair
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "extending_mechsteer.py"
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("extending_mechsteer", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.register()
+    return module
+
+
+def test_a_plug_in_benchmark_is_graded_by_its_own_grader(example):
+    assert extract_answer("Counting: 30, 27, 24. So we end at 21.", "countdown") == "21"
+    assert is_correct("21", "21", "countdown") and not is_correct(None, "21", "countdown")
+    assert extract_answer("<think>ends at 5</think> no number", "countdown") is None
+
+
+def test_an_unregistered_policy_is_refused_with_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"unknown policy 'nope'; registered timing policies: \[.*'sae_argmax'"):
+        RunConfig.from_dict(dict(name="x", base_model="organism-base", thinking_model="organism-thinking",
+                                 benchmark="organism", policy="nope"))
+
+
+@pytest.mark.slow
+def test_the_example_runs_through_mechsteer_run(example, tmp_path):
+    base, thinking = save_chat_pair(tmp_path / "models", thinking_prompt="r1")
+    config = RunConfig.from_dict(dict(
+        name="extending", base_model=str(base), thinking_model=str(thinking), benchmark="countdown", n_train=8,
+        n_eval=4, max_new_tokens=32, batch_size=8, n_latents=[3], activation_layers=[1], tune_split="validation",
+        n_tune=2, coefficients=[1.0], policy="every_other_disagreement", ablation_contexts=2, device="cpu"))
+    report = run_pipeline(config, tmp_path / "run", log=lambda message: None)
+    assert report["benchmark"] == "countdown" and report["tokens_steered_fraction"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "eval" / "hybrid" / "results.jsonl").open()]
+    steered = [position for record in records for position in record["steered_positions"]]
+    assert steered and all(position % 2 == 0 for position in steered)  # the policy's own rule
