@@ -32,7 +32,7 @@ test: install
 
 # ruff, then the type checker over the whole package (zero errors expected; see [tool.mypy]).
 lint: install
-	$(VENV)/bin/ruff check mechsteer tests bench
+	$(VENV)/bin/ruff check mechsteer tests bench examples
 	$(VENV)/bin/mypy
 
 bench: install
