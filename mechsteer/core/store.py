@@ -7,14 +7,18 @@ appending, so a resumed run neither duplicates nor loses finished records.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mechsteer.core.errors import ArtefactError
+from mechsteer.core.errors import ArtefactError, ConfigError
+
+LOCK_FILE = ".lock"
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -94,6 +98,32 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to a temporary sibling and rename it into place."""
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, what: str = "mechsteer run") -> Iterator[Path]:
+    """Hold ``folder`` (created if missing) for one writer: a second writer, in this process or
+    another, is refused in one line naming the holder's PID. The lock goes with the process."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = (folder / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConfigError(f"{folder} is in use by another {what} (PID {holder}); wait for it to finish, or use "
+                          "another --out") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield folder
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def json_digest(value: Any, length: int = 16) -> str:

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -40,10 +40,28 @@ class Range:
 
     def problem(self, value: Any) -> str | None:
         if self.min is not None and value < self.min:
-            return f"must be >= {self.min:g}"
+            return f"must be >= {_bound(self.min)}"
         if self.max is not None and value > self.max:
-            return f"must be <= {self.max:g}"
+            return f"must be <= {_bound(self.max)}"
         return None
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A name in a registry (``names()``, read when the value is checked): a plug-in's names count."""
+
+    names: Callable[[], Sequence[str]]
+    key: str  # the key as the message names it
+    listing: str  # what the registered names are called
+    full_message = True  # the message names the key itself
+
+    def problem(self, value: Any) -> str | None:
+        known = list(self.names())
+        return None if value in known else f"unknown {self.key} {value!r}; {self.listing}: {known}"
 
 
 @dataclass(frozen=True)
@@ -106,7 +124,8 @@ def check_value(key: str, value: Any, hint: Any) -> list[Problem]:
         for constraint in constraints:
             message = constraint.problem(value) if hasattr(constraint, "problem") else None
             if message:
-                return [Problem(key, f"{shown} {message}", "value")]
+                return [Problem(key, message if getattr(constraint, "full_message", False) else f"{shown} {message}",
+                                "value")]
         return []
     if hint is Any:
         return []

@@ -19,7 +19,14 @@ from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
 from mechsteer.core.store import json_digest
-from mechsteer.core.validation import NonEmpty, Problem, Range, check_fields, join_problems
+from mechsteer.core.validation import (
+    NonEmpty,
+    Problem,
+    Range,
+    Registered,
+    check_fields,
+    join_problems,
+)
 from mechsteer.data.benchmarks import benchmark_names, benchmark_splits
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import (
@@ -100,7 +107,8 @@ class RunConfig:
     windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = key(factory=lambda: [1], read_by=HYBRID,
         downstream=True)
     # A registered timing policy (mechsteer.hybrid.timing.register_timing_policy): sae_argmax, threshold, a plug-in's.
-    policy: Annotated[str, NonEmpty()] = key("sae_argmax", read_by=HYBRID, downstream=True)
+    policy: Annotated[str, Registered(timing_policy_names, "policy", "registered timing policies")] = key(
+        "sae_argmax", read_by=HYBRID, downstream=True)
     # The activation the policy classifies: the thinking model's last token (the paper's), or its own
     # greedy next token (mechsteer.hybrid.timing.PolicyRead).
     policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True)
@@ -124,7 +132,9 @@ class RunConfig:
         downstream=True)
     ablations: bool = key(True, read_by=(), downstream=True)
     ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True)
-    seed: int = key(0, read_by=("taxonomy", "directions", "eval_random_firing", "eval_random_vectors", "ablations"))
+    # numpy and torch seeds are unsigned 32-bit (a larger one fails only when a stage seeds with it)
+    seed: Annotated[int, Range(min=0, max=2**32 - 1)] = key(
+        0, read_by=("taxonomy", "directions", "eval_random_firing", "eval_random_vectors", "ablations"))
     threads: Annotated[int, Range(min=1)] | None = key(None, read_by=())
     # Placement (mechsteer.core.models.load_model). Not part of the digest: where a run computes
     # does not change what it computes (up to the dtype, which is). "auto": CUDA when present.
@@ -314,6 +324,14 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         splits = benchmark_splits(benchmark)
         if getattr(config, split_key) not in splits:
             refuse(split_key, f"{split_key} = {getattr(config, split_key)!r}: benchmark {benchmark!r} has splits {splits}")
+    if (config.eval_split == config.train_split and config.resolved_train_benchmark == config.benchmark
+            and config.benchmark in benchmark_names()):
+        refuse("eval_split", f"eval_split = {config.eval_split!r} is the train_split, whose problems built the "
+                             "taxonomy and the directions: the report would grade the hybrid on them; use another "
+                             f"split of {config.benchmark!r} ({', '.join(benchmark_splits(config.benchmark))})")
+    layers = config.activation_layers or []
+    if len(set(layers)) != len(layers):
+        refuse("activation_layers", f"activation_layers = {layers} names a layer twice; list each layer once")
     problems += tuning_problems(config)
     if "oracle_timing" in config.baselines and config.benchmark in benchmark_names():
         truth = ground_truth_for(config.benchmark)
@@ -338,8 +356,6 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):
             refuse(option, f"{option} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
-    if config.policy not in timing_policy_names():
-        refuse("policy", f"unknown policy {config.policy!r}; registered timing policies: {timing_policy_names()}")
     if config.engine == "openai" and config.engine_url is None:
         refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
     if config.taxonomy_method != "sae":

@@ -28,7 +28,7 @@ from mechsteer.causal.stage import AblationSettings, run_ablations
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
-from mechsteer.core.store import append_jsonl, read_jsonl
+from mechsteer.core.store import append_jsonl, exclusive_folder, read_jsonl
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
@@ -139,15 +139,16 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     stage's summary as it finishes, then the report's tables, plots and artefacts."""
     out = Path(out_dir)
     config.validate()  # every key, before the folder is touched or a model loads
-    state = RunState(out, config)  # refuses a folder of another config before anything is logged
-    state.tracker = open_tracker(config, out)
-    try:
-        report = _run_stages(config, out, state, log)
-        track_report(state.tracker, report, out)
-    except BaseException:
-        state.tracker.finish(exit_code=1)
-        raise
-    state.tracker.finish()
+    with exclusive_folder(out):  # a second run on the same folder would interleave its writes
+        state = RunState(out, config)  # refuses a folder of another config before anything is logged
+        state.tracker = open_tracker(config, out)
+        try:
+            report = _run_stages(config, out, state, log)
+            track_report(state.tracker, report, out)
+        except BaseException:
+            state.tracker.finish(exit_code=1)
+            raise
+        state.tracker.finish()
     return report
 
 

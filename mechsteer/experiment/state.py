@@ -77,6 +77,10 @@ class RunState:
         self.path = out / "stages.json"
         self.placement = resolved_placement(config)
         state = read_json(self.path, "run's stage record (stages.json)") if self.path.exists() else {}
+        if self.path.exists() and not (isinstance(state, dict) and isinstance(state.get("stages"), dict)
+                                       and isinstance(state.get("config"), dict)):
+            raise ConfigError(f"{self.path} is not a run's stage record (no config and stages in it); move it "
+                              "away to start the folder over, or use another --out")
         if state and state.get("config_digest") != config.digest():
             self._accept_changes(state, config)
         if state:

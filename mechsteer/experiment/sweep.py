@@ -37,6 +37,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -67,6 +68,7 @@ from mechsteer.experiment.tracking import WandbTracker, wandb_environment
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "list", "executor", "retries", "resources", "ray", "wandb"}
 # Keys a sweep may not vary: the sweep names its points and groups their wandb runs.
 RESERVED_KEYS = sweep_reserved_keys(RunConfig)
+SWEEP_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 STATUS_COLUMNS = ("status", "attempts", "error", "seconds")
 
 
@@ -96,6 +98,11 @@ class SweepSpec:
         for key in ("name", "base"):
             if key not in data:
                 raise ConfigError(f"a sweep needs {key!r}")
+        name = data["name"]
+        if not isinstance(name, str) or not SWEEP_NAME.fullmatch(name) or name.strip(".") == "":
+            # the name is a folder under runs/sweeps/: a path would write the sweep elsewhere
+            raise ConfigError(f"sweep name {name!r} is not a plain name: use letters, digits, '.', '_' and '-' "
+                              "(no '/', no leading '.'); choose the folder with --out")
         base = data["base"]
         if isinstance(base, str):
             path = Path(base) if relative_to is None or Path(base).is_absolute() else relative_to / base

@@ -1,0 +1,75 @@
+"""Faults a probe found (issue 25), each refused in one line before anything runs: a sweep name
+that is a path, evaluating on the train split, a layer listed twice, seeds numpy cannot take, a
+stage record that is not one, and two runs writing one folder at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mechsteer.core.errors import ConfigError
+from mechsteer.core.store import exclusive_folder
+from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+from mechsteer.experiment.pipeline import run_pipeline
+from mechsteer.experiment.state import RunState
+from mechsteer.experiment.sweep import SweepSpec
+
+DEMO = {key: value for key, value in dataclasses.asdict(DEMO_CONFIG).items()}
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/elsewhere", "a/b", ".hidden", "..", ""])
+def test_a_sweep_name_that_is_a_path_is_refused(name):
+    with pytest.raises(ConfigError, match="is not a plain name"):
+        SweepSpec.from_dict({"name": name, "base": DEMO, "grid": {"seed": [0, 1]}})
+    assert SweepSpec.from_dict({"name": "seeds-v1.2_a", "base": DEMO, "grid": {"seed": [0, 1]}}).name == "seeds-v1.2_a"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval_split": "train"}, r"eval_split = 'train' is the train_split"),
+    ({"activation_layers": [1, 1]}, r"names a layer twice"),
+    ({"seed": -1}, r"seed = -1 must be >= 0"),
+    ({"seed": 2**40}, r"seed = 1099511627776 must be <= 4294967295"),
+])
+def test_values_later_stages_would_choke_on_are_refused_up_front(change, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_dict({**DEMO, **change})
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(dataclasses.replace(DEMO_CONFIG, **change), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"stages": [], "config": {}}'])
+def test_a_stage_record_that_is_not_one_is_refused_naming_the_file(content, tmp_path):
+    (tmp_path / "stages.json").write_text(content)
+    with pytest.raises(ConfigError, match=r"stages.json is not a run's stage record"):
+        RunState(tmp_path, DEMO_CONFIG)
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    with exclusive_folder(out):
+        with pytest.raises(ConfigError, match=rf"{out} is in use by another mechsteer run \(PID {os.getpid()}\)"):
+            run_pipeline(DEMO_CONFIG, out)
+    # another process holding it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"handle = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
+         "handle.seek(0); handle.truncate(); handle.write(str(os.getpid())); handle.flush()\n"
+         "print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"PID {holder.pid}\)"):
+            with exclusive_folder(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_folder(out):  # free again once the holder is gone
+        RunState(out, DEMO_CONFIG)
+    assert json.loads((out / "stages.json").read_text())["stages"] == {}
