@@ -42,7 +42,8 @@ def run_traces_cli(args: argparse.Namespace) -> int:
     # A folder of another model's traces is refused before this model loads (the settings are
     # checked once it has: the default template depends on its tokenizer).
     existing = read_traces(Path(args.out) / TRACES_FILE)
-    check_resumable(existing, Path(args.out) / TRACES_FILE, spec_model_name(args.model), problems[0].benchmark, {})
+    check_resumable(existing, Path(args.out) / TRACES_FILE, spec_model_name(args.model), problems[0].benchmark, None,
+                    [problem.id for problem in problems])
     if args.engine == "openai":
         if not args.engine_url:
             raise ConfigError("--engine openai needs --engine-url, the server's address (e.g. http://127.0.0.1:8000/v1)")

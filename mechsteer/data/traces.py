@@ -110,23 +110,41 @@ def traces_digest(traces: Sequence[TraceRecord]) -> str:
 
 # Settings a resumed run may change: they do not change what a record holds.
 RESUMABLE_SETTINGS = ("batch_size",)
+# Settings recorded only when set (so that traces written before they existed still resume), with
+# the value a record without them was made with.
+OPTIONAL_SETTINGS: dict[str, Any] = {"top_p": None, "unclosed": "no_answer", "engine": "bridge"}
+_UNSET = object()
 
 
 def check_resumable(records: Sequence[TraceRecord], out_path: Path, model_name: str, benchmark: str,
-                    settings: dict[str, Any]) -> None:
-    """Refuse to resume traces made by another model, on another benchmark, or with other
-    generation settings: the file would mix them, and every reader would trust it."""
+                    settings: dict[str, Any] | None, problem_ids: Sequence[str] | None = None) -> None:
+    """Refuse to resume traces made by another model, on another benchmark, with other generation
+    settings (every setting this run has, and every optional one whether recorded or defaulted),
+    or of problems this run does not ask for (``problem_ids``: another split, or more of them):
+    the file would mix them, and every reader would trust it. ``settings`` None: the settings are
+    not known yet (checked again once they are)."""
     way_out = f"use another --out (or delete {out_path} to start over)"
+    compared = set() if settings is None else (set(settings) | set(OPTIONAL_SETTINGS)) - set(RESUMABLE_SETTINGS)
     for record in records:
+        where = f"{out_path} (record {record.problem_id!r})"
         if not same_model(record.model, model_name):
-            raise mismatch(f"{out_path} (record {record.problem_id!r})", "model", record.model, model_name, way_out)
+            raise mismatch(where, "model", record.model, model_name, way_out)
         if record.benchmark != benchmark:
-            raise mismatch(f"{out_path} (record {record.problem_id!r})", "benchmark", record.benchmark, benchmark,
-                           way_out)
-        for key, value in record.settings.items():
-            if key in settings and key not in RESUMABLE_SETTINGS and settings[key] != value:
-                raise mismatch(f"{out_path} (record {record.problem_id!r})", f"generation setting {key}", value,
-                               settings[key], way_out)
+            raise mismatch(where, "benchmark", record.benchmark, benchmark, way_out)
+        for key in sorted(compared):
+            before = record.settings.get(key, OPTIONAL_SETTINGS.get(key, _UNSET))
+            now = (settings or {}).get(key, OPTIONAL_SETTINGS.get(key, _UNSET))
+            if before is _UNSET:
+                continue  # a setting older records never had: they were made before it existed
+            if before != now:
+                what = "engine" if key == "engine" else f"generation setting {key}"
+                raise mismatch(where, what, before, None if now is _UNSET else now, way_out)
+    if problem_ids is not None:
+        asked = set(problem_ids)
+        others = [record.problem_id for record in records if record.problem_id not in asked]
+        if others:
+            raise ArtefactError(f"{out_path} holds {len(others)} trace(s) of problems this run does not ask for "
+                                f"(first: {others[0]!r}): another split or benchmark, or more problems; {way_out}")
 
 
 def load_traces(traces_dir: str | Path) -> list[TraceRecord]:
@@ -188,12 +206,7 @@ def generate_traces(
     settings.update(engine.record_settings())
     model_name = engine.model_name
     existing = read_traces(out_path)
-    for record in existing:  # traces written before engines existed came from the bridge
-        if record.settings.get("engine", "bridge") != engine.kind:
-            raise mismatch(f"{out_path} (record {record.problem_id!r})", "engine",
-                           record.settings.get("engine", "bridge"), engine.kind,
-                           f"use another --out (or delete {out_path} to start over)")
-    check_resumable(existing, out_path, model_name, benchmark, settings)
+    check_resumable(existing, out_path, model_name, benchmark, settings, [problem.id for problem in problems])
     done = {record.problem_id for record in existing}
     todo = [problem for problem in problems if problem.id not in done]
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=f"traces {model_name}",

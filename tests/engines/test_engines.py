@@ -277,8 +277,8 @@ def test_traces_cli_through_a_server(stub: StubServer, tmp_path: Path, capsys: p
     assert all(r.settings["engine"] == "openai" for r in records)
     # the organism tokenizer adds its BOS, as its server would: the text goes without one
     assert not stub.received[0].payload["prompt"].startswith("<bos>")
-    assert main(["traces", "--model", "organism-thinking", "--benchmark", "organism", "--out", str(out),
-                 "--engine", "openai"]) != 0  # no --engine-url
+    assert main(["traces", "--model", "organism-thinking", "--benchmark", "organism", "--split", "train", "--n", "3",
+                 "--out", str(out), "--engine", "openai"]) != 0  # no --engine-url
     assert "needs --engine-url" in capsys.readouterr().err
 
 

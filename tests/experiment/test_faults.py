@@ -73,3 +73,23 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_holder(tmp_path):
     with exclusive_folder(out):  # free again once the holder is gone
         RunState(out, DEMO_CONFIG)
     assert json.loads((out / "stages.json").read_text())["stages"] == {}
+
+
+def test_resumed_traces_compare_every_setting_and_problem(tmp_path):
+    """A traces folder resumed with another top_p (recorded or defaulted), or for another split, is refused."""
+    from mechsteer.core.errors import ArtefactError, ProvenanceError
+    from mechsteer.core.models import load_model
+    from mechsteer.data.benchmarks import load_benchmark
+    from mechsteer.data.traces import generate_traces
+
+    model = load_model("organism-thinking")
+    train = load_benchmark("organism", "train", 2)
+    generate_traces(model, train, tmp_path, max_new_tokens=8, progress=False)  # no top_p recorded
+    with pytest.raises(ProvenanceError, match="generation setting top_p"):
+        generate_traces(model, train, tmp_path, max_new_tokens=8, top_p=0.9, progress=False)
+    sampled = tmp_path / "sampled"
+    generate_traces(model, train, sampled, max_new_tokens=8, top_p=0.9, progress=False)
+    with pytest.raises(ProvenanceError, match="generation setting top_p"):
+        generate_traces(model, train, sampled, max_new_tokens=8, progress=False)  # top_p left at its default
+    with pytest.raises(ArtefactError, match=r"holds 2 trace\(s\) of problems this run does not ask for"):
+        generate_traces(model, load_benchmark("organism", "validation", 2), tmp_path, max_new_tokens=8, progress=False)
