@@ -3,7 +3,8 @@ and the generation engine (``/v1/completions``).
 
 What it guarantees, whatever the endpoint:
 
-- **a bounded wait**: every attempt has a timeout (``timeout`` seconds; a retry after a timeout
+- **a bounded wait**: every attempt has a deadline for the whole answer, connection included
+  (``timeout`` seconds, however slowly the server sends it; a retry after a timeout
   waits ``timeout_growth`` times longer, up to ``max_timeout``: a slow server is given more time,
   not more requests);
 - **retries with backoff** on 429 (and 408, 409), 5xx, timeouts and connection errors:
@@ -59,6 +60,10 @@ class HTTPRequestError(MechsteerError):
 
 class HTTPResponseError(MechsteerError):
     """The server answered 200, but not with a JSON object."""
+
+
+class AnswerTooSlow(Exception):
+    """An attempt's answer did not arrive whole within its timeout (retried as a timeout)."""
 
 
 def endpoint_url(base_url: str, endpoint: str) -> str:
@@ -239,6 +244,22 @@ class JSONClient:
             raise HTTPResponseError(f"{self.role} {self.url} returned JSON that is not an object: {type(body).__name__}")
         return body
 
+    def _post_within(self, payload: dict[str, Any], timeout: float) -> httpx.Response:
+        """One attempt, whole answer within ``timeout`` seconds: httpx's read timeout restarts at
+        every byte, so a server that drips its answer is cut off by this deadline instead."""
+        deadline = time.monotonic() + timeout
+        with self._client.stream("POST", self.url, json=payload, headers=self._headers(),
+                                 timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))) as streamed:
+            chunks = []
+            for chunk in streamed.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise AnswerTooSlow(f"the answer was still arriving after {timeout:g} s")
+            # the body as read (already decoded): a plain response around it
+            headers = {key: value for key, value in streamed.headers.items() if key.lower() != "content-encoding"}
+            return httpx.Response(streamed.status_code, headers=headers, content=b"".join(chunks),
+                                  request=streamed.request)
+
     def _post_with_retries(self, payload: dict[str, Any]) -> httpx.Response:
         settings = self.settings
         attempts = settings.max_retries + 1
@@ -252,10 +273,8 @@ class JSONClient:
             logger.debug("request to %s, attempt %d/%d (timeout %.0f s)", self.url, attempt + 1, attempts, timeout)
             with self._limit.slot() as abandoned:
                 try:
-                    response = self._client.post(
-                        self.url, json=payload, headers=self._headers(),
-                        timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S)))
-                except httpx.TimeoutException as error:
+                    response = self._post_within(payload, timeout)
+                except (httpx.TimeoutException, AnswerTooSlow) as error:
                     last_problem = f"timed out after {timeout:g} s ({type(error).__name__})"
                     n_timeouts += 1
                     with self._counter_lock:

@@ -93,3 +93,43 @@ def test_resumed_traces_compare_every_setting_and_problem(tmp_path):
         generate_traces(model, train, sampled, max_new_tokens=8, progress=False)  # top_p left at its default
     with pytest.raises(ArtefactError, match=r"holds 2 trace\(s\) of problems this run does not ask for"):
         generate_traces(model, load_benchmark("organism", "validation", 2), tmp_path, max_new_tokens=8, progress=False)
+
+
+def test_a_server_that_drips_its_answer_is_cut_off_at_the_deadline():
+    """httpx's read timeout restarts at every byte; the client's deadline covers the whole answer."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mechsteer.core.http import HTTPRequestError, HTTPSettings, JSONClient
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the handler's own name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"choices": []}' + b" " * 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for byte in body:  # one byte every 50 ms: 10 s in all
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = JSONClient(f"http://127.0.0.1:{server.server_port}/v1/completions",
+                            settings=HTTPSettings(timeout=1.0, max_retries=0))
+        started = time.monotonic()
+        with pytest.raises(HTTPRequestError, match=r"timed out after 1 s \(AnswerTooSlow\)"):
+            client.post({"prompt": "x"})
+        assert time.monotonic() - started < 3.0
+    finally:
+        server.shutdown()
