@@ -154,10 +154,14 @@ class OpenAIEngine:
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise EngineError(f"{where} returned no 'choices' (a non-empty list expected); keys: {sorted(body)}")
+        if len(choices) != 1:
+            # one completion was asked for: which of several is the answer cannot be told
+            raise EngineError(f"{where} returned {len(choices)} choices for one prompt; nothing was recorded")
         choice = choices[0]
         text = choice.get("text")
         if not isinstance(text, str):
             raise EngineError(f"{where} returned choices[0] without a text 'text' (not a /v1/completions answer?)")
+        text = self.http.redact(text)  # a server that echoes the API key never gets it into a trace
         self._check_prompt(body, choice, ids, where)
         finish = choice.get("finish_reason")
         stop_strings = settings.stop_strings

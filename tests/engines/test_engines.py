@@ -162,6 +162,15 @@ def test_an_unknown_finish_reason_is_refused(stub: StubServer, tokenizer: Any) -
         generate_all(engine_for(stub, tokenizer), ["Q"], GenerationSettings(max_new_tokens=2))
 
 
+def test_an_answer_with_several_choices_is_refused(stub: StubServer, tokenizer: Any, tmp_path: Path) -> None:
+    body = completion(" junk")
+    body["choices"].append({"index": 1, "text": " 5", "finish_reason": "stop"})
+    stub.responder = lambda payload: Answer(body=body)
+    with pytest.raises(EngineError, match="returned 2 choices for one prompt"):
+        generate_traces(engine_for(stub, tokenizer), organism_problems(1), tmp_path, max_new_tokens=2, progress=False)
+    assert not (tmp_path / TRACES_FILE).exists() or (tmp_path / TRACES_FILE).read_text() == ""
+
+
 def test_the_servers_token_ids_when_asked_for(stub: StubServer, tokenizer: Any) -> None:
     prompt_ids = tokenizer("Q")["input_ids"]
     stub.responder = lambda payload: Answer(body=completion(" ab", token_ids=[70, 71, 2], prompt_token_ids=prompt_ids))
@@ -256,8 +265,13 @@ def test_the_api_key_is_never_logged_or_stored(stub: StubServer, tokenizer: Any,
     with pytest.raises(EngineError) as error:
         generate_all(engine, ["Q"], GenerationSettings(max_new_tokens=2))
     assert "<redacted>" in str(error.value)
+    # a server echoing the key in a completion: the trace records it redacted
+    stub.responder = lambda payload: Answer(body=completion(f" the key is {SECRET}. The answer is 5."))
+    echoed = tmp_path / "echoed"
+    [record] = generate_traces(engine, organism_problems(1), echoed, max_new_tokens=2, progress=False)
+    assert "<redacted>" in record.generation
     texts = [repr(engine), str(error.value), caplog.text, (tmp_path / TRACES_FILE).read_text(),
-             json.dumps(engine.record_settings())]
+             json.dumps(engine.record_settings()), (echoed / TRACES_FILE).read_text()]
     assert any("mechsteer.core.http" == r.name for r in caplog.records)
     assert all(SECRET not in text for text in texts)
 
