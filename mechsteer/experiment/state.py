@@ -11,6 +11,7 @@ compute in another dtype (``dtype: auto`` resolves per machine) is refused.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -21,7 +22,7 @@ import torch
 
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import resolve_device, resolve_dtype
-from mechsteer.core.store import read_json, write_json_atomic
+from mechsteer.core.store import json_digest, read_json, write_json_atomic
 from mechsteer.experiment import keys
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.keys import stage_keys
@@ -54,6 +55,15 @@ def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:
 def stages_reading(key: str, stages: list[str]) -> list[str]:
     """Which of ``stages`` read ``key`` (:func:`mechsteer.experiment.keys.stages_reading`)."""
     return keys.stages_reading(RunConfig, key, stages)
+
+
+def resumed_folders(stage: str) -> list[str]:
+    """The folders a stage resumes inside (streamed records: traces, activations, tuning, evaluations)."""
+    if stage.startswith("traces_"):
+        return ["traces/" + stage.removeprefix("traces_")]
+    if stage.startswith("eval_"):
+        return ["eval/" + stage.removeprefix("eval_")]
+    return [stage] if stage in ("activations", "tuning") else []
 
 
 def resolved_placement(config: RunConfig) -> dict[str, dict[str, str]]:
@@ -132,6 +142,7 @@ class RunState:
         if self.done(stage):
             log(f"[{stage}] already done, skipping")
         else:
+            self._start(stage, log)
             log(f"[{stage}] running")
             started = time.perf_counter()
             summary = body()
@@ -144,6 +155,22 @@ class RunState:
         entry = self.state["stages"][stage]
         self.tracker.log_metrics(stage, {**entry["summary"], "seconds": entry["seconds"]})
         return entry["summary"]
+
+    def _start(self, stage: str, log: Callable[[str], None]) -> None:
+        """Resume a stage's partial output only if it was started under this config and these finished
+        stages; otherwise clear it, so that nothing computed from other inputs is kept (a deleted
+        stages.json, a config change accepted since, upstream stages recomputed)."""
+        lineage = json_digest([self.state["config_digest"],
+                               {name: entry["summary"] for name, entry in self.state["stages"].items()}])
+        started = self.state.setdefault("started", {})
+        if started.get(stage) == lineage:
+            return
+        for folder in resumed_folders(stage):
+            if (self.out / folder).exists():
+                log(f"[{stage}] {self.out / folder} was written from other inputs: cleared")
+                shutil.rmtree(self.out / folder)
+        started[stage] = lineage
+        self.save()
 
     def timings(self) -> dict[str, float]:
         return {name: entry["seconds"] for name, entry in self.state["stages"].items()}

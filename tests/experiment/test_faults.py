@@ -133,3 +133,34 @@ def test_a_server_that_drips_its_answer_is_cut_off_at_the_deadline():
         assert time.monotonic() - started < 3.0
     finally:
         server.shutdown()
+
+
+def test_partial_results_are_resumed_only_under_the_inputs_that_wrote_them(tmp_path):
+    """A stage's streamed records survive a crash and are resumed; after stages.json is deleted, or a
+    config change accepted since, they are cleared instead of being kept as results of the new run."""
+    config = dataclasses.replace(DEMO_CONFIG, device="cpu")
+    results = tmp_path / "eval" / "hybrid" / "results.jsonl"
+    seen = []
+
+    def crashing_body():
+        seen.append(results.read_text() if results.exists() else None)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with results.open("a") as handle:
+            handle.write('{"problem_id": "p0"}\n')
+        raise KeyboardInterrupt  # killed mid-stage
+
+    state = RunState(tmp_path, config)
+    state.run("traces_thinking_train", lambda: {}, lambda message: None)
+    with pytest.raises(KeyboardInterrupt):
+        state.run("eval_hybrid", crashing_body, lambda message: None)
+    with pytest.raises(KeyboardInterrupt):  # the same run resumed: the partial records are kept
+        RunState(tmp_path, config).run("eval_hybrid", crashing_body, lambda message: None)
+    assert seen == [None, '{"problem_id": "p0"}\n']
+    changed = dataclasses.replace(config, hybrid_max_new_tokens=64)  # accepted: no finished stage reads it
+    with pytest.raises(KeyboardInterrupt):
+        RunState(tmp_path, changed).run("eval_hybrid", crashing_body, lambda message: None)
+    assert seen[-1] is None  # cleared: written under the other config
+    (tmp_path / "stages.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        RunState(tmp_path, changed).run("eval_hybrid", crashing_body, lambda message: None)
+    assert seen[-1] is None  # cleared: nothing says what wrote it
