@@ -88,7 +88,7 @@ SCRIPTED = ScriptedJudge(
         "s3": "no idea",  # unparsable
         "s4": "5",
         "s5": "I would rate it 7.",
-        "s6": "12",  # clamped to 10
+        "s6": "12",  # no score on a 0-10 scale: unparsable, never clamped
         "s7": "0",
         "s8": "3 out of 10",
         "s9": "On a scale of 0 to 10: 4",
@@ -102,9 +102,9 @@ SCRIPTED = ScriptedJudge(
 # C: TP=0 FN=3 FP=0 TN=7 -> P=0, R=0, F1=0.
 HAND_F1 = {0: 2 / 3, 1: 3 / 4, 2: 0.0}
 HAND_MEAN_F1 = (2 / 3 + 3 / 4 + 0.0) / 3
-# Completeness ratings parsed: 10, 8, 6, -, 5, 7, 10, 0, 3, 4 -> 53 over 9 ratings.
-HAND_COMPLETENESS = 53 / 9 / 10
-HAND_COMPLETENESS_PER_BEHAVIOUR = {0: 24 / 3 / 10, 1: 22 / 3 / 10, 2: 7 / 3 / 10}
+# Completeness ratings parsed: 10, 8, 6, -, 5, 7, -, 0, 3, 4 -> 43 over 8 ratings.
+HAND_COMPLETENESS = 43 / 8 / 10
+HAND_COMPLETENESS_PER_BEHAVIOUR = {0: 24 / 3 / 10, 1: 12 / 2 / 10, 2: 7 / 3 / 10}
 # Similarities 2, 5, 10 -> orthogonality (0.8 + 0.5 + 0.0) / 3.
 HAND_ORTHOGONALITY = (0.8 + 0.5 + 0.0) / 3
 
@@ -127,7 +127,7 @@ def test_completeness_by_hand() -> None:
     result = completeness(SCRIPTED, DESCRIPTIONS, SENTENCES, ASSIGNMENTS, n_per_behaviour=100)
     assert result.score == pytest.approx(HAND_COMPLETENESS)
     assert result.per_behaviour == pytest.approx(HAND_COMPLETENESS_PER_BEHAVIOUR)
-    assert (result.n_judged, result.n_unparsable) == (10, 1)
+    assert (result.n_judged, result.n_unparsable) == (10, 2)
 
 
 def test_independence_by_hand() -> None:
@@ -375,8 +375,9 @@ def test_parse_yes_no(text: str, verdict: bool | None) -> None:
         ("I'd say 8 out of 10.", 8.0),
         ("On a scale from 0 to 10, this is a 6.", 6.0),
         ("(0-10) rating: 9", 9.0),
-        ("15", 10.0),
-        ("-2", 0.0),
+        ("15", None),  # no score: never clamped into one (an error page's "503" is not a 10)
+        ("-2", None),
+        ("503 Service Unavailable", None),
         ("7.5", 7.5),
         ("no number here", None),
     ],

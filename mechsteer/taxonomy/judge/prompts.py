@@ -373,7 +373,8 @@ _SCALE = re.compile(r"\b0\s*(?:-|–|to)\s*10\b", re.IGNORECASE)
 
 
 def parse_score(text: str) -> float | None:
-    """A 0-10 score from a judge answer, clamped to [0, 10]; None if the text has no number.
+    """A 0-10 score from a judge answer; None if the text has no number, or its number is no score
+    (outside 0-10: "503" from an error page is not a 10, and is never cached).
 
     Mentions of the scale itself ("0 to 10", "0-10") are ignored, so "on a scale of 0 to 10
     I give 7" reads as 7. Preference order: "N/10" or "N out of 10", then "score: N" /
@@ -383,7 +384,8 @@ def parse_score(text: str) -> float | None:
     for pattern in (_OUT_OF_TEN, _LABELLED, _ANY_NUMBER):
         match = pattern.search(text)
         if match is not None:
-            return min(10.0, max(0.0, float(match.group(1))))
+            score = float(match.group(1))
+            return score if 0.0 <= score <= 10.0 else None
     return None
 
 
