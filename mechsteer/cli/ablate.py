@@ -40,7 +40,7 @@ def run_ablate_cli(args: argparse.Namespace) -> int:
     raw_traces = load_traces(args.traces)
     traces = load_framed_traces(args.traces, base.tokenizer, args.split, args.base_template)
     benchmark = traces[0].benchmark
-    labels = labels_from_args(args, len(traces), benchmark)
+    labels = labels_from_args(args, benchmark)
     if labels.taxonomy is not None:
         labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
     problems = load_benchmark(benchmark, args.eval_split, args.n_problems)

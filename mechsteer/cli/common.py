@@ -167,7 +167,7 @@ def check_pair_and_labels(args: argparse.Namespace) -> None:
     check_output_folder(args.out)
 
 
-def labels_from_args(args: argparse.Namespace, n_traces: int, benchmark: str | None = None) -> BehaviourLabels:
+def labels_from_args(args: argparse.Namespace, benchmark: str | None = None) -> BehaviourLabels:
     """The sentence labels ``--taxonomy`` or ``--ground-truth`` asks for.
 
     Ground truth is that of ``benchmark``, by default the benchmark of the traces in ``--traces``.

@@ -44,7 +44,7 @@ def run_directions_cli(args: argparse.Namespace) -> int:
                           f"(layers 0 to {base.cfg.n_layers - 1})")
     thinking_traces = load_framed_traces(args.traces, base.tokenizer, args.split, args.base_template)
     base_traces = load_framed_traces(args.base_traces, base.tokenizer, args.split, args.base_template) if args.base_traces else None
-    labels = labels_from_args(args, len(thinking_traces), thinking_traces[0].benchmark)
+    labels = labels_from_args(args, thinking_traces[0].benchmark)
     settings = DirectionSettings(method=args.method, layer=layer, pooling=args.pooling, mapping=args.mapping,
                                  optimisation=optimisation_from_args(args))
     thinking = None

@@ -26,6 +26,7 @@ from typing import Any
 from mechsteer.causal.necessity import NecessityRow
 from mechsteer.causal.outputs import ABLATIONS_JSON, ABLATIONS_PLOT, plot_ablations
 from mechsteer.causal.sufficiency import SufficiencyRow
+from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.store import read_json, read_jsonl, write_json_atomic, write_text_atomic
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.markdown import RunView, run_markdown
@@ -244,8 +245,19 @@ def read_run(out: str | Path) -> tuple[RunView, list[dict[str, Any]]]:
     directions = summary("directions")
     titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
     hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl") if "eval_hybrid" in stages else []
+    problems = {record.get("problem_id") for record in hybrid_records}
+    if "eval_hybrid" in stages and (len(hybrid_records) != config.n_eval or len(problems) != config.n_eval):
+        raise ArtefactError(f"{out / 'eval' / 'hybrid' / 'results.jsonl'} holds {len(hybrid_records)} records of "
+                            f"{len(problems)} problems, but the run evaluated {config.n_eval}: the file was cut or "
+                            "mixed; rerun mechsteer run into a new --out")
     if not missing:
         report = read_json(out / REPORT_JSON, "run's report")
+        written_for = RunConfig.from_dict(report.get("config", {}), check_values=False).digest() \
+            if isinstance(report, dict) and isinstance(report.get("config"), dict) else None
+        if written_for != record["config_digest"]:
+            raise ProvenanceError(f"{out / REPORT_JSON} was written for another config (digest {written_for}) than "
+                                  f"this folder's stages.json ({record['config_digest']}); rerun mechsteer run on "
+                                  "the folder to write its own")
     else:  # the same keys from the finished stages
         models = ["base", "thinking", "hybrid", *config.controls, *config.baselines]
         evaluations = {name: stages[f"eval_{name}"]["summary"] for name in models if f"eval_{name}" in stages}

@@ -104,6 +104,25 @@ def test_mechsteer_report_rebuilds_the_same_report_and_plots(short_run, tmp_path
     assert "not finished" not in capsys.readouterr().out
 
 
+def test_mechsteer_report_refuses_files_of_another_run(short_run, tmp_path, capsys):
+    """A cut results.jsonl, or a report.json written for another config, is refused (issue 25)."""
+    out, _ = short_run
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    results = cut / "eval" / "hybrid" / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text("".join(lines[: len(lines) // 2]))
+    assert main(["report", str(cut)]) != 0
+    assert f"holds {len(lines) // 2} records" in capsys.readouterr().err
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    report = json.loads((other / "report.json").read_text())
+    report["config"]["n_latents"] = [7]
+    (other / "report.json").write_text(json.dumps(report))
+    assert main(["report", str(other)]) != 0
+    assert "was written for another config" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_partly_finished_run_reports_its_finished_stages_and_the_missing_ones(short_run, tmp_path, capsys):
     out, _ = short_run
