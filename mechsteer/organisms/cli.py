@@ -24,7 +24,7 @@ from mechsteer.interventions.generation import generate
 from mechsteer.organisms import model_spec, weights_dir
 from mechsteer.organisms.evaluate import GenerateFn, evaluate_organisms, hf_generate_fn
 from mechsteer.organisms.grammar import GRAMMARS, SHIPPED_GRAMMAR, Grammar
-from mechsteer.organisms.tasks import SPLITS, generate_split
+from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS, generate_split
 from mechsteer.organisms.train import PhaseConfig, TrainingConfig, default_config, train_organisms
 
 EVAL_BATCH_SIZE = 128
@@ -71,6 +71,9 @@ def run_eval(args: argparse.Namespace) -> int:
         check_output_folder(Path(args.outputs).parent, "--outputs")
     torch.set_num_threads(args.threads)
     problems = generate_split(args.split, seed=args.seed)
+    if args.split == "test" and args.n > RESERVED_TEST_FROM:
+        raise ConfigError(f"--n {args.n}: test problems {RESERVED_TEST_FROM} and up are reserved for evaluation "
+                          f"outside the project; use --n {RESERVED_TEST_FROM} or less (or the validation split)")
     if args.n > len(problems):
         raise ConfigError(f"--n {args.n} exceeds the {args.split} split's {len(problems)} problems")
     problems = problems[: args.n]
@@ -131,7 +134,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train)
 
     evaluate = commands.add_parser("eval", help="greedy accuracies and behaviour counts on the test split")
-    evaluate.add_argument("--n", type=positive_int, default=500, help="number of problems of the split")
+    evaluate.add_argument("--n", type=positive_int, default=RESERVED_TEST_FROM,
+                          help="number of problems of the split (test: at most the first 400; the rest are reserved)")
     evaluate.add_argument("--split", choices=SPLITS, default="test",
                           help="the split to evaluate on (validation: for choosing among candidate pairs)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -19,7 +19,7 @@ from mechsteer.data.prompts import PromptTemplate, register_template
 from mechsteer.grading.answers import MAX_SEARCH_CHARS, Grader, numbers_equal, register_grader
 from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weights_dir
 from mechsteer.organisms.grammar import BEHAVIOURS, next_behaviour_by_grammar, parse_trace
-from mechsteer.organisms.tasks import SPLITS, generate_split
+from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS, generate_split
 
 BENCHMARK = "organism"
 SOURCE_TAG = "mechsteer.organisms"
@@ -36,11 +36,15 @@ DESCRIPTIONS: dict[str, str] = {
 
 
 def load_split(split: str) -> list[Problem]:
-    """The organism task's problems of ``split`` as benchmark records."""
+    """The organism task's problems of ``split`` as benchmark records (the test split's first
+    :data:`~mechsteer.organisms.tasks.RESERVED_TEST_FROM`: the rest are reserved)."""
+    items = generate_split(split)
+    if split == "test":
+        items = items[:RESERVED_TEST_FROM]
     return [
         Problem(id=str(item.id), question=item.question, answer=str(item.answer), solution=None,
                 benchmark=BENCHMARK, metadata={**item.metadata, "source": SOURCE_TAG})
-        for item in generate_split(split)
+        for item in items
     ]
 
 

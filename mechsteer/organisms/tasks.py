@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from functools import cache
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# Test problems from this index on are reserved for evaluation outside the project: no run, test,
+# tuning or exploration here evaluates them (the benchmark serves the ones before it).
+RESERVED_TEST_FROM = 400
 # Hash buckets out of 20 assigned to each split (train 70%, validation 10%, test 20%).
 _SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 14), "validation": range(14, 16), "test": range(16, 20)}
 # The splits use 3-5 days: one-shot answers rarely succeed, day-by-day ones usually do.
