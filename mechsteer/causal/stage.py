@@ -88,7 +88,7 @@ def run_ablations(
     base: TransformerBridge, thinking: TransformerBridge, directions: DirectionSet, labels: BehaviourLabels,
     traces: Sequence[TraceRecord], thinking_traces: Sequence[TraceRecord], problems: Sequence[Problem],
     benchmark: str, settings: AblationSettings, out: str | Path, *, necessity_directions: DirectionSet | None = None,
-    recorded: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Necessity on ``problems`` and sufficiency at the sentence boundaries of ``traces`` (under the
     base framing; ``thinking_traces`` are the same traces as the thinking model wrote them), written
@@ -99,7 +99,6 @@ def run_ablations(
     directions at the taxonomy's layer instead). Every check comes before the first generation."""
     say = progress or (lambda message: None)
     measured, labeller, settings_record = measured_behaviours(directions, labels, benchmark, thinking)
-    settings_record.update(recorded or {})
     # A benchmark with ground truth follows a grammar of one sentence per line (the organisms):
     # the next sentence ends at the newline.
     one_sentence_per_line = ground_truth_for(benchmark) is not None

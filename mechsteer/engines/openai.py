@@ -42,6 +42,7 @@ from mechsteer.core.http import (
     JSONClient,
     endpoint_url,
 )
+from mechsteer.core.vocab import prepends_bos
 from mechsteer.engines.base import (
     Completion,
     CompletionGroup,
@@ -66,13 +67,11 @@ def detect_server_adds_bos(tokenizer: Any) -> bool:
 
     TransformerLens reloads tokenizers with ``add_bos_token=True``; servers load the folder as it
     is. A tokenizer without a local folder is taken to behave like the one given."""
-    bos_id = getattr(tokenizer, "bos_token_id", None)
-    if bos_id is None:
+    if getattr(tokenizer, "bos_token_id", None) is None:
         return False
     folder = Path(str(getattr(tokenizer, "name_or_path", "")))
-    plain = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else tokenizer
-    ids = plain("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos_id
+    return prepends_bos(AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file()
+                        else tokenizer)
 
 
 class OpenAIEngine:

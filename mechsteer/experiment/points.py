@@ -22,19 +22,14 @@ from mechsteer.experiment.config import PLACEMENT_KEYS, TRACKING_KEYS, RunConfig
 from mechsteer.experiment.keys import downstream_keys
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
+from mechsteer.experiment.state import stage_folder
 
 # Keys read only after the directions exist: points differing only in these share the rest.
 DOWNSTREAM_KEYS = downstream_keys(RunConfig)
 # The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).
 SHARED_STAGES: dict[str, tuple[str, ...]] = {
-    "traces_thinking_train": ("traces/thinking_train",),
-    "traces_base_train": ("traces/base_train",),
-    "activations": ("activations",),
-    "taxonomy": ("taxonomy",),
-    "directions": ("directions",),
-    "eval_base": ("eval/base",),
-    "eval_thinking": ("eval/thinking",),
-}
+    stage: (stage_folder(stage),) for stage in ("traces_thinking_train", "traces_base_train", "activations", "taxonomy",
+                                                "directions", "eval_base", "eval_thinking")}
 
 
 @dataclass(frozen=True)

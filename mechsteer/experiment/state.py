@@ -57,13 +57,23 @@ def stages_reading(key: str, stages: list[str]) -> list[str]:
     return keys.stages_reading(RunConfig, key, stages)
 
 
+def stage_folder(stage: str) -> str:
+    """The folder a stage writes, relative to the run folder (``traces_thinking_train`` ->
+    ``traces/thinking_train``, ``eval_hybrid`` -> ``eval/hybrid``, ``taxonomy`` -> ``taxonomy``)."""
+    for prefix in ("traces", "eval"):
+        if stage.startswith(prefix + "_"):
+            return f"{prefix}/{stage.removeprefix(prefix + '_')}"
+    return stage
+
+
+# The stages that resume inside their folder (streamed records); the others rewrite it whole.
+RESUMED_STAGES = frozenset({"activations", "tuning"})
+
+
 def resumed_folders(stage: str) -> list[str]:
     """The folders a stage resumes inside (streamed records: traces, activations, tuning, evaluations)."""
-    if stage.startswith("traces_"):
-        return ["traces/" + stage.removeprefix("traces_")]
-    if stage.startswith("eval_"):
-        return ["eval/" + stage.removeprefix("eval_")]
-    return [stage] if stage in ("activations", "tuning") else []
+    streamed = stage.startswith(("traces_", "eval_")) or stage in RESUMED_STAGES
+    return [stage_folder(stage)] if streamed else []
 
 
 def resolved_placement(config: RunConfig) -> dict[str, dict[str, str]]:

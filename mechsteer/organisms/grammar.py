@@ -345,7 +345,13 @@ def next_behaviour_by_grammar(text: str) -> str | None:
     return None
 
 
+def answer_text(text: str) -> str | None:
+    """N as written in the first "the answer is N" in ``text`` (None if absent)."""
+    match = _ANSWER.search(text)
+    return match.group(1) if match else None
+
+
 def extract_answer(text: str) -> int | None:
     """The integer N of the first "the answer is N" in ``text`` (None if absent)."""
-    match = _ANSWER.search(text)
-    return int(match.group(1)) if match else None
+    answer = answer_text(text)
+    return None if answer is None else int(answer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import re
 
 from mechsteer.core.models import register_model_spec
 from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchmark
@@ -18,7 +17,12 @@ from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
 from mechsteer.data.prompts import PromptTemplate, register_template
 from mechsteer.grading.answers import MAX_SEARCH_CHARS, Grader, numbers_equal, register_grader
 from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weights_dir
-from mechsteer.organisms.grammar import BEHAVIOURS, next_behaviour_by_grammar, parse_trace
+from mechsteer.organisms.grammar import (
+    BEHAVIOURS,
+    answer_text,
+    next_behaviour_by_grammar,
+    parse_trace,
+)
 from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS, generate_split
 
 BENCHMARK = "organism"
@@ -53,14 +57,10 @@ def prompt_template_text() -> str:
     return importlib.import_module("mechsteer.organisms.grammar").PROMPT_TEMPLATE
 
 
-_ANSWER_SENTENCE = re.compile(r"the answer is (-?\d+)", re.IGNORECASE)
-
-
 def extract_answer_sentence(text: str) -> str | None:
     """N in the first "The answer is N" (the grammar's answer sentence): a small model may keep
     writing after it (a new problem, another answer), so the first one counts."""
-    sentence = _ANSWER_SENTENCE.search(text[:MAX_SEARCH_CHARS])
-    return sentence.group(1) if sentence else None
+    return answer_text(text[:MAX_SEARCH_CHARS])
 
 
 def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:

@@ -266,12 +266,15 @@ def build_optimised_directions(
     """
     say = progress or (lambda message: None)
     tokenizer = base_model.tokenizer
-    # every behaviour's examples counted before any training step
-    counts = {int(b): len(sentence_examples(thinking_traces, tokenizer, labeller, int(b), text_labeller=text_labeller,
-                                            min_words=min_words))
-              for b in behaviour_ids}
+    # every behaviour's examples built (and counted) before any training step
+    examples_of = {int(b): sentence_examples(thinking_traces, tokenizer, labeller, int(b), text_labeller=text_labeller,
+                                             min_words=min_words)
+                   for b in behaviour_ids}
+    counts = {b: len(examples) for b, examples in examples_of.items()}
     if skip_empty:
         kept = [(int(b), t) for b, t in zip(behaviour_ids, titles, strict=True) if counts[int(b)] >= 2]
+        if not kept:
+            require_labelled(counts, titles, 2, "optimised vectors (a training and a held-out example)")
         skipped = [b for b in counts if counts[b] < 2]
         behaviour_ids, titles = [b for b, _ in kept], [t for _, t in kept]
     else:
@@ -282,10 +285,7 @@ def build_optimised_directions(
                                         layer, config)
     vectors, reports = [], {}
     for behaviour in behaviour_ids:
-        examples = sentence_examples(thinking_traces, tokenizer, labeller, int(behaviour),
-                                     text_labeller=text_labeller, min_words=min_words)
-        if len(examples) < 2:
-            raise ValueError(f"behaviour {behaviour} has {len(examples)} labelled sentences; need at least 2")
+        examples = examples_of[int(behaviour)]  # at least 2: checked above
         if config.onset_tokens is not None:
             examples = [onset_example(example, config.onset_tokens) for example in examples]
         say(f"  optimising behaviour {behaviour} on {len(examples)} sentences ({config.steps} steps)")
