@@ -408,14 +408,28 @@ def _is_device(value: str) -> bool:
     return True
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing aliases (``*name``): a few lines of nested aliases expand to
+    billions of nodes (the "billion laughs") for every reader that walks the config, and no config
+    needs them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"alias *{event.anchor} refused: a config spells each value "
+                                              "out (anchors and aliases are not read)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """The mapping in a YAML file; a missing file, invalid YAML, or a list, a scalar or nothing
-    in it raises one :class:`ConfigError` naming the file."""
+    """The mapping in a YAML file; a missing file, invalid YAML (aliases included: see
+    :class:`_NoAliasLoader`), or a list, a scalar or nothing in it raises one :class:`ConfigError`
+    naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} file" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f", line {mark.line + 1}" if mark is not None else ""

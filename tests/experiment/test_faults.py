@@ -164,3 +164,27 @@ def test_partial_results_are_resumed_only_under_the_inputs_that_wrote_them(tmp_p
     with pytest.raises(KeyboardInterrupt):
         RunState(tmp_path, changed).run("eval_hybrid", crashing_body, lambda message: None)
     assert seen[-1] is None  # cleared: nothing says what wrote it
+
+
+BILLION_LAUGHS = "\n".join(
+    [f"l0: &l0 [{', '.join(['lol'] * 9)}]"]
+    + [f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * 9)}]" for level in range(1, 9)])
+
+
+@pytest.mark.parametrize("kind", ["config", "sweep"])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(kind, tmp_path):
+    """yaml.safe_load shares aliased nodes, so the file loads; whatever walks it then expands 9**9 items."""
+    import time
+
+    from mechsteer.experiment.config import read_yaml_mapping
+
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(f"name: bomb\n{BILLION_LAUGHS}\nbase_stop_strings: *l8\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as refused:
+        RunConfig.from_yaml(path) if kind == "config" else SweepSpec.from_yaml(path)
+    message = str(refused.value)
+    assert "\n" not in message and str(path) in message and "alias *l0 refused" in message
+    assert time.monotonic() - started < 2.0
+    path.write_text("name: plain\nbase_model: a\n")  # a file without aliases reads as before
+    assert read_yaml_mapping(path, kind) == {"name": "plain", "base_model": "a"}
