@@ -16,7 +16,12 @@ What it guarantees, whatever the endpoint:
   working on a request when its client hangs up: vLLM does, ``transformers serve`` does not),
   so retries do not pile up on a server that is merely slow;
 - **the API key stays in the Authorization header**: never logged, never stored, never in an
-  exception message or a ``repr`` (a server echoing it back is redacted).
+  exception message or a ``repr`` (a server echoing it back is redacted); credentials written
+  into the URL (``http://user:password@host``) are sent, and never printed;
+- **an error is no answer**: a 200 that is not a JSON object, or one carrying an ``error``
+  object (a proxy's upstream failure), raises :class:`HTTPResponseError`;
+- **cancellable**: :meth:`JSONClient.cancel` (Ctrl-C) makes every request waiting for a retry or
+  a slot give up at once instead of retrying.
 """
 
 from __future__ import annotations
@@ -62,8 +67,21 @@ class HTTPResponseError(MechsteerError):
     """The server answered 200, but not with a JSON object."""
 
 
+class RequestCancelled(HTTPRequestError):
+    """The client was cancelled (:meth:`JSONClient.cancel`) while the request waited or ran."""
+
+
 class AnswerTooSlow(Exception):
     """An attempt's answer did not arrive whole within its timeout (retried as a timeout)."""
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as it may be printed: without a ``user:password@`` part."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return re.sub(r"//[^/@]*@", "//", url)
+    return str(parsed.copy_with(username=None, password=None)) if parsed.userinfo else url
 
 
 def endpoint_url(base_url: str, endpoint: str) -> str:
@@ -76,7 +94,7 @@ def endpoint_url(base_url: str, endpoint: str) -> str:
     """
     url = base_url.strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"a server URL must start with http:// or https://, got {base_url!r}")
+        raise ConfigError(f"a server URL must start with http:// or https://, got {without_credentials(base_url)!r}")
     if url.endswith("/" + endpoint):
         return url
     if _VERSION_SEGMENT.search(httpx.URL(url).path):
@@ -195,10 +213,15 @@ class JSONClient:
 
     def __init__(self, url: str, *, api_key: str | None = None, settings: HTTPSettings | None = None,
                  role: str = "server") -> None:
-        self.url = url
+        self._request_url = url
+        self.url = without_credentials(url)  # what messages name; requests go to the URL as given
         self.role = role
         self.settings = settings or HTTPSettings()
         self._api_key = api_key or None
+        userinfo = httpx.URL(url).userinfo.decode("utf-8", "replace")
+        # what a server or an error message may echo back: the key, the URL's credentials
+        self._secrets = [secret for secret in (self._api_key, userinfo, userinfo.partition(":")[2]) if secret]
+        self._cancelled = threading.Event()
         self._limit = InFlightLimit(self.settings.max_concurrency)
         self._client = httpx.Client()
         self._counter_lock = threading.Lock()
@@ -216,6 +239,16 @@ class JSONClient:
     def close(self) -> None:
         self._client.close()
 
+    def cancel(self) -> None:
+        """Give up every request of this client: none is retried or started again, and the
+        connections in flight are closed (Ctrl-C must not wait for a hung server)."""
+        self._cancelled.set()
+        self._client.close()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
     def __enter__(self) -> JSONClient:
         return self
 
@@ -223,8 +256,10 @@ class JSONClient:
         self.close()
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key replaced (for anything a server echoes back)."""
-        return text.replace(self._api_key, "<redacted>") if self._api_key else text
+        """``text`` with the API key and the URL's credentials replaced (for anything a server echoes back)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -242,13 +277,16 @@ class JSONClient:
             raise HTTPResponseError(f"{self.role} {self.url} returned a response that is not JSON: {snippet!r}") from None
         if not isinstance(body, dict):
             raise HTTPResponseError(f"{self.role} {self.url} returned JSON that is not an object: {type(body).__name__}")
+        if body.get("error") is not None:  # a proxy's upstream failure, sent as a 200
+            snippet = self.redact(str(body["error"])[:ERROR_BODY_CHARS])
+            raise HTTPResponseError(f"{self.role} {self.url} answered HTTP 200 with an error object: {snippet}")
         return body
 
     def _post_within(self, payload: dict[str, Any], timeout: float) -> httpx.Response:
         """One attempt, whole answer within ``timeout`` seconds: httpx's read timeout restarts at
         every byte, so a server that drips its answer is cut off by this deadline instead."""
         deadline = time.monotonic() + timeout
-        with self._client.stream("POST", self.url, json=payload, headers=self._headers(),
+        with self._client.stream("POST", self._request_url, json=payload, headers=self._headers(),
                                  timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))) as streamed:
             chunks = []
             for chunk in streamed.iter_bytes():
@@ -266,6 +304,8 @@ class JSONClient:
         last_problem = ""
         n_timeouts = 0
         for attempt in range(attempts):
+            if self.cancelled:
+                raise RequestCancelled(f"{self.role} {self.url}: request cancelled")
             retry_after: float | None = None
             timeout = settings.attempt_timeout(n_timeouts)
             with self._counter_lock:
@@ -283,7 +323,11 @@ class JSONClient:
                     # retry may wait (a sequential server answers the retry after finishing it).
                     abandoned.append(settings.attempt_timeout(n_timeouts))
                     response = None
-                except httpx.TransportError as error:
+                except (httpx.TransportError, RuntimeError) as error:
+                    if self.cancelled:  # the client was closed under the request
+                        raise RequestCancelled(f"{self.role} {self.url}: request cancelled") from None
+                    if not isinstance(error, httpx.TransportError):
+                        raise
                     last_problem = f"connection failed ({type(error).__name__}: {self.redact(str(error))})"
                     response = None
             if response is not None:
@@ -307,11 +351,13 @@ class JSONClient:
                 delay = max(delay, retry_after)
             # The body may be long; the reason before the first ':' is enough for the log.
             logger.info("%s request failed (%s); retrying in %.2f s", self.role, last_problem.split(":")[0], delay)
-            time.sleep(delay)
+            if self._cancelled.wait(delay):
+                raise RequestCancelled(f"{self.role} {self.url}: request cancelled")
         raise HTTPRequestError(
             f"{self.role} {self.url} failed {attempts} attempts (max_retries={settings.max_retries}); "
             f"last problem: {last_problem}")
 
 
 __all__ = ["ENV_OPENAI_API_KEY", "ENV_OPENAI_URL", "HTTPRequestError", "HTTPResponseError", "HTTPSettings",
-           "InFlightLimit", "JSONClient", "endpoint_url", "retry_after_seconds"]
+           "InFlightLimit", "JSONClient", "RequestCancelled", "endpoint_url", "retry_after_seconds",
+           "without_credentials"]

@@ -10,7 +10,13 @@ adding a second BOS, fails loudly instead of silently answering another prompt.
 
 Requests run in parallel (at most ``max_concurrency`` in flight, retried with backoff, through
 the client shared with the judge: :mod:`mechsteer.core.http`), and each completion is yielded as
-it arrives. Token ids: with ``return_token_ids`` the server's own (vLLM's ``return_token_ids``
+it arrives. The workers are daemon threads, and an interruption (Ctrl-C) cancels the client: the
+process exits at once instead of waiting for hung requests and their retries.
+
+An answer is verified before it becomes a completion: exactly one choice, the model the
+response names is the one asked for (``transformers serve`` names it ``<model>@<revision>``),
+and the text does not start with the prompt (a server echoing it); anything else is an
+:class:`EngineError` naming the URL, and nothing is recorded. Token ids: with ``return_token_ids`` the server's own (vLLM's ``return_token_ids``
 extension); otherwise the text re-tokenised with the model's tokenizer, plus the EOS when the
 model stopped by itself, as the bridge records it.
 
@@ -27,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +153,18 @@ class OpenAIEngine:
             body = self.http.post(self.payload(request, ids, settings))
         except (HTTPRequestError, HTTPResponseError) as error:
             raise EngineError(str(error)) from None
-        return self.read_completion(body, ids, settings)
+        return self.read_completion(body, ids, settings, prompt=request.prompt)
 
-    def read_completion(self, body: dict[str, Any], ids: list[int], settings: GenerationSettings) -> Completion:
+    def read_completion(self, body: dict[str, Any], ids: list[int], settings: GenerationSettings, *,
+                        prompt: str = "") -> Completion:
         where = f"generation server {self.url}"
+        named = body.get("model")
+        if not (named == self.server_model or (isinstance(named, str) and "@" not in self.server_model
+                                               and named.partition("@")[0] == self.server_model)):
+            as_what = "without naming its model" if named is None else f"as model {self.http.redact(str(named))!r}"
+            raise EngineError(f"{where} answered {as_what} where "
+                              f"{self.server_model!r} was asked for; nothing was recorded (is engine_model the "
+                              "server's name for the model?)")
         choices = body.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise EngineError(f"{where} returned no 'choices' (a non-empty list expected); keys: {sorted(body)}")
@@ -160,6 +175,12 @@ class OpenAIEngine:
         text = choice.get("text")
         if not isinstance(text, str):
             raise EngineError(f"{where} returned choices[0] without a text 'text' (not a /v1/completions answer?)")
+        bos_text = getattr(self.tokenizer, "bos_token", None) or ""
+        starts = (text, text.removeprefix(bos_text)) if bos_text else (text,)  # an echo may show the BOS
+        sent = (prompt, self.server_prompt(prompt, ids))
+        if any(part.strip() and start.startswith(part) for part in sent for start in starts):
+            raise EngineError(f"{where} returned a completion that starts with the prompt (an echo, as with "
+                              "echo: true); nothing was recorded")
         text = self.http.redact(text)  # a server that echoes the API key never gets it into a trace
         self._check_prompt(body, choice, ids, where)
         finish = choice.get("finish_reason")
@@ -211,36 +232,55 @@ class OpenAIEngine:
 
     def generate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings
                  ) -> Iterator[CompletionGroup]:
-        """Each completion as soon as it arrives. On a failure, the requests already running are
-        still collected and yielded, then the first error is raised (no finished work is lost)."""
+        """Each completion as soon as it arrives. On a failure, no request starts any more, the
+        ones already running are still collected and yielded, then the first error is raised (no
+        finished work is lost). Interrupted (Ctrl-C, or the caller stops reading): the client is
+        cancelled, so the requests in flight are dropped and none is retried."""
         if not requests:
             return
-        pool = ThreadPoolExecutor(max_workers=min(self.http.settings.max_concurrency, len(requests)),
-                                  thread_name_prefix="mechsteer-engine")
-        futures: dict[Future[Completion], int] = {
-            pool.submit(self.complete, request, settings): index for index, request in enumerate(requests)}
-        failure: BaseException | None = None
+        lock = threading.Lock()
+        stop = threading.Event()
+        started = [0]  # requests taken by a worker
+        done: queue.SimpleQueue[tuple[int, Completion | Exception]] = queue.SimpleQueue()
+
+        def take() -> int | None:
+            with lock:
+                if stop.is_set() or started[0] >= len(requests):
+                    return None
+                started[0] += 1
+                return started[0] - 1
+
+        def work() -> None:
+            while (index := take()) is not None:
+                try:
+                    done.put((index, self.complete(requests[index], settings)))
+                except Exception as error:  # handed to the caller's thread
+                    done.put((index, error))
+
+        # daemon threads: an interrupted run exits without waiting for a hung server
+        for number in range(min(self.http.settings.max_concurrency, len(requests))):
+            threading.Thread(target=work, name=f"mechsteer-engine-{number}", daemon=True).start()
+        failure: Exception | None = None
+        received = 0
         try:
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                group: CompletionGroup = []
-                for future in finished:
-                    if future.cancelled():
-                        continue
-                    error = future.exception()
-                    if error is not None:
-                        if failure is None:
-                            failure = error
-                            # stop what has not started; what runs is still collected
-                            for other in pending:
-                                other.cancel()
-                        continue
-                    group.append((futures[future], future.result()))
-                if group:
-                    yield group
-        finally:
-            pool.shutdown(wait=failure is not None, cancel_futures=True)
+            while True:
+                with lock:
+                    expected = started[0] if stop.is_set() else len(requests)
+                if received >= expected:
+                    break
+                index, result = done.get()
+                received += 1
+                if isinstance(result, Exception):
+                    if failure is None:
+                        failure = result
+                        with lock:
+                            stop.set()  # what has not started, does not; what runs is still collected
+                    continue
+                yield [(index, result)]
+        except BaseException:
+            stop.set()
+            self.http.cancel()
+            raise
         if failure is not None:
             raise failure
 

@@ -14,7 +14,8 @@ from typing import Any
 
 @dataclass
 class Answer:
-    """One reply: a status, a body (None: ``responder``'s completion), a delay before it."""
+    """One reply: a status, a body (None: ``responder``'s completion), a delay before it. A
+    completion body without a ``model`` names the one the request asked for."""
 
     status: int = 200
     body: dict[str, Any] | str | None = None
@@ -62,6 +63,8 @@ class StubServer:
                     with server.lock:
                         server.in_flight -= 1
                     body = answer.body if answer.body is not None else completion(" ok")
+                    if isinstance(body, dict) and "choices" in body and "model" not in body:
+                        body = {**body, "model": payload.get("model")}  # as servers name the model asked for
                     data = (body if isinstance(body, str) else json.dumps(body)).encode()
                     self.send_response(answer.status)
                     self.send_header("Content-Type", "application/json")

@@ -171,6 +171,55 @@ def test_an_answer_with_several_choices_is_refused(stub: StubServer, tokenizer: 
     assert not (tmp_path / TRACES_FILE).exists() or (tmp_path / TRACES_FILE).read_text() == ""
 
 
+@pytest.mark.parametrize("body, complaint", [
+    ({**completion(" 5"), "model": "another-model"}, "answered as model 'another-model' where 'served-model' was asked"),
+    ({**completion(" 5"), "model": None}, "answered without naming its model"),
+    ({**completion(" 5"), "model": "served-model-2@main"}, "answered as model 'served-model-2@main'"),
+    ({**completion(" 5"), "error": {"message": "upstream timed out"}}, "HTTP 200 with an error object"),
+])
+def test_an_answer_of_another_model_or_an_error_object_is_refused(stub: StubServer, tokenizer: Any, tmp_path: Path,
+                                                                  body: dict, complaint: str) -> None:
+    stub.responder = lambda payload: Answer(body=body)
+    with pytest.raises(EngineError, match=complaint) as error:
+        generate_traces(engine_for(stub, tokenizer), organism_problems(1), tmp_path, max_new_tokens=2, progress=False)
+    assert f"generation server {stub.url}/completions" in str(error.value)
+    assert read_traces(tmp_path / TRACES_FILE) == []
+
+
+def test_transformers_serves_model_at_revision_is_the_model_asked_for(stub: StubServer, tokenizer: Any) -> None:
+    stub.responder = lambda payload: Answer(body={**completion(" 5"), "model": payload["model"] + "@main"})
+    (result,) = generate_all(engine_for(stub, tokenizer), ["Q: 2 + 3?"], GenerationSettings(max_new_tokens=2))
+    assert result.text == " 5"
+
+
+@pytest.mark.parametrize("sent_back", ["as sent", "as rendered"])
+def test_a_completion_echoing_the_prompt_is_refused(stub: StubServer, tokenizer: Any, tmp_path: Path,
+                                                    sent_back: str) -> None:
+    problem = organism_problems(1)[0]
+    rendered = render_prompt("organism", problem.question)
+    stub.responder = lambda payload: Answer(body=completion(
+        (payload["prompt"] if sent_back == "as sent" else "<bos>" + rendered) + " The answer is 5."))
+    with pytest.raises(EngineError, match="starts with the prompt") as error:
+        generate_traces(engine_for(stub, tokenizer), [problem], tmp_path, max_new_tokens=2, progress=False)
+    assert stub.url in str(error.value)
+    assert read_traces(tmp_path / TRACES_FILE) == []
+
+
+def test_credentials_in_the_url_are_sent_but_never_printed(stub: StubServer, tokenizer: Any) -> None:
+    port_url = stub.url.replace("http://", "http://probe:hunter2@")
+    stub.responder = lambda payload: Answer(500, body="no luck for probe:hunter2")
+    engine = OpenAIEngine(port_url, "served-model", tokenizer, settings=QUICK, server_adds_bos=True)
+    with pytest.raises(EngineError) as error:
+        generate_all(engine, ["Q"], GenerationSettings(max_new_tokens=2))
+    assert stub.received[0].headers["Authorization"].startswith("Basic ")  # httpx sends them as basic auth
+    for shown in (str(error.value), repr(engine), engine.url):
+        assert "hunter2" not in shown and "probe:" not in shown
+    assert f"generation server {stub.url}/completions" in str(error.value)
+    with pytest.raises(ConfigError) as refused:
+        OpenAIEngine("ftp://probe:hunter2@host/v1", "m", tokenizer)
+    assert "hunter2" not in str(refused.value)
+
+
 def test_the_servers_token_ids_when_asked_for(stub: StubServer, tokenizer: Any) -> None:
     prompt_ids = tokenizer("Q")["input_ids"]
     stub.responder = lambda payload: Answer(body=completion(" ab", token_ids=[70, 71, 2], prompt_token_ids=prompt_ids))
@@ -375,3 +424,38 @@ def test_the_judge_keys_reach_the_taxonomy_stage_and_only_max_tokens_is_digested
         pipeline_module._taxonomy_stage(config, tmp_path, [2])
     assert seen["judge_spec"] == "http:served-judge"
     assert (seen["judge_settings"].timeout, seen["judge_settings"].max_tokens) == (45.0, 48)
+
+
+def test_ctrl_c_during_hung_requests_exits_at_once(stub: StubServer, tmp_path: Path) -> None:
+    """SIGINT while every request hangs: the requests are dropped, none is retried, exit 130 within 5 s."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stub.responder = lambda payload: Answer(delay=300.0)  # never answers in time
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mechsteer.cli", "traces", "--model", "organism-thinking", "--benchmark", "organism",
+         "--split", "train", "--n", "4", "--out", str(tmp_path / "traces"), "--max-new-tokens", "8",
+         "--engine", "openai", "--engine-url", stub.url, "--engine-timeout", "120", "--engine-max-retries", "3",
+         "--engine-concurrency", "2"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        waited = time.monotonic()
+        while len(stub.received) < 2 and process.poll() is None and time.monotonic() - waited < 120:
+            time.sleep(0.1)
+        assert len(stub.received) == 2, process.communicate(timeout=5)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        assert time.monotonic() - interrupted < 5.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, err
+    assert "mechsteer: interrupted" in err and "Traceback" not in err
+    assert len(stub.received) == 2  # nothing retried, nothing started after the interruption

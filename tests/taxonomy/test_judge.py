@@ -378,7 +378,9 @@ def test_retry_after_forms() -> None:
     [
         ("<html>gateway page</html>", "not JSON"),
         ("[1, 2]", "not an object"),
-        ('{"error": "oops"}', "no 'choices'"),
+        ('{"error": "oops"}', "HTTP 200 with an error object: oops"),
+        ('{"error": {"message": "no healthy upstream"}, "choices": [{"message": {"content": "no"}}]}',
+         "HTTP 200 with an error object"),
         ('{"choices": []}', "no 'choices'"),
         ('{"choices": [{"index": 0}]}', "without a 'message'"),
         ('{"choices": [{"message": {"role": "assistant"}}]}', "without a text 'content'"),
