@@ -18,7 +18,7 @@ from mechsteer.taxonomy.judge.http import (
     ENV_URL,
 )
 from mechsteer.taxonomy.judge.prompts import (
-    answer_parses,
+    answer_has_shape,
     consistency_messages,
     pair_similarity_messages,
 )
@@ -43,11 +43,32 @@ QUESTION = consistency_messages("plan", "states a plan", "Plan: add 4 for 3 days
 
 
 def test_answers_parse_by_the_task_of_their_prompt():
-    assert answer_parses(QUESTION, "Yes.") is True
-    assert answer_parses(QUESTION, "<|endoftext|>") is False
+    assert answer_has_shape(QUESTION, "Yes.") is True
+    assert answer_has_shape(QUESTION, "<|endoftext|>") is False
     similarity = pair_similarity_messages("a", "b", "c", "d")
-    assert answer_parses(similarity, "7/10") is True and answer_parses(similarity, "similar") is False
-    assert answer_parses([{"role": "user", "content": "free text"}], "anything") is None  # not a judge prompt
+    assert answer_has_shape(similarity, "7/10") is True and answer_has_shape(similarity, "similar") is False
+    assert answer_has_shape([{"role": "user", "content": "free text"}], "anything") is None  # not a judge prompt
+
+
+@pytest.mark.parametrize("question, answer, cached", [
+    (QUESTION, "Yes.", True),
+    (QUESTION, "**no**", True),
+    (QUESTION, "Answer: yes", True),
+    (QUESTION, "Service unavailable: no healthy upstream", False),  # reads as "no"; it is no verdict
+    (QUESTION, "I cannot say yes to that without more context.", False),
+    (pair_similarity_messages("a", "b", "c", "d"), "7", True),
+    (pair_similarity_messages("a", "b", "c", "d"), "7/10", True),
+    (pair_similarity_messages("a", "b", "c", "d"), "Score: 3.5", True),
+    (pair_similarity_messages("a", "b", "c", "d"), "Error 5: upstream connect error", False),  # reads as 5
+    (pair_similarity_messages("a", "b", "c", "d"), "11", False),
+])
+def test_only_answers_of_the_questions_shape_are_cached(server: ChatServer, tmp_path: Path, question, answer,
+                                                        cached) -> None:
+    server.responder = lambda messages: answer
+    assert make_judge(server, cache_dir=tmp_path).complete(question) == answer
+    assert bool(list(tmp_path.rglob("*.json"))) is cached
+    make_judge(server, cache_dir=tmp_path).complete(question)
+    assert server.count == (1 if cached else 2)  # a wrong shape is asked again
 
 
 def test_unparsable_answers_are_not_cached_and_are_asked_again(server: ChatServer, tmp_path: Path) -> None:

@@ -436,7 +436,7 @@ def test_describe_prompt_shows_worked_examples_before_the_request() -> None:
 def test_description_answers_that_echo_the_prompt_are_refused(answer: str) -> None:
     sentences = ["The answer is 46.", "The answer is 12."]
     assert judge_prompts.parse_description_answer(answer, sentences) is None
-    assert judge_prompts.answer_parses(judge_prompts.describe_behaviour_messages(sentences), answer) is False
+    assert judge_prompts.answer_has_shape(judge_prompts.describe_behaviour_messages(sentences), answer) is False
 
 
 def test_an_own_title_is_kept_and_the_refusal_quotes_the_answer() -> None:
@@ -444,7 +444,7 @@ def test_an_own_title_is_kept_and_the_refusal_quotes_the_answer() -> None:
     own = "Title: Stating the answer\nDescription: The model states its final answer."
     assert judge_prompts.parse_description_answer(own, sentences) == (
         "Stating the answer", "The model states its final answer.")
-    assert judge_prompts.answer_parses(judge_prompts.describe_behaviour_messages(sentences), own) is True
+    assert judge_prompts.answer_has_shape(judge_prompts.describe_behaviour_messages(sentences), own) is True
     # an example's title may be the apt one: kept with a description of its own
     apt = "Title: **Restating  the problem**\nDescription: The model says again what is asked."
     assert judge_prompts.parse_description_answer(apt, sentences) == (

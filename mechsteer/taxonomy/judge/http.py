@@ -183,9 +183,9 @@ class HTTPJudge:
         except HTTPResponseError as error:
             raise JudgeResponseError(str(error)) from None
         text = self._read_completion(body)
-        # Only answers that parse are kept: a misbehaving server's junk is asked again next time,
-        # not replayed after the server is fixed.
-        if judge_prompts.answer_parses(messages, text) is not False:
+        # Only answers of the shape the question asks for are kept: a misbehaving server's junk (or
+        # an error message) is asked again next time, not replayed after the server is fixed.
+        if judge_prompts.answer_has_shape(messages, text) is not False:
             self._cache_write(key, messages, max_tokens, temperature, text)
         return text
 
@@ -231,9 +231,9 @@ class HTTPJudge:
             raise JudgeError(f"judge cache file {path} is corrupt ({error}); {clear}") from None
         if not isinstance(response, str):
             raise JudgeError(f"judge cache file {path} has a non-text response; {clear}")
-        if judge_prompts.answer_parses(messages, response) is False:
-            # cached before only parsed answers were kept: ask again (and overwrite it)
-            logger.info("judge cache %s holds an unparsable answer; asking the judge again", path)
+        if judge_prompts.answer_has_shape(messages, response) is False:
+            # cached before only answers of the right shape were kept: ask again (and overwrite it)
+            logger.info("judge cache %s holds an answer of the wrong shape; asking the judge again", path)
             return None
         logger.debug("judge cache hit %s", key[:12])
         return response

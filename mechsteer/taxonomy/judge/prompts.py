@@ -389,21 +389,40 @@ def parse_score(text: str) -> float | None:
     return None
 
 
-# A parser per task (the answer, the prompt it answers): an answer it cannot read is never cached
-# (mechsteer.taxonomy.judge.http).
-ANSWER_PARSERS: dict[str, Callable[[str, ParsedPrompt], object]] = {
-    DESCRIBE_BEHAVIOUR.name: lambda answer, prompt: parse_description_answer(answer, prompt.fields.get("Sentence", ())),
-    CONSISTENCY.name: lambda answer, _prompt: parse_yes_no(answer),
-    COMPLETENESS.name: lambda answer, _prompt: parse_score(answer),
-    PAIR_SIMILARITY.name: lambda answer, _prompt: parse_score(answer),
+# What an answer to each task looks like when it is one (the prompt asks for one word, or one
+# integer "and nothing else"): only such answers are cached (mechsteer.taxonomy.judge.http). The
+# readers above are lenient ("**Yes.**", "I'd say 7/10"); a cache must not keep an error page's
+# "no healthy upstream" as a "no", or a sentence that merely contains a number as a score.
+_VERDICT_SHAPE = re.compile(r"(?:answer\s*:\s*)?(?:yes|no)", re.IGNORECASE)
+_SCORE_SHAPE = re.compile(r"(?:(?:score|rating|similarity|fit)\s*(?::|is)\s*)?" + _NUMBER + r"(?:\s*(?:/|out of)\s*10)?",
+                          re.IGNORECASE)
+_AROUND_AN_ANSWER = " \t\r\n*_`\"'.!"
+
+
+def _is_verdict(answer: str) -> bool:
+    return _VERDICT_SHAPE.fullmatch(answer.strip(_AROUND_AN_ANSWER)) is not None
+
+
+def _is_score(answer: str) -> bool:
+    match = _SCORE_SHAPE.fullmatch(answer.strip(_AROUND_AN_ANSWER))
+    return match is not None and 0.0 <= float(match.group(1)) <= 10.0
+
+
+ANSWER_SHAPES: dict[str, Callable[[str, ParsedPrompt], bool]] = {
+    DESCRIBE_BEHAVIOUR.name: lambda answer, prompt: parse_description_answer(
+        answer, prompt.fields.get("Sentence", ())) is not None,
+    CONSISTENCY.name: lambda answer, _prompt: _is_verdict(answer),
+    COMPLETENESS.name: lambda answer, _prompt: _is_score(answer),
+    PAIR_SIMILARITY.name: lambda answer, _prompt: _is_score(answer),
 }
 
 
-def answer_parses(messages: Sequence[Mapping[str, str]], answer: str) -> bool | None:
-    """Whether ``answer`` reads as an answer to the task of ``messages`` (a mechsteer prompt);
-    None for a prompt of another kind, which this module cannot judge."""
+def answer_has_shape(messages: Sequence[Mapping[str, str]], answer: str) -> bool | None:
+    """Whether ``answer`` has the shape the task of ``messages`` (a mechsteer prompt) asks for: a
+    title and description, the word yes or no, a score 0-10 as a number; None for a prompt of
+    another kind, which this module cannot judge."""
     try:
         prompt = parse_prompt(messages)
     except ValueError:
         return None
-    return ANSWER_PARSERS[prompt.task](answer, prompt) is not None
+    return ANSWER_SHAPES[prompt.task](answer, prompt)
