@@ -28,10 +28,15 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ArtefactError
 from mechsteer.core.provenance import mismatch, same_model
-from mechsteer.core.store import append_jsonl, json_digest, read_jsonl
+from mechsteer.core.store import append_jsonl, json_digest, read_jsonl, write_text_atomic
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import THINK_CLOSE, benchmark_template, get_template, render_prompt
-from mechsteer.engines.base import GenerationEngine, GenerationRequest, GenerationSettings
+from mechsteer.engines.base import (
+    Completion,
+    GenerationEngine,
+    GenerationRequest,
+    GenerationSettings,
+)
 from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.grading.answers import extract_answer, is_correct
 
@@ -177,8 +182,13 @@ def generate_traces(
     ``model`` is a loaded bridge (generation on it, in batches of ``batch_size``) or any
     :class:`~mechsteer.engines.base.GenerationEngine` (e.g. an OpenAI-compatible server); records
     have the same fields either way, and ``settings`` says which engine wrote them and where
-    their token ids come from (``token_ids_source``: ``generated`` or ``retokenised``). Each
-    finished group (a bridge batch, one server answer) is appended as it arrives.
+    their token ids come from (``token_ids_source``: ``generated`` or ``retokenised``).
+
+    The file is in the order of ``problems`` whatever order a server answers in, so a run through
+    a server writes what a second identical run writes: finished records are appended as soon as
+    every earlier problem's is written; on a failure or an interruption the ones still waiting are
+    appended too (no finished work is lost), and a resumed file is put back in problem order at
+    the end.
     """
     engine = BridgeEngine(model) if isinstance(model, TransformerBridge) else model
     if not problems:
@@ -219,31 +229,52 @@ def generate_traces(
     generation_settings = GenerationSettings(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
         stop_strings=tuple(stop_strings), batch_size=batch_size)
-    for group in engine.generate(requests, generation_settings):
-        records = []
-        for index, completion in group:
-            problem, prompt, generation = todo[index], requests[index].prompt, completion.text
-            r_start, r_end = reasoning_span(generation, chat)
-            answer_part = generation[r_end:].strip() if chat else generation.strip()
-            if chat and THINK_CLOSE not in generation and unclosed == "no_answer":
-                prediction = None  # cut off mid-reasoning: no answer was given
-            else:
-                prediction = extract_answer(answer_part or generation, benchmark)
-            record = TraceRecord(
-                problem_id=problem.id, benchmark=benchmark, prompt=prompt,
-                text=prompt + generation, generation=generation,
-                reasoning=generation[r_start:r_end], answer_part=answer_part,
-                reasoning_char_start=len(prompt) + r_start,
-                reasoning_char_end=len(prompt) + r_end,
-                token_ids=completion.prompt_token_ids + completion.token_ids,
-                n_prompt_tokens=len(completion.prompt_token_ids),
-                prediction=prediction, reference=problem.answer,
-                correct=is_correct(prediction, problem.answer, benchmark),
-                finish_reason=completion.finish_reason, model=model_name, settings=settings,
-            )
-            records.append(asdict(record))
-        append_jsonl(out_path, records)
-        bar.update(len(group))
-    bar.close()
-    by_id = {record.problem_id: record for record in read_traces(out_path)}
-    return [by_id[problem.id] for problem in problems]
+    waiting: dict[int, dict[str, Any]] = {}  # finished records whose earlier problems are not all written
+    next_index = 0
+    try:
+        for group in engine.generate(requests, generation_settings):
+            for index, completion in group:
+                waiting[index] = asdict(trace_record(todo[index], requests[index].prompt, completion, chat=chat,
+                                                     unclosed=unclosed, model_name=model_name, settings=settings))
+            ready = []
+            while next_index in waiting:
+                ready.append(waiting.pop(next_index))
+                next_index += 1
+            if ready:
+                append_jsonl(out_path, ready)
+            bar.update(len(group))
+    finally:
+        if waiting:
+            append_jsonl(out_path, [waiting[index] for index in sorted(waiting)])
+        bar.close()
+    written = read_traces(out_path)
+    by_id = {record.problem_id: record for record in written}
+    ordered = [by_id[problem.id] for problem in problems]
+    if [record.problem_id for record in written] != [problem.id for problem in problems]:
+        # resumed after a failure: the records of this run came after the earlier ones
+        write_text_atomic(out_path, "".join(json.dumps(asdict(record)) + "\n" for record in ordered))
+    return ordered
+
+
+def trace_record(problem: Problem, prompt: str, completion: Completion, *, chat: bool, unclosed: UnclosedThinking,
+                 model_name: str, settings: dict[str, Any]) -> TraceRecord:
+    """The record of ``problem``'s completion (its reasoning span, answer and grade)."""
+    generation = completion.text
+    r_start, r_end = reasoning_span(generation, chat)
+    answer_part = generation[r_end:].strip() if chat else generation.strip()
+    if chat and THINK_CLOSE not in generation and unclosed == "no_answer":
+        prediction = None  # cut off mid-reasoning: no answer was given
+    else:
+        prediction = extract_answer(answer_part or generation, problem.benchmark)
+    return TraceRecord(
+        problem_id=problem.id, benchmark=problem.benchmark, prompt=prompt,
+        text=prompt + generation, generation=generation,
+        reasoning=generation[r_start:r_end], answer_part=answer_part,
+        reasoning_char_start=len(prompt) + r_start,
+        reasoning_char_end=len(prompt) + r_end,
+        token_ids=completion.prompt_token_ids + completion.token_ids,
+        n_prompt_tokens=len(completion.prompt_token_ids),
+        prediction=prediction, reference=problem.answer,
+        correct=is_correct(prediction, problem.answer, problem.benchmark),
+        finish_reason=completion.finish_reason, model=model_name, settings=settings,
+    )

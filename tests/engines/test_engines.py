@@ -459,3 +459,39 @@ def test_ctrl_c_during_hung_requests_exits_at_once(stub: StubServer, tmp_path: P
     assert process.returncode == 130, err
     assert "mechsteer: interrupted" in err and "Traceback" not in err
     assert len(stub.received) == 2  # nothing retried, nothing started after the interruption
+
+
+def test_server_traces_are_written_in_problem_order_whatever_the_arrival(stub: StubServer, tokenizer: Any,
+                                                                         tmp_path: Path) -> None:
+    """The later a problem, the sooner the server answers it: the file is still in problem order, the
+    same bytes as a second run's, and so is a file resumed after a failure."""
+    problems = organism_problems(5)
+    order = {render_prompt("organism", p.question): index for index, p in enumerate(problems)}
+
+    def reversed_answers(payload: dict[str, Any]) -> Answer:
+        index = order[payload["prompt"]]
+        return Answer(body=completion(f" The answer is {index}.", prompt_tokens=len(tokenizer(payload["prompt"])
+                                                                                    ["input_ids"])),
+                      delay=0.15 * (len(problems) - index))
+
+    stub.responder = reversed_answers
+    settings = dataclasses.replace(QUICK, max_concurrency=len(problems))
+    files = []
+    for run in ("first", "second"):
+        generate_traces(engine_for(stub, tokenizer, settings=settings), problems, tmp_path / run, max_new_tokens=8,
+                        progress=False)
+        files.append((tmp_path / run / TRACES_FILE).read_text())
+    assert [json.loads(line)["problem_id"] for line in files[0].splitlines()] == [p.id for p in problems]
+    assert files[0] == files[1]
+    doomed = render_prompt("organism", problems[1].question)
+    stub.responder = lambda payload: Answer(500, body="down") if payload["prompt"] == doomed else reversed_answers(
+        payload)
+    with pytest.raises(EngineError):
+        generate_traces(engine_for(stub, tokenizer, settings=settings), problems, tmp_path / "resumed",
+                        max_new_tokens=8, progress=False)
+    kept = [json.loads(line)["problem_id"] for line in (tmp_path / "resumed" / TRACES_FILE).read_text().splitlines()]
+    assert problems[1].id not in kept and len(kept) == len(problems) - 1  # finished work kept
+    stub.responder = reversed_answers
+    generate_traces(engine_for(stub, tokenizer, settings=settings), problems, tmp_path / "resumed", max_new_tokens=8,
+                    progress=False)
+    assert (tmp_path / "resumed" / TRACES_FILE).read_text() == files[0]
