@@ -8,6 +8,7 @@ typo costs nothing: ``--layers a,b``, ``--coeffs one,two`` or ``--n 0`` stop at 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -47,8 +48,26 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (nucleus sampling's top_p: 0 keeps no token)."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
     return value
 
 
@@ -222,5 +241,5 @@ def parse_floats(text: str) -> list[float]:
 
 
 __all__ = ["add_pair_and_label_args", "check_model_specs", "check_output_folder", "check_pair_and_labels",
-           "check_traces_folder", "float_list", "int_at_least", "int_list", "labels_from_args", "model_pair",
-           "non_negative_int", "parse_floats", "positive_int", "progress_line", "split_pair", "thinking_model_name"]
+           "check_traces_folder", "finite_float", "float_list", "int_at_least", "int_list", "labels_from_args", "model_pair",
+           "non_negative_int", "parse_floats", "probability", "positive_int", "progress_line", "split_pair", "thinking_model_name"]

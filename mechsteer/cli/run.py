@@ -11,11 +11,13 @@ from typing import get_args
 
 from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.core.models import DTypeChoice
+from mechsteer.core.store import exclusive_folder
 from mechsteer.engines import ENGINE_KINDS
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.keys import override_flags
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import format_number, report_table
+from mechsteer.experiment.state import RunState
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
 
 
@@ -24,8 +26,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.wandb:
         config = dataclasses.replace(config, wandb=True)
     config = with_overrides(config, args)
+    config.validate(here=True)
     check_output_folder(args.out)
     if args.clear_judge_cache:
+        with exclusive_folder(Path(args.out)):
+            RunState(Path(args.out), config)  # a folder of another config is refused before the cache goes
         removed = clear_judge_cache(Path(args.out) / "taxonomy")
         print(json.dumps({"judge_cache_cleared": str(Path(args.out) / "taxonomy" / JUDGE_CACHE_DIR), "files": removed}))
     report = run_pipeline(config, args.out)

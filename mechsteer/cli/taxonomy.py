@@ -15,7 +15,12 @@ from mechsteer.core.provenance import mismatch, same_model
 from mechsteer.taxonomy.artefact import SELECTION_DOC
 from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.clustering import CLUSTERING_METHODS
-from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, check_judge_spec, clear_judge_cache
+from mechsteer.taxonomy.judge.spec import (
+    JUDGE_CACHE_DIR,
+    check_judge_spec,
+    clear_judge_cache,
+    judge_connection_problem,
+)
 from mechsteer.taxonomy.sweep import sweep_to_folder
 
 NormaliseChoice = Literal["yes", "no", "both"]
@@ -75,6 +80,9 @@ def run_taxonomy_cli(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layers {missing} are not in the activation run {activations_dir} "
                           f"(layers {manifest.layers})")
     check_judge_spec(args.judge)
+    connection = judge_connection_problem(args.judge)
+    if connection:
+        raise ConfigError(f"--judge: {connection}")
     grid = args.n_latents
     if any(n < 2 for n in grid):
         raise ConfigError(f"--n-latents: every behaviour count must be >= 2, got {grid}")

@@ -15,6 +15,7 @@ from mechsteer.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    probability,
 )
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model, spec_model_name
@@ -77,8 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=512)
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    parser.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
+    parser.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample")
+    parser.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
     parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default="no_answer",
                         help="a thinking trace cut off before </think>: no answer, or extract one anyway")
     parser.add_argument("--seed", type=int, default=0)

@@ -50,7 +50,7 @@ from mechsteer.experiment.keys import (
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.optimise import OptimisationConfig
-from mechsteer.taxonomy.judge.spec import check_judge_spec
+from mechsteer.taxonomy.judge.spec import check_judge_spec, judge_connection_problem
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -232,9 +232,14 @@ class RunConfig:
         problems = check_fields(type(self), asdict(self), noun="config keys")
         return problems or semantic_problems(self)
 
-    def validate(self, *, source: str | None = None) -> None:
-        """Raise :class:`ConfigError` naming every refused key; nothing has run yet."""
+    def validate(self, *, source: str | None = None, here: bool = False) -> None:
+        """Raise :class:`ConfigError` naming every refused key; nothing has run yet. ``here``: also
+        what this machine must provide to run it (an HTTP judge's address in the environment)."""
         problems = self.problems()
+        if here and not problems:
+            connection = judge_connection_problem(self.judge)
+            if connection:
+                problems.append(Problem("judge", connection, "value"))
         if problems:
             raise ConfigError((f"{source}: " if source else "") + join_problems(problems))
 
@@ -329,6 +334,9 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         refuse("eval_split", f"eval_split = {config.eval_split!r} is the train_split, whose problems built the "
                              "taxonomy and the directions: the report would grade the hybrid on them; use another "
                              f"split of {config.benchmark!r} ({', '.join(benchmark_splits(config.benchmark))})")
+    for option in ("trace_top_p", "eval_top_p"):
+        if getattr(config, option) == 0:
+            refuse(option, f"{option} = 0 keeps no token to sample from; use a value in (0, 1] (1: no nucleus cut)")
     layers = config.activation_layers or []
     if len(set(layers)) != len(layers):
         refuse("activation_layers", f"activation_layers = {layers} names a layer twice; list each layer once")

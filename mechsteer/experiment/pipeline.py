@@ -138,7 +138,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     With ``config.wandb`` on, the run is tracked (mechsteer.experiment.tracking): the config first, each
     stage's summary as it finishes, then the report's tables, plots and artefacts."""
     out = Path(out_dir)
-    config.validate()  # every key, before the folder is touched or a model loads
+    config.validate(here=True)  # every key, before the folder is touched or a model loads
     with exclusive_folder(out):  # a second run on the same folder would interleave its writes
         state = RunState(out, config)  # refuses a folder of another config before anything is logged
         state.tracker = open_tracker(config, out)

@@ -58,6 +58,12 @@ def write_config(folder: Path, name: str, data: object) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_judge_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MECHSTEER_JUDGE_URL", "OPENAI_BASE_URL", "MECHSTEER_JUDGE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad_inputs")
@@ -116,6 +122,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "optimized": {**demo, "direction_method": "optimized"}, "policy_argmax": {**demo, "policy": "argmax"},
         "random_fire": {**demo, "controls": ["random_fire"]},
         "no_model": {**demo, "base_model": "./no/such/model"}, "demo": demo, "demo_seed1": {**demo, "seed": 1},
+        "top_p_0": {**demo, "eval_temperature": 0.7, "eval_top_p": 0.0},
+        "local_judge": {**demo, "judge": "local:./no/such/judge"}, "http_judge": {**demo, "judge": "http:m"},
     }
     for name, data in configs.items():
         paths[f"config_{name}"] = write_config(root, name, data)
@@ -196,6 +204,23 @@ CASES = [
     # arguments parsed up front
     ("traces --n 0", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism", "--n", "0",
                                 "--out", str(f["root"] / "t0")], 2, "argument --n: must be >= 1"),
+    ("traces --temperature nan", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism",
+                                            "--sample", "--temperature", "nan", "--out", str(f["root"] / "t3")], 2,
+     "argument --temperature: must be a finite number > 0, got nan"),
+    ("traces --top-p 0", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism", "--sample",
+                                    "--top-p", "0", "--out", str(f["root"] / "t4")], 2,
+     "argument --top-p: must be in (0, 1], got 0"),
+    ("eval_top_p: 0", lambda f: ["run", "--config", str(f["config_top_p_0"]), "--out", str(f["root"] / "r11")],
+     2, "eval_top_p = 0 keeps no token"),
+    ("local judge of a missing folder", lambda f: [
+        "run", "--config", str(f["config_local_judge"]), "--out", str(f["root"] / "r12")], 2,
+     "judge 'local:./no/such/judge': no such folder"),
+    ("http judge without an address", lambda f: [
+        "run", "--config", str(f["config_http_judge"]), "--out", str(f["root"] / "r13")], 2,
+     "judge 'http:m' needs the server's address: set MECHSTEER_JUDGE_URL"),
+    ("taxonomy --judge http without an address", lambda f: [
+        "taxonomy", "--activations", str(f["activations"]), "--judge", "http", "--out", str(f["root"] / "tax6")], 2,
+     "--judge: judge 'http' needs the server's address"),
     ("traces of a missing model folder", lambda f: [
         "traces", "--model", "./no/such/model", "--benchmark", "organism", "--out", str(f["root"] / "t1")], 2,
      "no such folder"),
@@ -266,7 +291,7 @@ def test_bad_input_ends_in_one_clear_line(files, capsys, case, argv, code, fragm
 
 
 def test_the_refusals_left_the_folders_as_they_were(files, capsys):
-    for name in ("r1", "r2", "r3", "r4", "r5", "r6", "r7"):
+    for name in ("r1", "r2", "r3", "r4", "r5", "r6", "r7", "r11", "r12", "r13", "t3", "t4", "tax6"):
         assert not (files["root"] / name).exists()
     stages = json.loads((files["run"] / "stages.json").read_text())
     assert stages["config"]["seed"] == 0
@@ -310,3 +335,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(info, "collect_info", broken)
     with pytest.raises(ZeroDivisionError):
         main(["info"])
+
+
+def test_clear_judge_cache_keeps_the_cache_of_a_refused_config(files, capsys):
+    cached = files["run"] / "taxonomy" / "judge_cache" / "ab" / "abcd.json"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text('{"response": "yes"}')
+    for config, fragment in ((files["config_demo_seed1"], "seed: 0 -> 1"), (files["config_http_judge"], "needs the")):
+        code, err = run_cli(["run", "--config", str(config), "--out", str(files["run"]), "--clear-judge-cache"], capsys)
+        assert code == 2 and fragment in err.strip().splitlines()[-1]
+        assert cached.is_file()  # the refusal came first
+    cached.unlink()

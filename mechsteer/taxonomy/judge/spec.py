@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 from mechsteer.core.errors import ConfigError
-from mechsteer.core.models import load_model
+from mechsteer.core.models import load_model, missing_model_path
 from mechsteer.taxonomy.judge.base import Judge
-from mechsteer.taxonomy.judge.http import HTTPJudge
+from mechsteer.taxonomy.judge.http import ENV_MODEL, ENV_OPENAI_URL, ENV_URL, HTTPJudge
 from mechsteer.taxonomy.judge.local import LocalJudge
 from mechsteer.taxonomy.judge.oracle import oracle_judge_from_activations
 
@@ -40,11 +40,31 @@ JUDGE_KINDS = "none, oracle, http, http:<model> or local:<model spec>"
 
 
 def check_judge_spec(spec: str) -> None:
-    """Refuse a judge name that :func:`make_judge` cannot read (nothing is loaded or contacted)."""
+    """Refuse a judge name that :func:`make_judge` cannot read, or a local judge whose model path
+    does not exist (nothing is loaded or contacted)."""
     kind, colon, argument = spec.partition(":")
-    if spec in ("none", "oracle", "http") or (kind in ("http", "local") and colon and argument):
+    if spec in ("none", "oracle", "http") or (kind == "http" and colon and argument):
+        return
+    if kind == "local" and colon and argument:
+        missing = missing_model_path(argument)
+        if missing:
+            raise ConfigError(f"judge {spec!r}: {missing}")
         return
     raise ConfigError(f"unknown judge {spec!r}; expected {JUDGE_KINDS}")
+
+
+def judge_connection_problem(spec: str) -> str | None:
+    """Why an HTTP judge ``spec`` cannot be asked from this environment (no server URL, or no
+    model for ``http``), found without contacting it; None when it can, or for other judges."""
+    kind, _, argument = spec.partition(":")
+    if kind != "http":
+        return None
+    if not (os.environ.get(ENV_URL) or os.environ.get(ENV_OPENAI_URL)):
+        return (f"judge {spec!r} needs the server's address: set {ENV_URL} (or {ENV_OPENAI_URL}), "
+                "e.g. http://localhost:8000/v1")
+    if not argument and not os.environ.get(ENV_MODEL):
+        return f"judge 'http' needs the model's name: set {ENV_MODEL}, or name it in the judge (http:<model>)"
+    return None
 
 
 JUDGE_CACHE_DIR = "judge_cache"  # under a taxonomy's folder: the HTTP judge's saved answers
@@ -76,4 +96,5 @@ def make_judge(
                            max_concurrency=max_concurrency, max_tokens=max_tokens)
 
 
-__all__ = ["JUDGE_CACHE_DIR", "JUDGE_KINDS", "JUDGE_SPEC_HELP", "check_judge_spec", "clear_judge_cache", "judge_from_spec", "make_judge"]
+__all__ = ["JUDGE_CACHE_DIR", "JUDGE_KINDS", "JUDGE_SPEC_HELP", "check_judge_spec", "clear_judge_cache",
+           "judge_connection_problem", "judge_from_spec", "make_judge"]
