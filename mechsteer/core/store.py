@@ -126,6 +126,16 @@ def exclusive_folder(folder: str | Path, what: str = "mechsteer run") -> Iterato
         handle.close()
 
 
+def lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone surrogate ("\\ud800", from a JSON escape or a plug-in's data),
+    which neither UTF-8 nor a tokenizer takes; None when it holds none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
+
+
 def json_digest(value: Any, length: int = 16) -> str:
     """The first ``length`` hex digits of the SHA-256 of ``value`` as key-sorted JSON."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]

@@ -35,8 +35,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from mechsteer.core.errors import ConfigError, MechsteerError
+from mechsteer.core.errors import ArtefactError, ConfigError, MechsteerError
 from mechsteer.core.plugins import load_plugins
+from mechsteer.core.store import lone_surrogate
 from mechsteer.grading.answers import last_boxed
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,12 @@ def load_benchmark(
         if n > len(problems):
             raise ConfigError(f"asked for n={n} problems but {name}/{split} has {len(problems)}")
         problems = problems[:n]
+    for problem in problems:
+        for part in ("question", "answer"):
+            at = lone_surrogate(getattr(problem, part))
+            if at is not None:
+                raise ArtefactError(f"benchmark {name!r}/{split}, problem {problem.id!r}: its {part} holds a lone "
+                                    f"surrogate at character {at}, which no tokenizer reads; fix the benchmark's data")
     if problems:
         logger.info(
             "loaded %d %s/%s problems from %s",

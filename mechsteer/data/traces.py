@@ -28,7 +28,13 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ArtefactError
 from mechsteer.core.provenance import mismatch, same_model
-from mechsteer.core.store import append_jsonl, json_digest, read_jsonl, write_text_atomic
+from mechsteer.core.store import (
+    append_jsonl,
+    json_digest,
+    lone_surrogate,
+    read_jsonl,
+    write_text_atomic,
+)
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import THINK_CLOSE, benchmark_template, get_template, render_prompt
 from mechsteer.engines.base import (
@@ -100,10 +106,17 @@ def read_traces(path: Path) -> list[TraceRecord]:
     records = []
     for number, record in enumerate(read_jsonl(path), start=1):
         try:
-            records.append(TraceRecord(**record))
+            trace = TraceRecord(**record)
         except TypeError as error:  # keys missing or unknown: not a trace record
             raise ArtefactError(f"{path}, line {number}: not a trace record ({error}); "
                                 "is this a traces.jsonl written by mechsteer traces?") from None
+        for part in ("problem_id", "prompt", "text", "generation"):
+            value = getattr(trace, part)
+            at = lone_surrogate(value) if isinstance(value, str) else None
+            if at is not None:
+                raise ArtefactError(f"{path}, line {number} (problem {trace.problem_id!r}): its {part} holds a lone "
+                                    f"surrogate at character {at}, which no tokenizer reads; regenerate that trace")
+        records.append(trace)
     return records
 
 

@@ -188,3 +188,28 @@ def test_a_yaml_alias_bomb_is_refused_in_one_line(kind, tmp_path):
     assert time.monotonic() - started < 2.0
     path.write_text("name: plain\nbase_model: a\n")  # a file without aliases reads as before
     assert read_yaml_mapping(path, kind) == {"name": "plain", "base_model": "a"}
+
+
+def test_a_lone_surrogate_in_a_question_or_a_trace_is_one_line_naming_the_problem(tmp_path, monkeypatch):
+    from mechsteer.core.errors import ArtefactError
+    from mechsteer.data import benchmarks
+    from mechsteer.data.benchmarks import PluginBenchmark, Problem, load_benchmark
+    from mechsteer.data.traces import read_traces
+
+    def load(split):
+        return [Problem(f"odd-{index}", "How many \ud800 apples?" if index == 1 else "How many?", "3", None, "odd",
+                        {"source": "test"}) for index in range(3)]
+
+    monkeypatch.setitem(benchmarks._PLUGIN_BENCHMARKS, "odd", PluginBenchmark("odd", ("test",), load))
+    assert len(load_benchmark("odd", "test", 1)) == 1  # the problems asked for are fine
+    with pytest.raises(ArtefactError, match=r"benchmark 'odd'/test, problem 'odd-1': its question holds a lone "
+                                            r"surrogate at character 9"):
+        load_benchmark("odd", "test", 3)
+    model_traces = tmp_path / "traces.jsonl"
+    record = {"problem_id": "p-7", "benchmark": "organism", "prompt": "Q: \ud800?", "text": "Q: \ud800? 3",
+              "generation": " 3", "reasoning": "3", "answer_part": "3", "reasoning_char_start": 6,
+              "reasoning_char_end": 7, "token_ids": [], "n_prompt_tokens": 0, "prediction": "3", "reference": "3",
+              "correct": True, "finish_reason": "eos", "model": "m", "settings": {}}
+    model_traces.write_text(json.dumps(record) + "\n")  # json escapes it as \ud800: the file is valid UTF-8
+    with pytest.raises(ArtefactError, match=r"traces.jsonl, line 1 \(problem 'p-7'\): its prompt holds a lone"):
+        read_traces(model_traces)
