@@ -85,9 +85,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:1 ...)")
     parser.add_argument("--dtype", default=None, choices=get_args(DTypeChoice), help="override the config's dtype")
-    parser.add_argument("--engine", choices=ENGINE_KINDS, default=None,
-                        help="override the config's engine: plain generation (train traces, the base and thinking "
-                             "evaluations) on the bridge or through an OpenAI-compatible server")
+    parser.add_argument("--engine", default=None,
+                        help=f"override the config's engine ({', '.join(ENGINE_KINDS)} or a plug-in's registered one): "
+                             "plain generation (train traces, the base and thinking evaluations) on the bridge or "
+                             "through an OpenAI-compatible server")
     parser.add_argument("--engine-url", default=None,
                         help="override engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
     parser.add_argument("--engine-model", default=None,

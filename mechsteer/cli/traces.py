@@ -27,7 +27,7 @@ from mechsteer.data.traces import (
     generate_traces,
     read_traces,
 )
-from mechsteer.engines import ENGINE_KINDS, load_tokenizer, make_engine
+from mechsteer.engines import ENGINE_KINDS, EngineInputs, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
 
 
@@ -44,18 +44,20 @@ def run_traces_cli(args: argparse.Namespace) -> int:
     existing = read_traces(Path(args.out) / TRACES_FILE)
     check_resumable(existing, Path(args.out) / TRACES_FILE, spec_model_name(args.model), problems[0].benchmark, None,
                     [problem.id for problem in problems])
-    if args.engine == "openai":
+    engine = engine_spec(args.engine)
+    if engine.runs_on == "server":
         if not args.engine_url:
-            raise ConfigError("--engine openai needs --engine-url, the server's address (e.g. http://127.0.0.1:8000/v1)")
-        # Only the tokenizer: the server holds the weights.
-        model = make_engine(
-            "openai", tokenizer=load_tokenizer(args.model), model_name=spec_model_name(args.model),
-            url=args.engine_url, server_model=args.engine_model or args.model,
-            settings=with_settings(timeout=args.engine_timeout, max_concurrency=args.engine_concurrency,
-                                   max_retries=args.engine_max_retries),
-            return_token_ids=args.engine_return_token_ids)
+            raise ConfigError(f"--engine {args.engine} asks a server and needs --engine-url, the server's address "
+                              "(e.g. http://127.0.0.1:8000/v1)")
+        bridge = None  # only the tokenizer: the server holds the weights
     else:
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        bridge = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = engine.build(EngineInputs(
+        model=bridge, tokenizer=load_tokenizer(args.model) if bridge is None else bridge.tokenizer,
+        model_name=spec_model_name(args.model), url=args.engine_url, server_model=args.engine_model or args.model,
+        http=with_settings(timeout=args.engine_timeout, max_concurrency=args.engine_concurrency,
+                           max_retries=args.engine_max_retries),
+        return_token_ids=args.engine_return_token_ids))
     records = generate_traces(
         model, problems, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
@@ -82,9 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default="no_answer",
                         help="a thinking trace cut off before </think>: no answer, or extract one anyway")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", choices=ENGINE_KINDS, default="bridge",
-                        help="bridge: generate on the loaded model (default); openai: through an "
-                             "OpenAI-compatible server's /v1/completions (vLLM, SGLang, llama.cpp, transformers serve)")
+    parser.add_argument("--engine", default="bridge",
+                        help=f"a registered engine ({', '.join(ENGINE_KINDS)} or a plug-in's): bridge: generate on "
+                             "the loaded model (default); openai: through an OpenAI-compatible server's "
+                             "/v1/completions (vLLM, SGLang, llama.cpp, transformers serve)")
     parser.add_argument("--engine-url", default=None, help="with --engine openai: e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--engine-model", default=None,
                         help="with --engine openai: the server's name for the model (default: --model)")

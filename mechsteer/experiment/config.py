@@ -36,7 +36,7 @@ from mechsteer.data.prompts import (
     template_names,
 )
 from mechsteer.data.traces import UnclosedThinking
-from mechsteer.engines.base import EngineKind
+from mechsteer.engines.registry import engine_names, engine_spec
 from mechsteer.experiment.keys import (
     EVALS,
     HYBRID,
@@ -49,6 +49,7 @@ from mechsteer.experiment.keys import (
 )
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
+from mechsteer.steering.methods import direction_method_names
 from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.taxonomy.judge.spec import check_judge_spec
 
@@ -95,7 +96,10 @@ class RunConfig:
     # as `mechsteer taxonomy --judge-timeout/--judge-max-tokens`.
     judge_timeout: Annotated[float, Range(min=1)] = key(HTTPSettings.timeout, kind="connection")
     judge_max_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=("taxonomy",), later=True)
-    direction_method: Literal["mean", "sae", "optimised"] = key("mean", read_by=("directions",))
+    # A registered direction method (mechsteer.steering.methods.register_direction_method): mean, sae,
+    # optimised, a plug-in's.
+    direction_method: Annotated[str, Registered(direction_method_names, "direction_method",
+                                                "registered direction methods")] = key("mean", read_by=("directions",))
     # Settings of the optimised vectors (OptimisationConfig fields, e.g. lr, steps, init_norm);
     # empty: the paper's defaults.
     optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",))
@@ -170,10 +174,12 @@ class RunConfig:
     # A thinking trace cut off before its closing tag: no answer (the default), or the answer
     # extracted from the unfinished text.
     unclosed_thinking: UnclosedThinking = key("no_answer", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True)
-    # Plain generation (train traces, the base and thinking evaluations) on the bridge, or through an
-    # OpenAI-compatible server such as `vllm serve` (mechsteer.engines, docs/engines.md); the stages
-    # that read or write activations always run on the bridge.
-    engine: EngineKind = key("bridge", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, flag="engine")
+    # Plain generation (train traces, the base and thinking evaluations) on the bridge, through an
+    # OpenAI-compatible server such as `vllm serve` (openai), or by a plug-in's registered engine
+    # (mechsteer.engines.registry, docs/engines.md); the stages that read or write activations always
+    # run on the bridge.
+    engine: Annotated[str, Registered(engine_names, "engine", "registered engines")] = key(
+        "bridge", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, flag="engine")
     # the server's name for it (default: base_model)
     engine_model_base: Annotated[str, NonEmpty()] | None = key(None, read_by=("traces_base_train", "eval_base"),
         later=True, flag="engine_model_base")
@@ -356,8 +362,9 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):
             refuse(option, f"{option} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
-    if config.engine == "openai" and config.engine_url is None:
-        refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
+    if engine_spec(config.engine).runs_on == "server" and config.engine_url is None:
+        refuse("engine_url", f"engine {config.engine!r} asks a server and needs engine_url, the server's address "
+                             "(e.g. http://127.0.0.1:8000/v1)")
     if config.taxonomy_method != "sae":
         # The hybrid's timing policies (and the sae direction method) classify with the taxonomy's SAE.
         refuse("taxonomy_method", f"taxonomy_method {config.taxonomy_method!r} has no SAE, but a run's timing "

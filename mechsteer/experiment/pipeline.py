@@ -33,7 +33,7 @@ from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
 from mechsteer.data.traces import generate_traces, load_traces
-from mechsteer.engines import GenerationEngine, load_tokenizer, make_engine
+from mechsteer.engines import EngineInputs, GenerationEngine, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import (
     RunConfig,
@@ -243,20 +243,25 @@ def directions_provenance(out: Path, base_spec: str, thinking_spec: str) -> dict
 
 
 def plain_generator(config: RunConfig, pair: ResidentPair, role: Role) -> TransformerBridge | GenerationEngine:
-    """What generates a model's plain traces and evaluations: its bridge (loaded, the other model
-    freed), or the run's server (``engine: openai``; every model freed, only the tokenizer loaded)."""
-    if config.engine == "bridge":
-        pair.need(role)
-        return pair.model(role)
-    pair.need()
+    """What generates a model's plain traces and evaluations: the run's registered ``engine``
+    (mechsteer.engines.registry), built on the model's bridge (loaded, the other model freed) or,
+    for a server engine, on its tokenizer alone (every model freed)."""
+    engine = engine_spec(config.engine)
     spec = config.base_model if role == "base" else config.thinking_model
-    server_model = (config.engine_model_base if role == "base" else config.engine_model_thinking) or spec
-    url = (config.engine_url_base if role == "base" else None) or config.engine_url
-    settings = with_settings(timeout=config.engine_timeout, max_concurrency=config.engine_max_concurrency,
-                             max_retries=config.engine_max_retries)
-    return make_engine("openai", tokenizer=load_tokenizer(spec), model_name=spec_model_name(spec), url=url,
-                       server_model=server_model, settings=settings,
-                       return_token_ids=config.engine_return_token_ids)
+    if engine.runs_on == "bridge":
+        pair.need(role)
+        model: TransformerBridge | None = pair.model(role)
+    else:
+        pair.need()
+        model = None
+    return engine.build(EngineInputs(
+        model=model, tokenizer=load_tokenizer(spec) if model is None else model.tokenizer,
+        model_name=spec_model_name(spec),
+        url=(config.engine_url_base if role == "base" else None) or config.engine_url,
+        server_model=(config.engine_model_base if role == "base" else config.engine_model_thinking) or spec,
+        http=with_settings(timeout=config.engine_timeout, max_concurrency=config.engine_max_concurrency,
+                           max_retries=config.engine_max_retries),
+        return_token_ids=config.engine_return_token_ids))
 
 
 def _generation_settings(config: RunConfig, role: str, max_new_tokens: int | None, temperature: float,

@@ -20,8 +20,9 @@ DEMO = dataclasses.asdict(DEMO_CONFIG)
     ({"normalise": ["no"]}, "normalise[0] = 'no' is not a bool"),
     ({"n_eval": "ten"}, "n_eval = 'ten' is not an int"),
     ({"n_train": 0}, "n_train = 0 must be >= 1"),
-    ({"direction_method": "optimized"}, "unknown direction_method 'optimized'; expected one of 'mean', 'sae', "
-                                        "'optimised'"),
+    ({"direction_method": "optimized"}, "unknown direction_method 'optimized'; registered direction methods: "
+                                        "['mean', 'sae', 'optimised'"),
+    ({"engine": "vllm"}, "unknown engine 'vllm'; registered engines: ['bridge', 'openai'"),
     ({"policy": "argmax"}, "unknown policy 'argmax'"),
     ({"controls": ["random_fire"]}, "unknown controls[0] 'random_fire'"),
     ({"baselines": ["first_token"]}, "unknown baselines[0] 'first_token'"),
