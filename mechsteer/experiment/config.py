@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import torch
 import yaml
 
+from mechsteer.activations import ActivationConfig
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
@@ -47,10 +48,13 @@ from mechsteer.experiment.keys import (
     later_defaults,
     undigested_keys,
 )
+from mechsteer.hybrid.comparisons import baseline_names, control_names
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.optimise import OptimisationConfig
+from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.judge.spec import check_judge_spec
+from mechsteer.taxonomy.stage import TaxonomySettings
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -125,10 +129,10 @@ class RunConfig:
     # (the bias alone at its exact steered tokens), random_firing (random tokens at its rate),
     # random_vectors (random vectors of the norms it adds); baselines: first_token_only (the hybrid
     # steering at the first generated token only), oracle_timing (steered where the benchmark's
-    # ground-truth timing oracle says: the organisms only).
-    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = key(
+    # ground-truth timing oracle says: the organisms only). Registered names (mechsteer.hybrid.comparisons).
+    controls: list[Annotated[str, Registered(control_names, "control", "registered controls")]] = key(
         factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True)
-    baselines: list[Literal["first_token_only", "oracle_timing"]] = key(factory=list, read_by=(), later=True,
+    baselines: list[Annotated[str, Registered(baseline_names, "baseline", "registered baselines")]] = key(factory=list, read_by=(), later=True,
         downstream=True)
     ablations: bool = key(True, read_by=(), downstream=True)
     ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True)
@@ -279,6 +283,20 @@ CONNECTION_KEYS = keys_of(RunConfig, "connection")
 # Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
 LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
 _UNDIGESTED = undigested_keys(RunConfig)
+
+
+def activation_config(config: RunConfig, layers: list[int]) -> ActivationConfig:
+    """The activations stage's settings at ``layers`` (the config's, or the default ones)."""
+    return ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
+                            batch_size=config.batch_size)
+
+
+def taxonomy_settings(config: RunConfig, layers: list[int]) -> TaxonomySettings:
+    """The taxonomy stage's settings, sweeping ``layers`` (the config's, or the default ones)."""
+    return TaxonomySettings(layers=tuple(layers), n_latents=tuple(config.n_latents), method=config.taxonomy_method,
+                            k=config.sae_k, seed=config.seed, normalise=tuple(config.normalise), judge=config.judge,
+                            judge_settings=JudgeSettings(timeout=config.judge_timeout,
+                                                         max_tokens=config.judge_max_tokens))
 
 
 def optimisation_config(config: RunConfig) -> OptimisationConfig:
