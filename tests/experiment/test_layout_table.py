@@ -24,7 +24,12 @@ from mechsteer.experiment.pipeline import STAGE_BODIES
 from mechsteer.experiment.points import SHARED_STAGES as POINTS_SHARED
 from mechsteer.experiment.report import expected_stages
 from mechsteer.experiment.state import planned, resumed_folders, stages_reading
-from mechsteer.hybrid.comparisons import ComparisonRun, ComparisonSpec, control_names, register_comparison
+from mechsteer.hybrid.comparisons import (
+    ComparisonRun,
+    ComparisonSpec,
+    control_names,
+    register_comparison,
+)
 from tests.experiment.conftest import SHORT_RUN
 
 
