@@ -113,7 +113,7 @@ class RunConfig:
         help="cap on every judge answer's tokens (default: each prompt's own budget, 256 for titles)")
     direction_method: Literal["mean", "sae", "optimised"] = key("mean", read_by=("directions",), section="directions",
         help="each behaviour's steering vector: difference of means, the SAE decoder row, or trained (optimised)")
-    optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",), section="directions",
+    optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",), later=True, section="directions",
         help="settings of the optimised vectors (OptimisationConfig fields: lr, steps, init_norm ...); empty: the paper's")
     steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *HYBRID), section="directions",
         help="the base-model layer the directions are built at and steered (default: about 37.5% of the depth)")
@@ -273,9 +273,7 @@ class RunConfig:
 
     def digest(self) -> str:
         computed = {name: value for name, value in asdict(self).items() if name not in _UNDIGESTED}
-        if not computed["optimisation"]:
-            del computed["optimisation"]  # added later: configs without it keep their digests
-        for name, default in LATER_DEFAULTS.items():  # likewise for the keys added later
+        for name, default in LATER_DEFAULTS.items():  # keys added later: configs without them keep their digests
             if computed[name] == default:
                 del computed[name]
         return json_digest(computed)
