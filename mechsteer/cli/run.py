@@ -12,6 +12,7 @@ from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.keydocs import key_docs, key_listing
 from mechsteer.experiment.keys import override_flags
+from mechsteer.experiment.layout import RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import format_number, report_table
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
@@ -24,11 +25,12 @@ def run_cli(args: argparse.Namespace) -> int:
     config = with_overrides(config, args)
     check_output_folder(args.out)
     if args.clear_judge_cache:
-        removed = clear_judge_cache(Path(args.out) / "taxonomy")
-        print(json.dumps({"judge_cache_cleared": str(Path(args.out) / "taxonomy" / JUDGE_CACHE_DIR), "files": removed}))
+        taxonomy = RunPaths(Path(args.out)).taxonomy
+        removed = clear_judge_cache(taxonomy)
+        print(json.dumps({"judge_cache_cleared": str(taxonomy / JUDGE_CACHE_DIR), "files": removed}))
     report = run_pipeline(config, args.out)
     print(report_table(report))
-    print(json.dumps({"report": str(Path(args.out) / "report.json")}))
+    print(json.dumps({"report": str(RunPaths(Path(args.out)).report_json)}))
     return 0
 
 
@@ -69,7 +71,7 @@ def demo_cli(args: argparse.Namespace) -> int:
         print(f"\n{config.name} ({how}; taxonomy selected by {report['taxonomy'].get('selected_by')}, "
               f"ARI {format_number(report['taxonomy'].get('ari'))})")
         print(report_table(report))
-        print(f"report: {out / 'report.md'}")
+        print(f"report: {RunPaths(out).report_md}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import torch
 import yaml
 
+from mechsteer.activations import ActivationConfig
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
@@ -47,10 +48,13 @@ from mechsteer.experiment.keys import (
     later_defaults,
     undigested_keys,
 )
+from mechsteer.hybrid.comparisons import baseline_names, control_names
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.optimise import OptimisationConfig
+from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.judge.spec import check_judge_spec
+from mechsteer.taxonomy.stage import TaxonomySettings
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -139,11 +143,13 @@ class RunConfig:
         help="problems of tune_split each candidate setting is tried on")
     tune_thresholds: Annotated[list[float], NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True,
         section="tuning", help="thresholds the tuning stage compares, threshold policy only (default: threshold alone)")
-    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = key(
+    # Registered names (mechsteer.hybrid.comparisons.register_comparison).
+    controls: list[Annotated[str, Registered(control_names, "control", "registered controls")]] = key(
         factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True,
         section="evaluation", help="controls at the hybrid's steering: its bias alone at its timing or at its exact "
-                                   "tokens, random tokens at its rate, random vectors of its norms")
-    baselines: list[Literal["first_token_only", "oracle_timing"]] = key(factory=list, read_by=(), later=True,
+                                   "tokens, random tokens at its rate, random vectors of its norms; or a plug-in's")
+    baselines: list[Annotated[str, Registered(baseline_names, "baseline", "registered baselines")]] = key(
+        factory=list, read_by=(), later=True,
         downstream=True, section="evaluation",
         help="the hybrid steering at the first generated token only; steering where the ground-truth timing oracle says")
     ablations: bool = key(True, read_by=(), downstream=True, section="ablations",
@@ -152,7 +158,8 @@ class RunConfig:
         section="ablations", help="eval_split problems of the necessity pass and sufficiency contexts per behaviour")
     # numpy and torch seeds are unsigned 32-bit (a larger one fails only when a stage seeds with it)
     seed: Annotated[int, Range(min=0, max=2**32 - 1)] = key(
-        0, read_by=("taxonomy", "directions", "eval_random_firing", "eval_random_vectors", "ablations"), section="run",
+        0, read_by=(*TRAIN_TRACES, "taxonomy", "directions", *PLAIN_EVALS, "eval_random_firing", "eval_random_vectors",
+                    "ablations"), section="run",
         help="the seed of the taxonomy, optimised vectors, random controls, ablations and sampled generation")
     threads: Annotated[int, Range(min=1)] | None = key(None, read_by=(), section="placement",
         help="torch's CPU threads (default: torch's own choice)")
@@ -310,6 +317,20 @@ CONNECTION_KEYS = keys_of(RunConfig, "connection")
 # Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
 LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
 _UNDIGESTED = undigested_keys(RunConfig)
+
+
+def activation_config(config: RunConfig, layers: list[int]) -> ActivationConfig:
+    """The activations stage's settings at ``layers`` (the config's, or the default ones)."""
+    return ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
+                            batch_size=config.batch_size)
+
+
+def taxonomy_settings(config: RunConfig, layers: list[int]) -> TaxonomySettings:
+    """The taxonomy stage's settings, sweeping ``layers`` (the config's, or the default ones)."""
+    return TaxonomySettings(layers=tuple(layers), n_latents=tuple(config.n_latents), method=config.taxonomy_method,
+                            k=config.sae_k, seed=config.seed, normalise=tuple(config.normalise), judge=config.judge,
+                            judge_settings=JudgeSettings(timeout=config.judge_timeout,
+                                                         max_tokens=config.judge_max_tokens))
 
 
 def optimisation_config(config: RunConfig) -> OptimisationConfig:
