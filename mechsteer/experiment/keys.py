@@ -20,6 +20,9 @@ from mechsteer.experiment.layout import ALL_STAGES, stage_names, stage_spec
 # where the models run; connection: how a server is reached or waited for; tracking: logging.
 # Only computed keys are in the digest.
 KeyKind = Literal["computed", "placement", "connection", "tracking"]
+# Where a key is listed (``mechsteer run --help``, docs/config.md), in this order.
+KeySection = Literal["run", "models", "data", "generation", "activations", "taxonomy", "judge", "directions",
+                     "hybrid", "tuning", "evaluation", "ablations", "engine", "placement", "tracking"]
 
 # The stages keys name (mechsteer.experiment.layout's table), and their groups.
 TRAIN_TRACES = stage_names("train_traces")
@@ -46,12 +49,18 @@ class KeyInfo:
     in_sweeps: bool = True
     # The ``mechsteer run`` flag (argparse dest) that overrides it.
     flag: str | None = None
+    # Where it is listed, and what it means in one line (its unit, what its default stands for);
+    # ``mechsteer run --help`` and docs/config.md are generated from them (mechsteer.experiment.keydocs).
+    section: KeySection | None = None
+    help: str = ""
 
 
 def key(default: Any = MISSING, *, factory: Any = MISSING, kind: KeyKind = "computed",
         read_by: Sequence[str] | None = None, later: bool = False, downstream: bool = False,
-        in_sweeps: bool = True, flag: str | None = None) -> Any:
+        in_sweeps: bool = True, flag: str | None = None, section: KeySection, help: str) -> Any:
     """A RunConfig field with its :class:`KeyInfo`."""
+    if not help.strip() or "\n" in help:
+        raise ValueError(f"a key's help is one line saying what it means, not {help!r}")
     if read_by is not None:
         unknown = [stage for stage in read_by if stage not in STAGES]
         if unknown:
@@ -59,7 +68,7 @@ def key(default: Any = MISSING, *, factory: Any = MISSING, kind: KeyKind = "comp
     if kind != "computed" and read_by is None:
         read_by = ()  # not in the digest: a change of it never reaches the stages' results
     info = KeyInfo(kind=kind, read_by=None if read_by is None else tuple(read_by), later=later,
-                   downstream=downstream, in_sweeps=in_sweeps, flag=flag)
+                   downstream=downstream, in_sweeps=in_sweeps, flag=flag, section=section, help=help)
     return dataclasses.field(default=default, default_factory=factory, metadata={"key": info})
 
 
@@ -132,6 +141,7 @@ def override_flags(config_class: type) -> dict[str, str]:
     return {info.flag: name for name, info in key_infos(config_class).items() if info.flag is not None}
 
 
-__all__ = ["EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES", "downstream_keys", "key",
+__all__ = ["EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
+           "downstream_keys", "key",
            "key_infos", "keys_of", "later_defaults", "override_flags", "stage_keys", "stages_reading",
            "sweep_reserved_keys", "undigested_keys"]
