@@ -66,7 +66,6 @@ from mechsteer.hybrid.comparisons import ComparisonInputs, ComparisonRun, build_
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 from mechsteer.hybrid.timing import (
-    BatchBound,
     BehaviourClassifier,
     TimingOraclePolicy,
     TimingPolicy,
@@ -96,8 +95,7 @@ def evaluate_hybrid(
         batch = todo[start : start + hybrid_config.batch_size]
         base_prompts = [render_prompt(base_template, p.question, pair.base.tokenizer) for p in batch]
         thinking_prompts = [render_prompt(thinking_template, p.question, pair.thinking.tokenizer) for p in batch]
-        if isinstance(policy, BatchBound):
-            policy.bind([problem.id for problem in batch])
+        policy.bind([problem.id for problem in batch])
         # looked up on its module at each call, so that a test can replace it
         output = generator.hybrid_generate(pair.base, pair.thinking, base_prompts, thinking_prompts, directions, policy,
                                            hybrid_config)
