@@ -12,19 +12,22 @@ from mechsteer.cli.common import (
     add_placement_args,
     check_model_specs,
     check_output_folder,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
+    probability,
+    run_default,
 )
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model, spec_model_name
 from mechsteer.data.benchmarks import load_benchmark
 from mechsteer.data.prompts import get_template
+from mechsteer.data.stage import TraceSettings, run_traces
 from mechsteer.data.traces import (
     TRACES_FILE,
     UnclosedThinking,
     check_resumable,
-    generate_traces,
     read_traces,
 )
 from mechsteer.engines import ENGINE_KINDS, EngineInputs, engine_spec, load_tokenizer
@@ -58,11 +61,9 @@ def run_traces_cli(args: argparse.Namespace) -> int:
         http=with_settings(timeout=args.engine_timeout, max_concurrency=args.engine_concurrency,
                            max_retries=args.engine_max_retries),
         return_token_ids=args.engine_return_token_ids))
-    records = generate_traces(
-        model, problems, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, unclosed=args.unclosed,
-    )
+    settings = TraceSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, unclosed=args.unclosed)
+    records = run_traces(model, problems, Path(args.out), template=args.template, settings=settings)
     accuracy = sum(record.correct for record in records) / len(records)
     print(json.dumps({"n": len(records), "accuracy": accuracy, "out": str(Path(args.out) / TRACES_FILE)}))
     return 0
@@ -76,14 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=positive_int, default=None, help="the first N problems (default: all)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--template", default=None, help="prompt template name (default: by model)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
-    parser.add_argument("--top-p", type=float, default=None, help="with --sample: nucleus sampling")
-    parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default="no_answer",
+    # the defaults of a run's train traces (mechsteer run): the same inputs write the same traces
+    parser.add_argument("--max-new-tokens", type=positive_int, default=run_default("max_new_tokens"))
+    parser.add_argument("--batch-size", type=positive_int, default=run_default("batch_size"))
+    parser.add_argument("--temperature", type=non_negative_float, default=run_default("trace_temperature"),
+                        help="0 (default): greedy decoding; above 0: sampling at this temperature")
+    parser.add_argument("--top-p", type=probability, default=run_default("trace_top_p"),
+                        help="with a temperature above 0: nucleus sampling below 1 (default 1)")
+    parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default=run_default("unclosed_thinking"),
                         help="a thinking trace cut off before </think>: no answer, or extract one anyway")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=run_default("seed"), help="with sampling")
     parser.add_argument("--engine", default="bridge",
                         help=f"a registered engine ({', '.join(ENGINE_KINDS)} or a plug-in's): bridge: generate on "
                              "the loaded model (default); openai: through an OpenAI-compatible server's "
