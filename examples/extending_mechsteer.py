@@ -8,8 +8,8 @@ the first time a registry misses a name (``pyproject.toml``)::
     [project.entry-points."mechsteer.plugins"]
     countdown = "extending_mechsteer:register"
 
-Then ``benchmark: countdown``, ``policy: every_other_disagreement``, ``direction_method: median``
-and ``engine: length_sorted`` work in any run config.
+Then ``benchmark: countdown``, ``policy: every_other_disagreement``, ``direction_method: median``,
+``engine: length_sorted`` and ``controls: [late_bias]`` work in any run config.
 ``docs/extending.md`` walks through it; ``tests/experiment/test_extending.py`` runs it.
 """
 
@@ -34,10 +34,17 @@ from mechsteer.engines import (
 )
 from mechsteer.engines.base import CompletionGroup, prompt_token_ids
 from mechsteer.grading.answers import Grader, numbers_equal, register_grader
+from mechsteer.hybrid.comparisons import (
+    ComparisonInputs,
+    ComparisonRun,
+    ComparisonSpec,
+    register_comparison,
+)
 from mechsteer.hybrid.timing import (
     PolicyDecision,
     PolicyInput,
     PolicySpec,
+    ReplayPolicy,
     SAEArgmaxPolicy,
     register_timing_policy,
 )
@@ -148,6 +155,17 @@ def make_length_sorted_engine(inputs: EngineInputs) -> GenerationEngine:
     return LengthSortedBridgeEngine(inputs.require_model("length_sorted"))
 
 
+# A control of one's own: the bias alone, at each of the hybrid's steered positions moved LATE_BY tokens
+# later (right behaviour-free nudge, wrong time): does the hybrid's timing matter beyond its rate?
+LATE_BY = 3
+
+
+def late_bias(inputs: ComparisonInputs) -> ComparisonRun:
+    late = {problem: [position + LATE_BY for position in positions]
+            for problem, positions in inputs.steered_positions().items()}
+    return ComparisonRun(ReplayPolicy(late), inputs.directions, {"late_by": LATE_BY})
+
+
 def register() -> None:
     register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split), replace=True)
     register_grader(Grader(BENCHMARK, extract_end, numbers_equal), replace=True)
@@ -155,3 +173,4 @@ def register() -> None:
     register_direction_method(DirectionMethodSpec("median", build_median_directions, "difference-of-medians directions"),
                               replace=True)
     register_engine(EngineSpec("length_sorted", "bridge", make_length_sorted_engine), replace=True)
+    register_comparison(ComparisonSpec("late_bias", "control", late_bias, needs_bias=True), replace=True)

@@ -52,13 +52,22 @@ def test_the_example_runs_through_mechsteer_run(example, tmp_path):
         name="extending", base_model=str(base), thinking_model=str(thinking), benchmark="countdown", n_train=8,
         n_eval=4, max_new_tokens=32, batch_size=8, n_latents=[3], activation_layers=[1], tune_split="validation",
         n_tune=2, coefficients=[1.0], policy="every_other_disagreement", direction_method="median",
-        engine="length_sorted", ablation_contexts=2, device="cpu"))
+        engine="length_sorted", controls=["late_bias"], ablation_contexts=2, device="cpu"))
     out = tmp_path / "run"
     report = run_pipeline(config, out, log=lambda message: None)
     assert report["benchmark"] == "countdown" and report["tokens_steered_fraction"] > 0
     records = [json.loads(line) for line in (out / "eval" / "hybrid" / "results.jsonl").open()]
     steered = [position for record in records for position in record["steered_positions"]]
     assert steered and all(position % 2 == 0 for position in steered)  # the policy's own rule
+    # The plug-in control ran in a stage of its own: the bias alone, LATE_BY tokens after each hybrid steer
+    late = {record["problem_id"]: record for record in map(json.loads, (out / "eval" / "late_bias" / "results.jsonl").open())}
+    assert set(late) == {record["problem_id"] for record in records}
+    for record in records:
+        shifted = [position + example.LATE_BY for position in record["steered_positions"]]
+        assert late[record["problem_id"]]["steered_positions"] == [p for p in shifted
+                                                                    if p < late[record["problem_id"]]["n_tokens"]]
+        assert set(late[record["problem_id"]]["steered_behaviours"]) <= {-1}
+    assert report["controls"]["late_bias"]["tokens_steered_fraction"] is not None
     # The hybrid steered with the plug-in's directions: medians, not means.
     directions = DirectionSet.load(out / "directions")
     assert directions.method == "median" and "n_labelled" in directions.provenance and directions.bias is not None
