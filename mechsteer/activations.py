@@ -59,7 +59,7 @@ from mechsteer.core.store import (
 )
 from mechsteer.core.tensor_types import Float, Tensor, typechecked
 from mechsteer.core.vocab import adds_special_tokens
-from mechsteer.data.labels import UNLABELLED, TraceLabeller
+from mechsteer.data.labels import UNLABELLED, TraceLabeller, ground_truth_for
 from mechsteer.data.sentences import attach_token_spans, segment_sentences
 from mechsteer.data.traces import TraceRecord, traces_digest
 from mechsteer.interventions.hooks import mean_over_spans
@@ -230,6 +230,17 @@ def pool_batch(
         layer: mean_over_spans(cache[name].float(), span_tensor).cpu()
         for layer, name in zip(layers, names, strict=True)
     }
+
+
+def pool_activations(model: TransformerBridge, traces: Sequence[TraceRecord], out_dir: str | Path,
+                     config: ActivationConfig, *, progress: bool = True) -> Manifest:
+    """The activations stage (``mechsteer activations`` and a run's): :func:`extract_activations`,
+    each sentence labelled with its benchmark's ground truth where the benchmark has one (the organisms)."""
+    if not traces:
+        raise ArtefactError(f"no traces to pool into {out_dir}")
+    ground_truth = ground_truth_for(traces[0].benchmark)
+    return extract_activations(model, traces, out_dir, config, progress=progress,
+                               labeller=ground_truth.label_reasoning if ground_truth is not None else None)
 
 
 def extract_activations(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mechsteer.activations import ActivationConfig, extract_activations
+from mechsteer.activations import ActivationConfig, pool_activations
 from mechsteer.cli.common import (
     add_placement_args,
     check_model_specs,
@@ -13,10 +13,10 @@ from mechsteer.cli.common import (
     check_traces_folder,
     int_list,
     positive_int,
+    run_default,
 )
 from mechsteer.core.errors import ArtefactError
 from mechsteer.core.models import load_model
-from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.traces import load_traces
 
 
@@ -28,15 +28,9 @@ def run_activations_cli(args: argparse.Namespace) -> int:
     if not traces:
         raise ArtefactError(f"no traces in {args.traces}: its traces.jsonl has no complete record")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    # Traces of a benchmark with ground truth (the organisms) get its labels on every sentence.
-    ground_truth = ground_truth_for(traces[0].benchmark)
-    labeller = ground_truth.label_reasoning if ground_truth is not None else None
-    config = ActivationConfig(
-        layers=args.layers,
-        include_previous_token=not args.no_previous_token,
-        batch_size=args.batch_size,
-    )
-    manifest = extract_activations(model, traces, args.out, config, labeller=labeller)
+    config = ActivationConfig(layers=args.layers, include_previous_token=not args.no_previous_token,
+                              batch_size=args.batch_size)
+    manifest = pool_activations(model, traces, args.out, config)
     print(json.dumps({"n_sentences": manifest.n_sentences, "shards": len(manifest.shards),
                       "throughput": manifest.throughput, "out": str(args.out)}))
     return 0
@@ -48,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--traces", required=True, help="folder with traces.jsonl")
     parser.add_argument("--layers", required=True, type=int_list, help="comma-separated layers, e.g. 2,3")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=run_default("batch_size"))
     parser.add_argument("--no-previous-token", action="store_true",
                         help="pool only the sentence's own tokens (default includes the one before)")
     add_placement_args(parser)

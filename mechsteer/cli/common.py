@@ -8,21 +8,29 @@ typo costs nothing: ``--layers a,b``, ``--coeffs one,two`` or ``--n 0`` stop at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import DTypeChoice, missing_model_path, spec_model_name
 from mechsteer.data.prompts import get_template
 from mechsteer.data.traces import TRACES_FILE, load_traces
+from mechsteer.experiment.config import RunConfig
 from mechsteer.steering.labels import BehaviourLabels, ground_truth_labels, taxonomy_labels
 
 # ------------------------------------------------------------------------------------------
 # Argument types (argparse reports their ArgumentTypeError as "argument --x: <message>")
+
+
+def run_default(key: str) -> Any:
+    """A run config key's default: a per-stage command's flag defaults to what ``mechsteer run`` uses."""
+    field = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -43,32 +51,23 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argument type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            bounds = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text}")
+        return value
+    return parse
 
 
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1] (nucleus sampling's top_p: 0 keeps no token)."""
-    value = finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
-    return value
+positive_float = float_in(0, low_open=True)
+non_negative_float = float_in(0)
+probability = float_in(0, 1, low_open=True)
 
 
 def int_list(text: str) -> list[int]:
@@ -241,5 +240,5 @@ def parse_floats(text: str) -> list[float]:
 
 
 __all__ = ["add_pair_and_label_args", "check_model_specs", "check_output_folder", "check_pair_and_labels",
-           "check_traces_folder", "finite_float", "float_list", "int_at_least", "int_list", "labels_from_args", "model_pair",
+           "check_traces_folder", "float_in", "float_list", "int_at_least", "int_list", "labels_from_args", "model_pair",
            "non_negative_int", "parse_floats", "probability", "positive_int", "progress_line", "split_pair", "thinking_model_name"]

@@ -23,6 +23,7 @@ from mechsteer.core.validation import join_problems
 from mechsteer.experiment.config import optimisation_problems
 from mechsteer.steering.framing import load_framed_traces
 from mechsteer.steering.mean import POOLINGS, default_layer
+from mechsteer.steering.methods import direction_method_spec
 from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.steering.sae_map import MAPPINGS
 from mechsteer.steering.stage import DirectionSettings, build_directions
@@ -32,8 +33,10 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     check_pair_and_labels(args)
     if args.base_traces:
         check_traces_folder(args.base_traces, "--base-traces")
-    if args.method == "sae" and not args.taxonomy:
-        raise ConfigError("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
+    method = direction_method_spec(args.method)  # an unknown name is refused before any model loads
+    if method.needs_taxonomy and not args.taxonomy:
+        raise ConfigError(f"--method {args.method} needs --taxonomy (a taxonomy's labels, e.g. its SAE's decoder "
+                          "directions)")
     if args.threads:
         torch.set_num_threads(args.threads)
     base_spec, thinking_spec = split_pair(args.pair)
@@ -48,11 +51,10 @@ def run_directions_cli(args: argparse.Namespace) -> int:
     settings = DirectionSettings(method=args.method, layer=layer, pooling=args.pooling, mapping=args.mapping,
                                  optimisation=optimisation_from_args(args))
     thinking = None
-    if settings.needs_thinking:
-        if labels.taxonomy is None:
-            raise ConfigError("--method sae needs --taxonomy (its SAE supplies the decoder directions)")
+    if method.needs_thinking:
         thinking = load_model(thinking_spec, device=args.device, dtype=args.dtype)
-        labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
+        if labels.taxonomy is not None:  # made on this thinking model
+            labels.taxonomy.check_model(thinking, args.taxonomy, allow_other_model=args.allow_other_model)
     result = build_directions(base, thinking_traces, labels, settings, base_traces=base_traces, thinking=thinking,
                               provenance={"traces": str(args.traces),
                                           "base_traces": str(args.base_traces) if args.base_traces else None,
@@ -84,7 +86,8 @@ def optimisation_from_args(args: argparse.Namespace) -> OptimisationConfig:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("directions", help="behaviour steering directions in the base model")
     add_pair_and_label_args(parser)
-    parser.add_argument("--method", choices=("mean", "sae", "optimised"), default="mean")
+    parser.add_argument("--method", default="mean",
+                        help="a registered direction method: mean, sae, optimised, or a plug-in's")
     parser.add_argument("--layer", type=non_negative_int, default=None, help="default: about 37.5%% of the depth")
     parser.add_argument("--out", required=True)
     parser.add_argument("--base-traces", default=None,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mechsteer.experiment.report import REPORT_MD, rebuild_run_report
+from mechsteer.experiment.layout import REPORT_MD, STAGES_FILE
+from mechsteer.experiment.report import rebuild_run_report
 from mechsteer.experiment.sweep import rebuild_sweep_report
 
 
@@ -16,7 +17,7 @@ def report_cli(args: argparse.Namespace) -> int:
     if (folder / "sweep.json").is_file():
         missing = rebuild_sweep_report(folder)
         what = "points"
-    elif (folder / "stages.json").is_file():
+    elif (folder / STAGES_FILE).is_file():
         missing = rebuild_run_report(folder).missing
         what = "stages"
     else:

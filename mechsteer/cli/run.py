@@ -7,14 +7,13 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import get_args
 
 from mechsteer.cli.common import check_output_folder, positive_int
-from mechsteer.core.models import DTypeChoice
 from mechsteer.core.store import exclusive_folder
-from mechsteer.engines import ENGINE_KINDS
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
+from mechsteer.experiment.keydocs import key_docs, key_listing
 from mechsteer.experiment.keys import override_flags
+from mechsteer.experiment.layout import RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import format_number, report_table
 from mechsteer.experiment.state import RunState
@@ -31,16 +30,18 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.clear_judge_cache:
         with exclusive_folder(Path(args.out)):
             RunState(Path(args.out), config)  # a folder of another config is refused before the cache goes
-        removed = clear_judge_cache(Path(args.out) / "taxonomy")
-        print(json.dumps({"judge_cache_cleared": str(Path(args.out) / "taxonomy" / JUDGE_CACHE_DIR), "files": removed}))
+        taxonomy = RunPaths(Path(args.out)).taxonomy
+        removed = clear_judge_cache(taxonomy)
+        print(json.dumps({"judge_cache_cleared": str(taxonomy / JUDGE_CACHE_DIR), "files": removed}))
     report = run_pipeline(config, args.out)
     print(report_table(report))
-    print(json.dumps({"report": str(Path(args.out) / "report.json")}))
+    print(json.dumps({"report": str(RunPaths(Path(args.out)).report_json)}))
     return 0
 
 
 # `mechsteer run` flags (argparse dest) -> the config key each overrides (declared with the key).
 OVERRIDES = override_flags(RunConfig)
+KEY_DOCS = {doc.name: doc for doc in key_docs(RunConfig)}
 
 
 def with_overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -75,7 +76,7 @@ def demo_cli(args: argparse.Namespace) -> int:
         print(f"\n{config.name} ({how}; taxonomy selected by {report['taxonomy'].get('selected_by')}, "
               f"ARI {format_number(report['taxonomy'].get('ari'))})")
         print(report_table(report))
-        print(f"report: {out / 'report.md'}")
+        print(f"report: {RunPaths(out).report_md}")
     return 0
 
 
@@ -84,23 +85,17 @@ WANDB_HELP = ("track the run with wandb (sets wandb: true; WANDB_MODE=offline ke
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="run the whole pipeline for one pair and benchmark")
+    parser = subparsers.add_parser("run", help="run the whole pipeline for one pair and benchmark",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=f"config keys (experiments/NAME.yaml; docs/config.md):\n{key_listing(RunConfig)}")
     parser.add_argument("--config", required=True, help="experiments/<name>.yaml")
     parser.add_argument("--out", required=True)
     parser.add_argument("--wandb", action="store_true", help=WANDB_HELP)
-    parser.add_argument("--device", default=None, help="override the config's device (auto, cpu, cuda, cuda:1 ...)")
-    parser.add_argument("--dtype", default=None, choices=get_args(DTypeChoice), help="override the config's dtype")
-    parser.add_argument("--engine", choices=ENGINE_KINDS, default=None,
-                        help="override the config's engine: plain generation (train traces, the base and thinking "
-                             "evaluations) on the bridge or through an OpenAI-compatible server")
-    parser.add_argument("--engine-url", default=None,
-                        help="override engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
-    parser.add_argument("--engine-model", default=None,
-                        help="override engine_model_thinking, the server's name for the thinking model")
-    parser.add_argument("--engine-url-base", default=None,
-                        help="override engine_url_base, the base model's server (default: engine_url)")
-    parser.add_argument("--engine-model-base", default=None,
-                        help="override engine_model_base, the server's name for the base model")
+    for flag, name in OVERRIDES.items():
+        doc = KEY_DOCS[name]
+        # argparse %-formats an option's help
+        parser.add_argument(doc.flag, dest=flag, default=None, choices=doc.choices,
+                            help=f"override {name}: {doc.help}".replace("%", "%%"))
     parser.add_argument("--clear-judge-cache", action="store_true",
                         help=f"delete OUT/taxonomy/{JUDGE_CACHE_DIR} (the HTTP judge's saved answers) first; "
                              "it matters only when the taxonomy stage runs again")

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Literal
 
 from mechsteer.activations import Manifest
-from mechsteer.cli.common import check_output_folder, positive_float, positive_int
+from mechsteer.cli.common import (
+    check_output_folder,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_default,
+)
 from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import spec_model_name
 from mechsteer.core.provenance import mismatch, same_model
@@ -21,7 +27,7 @@ from mechsteer.taxonomy.judge.spec import (
     clear_judge_cache,
     judge_connection_problem,
 )
-from mechsteer.taxonomy.sweep import sweep_to_folder
+from mechsteer.taxonomy.stage import TaxonomySettings, build_taxonomy
 
 NormaliseChoice = Literal["yes", "no", "both"]
 NORMALISE_CHOICES: dict[NormaliseChoice, tuple[bool, ...]] = {"yes": (True,), "no": (False,), "both": (True, False)}
@@ -99,12 +105,10 @@ def run_taxonomy_cli(args: argparse.Namespace) -> int:
         n_per_behaviour=args.n_judged, concurrency=args.judge_concurrency,
         timeout=args.judge_timeout, max_tokens=args.judge_max_tokens,
     )
-    sae_options = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    rows, best = sweep_to_folder(
-        activations_dir, layers, grid, out, judge_spec=args.judge, method=args.method, k=args.k,
-        seed=args.seed, normalise=NORMALISE_CHOICES[args.normalise], judge_settings=settings,
-        sae_options=sae_options, progress=True,
-    )
+    rows, best = build_taxonomy(activations_dir, out, TaxonomySettings(
+        layers=tuple(layers), n_latents=tuple(grid), method=args.method, k=args.k, seed=args.seed,
+        normalise=NORMALISE_CHOICES[args.normalise], judge=args.judge, judge_settings=settings,
+        max_epochs=args.max_epochs))
     summary = {
         "out": str(out), "layer": best.provenance.layer, "n_latents": best.provenance.n_latents,
         "normalised": best.provenance.normalised,
@@ -124,14 +128,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--activations", required=True, help="an activation run folder")
     parser.add_argument("--layers", default=None, type=grid_argument,
                         help="layers to sweep, e.g. 2,3 or 1:4 (default: all in the run)")
-    parser.add_argument("--n-latents", default=parse_grid("5:50:5"), type=grid_argument,
-                        help="behaviour counts, start:stop[:step] with stop included, or a list (default 5:50:5)")
-    parser.add_argument("--k", type=positive_int, default=3, help="top-k of the SAE (default 3)")
+    # the defaults of a run's taxonomy stage (mechsteer run): the same activations give the same taxonomy
+    n_latents = run_default("n_latents")
+    parser.add_argument("--n-latents", default=n_latents, type=grid_argument,
+                        help="behaviour counts, start:stop[:step] with stop included (the paper's: 5:50:5), or a "
+                             f"list (default {','.join(map(str, n_latents))})")
+    parser.add_argument("--k", type=positive_int, default=run_default("sae_k"),
+                        help=f"top-k of the SAE (default {run_default('sae_k')})")
     parser.add_argument("--model", default=None,
                         help="the model the activations must come from (checked against their manifest)")
-    parser.add_argument("--method", choices=CLUSTERING_METHODS, default="sae")
-    parser.add_argument("--judge", default="none", help=JUDGE_CHOICES_HELP)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=CLUSTERING_METHODS, default=run_default("taxonomy_method"))
+    parser.add_argument("--judge", default=run_default("judge"), help=JUDGE_CHOICES_HELP)
+    parser.add_argument("--seed", type=non_negative_int, default=run_default("seed"))
     parser.add_argument("--normalise", choices=sorted(NORMALISE_CHOICES), default="yes",
                         help="L2-normalise the centred vectors: yes (default), no, or both (swept)")
     parser.add_argument("--max-epochs", type=positive_int, default=None, help="SAE epochs cap (default 300)")

@@ -12,23 +12,25 @@ from mechsteer.cli.common import (
     add_placement_args,
     check_model_specs,
     check_output_folder,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     probability,
+    run_default,
 )
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model, spec_model_name
 from mechsteer.data.benchmarks import load_benchmark
 from mechsteer.data.prompts import get_template
+from mechsteer.data.stage import TraceSettings, run_traces
 from mechsteer.data.traces import (
     TRACES_FILE,
     UnclosedThinking,
     check_resumable,
-    generate_traces,
     read_traces,
 )
-from mechsteer.engines import ENGINE_KINDS, load_tokenizer, make_engine
+from mechsteer.engines import ENGINE_KINDS, EngineInputs, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
 
 
@@ -45,23 +47,23 @@ def run_traces_cli(args: argparse.Namespace) -> int:
     existing = read_traces(Path(args.out) / TRACES_FILE)
     check_resumable(existing, Path(args.out) / TRACES_FILE, spec_model_name(args.model), problems[0].benchmark, None,
                     [problem.id for problem in problems])
-    if args.engine == "openai":
+    engine = engine_spec(args.engine)
+    if engine.runs_on == "server":
         if not args.engine_url:
-            raise ConfigError("--engine openai needs --engine-url, the server's address (e.g. http://127.0.0.1:8000/v1)")
-        # Only the tokenizer: the server holds the weights.
-        model = make_engine(
-            "openai", tokenizer=load_tokenizer(args.model), model_name=spec_model_name(args.model),
-            url=args.engine_url, server_model=args.engine_model or args.model,
-            settings=with_settings(timeout=args.engine_timeout, max_concurrency=args.engine_concurrency,
-                                   max_retries=args.engine_max_retries),
-            return_token_ids=args.engine_return_token_ids)
+            raise ConfigError(f"--engine {args.engine} asks a server and needs --engine-url, the server's address "
+                              "(e.g. http://127.0.0.1:8000/v1)")
+        bridge = None  # only the tokenizer: the server holds the weights
     else:
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
-    records = generate_traces(
-        model, problems, args.out, template=args.template, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, unclosed=args.unclosed,
-    )
+        bridge = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = engine.build(EngineInputs(
+        model=bridge, tokenizer=load_tokenizer(args.model) if bridge is None else bridge.tokenizer,
+        model_name=spec_model_name(args.model), url=args.engine_url, server_model=args.engine_model or args.model,
+        http=with_settings(timeout=args.engine_timeout, max_concurrency=args.engine_concurrency,
+                           max_retries=args.engine_max_retries),
+        return_token_ids=args.engine_return_token_ids))
+    settings = TraceSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, unclosed=args.unclosed)
+    records = run_traces(model, problems, Path(args.out), template=args.template, settings=settings)
     accuracy = sum(record.correct for record in records) / len(records)
     print(json.dumps({"n": len(records), "accuracy": accuracy, "out": str(Path(args.out) / TRACES_FILE)}))
     return 0
@@ -75,17 +77,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n", type=positive_int, default=None, help="the first N problems (default: all)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--template", default=None, help="prompt template name (default: by model)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=positive_float, default=1.0, help="with --sample")
-    parser.add_argument("--top-p", type=probability, default=None, help="with --sample: nucleus sampling, in (0, 1]")
-    parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default="no_answer",
+    # the defaults of a run's train traces (mechsteer run): the same inputs write the same traces
+    parser.add_argument("--max-new-tokens", type=positive_int, default=run_default("max_new_tokens"))
+    parser.add_argument("--batch-size", type=positive_int, default=run_default("batch_size"))
+    parser.add_argument("--temperature", type=non_negative_float, default=run_default("trace_temperature"),
+                        help="0 (default): greedy decoding; above 0: sampling at this temperature")
+    parser.add_argument("--top-p", type=probability, default=run_default("trace_top_p"),
+                        help="with a temperature above 0: nucleus sampling below 1 (default 1)")
+    parser.add_argument("--unclosed", choices=get_args(UnclosedThinking), default=run_default("unclosed_thinking"),
                         help="a thinking trace cut off before </think>: no answer, or extract one anyway")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engine", choices=ENGINE_KINDS, default="bridge",
-                        help="bridge: generate on the loaded model (default); openai: through an "
-                             "OpenAI-compatible server's /v1/completions (vLLM, SGLang, llama.cpp, transformers serve)")
+    parser.add_argument("--seed", type=non_negative_int, default=run_default("seed"), help="with sampling")
+    parser.add_argument("--engine", default="bridge",
+                        help=f"a registered engine ({', '.join(ENGINE_KINDS)} or a plug-in's): bridge: generate on "
+                             "the loaded model (default); openai: through an OpenAI-compatible server's "
+                             "/v1/completions (vLLM, SGLang, llama.cpp, transformers serve)")
     parser.add_argument("--engine-url", default=None, help="with --engine openai: e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--engine-model", default=None,
                         help="with --engine openai: the server's name for the model (default: --model)")

@@ -1,7 +1,8 @@
 """Generation engines: plain generation (traces, the base/thinking evaluations) on the hooked
-bridge (``bridge``, the default) or through any OpenAI-compatible server (``openai``: vLLM,
-SGLang, llama.cpp, ``transformers serve``). The stages that read or write activations always
-run on the bridge. See docs/engines.md."""
+bridge (``bridge``, the default), through any OpenAI-compatible server (``openai``: vLLM,
+SGLang, llama.cpp, ``transformers serve``), or by a plug-in's engine (the registry:
+:mod:`mechsteer.engines.registry`). The stages that read or write activations always run on the
+bridge. See docs/engines.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources.transformers import setup_tokenizer
 from transformers import AutoTokenizer
 
-from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import ModelNotAvailableError, resolve_spec
 from mechsteer.core.vocab import keep_own_bos, prepends_bos
@@ -27,6 +27,15 @@ from mechsteer.engines.base import (
 )
 from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.engines.openai import ENGINE_HTTP_SETTINGS, OpenAIEngine
+from mechsteer.engines.registry import (
+    EngineFactory,
+    EngineInputs,
+    EngineRunsOn,
+    EngineSpec,
+    engine_names,
+    engine_spec,
+    register_engine,
+)
 
 
 def load_tokenizer(spec: str) -> Any:
@@ -45,32 +54,18 @@ def load_tokenizer(spec: str) -> Any:
     return tokenizer
 
 
-def make_engine(kind: EngineKind, model: TransformerBridge | None = None, *, tokenizer: Any = None,
+def make_engine(kind: str, model: TransformerBridge | None = None, *, tokenizer: Any = None,
                 model_name: str | None = None, url: str | None = None, server_model: str | None = None,
                 settings: HTTPSettings | None = None, return_token_ids: bool = False) -> GenerationEngine:
-    """The engine ``kind`` names: ``bridge`` runs on ``model``; ``openai`` asks the server at
-    ``url`` for ``server_model`` and reads prompts with ``tokenizer`` (default: ``model``'s)."""
-    if kind == "bridge":
-        if model is None:
-            raise ConfigError("the bridge engine needs the loaded model")
-        return BridgeEngine(model)
-    if kind == "openai":
-        if not url:
-            raise ConfigError("the openai engine needs the server's URL (engine_url / --engine-url), "
-                              "e.g. http://127.0.0.1:8000/v1 for `vllm serve`")
-        if tokenizer is None:
-            if model is None:
-                raise ConfigError("the openai engine needs the model's tokenizer (or the loaded model)")
-            tokenizer = model.tokenizer
-        if model_name is None and model is not None:
-            model_name = str(model.cfg.model_name)
-        if not server_model:
-            raise ConfigError("the openai engine needs the server's model name (engine_model / --engine-model)")
-        return OpenAIEngine(url, server_model, tokenizer, model_name=model_name, settings=settings,
-                            return_token_ids=return_token_ids)
-    raise ConfigError(f"unknown engine {kind!r}; expected one of {list(ENGINE_KINDS)}")
+    """The registered engine ``kind`` (:mod:`mechsteer.engines.registry`): ``bridge`` runs on
+    ``model``; ``openai`` asks the server at ``url`` for ``server_model`` and reads prompts with
+    ``tokenizer`` (default: ``model``'s)."""
+    return engine_spec(kind).build(EngineInputs(model=model, tokenizer=tokenizer, model_name=model_name, url=url,
+                                                server_model=server_model, http=settings,
+                                                return_token_ids=return_token_ids))
 
 
-__all__ = ["ENGINE_HTTP_SETTINGS", "ENGINE_KINDS", "BridgeEngine", "Completion", "EngineError", "EngineKind",
-           "GenerationEngine", "GenerationRequest", "GenerationSettings", "OpenAIEngine", "generate_all",
-           "load_tokenizer", "make_engine"]
+__all__ = ["ENGINE_HTTP_SETTINGS", "ENGINE_KINDS", "BridgeEngine", "Completion", "EngineError", "EngineFactory",
+           "EngineInputs", "EngineKind", "EngineRunsOn", "EngineSpec", "GenerationEngine", "GenerationRequest",
+           "GenerationSettings", "OpenAIEngine", "engine_names", "engine_spec", "generate_all", "load_tokenizer",
+           "make_engine", "register_engine"]

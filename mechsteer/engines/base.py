@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from mechsteer.core.errors import MechsteerError
 from mechsteer.core.vocab import adds_special_tokens
 from mechsteer.interventions.generation import FinishReason
 
+# The built-in engines' names (a plug-in's engine takes any name: mechsteer.engines.registry).
 EngineKind = Literal["bridge", "openai"]
-ENGINE_KINDS: tuple[EngineKind, ...] = ("bridge", "openai")
+ENGINE_KINDS: tuple[EngineKind, ...] = get_args(EngineKind)
 # "generated": the ids the model produced; "retokenised": the returned text encoded again.
 TokenIdsSource = Literal["generated", "retokenised"]
 
@@ -75,7 +76,9 @@ CompletionGroup = list[tuple[int, Completion]]
 class GenerationEngine(Protocol):
     """Prompts in, completions out; see the module docstring."""
 
-    kind: EngineKind
+    @property
+    def kind(self) -> str: ...  # its registered name (read-only here, so that an engine may narrow it)
+
     model_name: str  # the model spec (what trace records name), not the server's model name
     tokenizer: Any  # the model's own tokenizer: templates, prompt ids, re-tokenisation
 

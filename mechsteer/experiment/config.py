@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import torch
 import yaml
 
+from mechsteer.activations import ActivationConfig
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
@@ -36,7 +37,7 @@ from mechsteer.data.prompts import (
     template_names,
 )
 from mechsteer.data.traces import UnclosedThinking
-from mechsteer.engines.base import EngineKind
+from mechsteer.engines.registry import engine_names, engine_spec
 from mechsteer.experiment.keys import (
     EVALS,
     HYBRID,
@@ -47,10 +48,14 @@ from mechsteer.experiment.keys import (
     later_defaults,
     undigested_keys,
 )
+from mechsteer.hybrid.comparisons import baseline_names, control_names
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
+from mechsteer.steering.methods import direction_method_names
 from mechsteer.steering.optimise import OptimisationConfig
+from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.judge.spec import check_judge_spec, judge_connection_problem
+from mechsteer.taxonomy.stage import TaxonomySettings
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -58,147 +63,189 @@ WandbMode = Literal["online", "offline", "disabled"]
 @dataclass
 class RunConfig:
     # Each annotation is checked before a run starts (mechsteer.core.validation): types, Literal
-    # choices, and Annotated ranges; a key added here is checked by its annotation alone.
-    name: Annotated[str, NonEmpty()] = key(read_by=(), in_sweeps=False)
+    # choices, and Annotated ranges; a key added here is checked by its annotation alone. Each key's
+    # help is its one line in `mechsteer run --help` and docs/config.md (mechsteer info --keys).
+    name: Annotated[str, NonEmpty()] = key(read_by=(), in_sweeps=False, section="run",
+        help="the run's name: the report's title, the wandb run's name and its default group")
     base_model: Annotated[str, NonEmpty()] = key(
-        read_by=("traces_base_train", "directions", *HYBRID, "eval_base", "ablations"))
+        read_by=("traces_base_train", "directions", *HYBRID, "eval_base", "ablations"), section="models",
+        help="the base model: a registered model spec, a hub name, a local model folder or a .gguf file")
     thinking_model: Annotated[str, NonEmpty()] = key(
         read_by=("traces_thinking_train", "activations", "taxonomy", "directions", *HYBRID, "eval_thinking",
-                 "ablations"))
-    benchmark: Annotated[str, NonEmpty()] = key()
-    # A registered template's name, or a format string with {question} ("User: {question}\nAssistant:").
-    # default: the benchmark's own template if registered, else "base_paper"
-    base_template: str | None = key(None, read_by=("traces_base_train", *HYBRID, "eval_base"))
-    # default: the benchmark's own template if registered, else "thinking_chat"
-    thinking_template: str | None = key(None, read_by=("traces_thinking_train", *HYBRID, "eval_thinking", "ablations"))
-    train_split: str = key("train", read_by=(*TRAIN_TRACES, "directions", "ablations"))
-    # thinking traces used for the taxonomy and the directions
-    n_train: Annotated[int, Range(min=1)] = key(200, read_by=(*TRAIN_TRACES, "directions", "ablations"))
-    eval_split: str = key("test", read_by=(*EVALS, "ablations"))
-    n_eval: Annotated[int, Range(min=1)] = key(200, read_by=EVALS)
-    max_new_tokens: Annotated[int, Range(min=1)] = key(256, read_by=(*TRAIN_TRACES, *HYBRID, *PLAIN_EVALS, "ablations"))
+                 "ablations"), section="models",
+        help="the thinking model (as base_model): its traces build the taxonomy, its state times the hybrid")
+    benchmark: Annotated[str, NonEmpty()] = key(section="data",
+        help="the registered benchmark every evaluation runs on (and the train problems' unless train_benchmark)")
+    base_template: str | None = key(None, read_by=("traces_base_train", *HYBRID, "eval_base"), section="models",
+        help="the base model's prompt: a registered template or a format string with {question} "
+             "(default: the benchmark's own template, else base_paper)")
+    thinking_template: str | None = key(None, read_by=("traces_thinking_train", *HYBRID, "eval_thinking", "ablations"),
+        section="models", help="the thinking model's prompt, as base_template (default: the benchmark's own "
+                               "template, else thinking_chat)")
+    train_split: str = key("train", read_by=(*TRAIN_TRACES, "directions", "ablations"), section="data",
+        help="the split of the train problems, whose traces build the taxonomy and the directions")
+    n_train: Annotated[int, Range(min=1)] = key(200, read_by=(*TRAIN_TRACES, "directions", "ablations"), section="data",
+        help="train problems (traces of each model) for the taxonomy and the directions")
+    eval_split: str = key("test", read_by=(*EVALS, "ablations"), section="data",
+        help="the split every reported evaluation runs on (not the train split)")
+    n_eval: Annotated[int, Range(min=1)] = key(200, read_by=EVALS, section="data",
+        help="problems of eval_split in each evaluation")
+    max_new_tokens: Annotated[int, Range(min=1)] = key(256, read_by=(*TRAIN_TRACES, *HYBRID, *PLAIN_EVALS, "ablations"),
+        section="generation", help="generated tokens per problem, in every stage that sets no length of its own")
     batch_size: Annotated[int, Range(min=1)] = key(16,
-        read_by=(*TRAIN_TRACES, "activations", *HYBRID, *PLAIN_EVALS, "ablations"))
-    # thinking-model layers to pool (default: depth/8 grid)
+        read_by=(*TRAIN_TRACES, "activations", *HYBRID, *PLAIN_EVALS, "ablations"), section="generation",
+        help="problems (or traces) per batch of generation, activations and ablations; the hybrid's default too")
     activation_layers: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] | None = key(None,
-        read_by=("activations", "taxonomy"))
-    include_previous_token: bool = key(True, read_by=("activations",))
-    taxonomy_method: Literal["sae", "kmeans", "gmm"] = key("sae", read_by=("taxonomy",))
-    # L2-normalise sentence vectors (sweepable)
-    normalise: Annotated[list[bool], NonEmpty()] = key(factory=lambda: [True], read_by=("taxonomy",))
+        read_by=("activations", "taxonomy"), section="activations",
+        help="thinking-model layers whose sentence activations are pooled (default: about every depth/8)")
+    include_previous_token: bool = key(True, read_by=("activations",), section="activations",
+        help="pool the token before each sentence too (the paper's; the position a timing policy reads)")
+    taxonomy_method: Literal["sae", "kmeans", "gmm"] = key("sae", read_by=("taxonomy",), section="taxonomy",
+        help="how sentence activations are grouped into behaviours; a run needs sae (its timing policy reads the SAE)")
+    normalise: Annotated[list[bool], NonEmpty()] = key(factory=lambda: [True], read_by=("taxonomy",), section="taxonomy",
+        help="L2-normalise the sentence vectors or not; the taxonomy sweep tries each and selects the best")
     n_latents: Annotated[list[Annotated[int, Range(min=2)]], NonEmpty()] = key(factory=lambda: [5, 10, 15],
-        read_by=("taxonomy",))
-    sae_k: Annotated[int, Range(min=1)] = key(3, read_by=("taxonomy",))
-    judge: str = key("none", read_by=("taxonomy",))  # none | oracle | http | http:MODEL | local:SPEC
-    # An HTTP judge's seconds per attempt (a retry after a timeout waits twice as long; not part of the
-    # digest) and cap on every judge answer's tokens (None: each prompt's own budget, 256 for titles);
-    # as `mechsteer taxonomy --judge-timeout/--judge-max-tokens`.
-    judge_timeout: Annotated[float, Range(min=1)] = key(HTTPSettings.timeout, kind="connection")
-    judge_max_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=("taxonomy",), later=True)
-    direction_method: Literal["mean", "sae", "optimised"] = key("mean", read_by=("directions",))
-    # Settings of the optimised vectors (OptimisationConfig fields, e.g. lr, steps, init_norm);
-    # empty: the paper's defaults.
-    optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",))
-    # base-model layer (default: ~37.5% of the depth)
-    steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *HYBRID))
+        read_by=("taxonomy",), section="taxonomy",
+        help="taxonomy sizes (SAE latents) the sweep tries at each layer; the best is selected")
+    sae_k: Annotated[int, Range(min=1)] = key(3, read_by=("taxonomy",), section="taxonomy",
+        help="latents active per sentence in the top-k SAE (at most the smallest n_latents)")
+    judge: str = key("none", read_by=("taxonomy",), section="judge",
+        help="names and selects the taxonomy's behaviours: none (cosine silhouette), oracle, http, http:MODEL, local:SPEC")
+    # As `mechsteer taxonomy --judge-timeout/--judge-max-tokens`.
+    judge_timeout: Annotated[float, Range(min=1)] = key(HTTPSettings.timeout, kind="connection", section="judge",
+        help="an HTTP judge's seconds per attempt (a retry after a timeout waits twice as long)")
+    judge_max_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=("taxonomy",), later=True, section="judge",
+        help="cap on every judge answer's tokens (default: each prompt's own budget, 256 for titles)")
+    # A registered direction method (mechsteer.steering.methods.register_direction_method).
+    direction_method: Annotated[str, Registered(direction_method_names, "direction_method",
+                                                "registered direction methods")] = key(
+        "mean", read_by=("directions",), section="directions",
+        help="each behaviour's steering vector: difference of means, the SAE decoder row, trained (optimised), "
+             "or a plug-in's")
+    optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",), later=True, section="directions",
+        help="settings of the optimised vectors (OptimisationConfig fields: lr, steps, init_norm ...); empty: the paper's")
+    steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *HYBRID), section="directions",
+        help="the base-model layer the directions are built at and steered (default: about 37.5% of the depth)")
     coefficients: Annotated[list[float], NonEmpty()] = key(factory=lambda: [1.0], read_by=(*HYBRID, "ablations"),
-        downstream=True)
-    # steer the last w positions; 0: all of them (the paper's "all tokens")
+        downstream=True, section="hybrid",
+        help="steering coefficients of the hybrid (a grid, or the tuning stage's candidates) and of sufficiency")
     windows: Annotated[list[Annotated[int, Range(min=0)]], NonEmpty()] = key(factory=lambda: [1], read_by=HYBRID,
-        downstream=True)
-    # A registered timing policy (mechsteer.hybrid.timing.register_timing_policy): sae_argmax, threshold, a plug-in's.
+        downstream=True, section="hybrid",
+        help="steer the last w positions; 0: all of them (the paper's \"all tokens\"); several: candidates")
+    # A registered timing policy (mechsteer.hybrid.timing.register_timing_policy).
     policy: Annotated[str, Registered(timing_policy_names, "policy", "registered timing policies")] = key(
-        "sae_argmax", read_by=HYBRID, downstream=True)
-    # The activation the policy classifies: the thinking model's last token (the paper's), or its own
-    # greedy next token (mechsteer.hybrid.timing.PolicyRead).
-    policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True)
-    threshold: float = key(0.0, read_by=HYBRID, downstream=True)
-    # A tuning stage (mechsteer.experiment.tuning): the hybrid tries each (coefficient, window) (and
-    # each of tune_thresholds) on n_tune problems of tune_split, a split of the benchmark other than
-    # the train and eval splits, and the evaluations use the most accurate. None: no tuning stage,
-    # the hybrid uses coefficients x windows (and threshold) as set.
-    tune_split: Annotated[str, NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True)
-    n_tune: Annotated[int, Range(min=1)] = key(100, read_by=HYBRID, later=True, downstream=True)
-    # policy threshold only
-    tune_thresholds: Annotated[list[float], NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True)
-    # Controls at the hybrid's own steering: only_bias (its timing, the bias alone), only_bias_replayed
-    # (the bias alone at its exact steered tokens), random_firing (random tokens at its rate),
-    # random_vectors (random vectors of the norms it adds); baselines: first_token_only (the hybrid
-    # steering at the first generated token only), oracle_timing (steered where the benchmark's
-    # ground-truth timing oracle says: the organisms only).
-    controls: list[Literal["only_bias", "only_bias_replayed", "random_firing", "random_vectors"]] = key(
-        factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True)
-    baselines: list[Literal["first_token_only", "oracle_timing"]] = key(factory=list, read_by=(), later=True,
-        downstream=True)
-    ablations: bool = key(True, read_by=(), downstream=True)
-    ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True)
+        "sae_argmax", read_by=HYBRID, downstream=True, section="hybrid",
+        help="the timing policy that says when to steer and which behaviour: sae_argmax, threshold, a plug-in's")
+    policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True, section="hybrid",
+        help="the activation the policy classifies: the thinking model's last token (the paper's) or its greedy next one")
+    threshold: float = key(0.0, read_by=HYBRID, downstream=True, section="hybrid",
+        help="the threshold policy's bar on the top latent's pre-activation")
+    # The tuning stage: mechsteer.experiment.tuning, docs/evaluation.md.
+    tune_split: Annotated[str, NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True,
+        section="tuning", help="a third split on which a tuning stage picks the most accurate (coefficient, window, "
+                               "threshold); none: the hybrid uses them as set")
+    n_tune: Annotated[int, Range(min=1)] = key(100, read_by=HYBRID, later=True, downstream=True, section="tuning",
+        help="problems of tune_split each candidate setting is tried on")
+    tune_thresholds: Annotated[list[float], NonEmpty()] | None = key(None, read_by=HYBRID, later=True, downstream=True,
+        section="tuning", help="thresholds the tuning stage compares, threshold policy only (default: threshold alone)")
+    # Registered names (mechsteer.hybrid.comparisons.register_comparison).
+    controls: list[Annotated[str, Registered(control_names, "control", "registered controls")]] = key(
+        factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True,
+        section="evaluation", help="controls at the hybrid's steering: its bias alone at its timing or at its exact "
+                                   "tokens, random tokens at its rate, random vectors of its norms; or a plug-in's")
+    baselines: list[Annotated[str, Registered(baseline_names, "baseline", "registered baselines")]] = key(
+        factory=list, read_by=(), later=True,
+        downstream=True, section="evaluation",
+        help="the hybrid steering at the first generated token only; steering where the ground-truth timing oracle says")
+    ablations: bool = key(True, read_by=(), downstream=True, section="ablations",
+        help="run the ablation stage: necessity and sufficiency of each behaviour direction")
+    ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True,
+        section="ablations", help="eval_split problems of the necessity pass and sufficiency contexts per behaviour")
     # numpy and torch seeds are unsigned 32-bit (a larger one fails only when a stage seeds with it)
     seed: Annotated[int, Range(min=0, max=2**32 - 1)] = key(
-        0, read_by=("taxonomy", "directions", "eval_random_firing", "eval_random_vectors", "ablations"))
-    threads: Annotated[int, Range(min=1)] | None = key(None, read_by=())
+        0, read_by=(*TRAIN_TRACES, "taxonomy", "directions", *PLAIN_EVALS, "eval_random_firing", "eval_random_vectors",
+                    "ablations"), section="run",
+        help="the seed of the taxonomy, optimised vectors, random controls, ablations and sampled generation")
+    threads: Annotated[int, Range(min=1)] | None = key(None, read_by=(), section="placement",
+        help="torch's CPU threads (default: torch's own choice)")
     # Placement (mechsteer.core.models.load_model). Not part of the digest: where a run computes
-    # does not change what it computes (up to the dtype, which is). "auto": CUDA when present.
-    # "auto", "cpu", "cuda", "cuda:1", ...
-    device: Annotated[str, NonEmpty()] = key("auto", kind="placement", flag="device")
-    dtype: DTypeChoice = key("auto", later=True, flag="dtype")  # "auto": bfloat16 on CUDA, float32 on the CPU
-    base_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement")  # default: device
-    thinking_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement")  # default: device
-    # accelerate's device map for each model ("auto", "balanced", or module -> GPU), one model over
-    # several GPUs; replaces the devices above. Stages load only the models they need.
-    device_map: str | dict[str, int | str] | None = key(None, kind="placement")
+    # does not change what it computes (up to the dtype, which is).
+    device: Annotated[str, NonEmpty()] = key("auto", kind="placement", flag="device", section="placement",
+        help="where the models run: auto (CUDA when present, else cpu), cpu, cuda, cuda:1 ...")
+    dtype: DTypeChoice = key("auto", later=True, flag="dtype", section="placement",
+        help="the models' precision; auto: bfloat16 on CUDA, float32 on the CPU")
+    base_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement", section="placement",
+        help="the base model's device (default: device)")
+    thinking_device: Annotated[str, NonEmpty()] | None = key(None, kind="placement", section="placement",
+        help="the thinking model's device (default: device)")
+    # Stages load only the models they need.
+    device_map: str | dict[str, int | str] | None = key(None, kind="placement", section="placement",
+        help="accelerate's device map for each model (auto, balanced, or module -> GPU); replaces the devices")
     # Keys added with the GPU placement work; at their defaults they leave the digest as it was.
-    # The train problems' benchmark (default: `benchmark`), e.g. MATH train for MATH-500 runs, so
-    # the taxonomy and the directions come from problems the evaluation does not use.
-    train_benchmark: Annotated[str, NonEmpty()] | None = key(None, later=True)
-    # Lengths per stage (default: max_new_tokens): traces of the train problems, the plain
-    # evaluations of both models, and the hybrid.
-    trace_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=TRAIN_TRACES, later=True)
-    eval_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=PLAIN_EVALS, later=True)
-    hybrid_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True)
-    # default: batch_size
-    hybrid_batch_size: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True)
-    # Forked (row, candidate) sequences the hybrid evaluates per forward: bounds a steered step's memory.
-    max_candidates_per_chunk: Annotated[int, Range(min=1)] = key(32, read_by=HYBRID, later=True, downstream=True)
-    # Sampling of the train traces and of the plain evaluations (temperature 0: greedy, the
-    # default); seeded by `seed`. The hybrid stays greedy.
-    trace_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=TRAIN_TRACES, later=True)
-    trace_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=TRAIN_TRACES, later=True)
-    eval_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=PLAIN_EVALS, later=True)
-    eval_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=PLAIN_EVALS, later=True)
-    # Stop strings of base-model runs (traces, evaluation, hybrid); default: the base template's own.
-    base_stop_strings: list[str] | None = key(None, read_by=("traces_base_train", "eval_base", *HYBRID), later=True)
-    # A thinking trace cut off before its closing tag: no answer (the default), or the answer
-    # extracted from the unfinished text.
-    unclosed_thinking: UnclosedThinking = key("no_answer", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True)
-    # Plain generation (train traces, the base and thinking evaluations) on the bridge, or through an
-    # OpenAI-compatible server such as `vllm serve` (mechsteer.engines, docs/engines.md); the stages
-    # that read or write activations always run on the bridge.
-    engine: EngineKind = key("bridge", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, flag="engine")
-    # the server's name for it (default: base_model)
+    # A train benchmark of its own keeps the taxonomy and the directions off the evaluated problems.
+    train_benchmark: Annotated[str, NonEmpty()] | None = key(None, later=True, section="data",
+        help="the train problems' benchmark (default: benchmark), e.g. MATH train for MATH-500 runs")
+    trace_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=TRAIN_TRACES, later=True,
+        section="generation", help="generated tokens per train trace (default: max_new_tokens)")
+    eval_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=PLAIN_EVALS, later=True,
+        section="generation", help="generated tokens per problem of the plain base and thinking evaluations "
+                                   "(default: max_new_tokens)")
+    hybrid_max_new_tokens: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True,
+        section="hybrid", help="generated tokens per problem of the hybrid, its controls and baselines "
+                               "(default: max_new_tokens)")
+    hybrid_batch_size: Annotated[int, Range(min=1)] | None = key(None, read_by=HYBRID, later=True, downstream=True,
+        section="hybrid", help="problems per hybrid batch (default: batch_size)")
+    max_candidates_per_chunk: Annotated[int, Range(min=1)] = key(32, read_by=HYBRID, later=True, downstream=True,
+        section="hybrid", help="forked (row, candidate) sequences per hybrid forward; bounds a steered step's memory")
+    # Sampling of the train traces and of the plain evaluations, seeded by `seed`; the hybrid stays greedy.
+    trace_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=TRAIN_TRACES, later=True,
+        section="generation", help="sampling temperature of the train traces; 0: greedy")
+    trace_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=TRAIN_TRACES, later=True,
+        section="generation", help="nucleus sampling's probability mass for the train traces; 1: no cut")
+    eval_temperature: Annotated[float, Range(min=0)] = key(0.0, read_by=PLAIN_EVALS, later=True,
+        section="generation", help="sampling temperature of the plain base and thinking evaluations; 0: greedy")
+    eval_top_p: Annotated[float, Range(min=0, max=1)] = key(1.0, read_by=PLAIN_EVALS, later=True,
+        section="generation", help="nucleus sampling's probability mass for the plain evaluations; 1: no cut")
+    base_stop_strings: list[str] | None = key(None, read_by=("traces_base_train", "eval_base", *HYBRID), later=True,
+        section="models", help="stop strings of base-model generation: traces, evaluation, hybrid "
+                               "(default: the base template's own)")
+    unclosed_thinking: UnclosedThinking = key("no_answer", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True,
+        section="generation", help="a thinking trace cut off before its closing tag: no answer, or the answer "
+                                   "extracted from the unfinished text")
+    # The stages that read or write activations always run on the bridge (mechsteer.engines, docs/engines.md).
+    # A registered engine (mechsteer.engines.registry.register_engine).
+    engine: Annotated[str, Registered(engine_names, "engine", "registered engines")] = key(
+        "bridge", read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, flag="engine", section="engine",
+        help="plain generation (train traces, base and thinking evaluations) on the bridge, through an "
+             "OpenAI-compatible server (openai: vllm serve ...), or a plug-in's engine")
     engine_model_base: Annotated[str, NonEmpty()] | None = key(None, read_by=("traces_base_train", "eval_base"),
-        later=True, flag="engine_model_base")
-    # likewise (default: thinking_model)
+        later=True, flag="engine_model_base", section="engine",
+        help="the server's name for the base model (default: base_model)")
     engine_model_thinking: Annotated[str, NonEmpty()] | None = key(None,
-        read_by=("traces_thinking_train", "eval_thinking"), later=True, flag="engine_model")
-    # Record the server's generated token ids (vLLM's return_token_ids extension) instead of re-tokenising.
-    engine_return_token_ids: bool = key(False, read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True)
+        read_by=("traces_thinking_train", "eval_thinking"), later=True, flag="engine_model", section="engine",
+        help="the server's name for the thinking model (default: thinking_model)")
+    engine_return_token_ids: bool = key(False, read_by=(*TRAIN_TRACES, *PLAIN_EVALS), later=True, section="engine",
+        help="record the server's generated token ids (vLLM's return_token_ids) instead of re-tokenising")
     # How the server is reached; not part of the digest (a server on another port resumes the run).
-    # e.g. http://127.0.0.1:8000/v1
-    engine_url: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url")
-    # the base model's server (default: engine_url)
-    engine_url_base: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url_base")
-    # seconds per attempt; a retry waits twice as long
-    engine_timeout: Annotated[float, Range(min=1)] = key(600.0, kind="connection")
-    # requests in flight, abandoned ones included
-    engine_max_concurrency: Annotated[int, Range(min=1)] = key(8, kind="connection")
-    engine_max_retries: Annotated[int, Range(min=0)] = key(3, kind="connection")
+    engine_url: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url", section="engine",
+        help="the server's address, e.g. http://127.0.0.1:8000/v1 (needed for engine openai)")
+    engine_url_base: Annotated[str, NonEmpty()] | None = key(None, kind="connection", flag="engine_url_base",
+        section="engine", help="the base model's server (default: engine_url)")
+    engine_timeout: Annotated[float, Range(min=1)] = key(600.0, kind="connection", section="engine",
+        help="seconds per server request attempt; a retry after a timeout waits twice as long")
+    engine_max_concurrency: Annotated[int, Range(min=1)] = key(8, kind="connection", section="engine",
+        help="server requests in flight, abandoned ones included")
+    engine_max_retries: Annotated[int, Range(min=0)] = key(3, kind="connection", section="engine",
+        help="retries of a server request on 429 (408, 409), 5xx, timeouts and connection errors")
     # Tracking (mechsteer.experiment.tracking), off by default. Not part of the digest: logging does not
     # change what a run computes, so a tracked rerun resumes an untracked run folder.
-    wandb: bool = key(False, kind="tracking")
-    wandb_project: str = key("mechsteer", kind="tracking")
-    # default: the config's name (runs are grouped by experiment)
-    wandb_group: str | None = key(None, kind="tracking", in_sweeps=False)
-    wandb_mode: WandbMode | None = key(None, kind="tracking")  # default: WANDB_MODE, else online
+    wandb: bool = key(False, kind="tracking", section="tracking",
+        help="track the run with wandb (its files go under the run folder's wandb/)")
+    wandb_project: str = key("mechsteer", kind="tracking", section="tracking", help="the wandb project")
+    wandb_group: str | None = key(None, kind="tracking", in_sweeps=False, section="tracking",
+        help="the wandb group (default: the config's name: runs are grouped by experiment)")
+    wandb_mode: WandbMode | None = key(None, kind="tracking", section="tracking",
+        help="wandb's mode (default: the WANDB_MODE variable, else online)")
 
     @classmethod
     def from_dict(cls, data: Any, *, check_values: bool = True, source: str | None = None) -> RunConfig:
@@ -245,9 +292,7 @@ class RunConfig:
 
     def digest(self) -> str:
         computed = {name: value for name, value in asdict(self).items() if name not in _UNDIGESTED}
-        if not computed["optimisation"]:
-            del computed["optimisation"]  # added later: configs without it keep their digests
-        for name, default in LATER_DEFAULTS.items():  # likewise for the keys added later
+        for name, default in LATER_DEFAULTS.items():  # keys added later: configs without them keep their digests
             if computed[name] == default:
                 del computed[name]
         return json_digest(computed)
@@ -284,6 +329,20 @@ CONNECTION_KEYS = keys_of(RunConfig, "connection")
 # Keys added after run folders existed, with their defaults: at the default a key leaves the digest out.
 LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
 _UNDIGESTED = undigested_keys(RunConfig)
+
+
+def activation_config(config: RunConfig, layers: list[int]) -> ActivationConfig:
+    """The activations stage's settings at ``layers`` (the config's, or the default ones)."""
+    return ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
+                            batch_size=config.batch_size)
+
+
+def taxonomy_settings(config: RunConfig, layers: list[int]) -> TaxonomySettings:
+    """The taxonomy stage's settings, sweeping ``layers`` (the config's, or the default ones)."""
+    return TaxonomySettings(layers=tuple(layers), n_latents=tuple(config.n_latents), method=config.taxonomy_method,
+                            k=config.sae_k, seed=config.seed, normalise=tuple(config.normalise), judge=config.judge,
+                            judge_settings=JudgeSettings(timeout=config.judge_timeout,
+                                                         max_tokens=config.judge_max_tokens))
 
 
 def optimisation_config(config: RunConfig) -> OptimisationConfig:
@@ -364,8 +423,9 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):
             refuse(option, f"{option} {value!r} is not a device; expected auto, cpu, cuda, cuda:<index>, mps ...")
-    if config.engine == "openai" and config.engine_url is None:
-        refuse("engine_url", "engine 'openai' needs engine_url, the server's address (e.g. http://127.0.0.1:8000/v1)")
+    if engine_spec(config.engine).runs_on == "server" and config.engine_url is None:
+        refuse("engine_url", f"engine {config.engine!r} asks a server and needs engine_url, the server's address "
+                             "(e.g. http://127.0.0.1:8000/v1)")
     if config.taxonomy_method != "sae":
         # The hybrid's timing policies (and the sae direction method) classify with the taxonomy's SAE.
         refuse("taxonomy_method", f"taxonomy_method {config.taxonomy_method!r} has no SAE, but a run's timing "

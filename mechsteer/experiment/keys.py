@@ -14,21 +14,25 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass
 from typing import Any, Literal
 
+from mechsteer.experiment.layout import ALL_STAGES, stage_names, stage_spec
+
 # What a key is. computed: part of the digest (what a run computes depends on it); placement:
 # where the models run; connection: how a server is reached or waited for; tracking: logging.
 # Only computed keys are in the digest.
 KeyKind = Literal["computed", "placement", "connection", "tracking"]
+# Where a key is listed (``mechsteer run --help``, docs/config.md), in this order.
+KeySection = Literal["run", "models", "data", "generation", "activations", "taxonomy", "judge", "directions",
+                     "hybrid", "tuning", "evaluation", "ablations", "engine", "placement", "tracking"]
 
-# The stages of a run, in order (mechsteer.experiment.pipeline), and their groups as keys name them.
-TRAIN_TRACES = ("traces_thinking_train", "traces_base_train")
-PLAIN_EVALS = ("eval_base", "eval_thinking")
+# The stages keys name (mechsteer.experiment.layout's table), and their groups.
+TRAIN_TRACES = stage_names("train_traces")
+PLAIN_EVALS = stage_names("plain_eval")
+HYBRID_EVALS = stage_names("hybrid_eval")
 # The tuning stage and every hybrid evaluation: they all steer with the same settings.
-HYBRID = ("tuning", "eval_hybrid", "eval_only_bias", "eval_only_bias_replayed", "eval_random_firing",
-          "eval_random_vectors", "eval_first_token_only", "eval_oracle_timing")
+HYBRID = ("tuning", *HYBRID_EVALS)
 # Every evaluation of the eval split: the two plain ones and the hybrid's (not the tuning stage's).
-EVALS = (*PLAIN_EVALS, *HYBRID[1:])
-STAGES = ("traces_thinking_train", "activations", "traces_base_train", "taxonomy", "directions", *HYBRID[:1],
-          *PLAIN_EVALS, *HYBRID[1:], "ablations")
+EVALS = (*PLAIN_EVALS, *HYBRID_EVALS)
+STAGES = tuple(spec.name for spec in ALL_STAGES)
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,18 @@ class KeyInfo:
     in_sweeps: bool = True
     # The ``mechsteer run`` flag (argparse dest) that overrides it.
     flag: str | None = None
+    # Where it is listed, and what it means in one line (its unit, what its default stands for);
+    # ``mechsteer run --help`` and docs/config.md are generated from them (mechsteer.experiment.keydocs).
+    section: KeySection | None = None
+    help: str = ""
 
 
 def key(default: Any = MISSING, *, factory: Any = MISSING, kind: KeyKind = "computed",
         read_by: Sequence[str] | None = None, later: bool = False, downstream: bool = False,
-        in_sweeps: bool = True, flag: str | None = None) -> Any:
+        in_sweeps: bool = True, flag: str | None = None, section: KeySection, help: str) -> Any:
     """A RunConfig field with its :class:`KeyInfo`."""
+    if not help.strip() or "\n" in help:
+        raise ValueError(f"a key's help is one line saying what it means, not {help!r}")
     if read_by is not None:
         unknown = [stage for stage in read_by if stage not in STAGES]
         if unknown:
@@ -58,7 +68,7 @@ def key(default: Any = MISSING, *, factory: Any = MISSING, kind: KeyKind = "comp
     if kind != "computed" and read_by is None:
         read_by = ()  # not in the digest: a change of it never reaches the stages' results
     info = KeyInfo(kind=kind, read_by=None if read_by is None else tuple(read_by), later=later,
-                   downstream=downstream, in_sweeps=in_sweeps, flag=flag)
+                   downstream=downstream, in_sweeps=in_sweeps, flag=flag, section=section, help=help)
     return dataclasses.field(default=default, default_factory=factory, metadata={"key": info})
 
 
@@ -102,7 +112,19 @@ def stages_reading(config_class: type, name: str, stages: Sequence[str]) -> list
         return list(stages)
     if not info.read_by:
         return []
-    return [stage for stage in stages if stage not in STAGES or stage in info.read_by]
+    return [stage for stage in stages if _reads(stage, info.read_by)]
+
+
+def _reads(stage: str, read_by: tuple[str, ...]) -> bool:
+    """Whether a stage reads a key read by ``read_by``: a plug-in control's or baseline's evaluation
+    (``eval_<name>``, not a built-in) reads what any hybrid evaluation reads; an unknown stage, every key."""
+    if stage in STAGES:
+        return stage in read_by
+    try:
+        group = stage_spec(stage).group
+    except KeyError:
+        return True
+    return group != "hybrid_eval" or any(name in read_by for name in HYBRID_EVALS)
 
 
 def downstream_keys(config_class: type) -> tuple[str, ...]:
@@ -119,6 +141,7 @@ def override_flags(config_class: type) -> dict[str, str]:
     return {info.flag: name for name, info in key_infos(config_class).items() if info.flag is not None}
 
 
-__all__ = ["EVALS", "HYBRID", "KeyInfo", "KeyKind", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES", "downstream_keys", "key",
+__all__ = ["EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
+           "downstream_keys", "key",
            "key_infos", "keys_of", "later_defaults", "override_flags", "stage_keys", "stages_reading",
            "sweep_reserved_keys", "undigested_keys"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.steering.methods import direction_method_names, direction_method_spec
 from mechsteer.taxonomy.artefact import Taxonomy
 
 DASH = "—"
@@ -33,11 +34,6 @@ CONTROLS = {
 BASELINES = {
     "first_token_only": "the hybrid allowed to steer at the first generated token only",
     "oracle_timing": "steered at the ground-truth positions",
-}
-DIRECTION_METHODS = {
-    "mean": "difference-of-means directions",
-    "sae": "the SAE's decoder directions mapped into the base model",
-    "optimised": "optimised steering vectors",
 }
 
 
@@ -272,7 +268,8 @@ def _directions(view: RunView) -> list[str]:
     if summary is None:
         return lines + ["The directions stage has not finished.", ""]
     config = view.config
-    method = DIRECTION_METHODS.get(summary["method"], summary["method"])
+    method = (direction_method_spec(summary["method"]).description if summary["method"] in direction_method_names()
+              else summary["method"])  # a plug-in's method no longer installed: its name
     lines += [f"{method[0].upper()}{method[1:]} (`{summary['method']}`) in the base model's layer {summary['layer']}"
               + ("" if summary.get("bias_norm") is None else f", with a bias vector of norm {num(summary['bias_norm'], 2)}")
               + f". The hybrid steers there with coefficients {value_text(config.coefficients)} and windows "

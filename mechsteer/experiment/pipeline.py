@@ -2,7 +2,10 @@
 validation split) -> hybrid evaluation (with controls) -> ablations -> report, for one model pair
 and one benchmark.
 
-Every stage writes into its own folder under the run's ``out`` directory and marks itself
+The stages, their order, folders and models are declared once in
+:mod:`mechsteer.experiment.layout`; this module binds each group of stages to its body (a function
+of the :class:`RunContext` and the stage) and runs them in order. Every stage writes into its own
+folder under the run's ``out`` directory and marks itself
 done in ``stages.json`` only when finished (:class:`~mechsteer.experiment.state.RunState`); a
 rerun skips finished stages, and the streaming stages (traces, activations, hybrid evaluations)
 resume inside themselves, so an interrupted run picks up where it stopped and produces the same
@@ -14,35 +17,41 @@ report. A run folder belongs to one config: rerunning it with a different config
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechsteer.activations import ActivationConfig, Manifest, extract_activations, read_sentences
+from mechsteer.activations import Manifest, pool_activations, read_sentences
 from mechsteer.causal.stage import AblationSettings, run_ablations
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
-from mechsteer.core.store import append_jsonl, exclusive_folder, read_jsonl
+from mechsteer.core.store import append_jsonl, exclusive_folder
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
-from mechsteer.data.traces import generate_traces, load_traces
-from mechsteer.engines import GenerationEngine, load_tokenizer, make_engine
+from mechsteer.data.stage import TraceSettings, TracesSummary, run_traces
+from mechsteer.data.traces import load_traces
+from mechsteer.engines import EngineInputs, GenerationEngine, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import (
     RunConfig,
+    activation_config,
     default_activation_layers,
     optimisation_config,
     run_hybrid_config,
+    taxonomy_settings,
 )
+from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths, StageGroup, StageSpec
+from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import build_report, track_report, write_report
-from mechsteer.experiment.state import RunState
+from mechsteer.experiment.state import RunState, planned
 from mechsteer.experiment.tracking import open_tracker
 from mechsteer.experiment.tuning import (
     SteeringSetting,
@@ -53,79 +62,67 @@ from mechsteer.experiment.tuning import (
 )
 from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.hybrid import generator
+from mechsteer.hybrid.comparisons import ComparisonInputs, ComparisonRun, build_comparison
 from mechsteer.hybrid.generator import HybridConfig
+from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 from mechsteer.hybrid.timing import (
-    BatchBound,
-    BiasOnlyPolicy,
-    FirstTokenOnlyPolicy,
-    RandomFiringPolicy,
-    ReplayPolicy,
+    BehaviourClassifier,
     TimingOraclePolicy,
     TimingPolicy,
 )
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.framing import frame_for_base
-from mechsteer.steering.labels import (
-    taxonomy_labels,
-)
+from mechsteer.steering.labels import taxonomy_labels
 from mechsteer.steering.mean import default_layer
 from mechsteer.steering.stage import DirectionSettings, build_directions
 from mechsteer.taxonomy.artefact import Taxonomy
-from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
-from mechsteer.taxonomy.sweep import sweep_to_folder
+from mechsteer.taxonomy.stage import build_taxonomy
 
 # ------------------------------------------------------------------------------------------
-# The hybrid evaluation stage (streamed per batch, resumable)
+# The hybrid evaluation (streamed per batch, resumable)
 
 
 def evaluate_hybrid(
     pair: ModelPair | ResidentPair, problems: Sequence[Problem], directions: DirectionSet, policy: TimingPolicy,
     hybrid_config: HybridConfig, out_path: Path, *, base_template: str, thinking_template: str,
     progress: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
+) -> list[HybridRecord]:
     """Run the hybrid on ``problems``, appending one JSON line per problem; resumes from the file."""
-    done = {record["problem_id"] for record in read_jsonl(out_path)}
+    done = {record.problem_id for record in read_hybrid_records(out_path)}
     todo = [problem for problem in problems if problem.id not in done]
     for start in range(0, len(todo), hybrid_config.batch_size):
         batch = todo[start : start + hybrid_config.batch_size]
         base_prompts = [render_prompt(base_template, p.question, pair.base.tokenizer) for p in batch]
         thinking_prompts = [render_prompt(thinking_template, p.question, pair.thinking.tokenizer) for p in batch]
-        if isinstance(policy, BatchBound):
-            policy.bind([problem.id for problem in batch])
+        policy.bind([problem.id for problem in batch])
         # looked up on its module at each call, so that a test can replace it
         output = generator.hybrid_generate(pair.base, pair.thinking, base_prompts, thinking_prompts, directions, policy,
                                            hybrid_config)
         records = []
         for row, problem in enumerate(batch):
             prediction = extract_answer(output.texts[row], problem.benchmark)
-            logs = output.token_logs[row]
-            records.append({
-                "problem_id": problem.id,
-                "text": output.texts[row],
-                "prediction": prediction,
-                "reference": problem.answer,
-                "correct": is_correct(prediction, problem.answer, problem.benchmark),
-                "n_tokens": len(logs),
-                "steered_fraction": output.steered_fractions[row],
-                "agree_fraction": sum(log.agree for log in logs) / len(logs) if logs else 0.0,
-                # compact per-token log: steered positions, their behaviours and coefficients
-                "steered_positions": [i for i, log in enumerate(logs) if log.steered],
-                "steered_behaviours": [log.behaviour for log in logs if log.steered],
-                "steered_coeffs": [log.coeff for log in logs if log.steered],
-                "steered_windows": [log.window for log in logs if log.steered],
-                "top_latents": [log.latent_ids[:1] for log in logs],
-                "finish_reason": output.finish_reasons[row],
-            })
+            records.append(HybridRecord.from_generation(
+                problem.id, output.texts[row], prediction, problem.answer,
+                is_correct(prediction, problem.answer, problem.benchmark), output.token_logs[row],
+                output.steered_fractions[row], output.finish_reasons[row]).to_json())
         append_jsonl(out_path, records)
         progress(f"  hybrid {policy.name}: {len(done) + start + len(batch)}/{len(problems)}")
-    by_id = {record["problem_id"]: record for record in read_jsonl(out_path)}
+    by_id = {record.problem_id: record for record in read_hybrid_records(out_path)}
     return [by_id[problem.id] for problem in problems]
 
 
 def steered_positions(results_path: Path) -> dict[str, list[int]]:
     """Each problem's steered token positions in a hybrid evaluation's ``results.jsonl``."""
-    return {record["problem_id"]: record["steered_positions"] for record in read_jsonl(results_path)}
+    return {record.problem_id: record.steered_positions for record in read_hybrid_records(results_path)}
+
+
+def hybrid_summary(records: Sequence[HybridRecord], recorded: dict[str, Any] | None = None) -> EvalSummary:
+    """A hybrid evaluation's stage summary."""
+    return EvalSummary(correct=[record.correct for record in records],
+                       cut_off=sum(record.finish_reason == "length" for record in records),
+                       steered_fraction=sum(record.steered_fraction for record in records) / len(records),
+                       recorded=dict(recorded or {}))
 
 
 # ------------------------------------------------------------------------------------------
@@ -143,7 +140,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
         state = RunState(out, config)  # refuses a folder of another config before anything is logged
         state.tracker = open_tracker(config, out)
         try:
-            report = _run_stages(config, out, state, log)
+            report = _run_stages(config, state, log)
             track_report(state.tracker, report, out)
         except BaseException:
             state.tracker.finish(exit_code=1)
@@ -152,7 +149,34 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     return report
 
 
-def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[str], None]) -> dict[str, Any]:
+@dataclass
+class RunContext:
+    """What every stage body of a run reads: its config, folder, models (loaded as stages need
+    them), problems, and the layers it reads and steers."""
+
+    config: RunConfig
+    paths: RunPaths
+    state: RunState
+    pair: ResidentPair
+    log: Callable[[str], None]
+    train: list[Problem]
+    evaluation: list[Problem]
+    layers: list[int]  # where the thinking model's sentence activations are read
+    steer_layer: int  # where the base model is steered
+
+    def template(self, role: Role) -> str:
+        return self.config.resolved_base_template if role == "base" else self.config.resolved_thinking_template
+
+    def setting(self) -> SteeringSetting:
+        """The hybrid's setting: the tuning stage's choice, else the config's own."""
+        tuned = self.state.summary("tuning") if self.state.done("tuning") else None
+        return chosen_setting(self.config, tuned)
+
+
+StageBody = Callable[[RunContext, StageSpec], dict[str, Any]]
+
+
+def _run_stages(config: RunConfig, state: RunState, log: Callable[[str], None]) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -161,132 +185,228 @@ def _run_stages(config: RunConfig, out: Path, state: RunState, log: Callable[[st
                         base_device=config.base_device, thinking_device=config.thinking_device,
                         device_map=config.device_map, log=log)
     check_layers(config, pair)
-    train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
-    evaluation = load_benchmark(config.benchmark, config.eval_split, config.n_eval)
-    ground_truth = ground_truth_for(config.resolved_train_benchmark)
-    labeller = ground_truth.label_reasoning if ground_truth is not None else None
-
-    def thinking_train_traces() -> dict[str, Any]:
-        records = generate_traces(plain_generator(config, pair, "thinking"), train, out / "traces" / "thinking_train",
-                                  template=config.resolved_thinking_template, **trace_settings(config, "thinking"))
-        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records),
-                "cut_off": sum(r.finish_reason == "length" for r in records)}
-
-    def base_train_traces() -> dict[str, Any]:
-        records = generate_traces(plain_generator(config, pair, "base"), train, out / "traces" / "base_train",
-                                  template=config.resolved_base_template, **trace_settings(config, "base"))
-        return {"n": len(records), "accuracy": sum(r.correct for r in records) / len(records),
-                "cut_off": sum(r.finish_reason == "length" for r in records)}
-
-    layers = config.activation_layers or default_activation_layers(pair.info("thinking").cfg.n_layers)
-
-    def activations() -> dict[str, Any]:
-        pair.need("thinking")
-        manifest = extract_activations(
-            pair.thinking, load_traces(out / "traces" / "thinking_train"), out / "activations",
-            ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
-                             batch_size=config.batch_size),
-            labeller=labeller, progress=True,
-        )
-        return {"n_sentences": manifest.n_sentences, "layers": layers, "throughput": manifest.throughput}
-
-    # Both thinking-model stages first, then the base model's: one load of each.
-    state.run("traces_thinking_train", thinking_train_traces, log)
-    state.run("activations", activations, log)
-    state.run("traces_base_train", base_train_traces, log)
-
-    def taxonomy() -> dict[str, Any]:
-        Manifest.load(out / "activations").check_model(pair.info("thinking"), out / "activations")
-        return _taxonomy_stage(config, out, layers)
-
-    taxonomy_summary = state.run("taxonomy", taxonomy, log)
-
-    steer_layer = (config.steer_layer if config.steer_layer is not None
-                   else default_layer(pair.info("base").cfg.n_layers))
-
-    def directions() -> dict[str, Any]:
-        settings = DirectionSettings(method=config.direction_method, layer=steer_layer,
-                                     optimisation=optimisation_config(config))
-        pair.need(*(("base", "thinking") if settings.needs_thinking else ("base",)))
-        checked_taxonomy(out, pair)
-        raw_traces = load_traces(out / "traces" / "thinking_train")
-        labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
-        thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
-                                         config.resolved_base_template)
-        base_traces = load_traces(out / "traces" / "base_train")
-        result = build_directions(pair.base, thinking_traces, labels, settings, base_traces=base_traces,
-                                  thinking=pair.thinking if settings.needs_thinking else None,
-                                  provenance=directions_provenance(out, config.base_model, config.thinking_model),
-                                  progress=log)
-        result.save(out / "directions")
-        return {"method": result.method, "layer": steer_layer, "behaviour_ids": result.behaviour_ids,
-                "titles": result.titles, "norms": [round(float(n), 4) for n in result.norms],
-                "bias_norm": None if result.bias is None else round(float(result.bias.norm()), 4)}
-
-    state.run("directions", directions, log)
-
-    setting = _run_tuning(config, state, pair, out, steer_layer, log)
-    evaluations = _run_evaluations(config, state, pair, evaluation, out, steer_layer, setting, log)
-    ablation_summary = _run_ablations(config, state, pair, out, log) if config.ablations else None
+    context = RunContext(
+        config=config, paths=state.paths, state=state, pair=pair, log=log,
+        train=load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train),
+        evaluation=load_benchmark(config.benchmark, config.eval_split, config.n_eval),
+        layers=config.activation_layers or default_activation_layers(pair.info("thinking").cfg.n_layers),
+        steer_layer=(config.steer_layer if config.steer_layer is not None
+                     else default_layer(pair.info("base").cfg.n_layers)))
+    for spec in planned(config):
+        state.run(spec.name, functools.partial(STAGE_BODIES[spec.group], context, spec), log)
     pair.release()
 
-    report = build_report(config, state, evaluations, taxonomy_summary, ablation_summary,
+    evaluations = {spec.name.removeprefix("eval_"): EvalSummary.from_json(state.summary(spec.name), spec.name)
+                   for spec in planned(config) if spec.group in ("plain_eval", "hybrid_eval")}
+    report = build_report(config, state, evaluations, state.summary("taxonomy"),
+                          state.summary("ablations") if config.ablations else None,
                           total_seconds=time.perf_counter() - started)
-    write_report(report, out)
+    write_report(report, state.out)
     return report
+
+
+# ------------------------------------------------------------------------------------------
+# The stage bodies, one per group of mechsteer.experiment.layout's table
+
+
+def train_traces_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    (role,) = spec.models
+    records = run_traces(plain_generator(run.config, run.pair, role), run.train, run.paths.stage(spec.name),
+                         template=run.template(role), settings=trace_settings(run.config, role))
+    return TracesSummary.of(records).to_json()
+
+
+def activations_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    run.pair.need(*spec.models)
+    manifest = pool_activations(run.pair.thinking, load_traces(run.paths.train_traces("thinking")),
+                                run.paths.activations, activation_config(run.config, run.layers))
+    return {"n_sentences": manifest.n_sentences, "layers": run.layers, "throughput": manifest.throughput}
+
+
+def taxonomy_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
+    config = run.config
+    Manifest.load(run.paths.activations).check_model(run.pair.info("thinking"), run.paths.activations)
+    rows, best = build_taxonomy(run.paths.activations, run.paths.taxonomy, taxonomy_settings(config, run.layers))
+    metrics = asdict(best.metrics)
+    return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
+            "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),
+            "metrics": {key: value for key, value in metrics.items() if key != "sizes"},
+            "sizes": metrics.get("sizes"), "sweep": rows}
+
+
+def directions_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    config, pair, paths = run.config, run.pair, run.paths
+    settings = DirectionSettings(method=config.direction_method, layer=run.steer_layer,
+                                 optimisation=optimisation_config(config))
+    pair.need(*(("base", "thinking") if settings.needs_thinking else spec.models))
+    checked_taxonomy(paths, pair)
+    raw_traces = load_traces(paths.train_traces("thinking"))
+    labels = taxonomy_labels(paths.taxonomy, traces=raw_traces)
+    thinking_traces = frame_for_base(raw_traces, {p.id: p.question for p in run.train}, pair.base.tokenizer,
+                                     config.resolved_base_template)
+    result = build_directions(pair.base, thinking_traces, labels, settings,
+                              base_traces=load_traces(paths.train_traces("base")),
+                              thinking=pair.thinking if settings.needs_thinking else None,
+                              provenance=directions_provenance(paths.root, config.base_model, config.thinking_model),
+                              progress=run.log)
+    result.save(paths.directions)
+    return {"method": result.method, "layer": run.steer_layer, "behaviour_ids": result.behaviour_ids,
+            "titles": result.titles, "norms": [round(float(n), 4) for n in result.norms],
+            "bias_norm": None if result.bias is None else round(float(result.bias.norm()), 4)}
+
+
+@dataclass(frozen=True)
+class HybridInputs:
+    """The run's finished taxonomy and directions, as every hybrid evaluation steers with them."""
+
+    taxonomy: Taxonomy
+    sae: BehaviourClassifier
+    directions: DirectionSet
+    hybrid_config: HybridConfig  # the config's, before the tuning stage's setting is applied
+
+    @property
+    def behaviour_ids(self) -> list[int]:
+        return list(self.directions.behaviour_ids)
+
+
+def hybrid_inputs(run: RunContext) -> HybridInputs:
+    """The run's taxonomy (built on the thinking model) and directions (built on the base model)."""
+    taxonomy = checked_taxonomy(run.paths, run.pair)
+    directions = DirectionSet.load(run.paths.directions)
+    directions.check_model(run.pair.info("base"))
+    return HybridInputs(taxonomy, taxonomy.load_sae(), directions,
+                        run_hybrid_config(run.config, run.steer_layer, taxonomy.provenance.layer))
+
+
+def tuning_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """The hybrid's setting chosen on the validation split (mechsteer.experiment.tuning)."""
+    config = run.config
+    run.pair.need(*spec.models)
+    assert config.tune_split is not None  # the stage is planned only with a tune_split
+    problems = load_benchmark(config.benchmark, config.tune_split, config.n_tune)
+    inputs = hybrid_inputs(run)
+
+    def evaluate(setting: SteeringSetting, path: Path) -> list[HybridRecord]:
+        return evaluate_hybrid(run.pair, problems, inputs.directions,
+                               hybrid_policy(config, inputs.sae, inputs.behaviour_ids, setting),
+                               with_setting(inputs.hybrid_config, setting), path,
+                               base_template=config.resolved_base_template,
+                               thinking_template=config.resolved_thinking_template, progress=run.log)
+
+    return run_tuning(config, run.paths, len(problems), evaluate, run.log)
+
+
+def plain_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    (role,) = spec.models
+    records = run_traces(plain_generator(run.config, run.pair, role), run.evaluation, run.paths.stage(spec.name),
+                         template=run.template(role), settings=eval_settings(run.config, role))
+    return EvalSummary(correct=[bool(r.correct) for r in records],
+                       cut_off=sum(r.finish_reason == "length" for r in records)).to_json()
+
+
+def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """The hybrid on the eval split, or one of its controls or baselines (mechsteer.hybrid.comparisons)."""
+    config, pair = run.config, run.pair
+    inputs = hybrid_inputs(run)
+    setting = run.setting()
+    hybrid_config = with_setting(inputs.hybrid_config, setting)
+
+    def make_policy() -> TimingPolicy:
+        return hybrid_policy(config, inputs.sae, inputs.behaviour_ids, setting)
+
+    name = spec.name.removeprefix("eval_")
+    if spec.name == HYBRID_EVAL:
+        comparison = ComparisonRun(make_policy(), inputs.directions)
+    else:
+        hybrid = EvalSummary.from_json(run.state.summary(HYBRID_EVAL), HYBRID_EVAL)
+        ground_truth = ground_truth_for(config.benchmark)
+        oracle = ground_truth.timing_oracle if ground_truth is not None else None
+        comparison = build_comparison(name, ComparisonInputs(
+            policy=make_policy(), make_policy=make_policy, directions=inputs.directions,
+            behaviour_ids=inputs.behaviour_ids, seed=config.seed, steered_fraction=hybrid.steered_fraction or 0.0,
+            steered_positions=lambda: steered_positions(run.paths.hybrid_results()),
+            timing_oracle=None if oracle is None else lambda: oracle_timing_policy(run, inputs.taxonomy)))
+    pair.need(*spec.models)
+    records = evaluate_hybrid(pair, run.evaluation, comparison.directions, comparison.policy, hybrid_config,
+                              run.paths.hybrid_results(name), base_template=config.resolved_base_template,
+                              thinking_template=config.resolved_thinking_template, progress=run.log)
+    return hybrid_summary(records, comparison.recorded).to_json()
+
+
+def ablations_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    config, pair, paths = run.config, run.pair, run.paths
+    pair.need(*spec.models)
+    direction_set = DirectionSet.load(paths.directions)
+    direction_set.check_model(pair.base)
+    checked_taxonomy(paths, pair)
+    raw_traces = load_traces(paths.train_traces("thinking"))
+    labels = taxonomy_labels(paths.taxonomy, traces=raw_traces)
+    traces = frame_for_base(raw_traces, {p.id: p.question for p in run.train}, pair.base.tokenizer,
+                            config.resolved_base_template)
+    problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
+    settings = AblationSettings(thinking_template=config.resolved_thinking_template,
+                                max_new_tokens=config.max_new_tokens, coeffs=tuple(config.coefficients),
+                                n_contexts=config.ablation_contexts, batch_size=config.batch_size, seed=config.seed)
+    summary = run_ablations(pair.base, pair.thinking, direction_set, labels, traces, raw_traces, problems,
+                            config.benchmark, settings, paths.ablations, progress=run.log)
+    summary.pop("outputs")
+    return summary
+
+
+STAGE_BODIES: dict[StageGroup, StageBody] = {
+    "train_traces": train_traces_stage, "activations": activations_stage, "taxonomy": taxonomy_stage,
+    "directions": directions_stage, "tuning": tuning_stage, "plain_eval": plain_eval_stage,
+    "hybrid_eval": hybrid_eval_stage, "ablations": ablations_stage,
+}
 
 
 def directions_provenance(out: Path, base_spec: str, thinking_spec: str) -> dict[str, Any]:
     """Where a run's directions came from, as ``mechsteer directions`` records it for the same inputs."""
-    return {"traces": str(out / "traces" / "thinking_train"), "base_traces": str(out / "traces" / "base_train"),
+    paths = RunPaths(out)
+    return {"traces": str(paths.train_traces("thinking")), "base_traces": str(paths.train_traces("base")),
             "pair": [base_spec, thinking_spec]}
 
 
 def plain_generator(config: RunConfig, pair: ResidentPair, role: Role) -> TransformerBridge | GenerationEngine:
-    """What generates a model's plain traces and evaluations: its bridge (loaded, the other model
-    freed), or the run's server (``engine: openai``; every model freed, only the tokenizer loaded)."""
-    if config.engine == "bridge":
-        pair.need(role)
-        return pair.model(role)
-    pair.need()
+    """What generates a model's plain traces and evaluations: the run's registered ``engine``
+    (mechsteer.engines.registry), built on the model's bridge (loaded, the other model freed) or,
+    for a server engine, on its tokenizer alone (every model freed)."""
+    engine = engine_spec(config.engine)
     spec = config.base_model if role == "base" else config.thinking_model
-    server_model = (config.engine_model_base if role == "base" else config.engine_model_thinking) or spec
-    url = (config.engine_url_base if role == "base" else None) or config.engine_url
-    settings = with_settings(timeout=config.engine_timeout, max_concurrency=config.engine_max_concurrency,
-                             max_retries=config.engine_max_retries)
-    return make_engine("openai", tokenizer=load_tokenizer(spec), model_name=spec_model_name(spec), url=url,
-                       server_model=server_model, settings=settings,
-                       return_token_ids=config.engine_return_token_ids)
+    if engine.runs_on == "bridge":
+        pair.need(role)
+        model: TransformerBridge | None = pair.model(role)
+    else:
+        pair.need()
+        model = None
+    return engine.build(EngineInputs(
+        model=model, tokenizer=load_tokenizer(spec) if model is None else model.tokenizer,
+        model_name=spec_model_name(spec),
+        url=(config.engine_url_base if role == "base" else None) or config.engine_url,
+        server_model=(config.engine_model_base if role == "base" else config.engine_model_thinking) or spec,
+        http=with_settings(timeout=config.engine_timeout, max_concurrency=config.engine_max_concurrency,
+                           max_retries=config.engine_max_retries),
+        return_token_ids=config.engine_return_token_ids))
 
 
-def _generation_settings(config: RunConfig, role: str, max_new_tokens: int | None, temperature: float,
-                         top_p: float) -> dict[str, Any]:
-    """generate_traces' settings for one model: a length (default: ``max_new_tokens``), sampling, stops."""
-    settings: dict[str, Any] = dict(max_new_tokens=max_new_tokens or config.max_new_tokens,
-                                    batch_size=config.batch_size, progress=True,
-                                    unclosed=config.unclosed_thinking)
-    settings.update(_sampling(temperature, top_p, config.seed))
-    if role == "base":
-        settings["stop_strings"] = config.resolved_base_stop_strings
-    return settings
+def _trace_settings(config: RunConfig, role: Role, max_new_tokens: int | None, temperature: float,
+                    top_p: float) -> TraceSettings:
+    """One model's generation settings: a length (default: ``max_new_tokens``), sampling, stops."""
+    return TraceSettings(max_new_tokens=max_new_tokens or config.max_new_tokens, batch_size=config.batch_size,
+                         temperature=temperature, top_p=top_p, seed=config.seed,
+                         stop_strings=config.resolved_base_stop_strings if role == "base" else None,
+                         unclosed=config.unclosed_thinking)
 
 
-def trace_settings(config: RunConfig, role: str) -> dict[str, Any]:
-    """generate_traces' settings for the train traces of one model."""
-    return _generation_settings(config, role, config.trace_max_new_tokens, config.trace_temperature,
-                                config.trace_top_p)
+def trace_settings(config: RunConfig, role: Role) -> TraceSettings:
+    """The settings of one model's train traces."""
+    return _trace_settings(config, role, config.trace_max_new_tokens, config.trace_temperature, config.trace_top_p)
 
 
-def eval_settings(config: RunConfig, role: str) -> dict[str, Any]:
-    """generate_traces' settings for a plain evaluation of one model."""
-    return _generation_settings(config, role, config.eval_max_new_tokens, config.eval_temperature,
-                                config.eval_top_p)
-
-
-def _sampling(temperature: float, top_p: float, seed: int) -> dict[str, Any]:
-    if temperature <= 0:
-        return {}  # greedy: generate_traces' defaults, so that greedy traces resume as they were
-    return {"do_sample": True, "temperature": temperature, "top_p": top_p if top_p < 1 else None, "seed": seed}
+def eval_settings(config: RunConfig, role: Role) -> TraceSettings:
+    """The settings of one model's plain evaluation."""
+    return _trace_settings(config, role, config.eval_max_new_tokens, config.eval_temperature, config.eval_top_p)
 
 
 def check_layers(config: RunConfig, pair: ResidentPair) -> None:
@@ -300,139 +420,24 @@ def check_layers(config: RunConfig, pair: ResidentPair) -> None:
                               f"{model.cfg.n_layers} layers (0 to {model.cfg.n_layers - 1})")
 
 
-def checked_taxonomy(out: Path, pair: ResidentPair) -> Taxonomy:
+def checked_taxonomy(paths: RunPaths, pair: ResidentPair) -> Taxonomy:
     """The run's taxonomy, refused unless it was built on the thinking model (name, width, layer)."""
-    taxonomy = Taxonomy.load(out / "taxonomy")
-    taxonomy.check_model(pair.info("thinking"), out / "taxonomy")
+    taxonomy = Taxonomy.load(paths.taxonomy)
+    taxonomy.check_model(pair.info("thinking"), paths.taxonomy)
     return taxonomy
 
 
-def _taxonomy_stage(config: RunConfig, out: Path, layers: list[int]) -> dict[str, Any]:
-    """Sweep layers x n_latents, keep the selected taxonomy, write its table and plots."""
-    rows, best = sweep_to_folder(
-        out / "activations", layers, config.n_latents, out / "taxonomy", judge_spec=config.judge,
-        benchmark=config.resolved_train_benchmark, method=config.taxonomy_method, k=config.sae_k, seed=config.seed,
-        normalise=tuple(config.normalise),
-        judge_settings=JudgeSettings(timeout=config.judge_timeout, max_tokens=config.judge_max_tokens))
-    metrics = asdict(best.metrics)
-    return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
-            "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),
-            "metrics": {key: value for key, value in metrics.items() if key != "sizes"},
-            "sizes": metrics.get("sizes"), "sweep": rows}
-
-
-def _run_tuning(config: RunConfig, state: RunState, pair: ResidentPair, out: Path, steer_layer: int,
-                log: Callable[[str], None]) -> SteeringSetting:
-    """The tuning stage (with ``tune_split``, mechsteer.experiment.tuning): the hybrid's setting
-    chosen on the validation split; without it, the config's own setting."""
-    split = config.tune_split
-    if split is None:
-        return chosen_setting(config, None)
-
-    def body() -> dict[str, Any]:
-        pair.need("base", "thinking")
-        problems = load_benchmark(config.benchmark, split, config.n_tune)
-        taxonomy = checked_taxonomy(out, pair)
-        sae = taxonomy.load_sae()
-        direction_set = DirectionSet.load(out / "directions")
-        direction_set.check_model(pair.info("base"))
-        hybrid_config = run_hybrid_config(config, steer_layer, taxonomy.provenance.layer)
-        behaviour_ids = list(direction_set.behaviour_ids)
-
-        def evaluate(setting: SteeringSetting, path: Path) -> list[dict[str, Any]]:
-            return evaluate_hybrid(pair, problems, direction_set, hybrid_policy(config, sae, behaviour_ids, setting),
-                                   with_setting(hybrid_config, setting), path,
-                                   base_template=config.resolved_base_template,
-                                   thinking_template=config.resolved_thinking_template, progress=log)
-
-        return run_tuning(config, out, len(problems), evaluate, log)
-
-    return chosen_setting(config, state.run("tuning", body, log))
-
-
-def _run_evaluations(config: RunConfig, state: RunState, pair: ResidentPair, evaluation: list[Problem], out: Path,
-                     steer_layer: int, setting: SteeringSetting, log: Callable[[str], None]) -> dict[str, Any]:
-    def model_eval(role: Role, template: str) -> Callable[[], dict[str, Any]]:
-        def body() -> dict[str, Any]:
-            records = generate_traces(plain_generator(config, pair, role), evaluation, out / "eval" / role,
-                                      template=template,
-                                      **eval_settings(config, role))
-            return {"correct": [bool(r.correct) for r in records],
-                    "cut_off": sum(r.finish_reason == "length" for r in records)}
-        return body
-
-    state.run("eval_base", model_eval("base", config.resolved_base_template), log)
-    state.run("eval_thinking", model_eval("thinking", config.resolved_thinking_template), log)
-
-    taxonomy = checked_taxonomy(out, pair)
-    sae = taxonomy.load_sae()
-    direction_set = DirectionSet.load(out / "directions")
-    direction_set.check_model(pair.info("base"))
-    # the tuning stage's choice, else the config's coefficients, windows and threshold
-    hybrid_config = with_setting(run_hybrid_config(config, steer_layer, taxonomy.provenance.layer), setting)
-    behaviour_ids = list(direction_set.behaviour_ids)
-
-    def hybrid_eval(name: str, policy: TimingPolicy, steering: DirectionSet,
-                    **recorded: Any) -> Callable[[], dict[str, Any]]:
-        def body() -> dict[str, Any]:
-            pair.need("base", "thinking")
-            records = evaluate_hybrid(pair, evaluation, steering, policy, hybrid_config,
-                                      out / "eval" / name / "results.jsonl",
-                                      base_template=config.resolved_base_template,
-                                      thinking_template=config.resolved_thinking_template, progress=log)
-            return {"correct": [bool(r["correct"]) for r in records],
-                    "steered_fraction": sum(r["steered_fraction"] for r in records) / len(records),
-                    "cut_off": sum(r.get("finish_reason") == "length" for r in records), **recorded}
-        return body
-
-    policy = hybrid_policy(config, sae, behaviour_ids, setting)
-    hybrid = state.run("eval_hybrid", hybrid_eval("hybrid", policy, direction_set), log)
-    results = {"base": state.summary("eval_base"), "thinking": state.summary("eval_thinking"), "hybrid": hybrid}
-    for control in config.controls:
-        if control in ("only_bias", "only_bias_replayed") and direction_set.bias is None:
-            raise ValueError(f"the {control} control needs a bias direction; the direction set has none")
-        if control == "only_bias":
-            # the paper's control: the hybrid's own timing, the bias without behaviour directions
-            body = hybrid_eval("only_bias", BiasOnlyPolicy(policy), direction_set)
-        elif control == "only_bias_replayed":
-            # the bias alone at exactly the tokens the hybrid steered, whatever the base model writes in between
-            replay = ReplayPolicy(steered_positions(out / "eval" / "hybrid" / "results.jsonl"))
-            body = hybrid_eval("only_bias_replayed", replay, direction_set)
-        elif control == "random_firing":
-            body = hybrid_eval("random_firing", RandomFiringPolicy(hybrid["steered_fraction"], behaviour_ids,
-                                                                   seed=config.seed), direction_set)
-        elif control == "random_vectors":
-            # each random vector has the norm of what the hybrid adds for its behaviour: bias + direction
-            body = hybrid_eval("random_vectors", hybrid_policy(config, sae, behaviour_ids, setting),
-                               direction_set.random_like(config.seed, match="added"),
-                               norm_matched_to="direction" if direction_set.bias is None else "bias + direction")
-        else:
-            raise ValueError(f"unknown control {control!r}; expected only_bias, only_bias_replayed, random_firing "
-                             "or random_vectors")
-        results[control] = state.run(f"eval_{control}", body, log)
-    for baseline in config.baselines:
-        if baseline == "first_token_only":
-            # the hybrid allowed to steer at the first generated token only
-            body = hybrid_eval(baseline, FirstTokenOnlyPolicy(policy), direction_set)
-        elif baseline == "oracle_timing":
-            oracle = oracle_timing_policy(config, out, pair, taxonomy)
-            body = hybrid_eval(baseline, oracle, direction_set, behaviour_of_title=oracle.behaviour_of_title)
-        else:
-            raise ValueError(f"unknown baseline {baseline!r}; expected first_token_only or oracle_timing")
-        results[baseline] = state.run(f"eval_{baseline}", body, log)
-    return results
-
-
-def oracle_timing_policy(config: RunConfig, out: Path, pair: ResidentPair, taxonomy: Taxonomy) -> TimingOraclePolicy:
+def oracle_timing_policy(run: RunContext, taxonomy: Taxonomy) -> TimingOraclePolicy:
     """The oracle-timing baseline's policy: steered where the benchmark's ground-truth timing oracle
     names a behaviour, with the latent that holds most of that behaviour's labelled train sentences."""
-    ground_truth = ground_truth_for(config.benchmark)
+    ground_truth = ground_truth_for(run.config.benchmark)
     if ground_truth is None or ground_truth.timing_oracle is None:
         raise ConfigError(f"baseline oracle_timing needs a ground-truth timing oracle, which benchmark "
-                          f"{config.benchmark!r} has none of")
-    labels = sentence_labels(read_sentences(out / "activations"))
+                          f"{run.config.benchmark!r} has none of")
+    labels = sentence_labels(read_sentences(run.paths.activations))
     if labels is None:
-        raise ValueError(f"{out / 'activations'}: the sentences carry no ground-truth labels")
+        raise ValueError(f"{run.paths.activations}: the sentences carry no ground-truth labels")
+    pair = run.pair
     holding = behaviour_holding_most(labels, taxonomy.assignments.tolist())
     behaviour_of_title = {str(title): cast(int, latent) for title, latent in holding.items()
                           if title in ground_truth.behaviours}
@@ -441,27 +446,3 @@ def oracle_timing_policy(config: RunConfig, out: Path, pair: ResidentPair, taxon
         return pair.base.tokenizer.decode(ids, skip_special_tokens=True)
 
     return TimingOraclePolicy(ground_truth.timing_oracle, decode, behaviour_of_title)
-
-
-def _run_ablations(config: RunConfig, state: RunState, pair: ResidentPair, out: Path,
-                   log: Callable[[str], None]) -> dict[str, Any]:
-    def body() -> dict[str, Any]:
-        pair.need("base", "thinking")
-        direction_set = DirectionSet.load(out / "directions")
-        direction_set.check_model(pair.base)
-        checked_taxonomy(out, pair)
-        raw_traces = load_traces(out / "traces" / "thinking_train")
-        labels = taxonomy_labels(out / "taxonomy", traces=raw_traces)
-        train = load_benchmark(config.resolved_train_benchmark, config.train_split, config.n_train)
-        traces = frame_for_base(raw_traces, {p.id: p.question for p in train}, pair.base.tokenizer,
-                                config.resolved_base_template)
-        problems = load_benchmark(config.benchmark, config.eval_split, config.ablation_contexts)
-        settings = AblationSettings(thinking_template=config.resolved_thinking_template,
-                                    max_new_tokens=config.max_new_tokens, coeffs=tuple(config.coefficients),
-                                    n_contexts=config.ablation_contexts, batch_size=config.batch_size, seed=config.seed)
-        summary = run_ablations(pair.base, pair.thinking, direction_set, labels, traces, raw_traces, problems,
-                                config.benchmark, settings, out / "ablations", progress=log)
-        summary.pop("outputs")
-        return summary
-
-    return state.run("ablations", body, log)

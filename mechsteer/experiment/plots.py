@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mechsteer.hybrid.records import HybridRecord
+
 ACCURACY_PLOT = "accuracy.png"
 TIMELINE_PLOT = "timeline.png"
 TRANSITIONS_PLOT = "transitions.png"
@@ -44,17 +46,17 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return _save(figure, plt, path)
 
 
-def timeline_examples(records: list[dict[str, Any]], titles: dict[int, str],
-                      n: int = TIMELINE_PROBLEMS) -> list[tuple[str, list[dict[str, Any]]]]:
+def timeline_examples(records: list[HybridRecord], titles: dict[int, str],
+                      n: int = TIMELINE_PROBLEMS) -> list[tuple[str, list[HybridRecord]]]:
     """Problems for the timeline, in two groups: the first ``n // 2`` (what a typical generation
     looks like) and, of the others, those with the most distinct behaviours steered, then the most
     steering events (ties in evaluation order)."""
     first = records[: n // 2]
 
-    def key(indexed: tuple[int, dict[str, Any]]) -> tuple[int, int, int]:
+    def key(indexed: tuple[int, HybridRecord]) -> tuple[int, int, int]:
         index, record = indexed
-        names = {event_name(b, titles) for b in record["steered_behaviours"]}
-        return (-len(names), -len(record["steered_positions"]), index)
+        names = {event_name(b, titles) for b in record.steered_behaviours}
+        return (-len(names), -len(record.steered_positions), index)
 
     chosen = sorted(list(enumerate(records))[len(first):], key=key)[: n - len(first)]
     varied = [record for _, record in sorted(chosen, key=lambda indexed: indexed[0])]
@@ -62,7 +64,7 @@ def timeline_examples(records: list[dict[str, Any]], titles: dict[int, str],
     return [(label, group) for label, group in groups if group]
 
 
-def plot_timeline(groups: list[tuple[str, list[dict[str, Any]]]], titles: dict[int, str], path: Path,
+def plot_timeline(groups: list[tuple[str, list[HybridRecord]]], titles: dict[int, str], path: Path,
                   n_problems: int) -> Path:
     """One row per problem (its generated tokens in grey), a tick where each behaviour was steered;
     the groups of :func:`timeline_examples` one under the other, each under its label."""
@@ -76,14 +78,14 @@ def plot_timeline(groups: list[tuple[str, list[dict[str, Any]]]], titles: dict[i
         axis.text(0, row - 0.15, label, fontsize=8, style="italic", color="#555", va="bottom")
         row += 0.7
         for record in group:
-            axis.hlines(row, 0, record["n_tokens"], color="#ddd", linewidth=6)
-            for position, behaviour in zip(record["steered_positions"], record["steered_behaviours"], strict=True):
+            axis.hlines(row, 0, record.n_tokens, color="#ddd", linewidth=6)
+            for position, behaviour in zip(record.steered_positions, record.steered_behaviours, strict=True):
                 axis.plot(position, row, "|", color=colours[event_name(behaviour, titles)], markersize=12,
                           markeredgewidth=2)
             ticks.append(row)
-            labels.append(f"{record['problem_id']} {'✓' if record['correct'] else '✗'}")
+            labels.append(f"{record.problem_id} {'✓' if record.correct else '✗'}")
             row += 1
-    used = {event_name(b, titles) for record in records for b in record["steered_behaviours"]}
+    used = {event_name(b, titles) for record in records for b in record.steered_behaviours}
     handles = [plt.Line2D([], [], color=colours[name], marker="|", linestyle="", markersize=10, label=name)
                for name in ordered if name in used]
     if handles:

@@ -20,18 +20,13 @@ from typing import Any
 from mechsteer.core.store import json_digest, write_json_atomic
 from mechsteer.experiment.config import PLACEMENT_KEYS, TRACKING_KEYS, RunConfig
 from mechsteer.experiment.keys import downstream_keys
+from mechsteer.experiment.layout import SHARED_STAGES, STAGES_FILE, RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
-from mechsteer.experiment.state import stage_folder
+from mechsteer.taxonomy.artefact import TAXONOMY_JSON
 
 # Keys read only after the directions exist: points differing only in these share the rest.
 DOWNSTREAM_KEYS = downstream_keys(RunConfig)
-# The stages such points share, and the folders each one writes (mechsteer.experiment.pipeline's layout).
-SHARED_STAGES: dict[str, tuple[str, ...]] = {
-    stage: (stage_folder(stage),) for stage in ("traces_thinking_train", "traces_base_train", "activations", "taxonomy",
-                                                "directions", "eval_base", "eval_thinking")}
-
-
 @dataclass(frozen=True)
 class SweepPoint:
     index: int
@@ -57,26 +52,25 @@ def upstream_digest(config: RunConfig) -> str:
 def seed_from_donor(point: SweepPoint) -> list[str]:
     """Start a fresh point folder from its donor's finished shared stages (hard links where the
     filesystem allows). Returns the stages taken; a folder with a run of its own is left alone."""
-    out, donor = Path(point.out), Path(point.donor or "")
-    if point.donor is None or (out / "stages.json").exists() or not (donor / "stages.json").exists():
+    out, donor = RunPaths(Path(point.out)), RunPaths(Path(point.donor or ""))
+    if point.donor is None or out.stages_file.exists() or not donor.stages_file.exists():
         return []
-    donor_state = json.loads((donor / "stages.json").read_text())
+    donor_state = json.loads(donor.stages_file.read_text())
     if upstream_digest(RunConfig.from_dict(donor_state["config"], check_values=False)) != point.upstream:
         raise ValueError(f"{donor} ran other upstream settings than point {point.index}; cannot share its stages")
     taken = {stage: entry for stage, entry in donor_state["stages"].items() if stage in SHARED_STAGES}
     for stage in taken:
-        for folder in SHARED_STAGES[stage]:
-            shutil.rmtree(out / folder, ignore_errors=True)
-            shutil.copytree(donor / folder, out / folder, copy_function=_link_or_copy)
-    taxonomy_file = out / "taxonomy" / "taxonomy.json"
+        shutil.rmtree(out.stage(stage), ignore_errors=True)
+        shutil.copytree(donor.stage(stage), out.stage(stage), copy_function=_link_or_copy)
+    taxonomy_file = out.taxonomy / TAXONOMY_JSON
     if taxonomy_file.exists():  # point the taxonomy at this folder's own activations
         document = json.loads(taxonomy_file.read_text())
         provenance = document.get("provenance", {})
-        if Path(provenance.get("activations_dir", "")).resolve() == (donor / "activations").resolve():
-            provenance["activations_dir"] = str(out / "activations")
+        if Path(provenance.get("activations_dir", "")).resolve() == donor.activations.resolve():
+            provenance["activations_dir"] = str(out.activations)
             write_json_atomic(taxonomy_file, document)  # a new file: the donor's link stays intact
-    write_json_atomic(out / "shared_from.json", {"donor": str(donor), "stages": sorted(taken)})
-    write_json_atomic(out / "stages.json", {"config_digest": point.config.digest(), "config": asdict(point.config),
+    write_json_atomic(out.shared_from, {"donor": str(donor.root), "stages": sorted(taken)})
+    write_json_atomic(out.stages_file, {"config_digest": point.config.digest(), "config": asdict(point.config),
                                             "stages": taken})
     return sorted(taken)
 
@@ -84,7 +78,7 @@ def seed_from_donor(point: SweepPoint) -> list[str]:
 def find_donor(point: SweepPoint, points_folder: Path) -> str | None:
     """Another point folder of the same upstream with the most shared stages done, if any."""
     best, best_count = None, 0
-    for stages_file in sorted(points_folder.glob("*/stages.json")):
+    for stages_file in sorted(points_folder.glob(f"*/{STAGES_FILE}")):
         if stages_file.parent == Path(point.out):
             continue
         state = json.loads(stages_file.read_text())

@@ -27,8 +27,9 @@ from mechsteer.causal.necessity import NecessityRow
 from mechsteer.causal.outputs import ABLATIONS_JSON, ABLATIONS_PLOT, plot_ablations
 from mechsteer.causal.sufficiency import SufficiencyRow
 from mechsteer.core.errors import ArtefactError, ProvenanceError
-from mechsteer.core.store import read_json, read_jsonl, write_json_atomic, write_text_atomic
+from mechsteer.core.store import read_json, write_json_atomic, write_text_atomic
 from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.layout import HYBRID_EVAL, REPORT_STAGE, RunPaths
 from mechsteer.experiment.markdown import RunView, run_markdown
 from mechsteer.experiment.plots import (
     ACCURACY_PLOT,
@@ -41,39 +42,34 @@ from mechsteer.experiment.plots import (
     plot_transitions,
     timeline_examples,
 )
-from mechsteer.experiment.state import RunState
+from mechsteer.experiment.records import EvalSummary
+from mechsteer.experiment.state import RunState, planned
 from mechsteer.experiment.tracking import Tracker
 from mechsteer.experiment.tuning import tuning_report
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
+from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.plots import plot_metrics_vs_k
 from mechsteer.taxonomy.sweep import METRICS_PLOT, SENTENCE_MAP_PLOT, selected_by
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-REPORT_STAGE = "report"  # done when report.json is written
 BOOTSTRAP_RESAMPLES = 1000
 
 
 def expected_stages(config: RunConfig) -> list[str]:
     """The stages a finished run of ``config`` has done, in order (``report``: report.json written)."""
-    stages = ["traces_thinking_train", "traces_base_train", "activations", "taxonomy", "directions",
-              *(["tuning"] if config.tune_split is not None else []),
-              "eval_base", "eval_thinking", "eval_hybrid",
-              *(f"eval_{name}" for name in [*config.controls, *config.baselines])]
-    return stages + (["ablations"] if config.ablations else []) + [REPORT_STAGE]
+    return [spec.name for spec in planned(config)] + [REPORT_STAGE]
 
 
-def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) -> dict[str, Any]:
+def behaviour_statistics(records: list[HybridRecord], titles: dict[int, str]) -> dict[str, Any]:
     """Onset and transition statistics of the hybrid's steering events."""
     fired: dict[str, list[float]] = {}
     first: dict[str, list[float]] = {}
     transitions: Counter[tuple[str, str]] = Counter()
     for record in records:
-        n_tokens = max(record["n_tokens"], 1)
-        names = [event_name(b, titles) for b in record["steered_behaviours"]]
+        n_tokens = max(record.n_tokens, 1)
+        names = [event_name(b, titles) for b in record.steered_behaviours]
         seen = set()
-        for position, name in zip(record["steered_positions"], names, strict=True):
+        for position, name in zip(record.steered_positions, names, strict=True):
             relative = position / max(n_tokens - 1, 1)
             fired.setdefault(name, []).append(relative)
             if name not in seen:
@@ -95,7 +91,7 @@ def behaviour_statistics(records: list[dict[str, Any]], titles: dict[int, str]) 
     }
 
 
-def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict[str, Any]],
+def build_report(config: RunConfig, state: RunState, evaluations: dict[str, EvalSummary],
                  taxonomy_summary: dict[str, Any], ablation_summary: dict[str, Any] | None,
                  total_seconds: float) -> dict[str, Any]:
     """The report of a finished run: accuracies, gap recovered, controls, and every stage's summary."""
@@ -106,12 +102,12 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, dict
     return report
 
 
-def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
+def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
                     taxonomy_summary: dict[str, Any] | None, directions_summary: dict[str, Any] | None,
                     ablation_summary: dict[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
     """The report's numbers from the stages' summaries; ``evaluations`` holds the finished
     evaluations only (an unfinished run's report has None where a stage is missing)."""
-    summary = {name: accuracy(result["correct"]) for name, result in evaluations.items()}
+    summary = {name: accuracy(result.correct) for name, result in evaluations.items()}
     base = summary["base"].accuracy if "base" in summary else None
     thinking = summary["thinking"].accuracy if "thinking" in summary else None
 
@@ -123,8 +119,8 @@ def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
     def gap_interval(name: str) -> list[float] | None:
         if name not in summary or base is None or thinking is None:
             return None
-        bootstrap = paired_bootstrap_gap(evaluations["base"]["correct"], evaluations["thinking"]["correct"],
-                                         evaluations[name]["correct"], n_resamples=BOOTSTRAP_RESAMPLES,
+        bootstrap = paired_bootstrap_gap(evaluations["base"].correct, evaluations["thinking"].correct,
+                                         evaluations[name].correct, n_resamples=BOOTSTRAP_RESAMPLES,
                                          seed=config.seed)
         return None if bootstrap.ci_low is None or bootstrap.ci_high is None else [bootstrap.ci_low, bootstrap.ci_high]
 
@@ -134,12 +130,13 @@ def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
         for name in names:
             if name not in summary:
                 continue
-            steered = evaluations[name].get("steered_fraction")
+            steered = evaluations[name].steered_fraction
             entries[name] = {"accuracy": summary[name].accuracy, "gap_recovered": gap(name),
                              "tokens_steered_fraction": steered, "steered_fraction": steered,
                              "gap_recovered_interval": gap_interval(name)}
-            if "norm_matched_to" in evaluations[name]:  # random vectors' norms: of bias + direction, or direction
-                entries[name]["norm_matched_to"] = evaluations[name]["norm_matched_to"]
+            recorded = evaluations[name].recorded
+            if "norm_matched_to" in recorded:  # random vectors' norms: of bias + direction, or direction
+                entries[name]["norm_matched_to"] = recorded["norm_matched_to"]
         return entries
 
     return {
@@ -153,9 +150,9 @@ def assemble_report(config: RunConfig, evaluations: dict[str, dict[str, Any]],
         "accuracy_intervals": {name: [s.ci_low, s.ci_high] for name, s in summary.items()},
         "gap_recovered": gap("hybrid"),
         "gap_recovered_interval": gap_interval("hybrid"),
-        "tokens_steered_fraction": evaluations["hybrid"]["steered_fraction"] if "hybrid" in evaluations else None,
+        "tokens_steered_fraction": evaluations["hybrid"].steered_fraction if "hybrid" in evaluations else None,
         # generations that ran to their length limit (a thinking trace cut off before </think> has no answer)
-        "cut_off": {name: result.get("cut_off") for name, result in evaluations.items()},
+        "cut_off": {name: result.cut_off for name, result in evaluations.items()},
         "controls": compared(config.controls),
         "baselines": compared(config.baselines),
         "taxonomy": None if taxonomy_summary is None else {
@@ -220,47 +217,47 @@ def report_table(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out: str | Path) -> None:
     """Add behaviour statistics to ``report``, write report.json, then report.md and the plots
     (:func:`rebuild_run_report`, as ``mechsteer report`` does)."""
-    out = Path(out)
+    paths = RunPaths(Path(out))
     directions = report["directions"]
     titles = dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
-    report["behaviour_statistics"] = behaviour_statistics(read_jsonl(out / "eval" / "hybrid" / "results.jsonl"),
-                                                          titles)
-    write_json_atomic(out / REPORT_JSON, report)
-    rebuild_run_report(out, stage_plots=False)
+    report["behaviour_statistics"] = behaviour_statistics(read_hybrid_records(paths.hybrid_results()), titles)
+    write_json_atomic(paths.report_json, report)
+    rebuild_run_report(paths.root, stage_plots=False)
 
 
-def read_run(out: str | Path) -> tuple[RunView, list[dict[str, Any]]]:
+def read_run(out: str | Path) -> tuple[RunView, list[HybridRecord]]:
     """A run folder as report.md shows it, and the hybrid's per-problem log (empty until its stage
     is done). Reads the finished stages' records and artefacts; recomputes only statistics."""
-    out = Path(out)
-    record = read_json(out / "stages.json", "run's stage record (stages.json; is this a run folder?)")
+    paths = RunPaths(Path(out))
+    record = read_json(paths.stages_file, "run's stage record (stages.json; is this a run folder?)")
     config = RunConfig.from_dict(record["config"], check_values=False)
     stages: dict[str, dict[str, Any]] = record["stages"]
     missing = [stage for stage in expected_stages(config)
-               if stage not in stages and not (stage == REPORT_STAGE and (out / REPORT_JSON).is_file())]
+               if stage not in stages and not (stage == REPORT_STAGE and paths.report_json.is_file())]
 
     def summary(stage: str) -> dict[str, Any] | None:
         return stages[stage]["summary"] if stage in stages else None
 
     directions = summary("directions")
     titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
-    hybrid_records = read_jsonl(out / "eval" / "hybrid" / "results.jsonl") if "eval_hybrid" in stages else []
-    problems = {record.get("problem_id") for record in hybrid_records}
-    if "eval_hybrid" in stages and (len(hybrid_records) != config.n_eval or len(problems) != config.n_eval):
-        raise ArtefactError(f"{out / 'eval' / 'hybrid' / 'results.jsonl'} holds {len(hybrid_records)} records of "
+    hybrid_records = read_hybrid_records(paths.hybrid_results()) if HYBRID_EVAL in stages else []
+    problems = {record.problem_id for record in hybrid_records}
+    if HYBRID_EVAL in stages and (len(hybrid_records) != config.n_eval or len(problems) != config.n_eval):
+        raise ArtefactError(f"{paths.hybrid_results()} holds {len(hybrid_records)} records of "
                             f"{len(problems)} problems, but the run evaluated {config.n_eval}: the file was cut or "
                             "mixed; rerun mechsteer run into a new --out")
     if not missing:
-        report = read_json(out / REPORT_JSON, "run's report")
+        report = read_json(paths.report_json, "run's report")
         written_for = RunConfig.from_dict(report.get("config", {}), check_values=False).digest() \
             if isinstance(report, dict) and isinstance(report.get("config"), dict) else None
         if written_for != record["config_digest"]:
-            raise ProvenanceError(f"{out / REPORT_JSON} was written for another config (digest {written_for}) than "
+            raise ProvenanceError(f"{paths.report_json} was written for another config (digest {written_for}) than "
                                   f"this folder's stages.json ({record['config_digest']}); rerun mechsteer run on "
                                   "the folder to write its own")
     else:  # the same keys from the finished stages
-        models = ["base", "thinking", "hybrid", *config.controls, *config.baselines]
-        evaluations = {name: stages[f"eval_{name}"]["summary"] for name in models if f"eval_{name}" in stages}
+        evaluations = {spec.name.removeprefix("eval_"): EvalSummary.from_json(stages[spec.name]["summary"], spec.name)
+                       for spec in planned(config)
+                       if spec.group in ("plain_eval", "hybrid_eval") and spec.name in stages}
         report = assemble_report(config, evaluations, summary("taxonomy"), directions, summary("ablations"),
                                  {name: entry["seconds"] for name, entry in stages.items()})
         report["tuning"] = tuning_report(config, summary("tuning"))
@@ -268,10 +265,10 @@ def read_run(out: str | Path) -> tuple[RunView, list[dict[str, Any]]]:
             report["behaviour_statistics"] = behaviour_statistics(hybrid_records, titles)
     ablations = None
     if "ablations" in stages:
-        ablations = read_json(out / "ablations" / ABLATIONS_JSON, "ablations' tables")
+        ablations = read_json(paths.ablations / ABLATIONS_JSON, "ablations' tables")
     view = RunView(
         config=config, config_digest=record["config_digest"], stages=stages, missing=missing, report=report,
-        taxonomy=Taxonomy.load(out / "taxonomy") if "taxonomy" in stages else None, ablations=ablations,
+        taxonomy=Taxonomy.load(paths.taxonomy) if "taxonomy" in stages else None, ablations=ablations,
         hybrid_problems=len(hybrid_records),
         timeline_problems=sum(len(group) for _, group in timeline_examples(hybrid_records, titles)),
     )
@@ -283,7 +280,8 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
 
     ``stage_plots`` also redraws the plots of the taxonomy and ablation stages from their tables
     (the sentence map needs the activations and is kept as the taxonomy stage drew it)."""
-    out = Path(out)
+    paths = RunPaths(Path(out))
+    out = paths.root
     view, hybrid_records = read_run(out)
     report = view.report
     directions = view.stages.get("directions", {}).get("summary")
@@ -303,15 +301,15 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
         _draw(out / TRANSITIONS_PLOT, lambda path: plot_transitions(statistics["transitions"], order, path))
     taxonomy = view.stages.get("taxonomy", {}).get("summary")
     if stage_plots and taxonomy and taxonomy.get("sweep"):
-        _draw(out / "taxonomy" / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy["sweep"], path))
+        _draw(paths.taxonomy / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy["sweep"], path))
     if stage_plots and view.ablations is not None:
         necessity = [NecessityRow.from_json(row) for row in view.ablations["necessity"]]
         sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]
-        _draw(out / "ablations" / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
-    candidates = [ACCURACY_PLOT, f"taxonomy/{METRICS_PLOT}", f"taxonomy/{SENTENCE_MAP_PLOT}",
-                  f"ablations/{ABLATIONS_PLOT}", TRANSITIONS_PLOT, TIMELINE_PLOT]
-    view.plots = {name for name in candidates if (out / name).is_file()}
-    write_text_atomic(out / REPORT_MD, run_markdown(view))
+        _draw(paths.ablations / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
+    candidates = [out / ACCURACY_PLOT, paths.taxonomy / METRICS_PLOT, paths.taxonomy / SENTENCE_MAP_PLOT,
+                  paths.ablations / ABLATIONS_PLOT, out / TRANSITIONS_PLOT, out / TIMELINE_PLOT]
+    view.plots = {paths.relative(path) for path in candidates if path.is_file()}
+    write_text_atomic(paths.report_md, run_markdown(view))
     return view
 
 
@@ -340,11 +338,12 @@ def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     ablations = report.get("ablations") or {}
     tracker.log_table("ablation_necessity", list(ablations.get("necessity", [])))
     tracker.log_table("ablation_sufficiency", list(ablations.get("sufficiency", [])))
-    for plot in [*sorted(out.glob("*.png")), *sorted((out / "taxonomy").glob("*.png"))]:
+    paths = RunPaths(out)
+    for plot in [*sorted(out.glob("*.png")), *sorted(paths.taxonomy.glob("*.png"))]:
         tracker.log_image(str(plot.relative_to(out).with_suffix("")), plot)
-    tracker.log_artifact(f"{report['name']}-taxonomy", "taxonomy", [out / "taxonomy"])
-    tracker.log_artifact(f"{report['name']}-directions", "directions", [out / "directions"])
-    tracker.log_artifact(f"{report['name']}-report", "report", [out / "report.json", out / "report.md"])
+    tracker.log_artifact(f"{report['name']}-taxonomy", "taxonomy", [paths.taxonomy])
+    tracker.log_artifact(f"{report['name']}-directions", "directions", [paths.directions])
+    tracker.log_artifact(f"{report['name']}-report", "report", [paths.report_json, paths.report_md])
 
 
 def format_number(value: Any) -> str:

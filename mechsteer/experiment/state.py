@@ -26,6 +26,7 @@ from mechsteer.core.store import json_digest, read_json, write_json_atomic
 from mechsteer.experiment import keys
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.keys import stage_keys
+from mechsteer.experiment.layout import RunPaths, StageSpec, planned_stages, stage_spec
 from mechsteer.experiment.tracking import NullTracker, Tracker
 
 # The config keys each stage's results depend on, from the keys' declarations (RunConfig's field
@@ -57,23 +58,16 @@ def stages_reading(key: str, stages: list[str]) -> list[str]:
     return keys.stages_reading(RunConfig, key, stages)
 
 
-def stage_folder(stage: str) -> str:
-    """The folder a stage writes, relative to the run folder (``traces_thinking_train`` ->
-    ``traces/thinking_train``, ``eval_hybrid`` -> ``eval/hybrid``, ``taxonomy`` -> ``taxonomy``)."""
-    for prefix in ("traces", "eval"):
-        if stage.startswith(prefix + "_"):
-            return f"{prefix}/{stage.removeprefix(prefix + '_')}"
-    return stage
-
-
-# The stages that resume inside their folder (streamed records); the others rewrite it whole.
-RESUMED_STAGES = frozenset({"activations", "tuning"})
+def planned(config: RunConfig) -> list[StageSpec]:
+    """The stages a run of ``config`` does, in order (mechsteer.experiment.layout's table)."""
+    return planned_stages(tuning=config.tune_split is not None, comparisons=[*config.controls, *config.baselines],
+                          ablations=config.ablations)
 
 
 def resumed_folders(stage: str) -> list[str]:
     """The folders a stage resumes inside (streamed records: traces, activations, tuning, evaluations)."""
-    streamed = stage.startswith(("traces_", "eval_")) or stage in RESUMED_STAGES
-    return [stage_folder(stage)] if streamed else []
+    spec = stage_spec(stage)
+    return [spec.folder] if spec.streamed else []
 
 
 def resolved_placement(config: RunConfig) -> dict[str, dict[str, str]]:
@@ -93,8 +87,9 @@ class RunState:
 
     def __init__(self, out: Path, config: RunConfig):
         self.out = out
+        self.paths = RunPaths(out)
         self.tracker: Tracker = NullTracker()  # run_pipeline sets the run's own once the folder is accepted
-        self.path = out / "stages.json"
+        self.path = self.paths.stages_file
         self.placement = resolved_placement(config)
         state = read_json(self.path, "run's stage record (stages.json)") if self.path.exists() else {}
         if self.path.exists() and not (isinstance(state, dict) and isinstance(state.get("stages"), dict)
@@ -107,7 +102,7 @@ class RunState:
             self._check_precision(state, config)
         out.mkdir(parents=True, exist_ok=True)  # only once the folder is accepted
         self.state = state or {"config_digest": config.digest(), "config": asdict(config), "stages": {}}
-        write_json_atomic(out / "config.json", asdict(config))
+        write_json_atomic(self.paths.config_file, asdict(config))
         self.save()
 
     def _accept_changes(self, state: dict[str, Any], config: RunConfig) -> None:

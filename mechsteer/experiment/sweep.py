@@ -53,6 +53,7 @@ from mechsteer.core.validation import Range, check_fields, describe, field_hints
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig, read_yaml_mapping
 from mechsteer.experiment.executors import EXECUTORS, ExecutorKind, make_executor
 from mechsteer.experiment.keys import sweep_reserved_keys
+from mechsteer.experiment.layout import REPORT_MD, RunPaths
 from mechsteer.experiment.markdown import sweep_markdown
 from mechsteer.experiment.points import (
     SweepPoint,
@@ -321,7 +322,7 @@ def write_results(rows: list[dict[str, Any]], out: Path, *, title: str, override
         write(staging)
         os.replace(staging, out / name)
     # from the table as written, as `mechsteer report` reads it: both give the same report.md
-    write_text_atomic(out / "report.md", sweep_markdown(title, _read_results(out), override_keys, plot=True))
+    write_text_atomic(out / REPORT_MD, sweep_markdown(title, _read_results(out), override_keys, plot=True))
 
 
 def rebuild_sweep_report(out: str | Path) -> list[str]:
@@ -338,7 +339,7 @@ def rebuild_sweep_report(out: str | Path) -> list[str]:
         staging = out / ".results.png.partial"
         plot_results(rows, staging, spec.name, swept)
         os.replace(staging, out / "results.png")
-        write_text_atomic(out / "report.md", sweep_markdown(spec.name, rows, swept, plot=True))
+        write_text_atomic(out / REPORT_MD, sweep_markdown(spec.name, rows, swept, plot=True))
         return []
     rows, missing = [], []
     for point in plan["points"]:
@@ -346,13 +347,14 @@ def rebuild_sweep_report(out: str | Path) -> list[str]:
         row: dict[str, Any] = {"index": point["index"], "point": folder.name}
         row.update({key: json.dumps(value) if isinstance(value, list | dict) else value
                     for key, value in point["overrides"].items()})
-        if (folder / "report.json").is_file():
-            row.update({**headline_metrics(read_json(folder / "report.json", "point's report")), "status": "ok"})
+        report = RunPaths(folder).report_json
+        if report.is_file():
+            row.update({**headline_metrics(read_json(report, "point's report")), "status": "ok"})
         else:
             missing.append(folder.name)
             row["status"] = "not finished"
         rows.append(row)
-    write_text_atomic(out / "report.md", sweep_markdown(spec.name, rows, swept, missing=missing))
+    write_text_atomic(out / REPORT_MD, sweep_markdown(spec.name, rows, swept, missing=missing))
     return missing
 
 

@@ -14,13 +14,15 @@ Without ``tune_split`` the hybrid uses ``coefficients`` x ``windows`` (and ``thr
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.layout import RunPaths
 from mechsteer.hybrid.generator import HybridConfig
+from mechsteer.hybrid.records import HybridRecord
 from mechsteer.hybrid.timing import (
     BehaviourClassifier,
     PolicySpec,
@@ -28,7 +30,6 @@ from mechsteer.hybrid.timing import (
     build_timing_policy,
 )
 
-TUNING_DIR = "tuning"
 GRID = "grid"
 CONFIG_NOTE = "set in the config"
 
@@ -100,41 +101,49 @@ def hybrid_policy(config: RunConfig, sae: BehaviourClassifier, behaviour_ids: li
                                                          threshold=threshold))
 
 
-def candidate_log(out: Path, setting: SteeringSetting) -> Path:
-    """Where a candidate's hybrid records stream (one JSON line per validation problem)."""
-    return out / TUNING_DIR / setting.name / "results.jsonl"
-
-
-def measure(setting: SteeringSetting, records: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TuningCandidate:
     """A candidate's row of the tuning table: its setting, validation accuracy and tokens steered."""
+
+    setting: SteeringSetting
+    accuracy: float
+    tokens_steered_fraction: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.setting.to_json(), "accuracy": self.accuracy,
+                "tokens_steered_fraction": self.tokens_steered_fraction}
+
+
+def measure(setting: SteeringSetting, records: Sequence[HybridRecord]) -> TuningCandidate:
+    """A candidate measured on its validation records."""
     n = max(len(records), 1)
-    return {**setting.to_json(), "accuracy": sum(bool(r["correct"]) for r in records) / n,
-            "tokens_steered_fraction": sum(r["steered_fraction"] for r in records) / n}
+    return TuningCandidate(setting, accuracy=sum(record.correct for record in records) / n,
+                           tokens_steered_fraction=sum(record.steered_fraction for record in records) / n)
 
 
-def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The most accurate row; ties go to fewer tokens steered, then to the smaller coefficient (a grid
-    counts as its largest), then to the earlier row."""
-    if not rows:
+def choose(candidates: Sequence[TuningCandidate]) -> TuningCandidate:
+    """The most accurate candidate; ties go to fewer tokens steered, then to the smaller coefficient (a
+    grid counts as its largest), then to the earlier candidate."""
+    if not candidates:
         raise ValueError("no tuning candidates to choose from")
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["accuracy"], rows[i]["tokens_steered_fraction"],
-                                                    max(rows[i]["coefficients"]), i))
-    return rows[order[0]]
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i].accuracy,
+                                                          candidates[i].tokens_steered_fraction,
+                                                          max(candidates[i].setting.coefficients), i))
+    return candidates[order[0]]
 
 
-def run_tuning(config: RunConfig, out: Path, n_problems: int,
-               evaluate: Callable[[SteeringSetting, Path], list[dict[str, Any]]],
+def run_tuning(config: RunConfig, paths: RunPaths, n_problems: int,
+               evaluate: Callable[[SteeringSetting, Path], Sequence[HybridRecord]],
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """The tuning stage's body: ``evaluate`` runs the hybrid with one candidate on the validation
     problems, streaming to the path it is given (and resuming from it); returns the stage summary."""
     rows = []
     for setting in tuning_candidates(config):
-        rows.append(measure(setting, evaluate(setting, candidate_log(out, setting))))
-        log(f"  tuning {setting.name}: accuracy {rows[-1]['accuracy']:.3f}, "
-            f"{100 * rows[-1]['tokens_steered_fraction']:.1f}% of tokens steered")
-    chosen = choose(rows)
-    return {"split": config.tune_split, "n": n_problems, "candidates": rows,
-            "chosen": {key: chosen[key] for key in ("name", "coefficients", "windows", "threshold")}}
+        rows.append(measure(setting, evaluate(setting, paths.tuning_results(setting.name))))
+        log(f"  tuning {setting.name}: accuracy {rows[-1].accuracy:.3f}, "
+            f"{100 * rows[-1].tokens_steered_fraction:.1f}% of tokens steered")
+    return {"split": config.tune_split, "n": n_problems, "candidates": [row.to_json() for row in rows],
+            "chosen": choose(rows).setting.to_json()}
 
 
 def chosen_setting(config: RunConfig, summary: dict[str, Any] | None) -> SteeringSetting:

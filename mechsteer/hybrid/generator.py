@@ -327,7 +327,7 @@ class _HybridBatch:
                  config: HybridConfig, vocab: PairVocab):
         self.base, self.thinking = base, thinking
         self.behaviours, self.policy, self.config, self.vocab = behaviours, policy, config, vocab
-        self.reads_text = bool(getattr(policy, "reads_text", False))
+        self.reads_text = policy.reads_text
         self.read_next = policy_read(policy) == "next_token"
         self.shared = vocab.shared
         self.base_runner = CachedRunner(base, tokenize_prompts(base, base_prompts))

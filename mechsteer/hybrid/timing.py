@@ -38,8 +38,8 @@ Policies:
 The "random vectors" control is :class:`SAEArgmaxPolicy` run with norm-matched random
 directions in place of the behaviour vectors (``DirectionSet.random_like``).
 
-A policy that must know which problems a batch's rows are (:class:`BatchBound`, e.g. the replay)
-is told before each batch by whoever runs the batches (``mechsteer.experiment.pipeline.evaluate_hybrid``).
+Every policy is told which problems a batch's rows are before each batch (``bind``, by whoever runs
+the batches: ``mechsteer.experiment.pipeline.evaluate_hybrid``); the replay is the one that needs it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, cast, get_args, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -89,25 +89,40 @@ class PolicyDecision:
 
 @runtime_checkable
 class TimingPolicy(Protocol):
+    """Everything the generator and the evaluation loop use of a policy (:class:`PolicyBase` gives
+    the defaults of all but ``name`` and ``decide``)."""
+
+    # read-only here, so that a policy may narrow them (a Literal field) or compute them (a wrapper)
     @property
-    def name(self) -> str: ...  # read-only here, so that a policy may narrow it (a Literal field)
+    def name(self) -> str: ...
+
+    @property
+    def read(self) -> PolicyRead: ...  # the thinking-model activation it classifies
+
+    @property
+    def reads_text(self) -> bool: ...  # it reads the generated tokens (one host transfer per step)
+
+    def bind(self, problem_ids: list[str]) -> None: ...  # told which problems a batch's rows are, before it
 
     def decide(self, state: PolicyInput) -> PolicyDecision: ...
 
 
-def policy_read(policy: object) -> PolicyRead:
-    """The activation ``policy`` classifies: its ``read`` (wrappers report their wrapped policy's)."""
-    read = getattr(policy, "read", "last_token")
-    if read in get_args(PolicyRead):
-        return cast(PolicyRead, read)
-    raise ValueError(f"policy {getattr(policy, 'name', policy)!r} has read {read!r}; expected last_token or next_token")
+class PolicyBase:
+    """The defaults of a timing policy: it classifies the last token's activation, does not read the
+    generated text, and decides the same whichever problems the rows are."""
+
+    read: PolicyRead = "last_token"
+    reads_text: bool = False
+
+    def bind(self, problem_ids: list[str]) -> None:
+        return None
 
 
-@runtime_checkable
-class BatchBound(Protocol):
-    """A policy whose decisions depend on which problems the rows are: bound before each batch."""
-
-    def bind(self, problem_ids: list[str]) -> None: ...
+def policy_read(policy: TimingPolicy) -> PolicyRead:
+    """``policy.read``, refused unless it is one of :data:`PolicyRead` (a plug-in's value is checked)."""
+    if policy.read in get_args(PolicyRead):
+        return policy.read
+    raise ValueError(f"policy {policy.name!r} has read {policy.read!r}; expected last_token or next_token")
 
 
 @runtime_checkable
@@ -120,7 +135,7 @@ class BehaviourClassifier(Protocol):
 
 
 @dataclass
-class SAEArgmaxPolicy:
+class SAEArgmaxPolicy(PolicyBase):
     classifier: BehaviourClassifier
     behaviour_ids: list[int] | None = None  # latents that have a direction; None: all latents
     name: PolicyName = "sae_argmax"
@@ -158,7 +173,7 @@ class ThresholdPolicy(SAEArgmaxPolicy):
 
 
 @dataclass
-class AlwaysBiasPolicy:
+class AlwaysBiasPolicy(PolicyBase):
     name: PolicyName = "always"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
@@ -177,6 +192,13 @@ class _WrappingPolicy:
     def read(self) -> PolicyRead:
         return policy_read(self.timing)
 
+    @property
+    def reads_text(self) -> bool:
+        return self.timing.reads_text
+
+    def bind(self, problem_ids: list[str]) -> None:
+        self.timing.bind(problem_ids)
+
 
 @dataclass
 class BiasOnlyPolicy(_WrappingPolicy):
@@ -190,7 +212,7 @@ class BiasOnlyPolicy(_WrappingPolicy):
 
 
 @dataclass
-class ReplayPolicy:
+class ReplayPolicy(PolicyBase):
     """The bias alone at given generated-token positions (``PolicyInput.step``) of each problem.
 
     ``positions`` maps a problem id to its steered positions; :meth:`bind` says which problem
@@ -225,7 +247,7 @@ class ReplayPolicy:
 
 
 @dataclass
-class TimingOraclePolicy:
+class TimingOraclePolicy(PolicyBase):
     """Steer where ``oracle`` (the text generated so far -> a behaviour title or None) names a
     behaviour that ``behaviour_of_title`` has a direction for, with that direction."""
 
@@ -259,7 +281,7 @@ class FirstTokenOnlyPolicy(_WrappingPolicy):
 
 
 @dataclass
-class NeverPolicy:
+class NeverPolicy(PolicyBase):
     name: PolicyName = "never"
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
@@ -269,7 +291,7 @@ class NeverPolicy:
 
 
 @dataclass
-class RandomFiringPolicy:
+class RandomFiringPolicy(PolicyBase):
     rate: float
     behaviour_ids: list[int]
     seed: int = 0

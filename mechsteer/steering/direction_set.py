@@ -33,6 +33,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.models import resid_hook_name
+from mechsteer.core.plugins import load_plugins
 from mechsteer.core.provenance import same_model
 from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
@@ -44,12 +45,31 @@ from mechsteer.interventions.hooks import (
     intervene,
 )
 
+# The built-in methods' names (a plug-in's method may take any registered name).
 DirectionMethod = Literal["mean", "sae", "optimised", "random"]
 # What DirectionSet.random_like matches the random vectors' norms to (see there).
 RandomMatch = Literal["parts", "added"]
-METHODS: tuple[str, ...] = get_args(DirectionMethod)
 Site = Literal["resid_post"]
 SITE: Site = "resid_post"
+
+# The methods a set may name: "random" (DirectionSet.random_like's controls) and every method
+# registered with mechsteer.steering.methods.register_direction_method, which adds its name here.
+_SET_METHODS: list[str] = ["random"]
+
+
+def add_set_method(name: str) -> None:
+    """Let sets name ``name`` as their method (:func:`mechsteer.steering.methods.register_direction_method` calls it)."""
+    if "+" in name or not name:
+        raise ValueError(f"a direction method's name must be non-empty and without '+' (sums use it); got {name!r}")
+    if name not in _SET_METHODS:
+        _SET_METHODS.append(name)
+
+
+def set_method_names() -> tuple[str, ...]:
+    """The methods a :class:`DirectionSet` may name (plug-ins loaded)."""
+    load_plugins()
+    return tuple(_SET_METHODS)
+
 
 DIRECTIONS_FORMAT = ArtefactFormat(name="mechsteer.direction_set", version=1, json_file="directions.json",
                                    tensors_file="directions.safetensors", kind="DirectionSet")
@@ -64,7 +84,7 @@ class DirectionSet:
     n_layers: int
     layer: int
     site: Site
-    method: str  # a DirectionMethod, or several joined with "+" (a sum of sets)
+    method: str  # a registered method (set_method_names), or several joined with "+" (a sum of sets)
     behaviour_ids: list[int]
     titles: list[str]
     directions: Float[Tensor, "n_behaviours d_model"]
@@ -77,9 +97,11 @@ class DirectionSet:
         n = len(self.behaviour_ids)
         if self.site != SITE:
             raise ValueError(f"site must be {SITE!r} (the one site used for training and injection); got {self.site!r}")
-        for part in self.method.split("+"):
-            if part not in METHODS:
-                raise ValueError(f"method must be one of {METHODS} (or a '+'-joined sum); got {self.method!r}")
+        parts = self.method.split("+")
+        if any(part not in _SET_METHODS for part in parts):
+            load_plugins()  # a plug-in's method: its set is known once the plug-in registered it
+        if any(part not in _SET_METHODS for part in parts):
+            raise ValueError(f"method must be one of {set_method_names()} (or a '+'-joined sum); got {self.method!r}")
         if not 0 <= self.layer < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers - 1}]; got {self.layer}")
         if len(set(self.behaviour_ids)) != n:
@@ -313,10 +335,11 @@ class DirectionSet:
                                 f"({type(error).__name__}: {error}); rebuild the direction set") from None
 
 
-def direction_provenance(model: TransformerBridge, method: DirectionMethod, **extra: Any) -> dict[str, Any]:
+def direction_provenance(model: TransformerBridge, method: str, **extra: Any) -> dict[str, Any]:
     """The provenance every method records: method, model, creation time, site, plus ``extra``."""
     return {"method": method, "model": model.cfg.model_name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "site": SITE, **extra}
 
 
-__all__ = ["DIRECTIONS_FORMAT", "METHODS", "SITE", "DirectionMethod", "DirectionSet", "RandomMatch", "Site", "direction_provenance"]
+__all__ = ["DIRECTIONS_FORMAT", "SITE", "DirectionMethod", "DirectionSet", "RandomMatch", "Site", "add_set_method",
+           "direction_provenance", "set_method_names"]

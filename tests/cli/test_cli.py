@@ -4,8 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mechsteer.cli import main, run, sweep
-from mechsteer.experiment.config import DEMO_CONFIG
+from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+from mechsteer.experiment.keydocs import KEY_TABLE_BEGIN, KEY_TABLE_END, key_table_markdown
+from mechsteer.experiment.keys import key_infos
 
 DEMO_YAML = Path(__file__).resolve().parents[2] / "experiments" / "organism-demo.yaml"
 
@@ -57,3 +61,36 @@ def test_run_flags_override_the_configs_engine_and_placement(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--config", str(DEMO_YAML), "--out", str(out), "--engine", "openai"]) != 0
     assert "engine_url" in capsys.readouterr().err and not out.exists()
+
+
+def test_run_help_is_generated_from_the_keys(capsys):
+    parser = argparse.ArgumentParser(prog="mechsteer")
+    subparsers = parser.add_subparsers(dest="command")
+    run.register(subparsers)
+    helps = {action.dest: (action.option_strings, action.help) for action in subparsers.choices["run"]._actions}
+    infos = key_infos(RunConfig)
+    flags = {"device": "--device", "dtype": "--dtype", "engine": "--engine", "engine_url": "--engine-url",
+             "engine_model": "--engine-model", "engine_url_base": "--engine-url-base",
+             "engine_model_base": "--engine-model-base"}
+    assert {dest: helps[dest][0] for dest in run.OVERRIDES} == {dest: [flag] for dest, flag in flags.items()}
+    for dest, name in run.OVERRIDES.items():
+        assert helps[dest][1] == f"override {name}: {infos[name].help}"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    for name, info in infos.items():  # the listing after the options: every key with its help
+        assert f"\n  {name} = " in text and info.help in text, name
+    assert "\ntracking:\n  wandb = false  (bool; not in the digest (tracking))" in text
+
+
+def test_info_keys_writes_the_docs_table(tmp_path, capsys):
+    doc = tmp_path / "config.md"
+    doc.write_text(f"# Config keys\n\n{KEY_TABLE_BEGIN}\nstale\n{KEY_TABLE_END}\nafter\n", encoding="utf-8")
+    assert main(["info", "--keys", "--write", str(doc)]) == 0
+    assert doc.read_text(encoding="utf-8") == (
+        f"# Config keys\n\n{KEY_TABLE_BEGIN}\n{key_table_markdown(RunConfig)}\n{KEY_TABLE_END}\nafter\n")
+    capsys.readouterr()
+    assert main(["info", "--keys"]) == 0
+    assert capsys.readouterr().out == key_table_markdown(RunConfig) + "\n"
+    assert main(["info", "--write", str(doc)]) == 2
+    assert "--write goes with --keys" in capsys.readouterr().err

@@ -160,7 +160,7 @@ CASES = [
         "--out", str(f["traces"])], 1, "made with model 'organism-thinking', but 'organism-base' is expected"),
     ("activations of other traces, same count", lambda f: [
         "activations", "--model", "organism-thinking", "--traces", str(f["other_traces"]), "--layers", "1,2",
-        "--out", str(f["activations"])], 1, "different traces (digest)"),
+        "--batch-size", "8", "--out", str(f["activations"])], 1, "different traces (digest)"),
     ("taxonomy of a manifest claiming another model", lambda f: [
         "taxonomy", "--activations", str(f["activations_claimed"]), "--model", "organism-thinking",
         "--n-latents", "3", "--out", str(f["root"] / "tax_out")], 1, "made with model 'organism-base'"),
@@ -195,7 +195,7 @@ CASES = [
     ("run --out a file", lambda f: ["run", "--config", str(f["config_demo"]), "--out", str(f["a_file"])], 2,
      "is a file, not a folder"),
     ("changed key of a finished stage", lambda f: [
-        "run", "--config", str(f["config_demo_seed1"]), "--out", str(f["run"])], 2, "seed: 0 -> 1 (read by taxonomy)"),
+        "run", "--config", str(f["config_demo_seed1"]), "--out", str(f["run"])], 2, "seed: 0 -> 1 (read by traces_thinking_train, traces_base_train, taxonomy)"),
     ("demo --n 0", lambda f: ["demo", "--n", "0", "--out", str(f["root"] / "demo")], 2, "argument --n: must be >= 1"),
     ("sweep file holding a list", lambda f: ["sweep", "--config", str(f["sweep_list"])], 2, "holds a list"),
     ("sweep point that is no object", lambda f: [
@@ -205,11 +205,11 @@ CASES = [
     ("traces --n 0", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism", "--n", "0",
                                 "--out", str(f["root"] / "t0")], 2, "argument --n: must be >= 1"),
     ("traces --temperature nan", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism",
-                                            "--sample", "--temperature", "nan", "--out", str(f["root"] / "t3")], 2,
-     "argument --temperature: must be a finite number > 0, got nan"),
-    ("traces --top-p 0", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism", "--sample",
+                                            "--temperature", "nan", "--out", str(f["root"] / "t3")], 2,
+     "argument --temperature: must be a finite number >= 0, got nan"),
+    ("traces --top-p 0", lambda f: ["traces", "--model", "organism-base", "--benchmark", "organism",
                                     "--top-p", "0", "--out", str(f["root"] / "t4")], 2,
-     "argument --top-p: must be in (0, 1], got 0"),
+     "argument --top-p: must be a finite number > 0 and <= 1, got 0"),
     ("eval_top_p: 0", lambda f: ["run", "--config", str(f["config_top_p_0"]), "--out", str(f["root"] / "r11")],
      2, "eval_top_p = 0 keeps no token"),
     ("local judge of a missing folder", lambda f: [

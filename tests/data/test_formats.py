@@ -66,9 +66,11 @@ def test_run_config_stage_settings():
         "hybrid_batch_size": 3, "max_candidates_per_chunk": 5, "trace_temperature": 0.6, "trace_top_p": 0.95,
         "windows": [0, 1], "base_stop_strings": ["\nQ:"]})
     traces = trace_settings(config, "base")
-    assert (traces["max_new_tokens"], traces["do_sample"], traces["temperature"], traces["top_p"]) == (50, True, 0.6, 0.95)
-    assert traces["stop_strings"] == ("\nQ:",) and "stop_strings" not in trace_settings(config, "thinking")
-    evaluation = eval_settings(config, "thinking")
+    options = traces.generate_options()
+    assert (options["max_new_tokens"], options["do_sample"], options["temperature"], options["top_p"]) == \
+        (50, True, 0.6, 0.95)
+    assert options["stop_strings"] == ("\nQ:",) and "stop_strings" not in trace_settings(config, "thinking").generate_options()
+    evaluation = eval_settings(config, "thinking").generate_options()
     assert evaluation["max_new_tokens"] == 70 and "do_sample" not in evaluation  # greedy by default
     hybrid = run_hybrid_config(config, 1, 2)
     assert (hybrid.max_new_tokens, hybrid.batch_size, hybrid.max_candidates_per_chunk) == (90, 3, 5)
@@ -76,7 +78,7 @@ def test_run_config_stage_settings():
     # the demo's own settings are untouched: one length, its batch, its template's (no) stop strings
     demo = run_hybrid_config(DEMO_CONFIG, 1, 2)
     assert (demo.max_new_tokens, demo.batch_size, demo.stop_strings) == (192, 50, ())
-    assert trace_settings(DEMO_CONFIG, "base")["stop_strings"] == ()
+    assert trace_settings(DEMO_CONFIG, "base").stop_strings == ()
     gsm8k = dataclasses.replace(DEMO_CONFIG, benchmark="gsm8k", judge="none")
     assert gsm8k.resolved_base_stop_strings == get_template("base_paper").stop_strings
     minimal = {"name": "x", "base_model": "organism-base", "thinking_model": "organism-thinking", "benchmark": "organism"}

@@ -30,7 +30,6 @@ from mechsteer.engines import (
 )
 from mechsteer.engines.openai import ENV_ENGINE_API_KEY
 from mechsteer.experiment import config as config_module
-from mechsteer.experiment import pipeline as pipeline_module
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import plain_generator
 from tests.engines.stub import Answer, StubServer, completion
@@ -409,21 +408,11 @@ def test_the_judge_keys_reach_the_taxonomy_stage_and_only_max_tokens_is_digested
     with pytest.raises(ConfigError, match="judge_timeout"):
         RunConfig.from_dict({**data, "judge_timeout": 0.0})
 
-    class Swept(Exception):
-        pass
-
-    seen: dict[str, Any] = {}
-
-    def sweep_to_folder(*args: Any, **kwargs: Any) -> None:
-        seen.update(kwargs)
-        raise Swept
-
-    monkeypatch.setattr(pipeline_module, "sweep_to_folder", sweep_to_folder)
+    # the run's taxonomy stage builds its settings with config.taxonomy_settings
     config = RunConfig.from_dict({**data, "judge": "http:served-judge", "judge_timeout": 45.0, "judge_max_tokens": 48})
-    with pytest.raises(Swept):
-        pipeline_module._taxonomy_stage(config, tmp_path, [2])
-    assert seen["judge_spec"] == "http:served-judge"
-    assert (seen["judge_settings"].timeout, seen["judge_settings"].max_tokens) == (45.0, 48)
+    settings = config_module.taxonomy_settings(config, [2])
+    assert (settings.judge, settings.layers) == ("http:served-judge", (2,))
+    assert (settings.judge_settings.timeout, settings.judge_settings.max_tokens) == (45.0, 48)
 
 
 def test_ctrl_c_during_hung_requests_exits_at_once(stub: StubServer, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from mechsteer.data.benchmarks import Problem
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.markdown import RunView, run_markdown
 from mechsteer.experiment.pipeline import evaluate_hybrid, steered_positions
+from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import accuracy_rows, assemble_report, expected_stages
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import BIAS_ONLY, RandomFiringPolicy, ReplayPolicy
@@ -36,18 +37,18 @@ def test_replay_fires_at_the_hybrids_positions_in_every_batch(pair, tmp_path):
     hybrid = evaluate_hybrid(pair, PROBLEMS, vectors, RandomFiringPolicy(0.3, [0, 1, 2], seed=1), config,
                              tmp_path / "hybrid" / "results.jsonl", **settings)
     positions = steered_positions(tmp_path / "hybrid" / "results.jsonl")
-    assert positions == {record["problem_id"]: record["steered_positions"] for record in hybrid}
+    assert positions == {record.problem_id: record.steered_positions for record in hybrid}
     # the problems steer at different positions, so a row given another problem's positions shows
     assert len({tuple(steps) for steps in positions.values()}) == len(PROBLEMS)
     replayed = evaluate_hybrid(pair, PROBLEMS, vectors, ReplayPolicy(positions), config,
                                tmp_path / "replayed" / "results.jsonl", **settings)
-    assert [record["problem_id"] for record in replayed] == [problem.id for problem in PROBLEMS]
+    assert [record.problem_id for record in replayed] == [problem.id for problem in PROBLEMS]
     for record in replayed:
-        assert record["steered_positions"] == positions[record["problem_id"]], record["problem_id"]
-        assert set(record["steered_behaviours"]) <= {BIAS_ONLY}
+        assert record.steered_positions == positions[record.problem_id], record.problem_id
+        assert set(record.steered_behaviours) <= {BIAS_ONLY}
 
 
-def comparison_run() -> tuple[RunConfig, dict]:
+def comparison_run() -> tuple[RunConfig, dict[str, EvalSummary]]:
     config = RunConfig.from_dict({**SHORT_RUN, "n_eval": 4,
                                   "controls": ["only_bias", "only_bias_replayed", "random_vectors"],
                                   "baselines": ["first_token_only"]})
@@ -61,7 +62,7 @@ def comparison_run() -> tuple[RunConfig, dict]:
                            "norm_matched_to": "bias + direction"},
         "first_token_only": {"correct": [True, True, True, False], "steered_fraction": 0.01},
     }
-    return config, evaluations
+    return config, {name: EvalSummary.from_json(summary) for name, summary in evaluations.items()}
 
 
 def test_report_has_each_control_and_baseline_compared_with_the_gap():

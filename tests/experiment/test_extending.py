@@ -1,5 +1,6 @@
-"""The extension example (examples/extending_mechsteer.py): a benchmark with its own grader and a
-timing policy, registered from outside the package, run through mechsteer run."""
+"""The extension example (examples/extending_mechsteer.py): a benchmark with its own grader, a
+timing policy, a direction method and a generation engine, registered from outside the package,
+run through mechsteer run."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from mechsteer.core.errors import ConfigError
+from mechsteer.engines import load_tokenizer
+from mechsteer.engines.base import prompt_token_ids
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.grading.answers import extract_answer, is_correct
+from mechsteer.steering.direction_set import DirectionSet
 from tests.tiny_models import save_chat_pair
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "extending_mechsteer.py"
@@ -47,9 +51,33 @@ def test_the_example_runs_through_mechsteer_run(example, tmp_path):
     config = RunConfig.from_dict(dict(
         name="extending", base_model=str(base), thinking_model=str(thinking), benchmark="countdown", n_train=8,
         n_eval=4, max_new_tokens=32, batch_size=8, n_latents=[3], activation_layers=[1], tune_split="validation",
-        n_tune=2, coefficients=[1.0], policy="every_other_disagreement", ablation_contexts=2, device="cpu"))
-    report = run_pipeline(config, tmp_path / "run", log=lambda message: None)
+        n_tune=2, coefficients=[1.0], policy="every_other_disagreement", direction_method="median",
+        engine="length_sorted", controls=["late_bias"], ablation_contexts=2, device="cpu"))
+    out = tmp_path / "run"
+    report = run_pipeline(config, out, log=lambda message: None)
     assert report["benchmark"] == "countdown" and report["tokens_steered_fraction"] > 0
-    records = [json.loads(line) for line in (tmp_path / "run" / "eval" / "hybrid" / "results.jsonl").open()]
+    records = [json.loads(line) for line in (out / "eval" / "hybrid" / "results.jsonl").open()]
     steered = [position for record in records for position in record["steered_positions"]]
     assert steered and all(position % 2 == 0 for position in steered)  # the policy's own rule
+    # The plug-in control ran in a stage of its own: the bias alone, LATE_BY tokens after each hybrid steer
+    late = {record["problem_id"]: record for record in map(json.loads, (out / "eval" / "late_bias" / "results.jsonl").open())}
+    assert set(late) == {record["problem_id"] for record in records}
+    for record in records:
+        shifted = [position + example.LATE_BY for position in record["steered_positions"]]
+        assert late[record["problem_id"]]["steered_positions"] == [p for p in shifted
+                                                                    if p < late[record["problem_id"]]["n_tokens"]]
+        assert set(late[record["problem_id"]]["steered_behaviours"]) <= {-1}
+    assert report["controls"]["late_bias"]["tokens_steered_fraction"] is not None
+    # The hybrid steered with the plug-in's directions: medians, not means.
+    directions = DirectionSet.load(out / "directions")
+    assert directions.method == "median" and "n_labelled" in directions.provenance and directions.bias is not None
+    assert report["directions"]["method"] == "median"
+    assert "Difference-of-medians directions (`median`)" in (out / "report.md").read_text()
+    # Every plain generation ran on the plug-in's engine, each completion under its own problem.
+    for folder, model in (("traces/thinking_train", thinking), ("traces/base_train", base), ("eval/base", base),
+                          ("eval/thinking", thinking)):
+        traces = [json.loads(line) for line in (out / folder / "traces.jsonl").open()]
+        assert traces and {trace["settings"]["engine"] for trace in traces} == {"length_sorted"}
+        tokenizer = load_tokenizer(str(model))
+        for trace in traces:
+            assert trace["token_ids"][:trace["n_prompt_tokens"]] == prompt_token_ids(tokenizer, trace["prompt"])

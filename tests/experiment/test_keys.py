@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.store import read_json, write_json_atomic
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
-from mechsteer.experiment.keys import STAGES, key_infos, stage_keys
+from mechsteer.experiment.keys import STAGES, KeySection, key, key_infos, stage_keys
 from mechsteer.experiment.state import RunState
 from tests.experiment.configs import OLD_DEMO
 
@@ -51,6 +52,16 @@ def test_every_key_is_declared_with_its_metadata():
     for name, info in infos.items():
         assert info.read_by is None or set(info.read_by) <= set(STAGES), name
         assert info.kind == "computed" or not info.read_by, name  # a key outside the digest changes no result
+
+
+def test_every_key_says_where_it_is_listed_and_what_it_means():
+    for name, info in key_infos(RunConfig).items():
+        assert info.section in get_args(KeySection), f"RunConfig.{name} declares no section: key(..., section=...)"
+        assert info.help.strip() and "\n" not in info.help, f"RunConfig.{name} declares no one-line help: key(..., help=...)"
+    with pytest.raises(ValueError, match="one line"):
+        key(1, section="run", help="")
+    with pytest.raises(ValueError, match="one line"):
+        key(1, section="run", help="two\nlines")
 
 
 def test_every_config_keeps_its_digest():

@@ -1,12 +1,14 @@
-"""`mechsteer directions` and `mechsteer run`'s directions stage are one function
-(mechsteer.steering.stage.build_directions): on the same inputs they write the same direction set,
-tensors byte for byte and the same metadata up to the creation time and the training seconds."""
+"""Each per-stage command (`mechsteer traces`, `activations`, `taxonomy`, `directions`, `ablate`) and
+the matching stage of `mechsteer run` are one function with the same defaults: on the same inputs
+they write the same artefacts, byte for byte up to wall-clock times."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 from mechsteer.cli import main
+from mechsteer.experiment.config import RunConfig
 from tests.experiment.conftest import SHORT_RUN
 
 
@@ -46,3 +48,61 @@ def test_the_ablate_command_writes_the_run_stages_ablations(short_run, tmp_path)
                  "--batch-size", str(SHORT_RUN["batch_size"]), "--out", str(command)]) == 0
     for name in ("necessity.csv", "sufficiency.csv", "ablations.json"):
         assert (command / name).read_bytes() == (out / "ablations" / name).read_bytes(), name
+
+
+TIMES = {"created", "seconds", "train_seconds", "throughput", "elapsed"}
+
+
+def without_times(value):
+    """A JSON document without the keys that hold wall-clock times."""
+    if isinstance(value, dict):
+        return {key: without_times(item) for key, item in value.items() if key not in TIMES}
+    if isinstance(value, list):
+        return [without_times(item) for item in value]
+    return value
+
+
+def csv_rows(path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_traces_command_writes_the_run_stages_traces(short_run, tmp_path):
+    """mechsteer traces and the run's train traces: mechsteer.data.stage.run_traces with the run's defaults."""
+    out, _ = short_run
+    config = RunConfig.from_dict(SHORT_RUN)
+    command = tmp_path / "traces"
+    assert main(["traces", "--model", SHORT_RUN["thinking_model"], "--benchmark", SHORT_RUN["benchmark"],
+                 "--split", "train", "--n", str(SHORT_RUN["n_train"]), "--template", config.resolved_thinking_template,
+                 "--max-new-tokens", str(SHORT_RUN["max_new_tokens"]), "--batch-size", str(SHORT_RUN["batch_size"]),
+                 "--out", str(command)]) == 0
+    assert (command / "traces.jsonl").read_bytes() == (out / "traces" / "thinking_train" / "traces.jsonl").read_bytes()
+
+
+def test_the_activations_and_taxonomy_commands_write_the_run_stages_folders(short_run, tmp_path):
+    """mechsteer activations and taxonomy and the run's stages: mechsteer.activations.pool_activations and
+    mechsteer.taxonomy.stage.build_taxonomy, the same files on the same inputs (wall-clock times aside)."""
+    out, _ = short_run
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    layers = ",".join(str(layer) for layer in stages["activations"]["summary"]["layers"])
+    activations = tmp_path / "activations"
+    assert main(["activations", "--model", SHORT_RUN["thinking_model"], "--traces", str(out / "traces" / "thinking_train"),
+                 "--layers", layers, "--batch-size", str(SHORT_RUN["batch_size"]), "--out", str(activations)]) == 0
+    run_files = sorted(path.relative_to(out / "activations") for path in (out / "activations").rglob("*") if path.is_file())
+    assert sorted(path.relative_to(activations) for path in activations.rglob("*") if path.is_file()) == run_files
+    for name in run_files:
+        mine, theirs = activations / name, out / "activations" / name
+        if name.suffix == ".json":
+            assert without_times(json.loads(mine.read_text())) == without_times(json.loads(theirs.read_text())), name
+        else:
+            assert mine.read_bytes() == theirs.read_bytes(), name
+
+    taxonomy = tmp_path / "taxonomy"
+    assert main(["taxonomy", "--activations", str(out / "activations"), "--layers", layers,
+                 "--n-latents", ",".join(str(n) for n in SHORT_RUN["n_latents"]), "--normalise", "both",
+                 "--judge", SHORT_RUN["judge"], "--out", str(taxonomy)]) == 0
+    assert without_times(json.loads((taxonomy / "taxonomy.json").read_text())) == \
+        without_times(json.loads((out / "taxonomy" / "taxonomy.json").read_text()))
+    assert without_times(csv_rows(taxonomy / "metrics.csv")) == without_times(csv_rows(out / "taxonomy" / "metrics.csv"))
+    weights = sorted(path.relative_to(out / "taxonomy") for path in (out / "taxonomy").rglob("*.safetensors"))
+    assert weights and all((taxonomy / name).read_bytes() == (out / "taxonomy" / name).read_bytes() for name in weights)

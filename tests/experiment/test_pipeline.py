@@ -16,6 +16,7 @@ from mechsteer.core.store import read_jsonl
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
 from mechsteer.experiment.report import behaviour_statistics
 from mechsteer.experiment.state import RunState
+from mechsteer.hybrid.records import HybridRecord
 from tests.experiment.conftest import SHORT_RUN  # the short_run fixture (conftest) runs this config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,11 +78,14 @@ def test_a_refused_folder_or_config_leaves_the_folder_untouched(tmp_path):
 
 
 def test_behaviour_statistics_by_hand():
-    records = [
-        {"n_tokens": 11, "steered_positions": [0, 5, 10], "steered_behaviours": [0, 1, 0]},
-        {"n_tokens": 5, "steered_positions": [4], "steered_behaviours": [-1]},
-        {"n_tokens": 3, "steered_positions": [], "steered_behaviours": []},
-    ]
+    def record(n_tokens: int, positions: list[int], behaviours: list[int | None]) -> HybridRecord:
+        return HybridRecord(problem_id="p", text="", prediction=None, reference="1", correct=False,
+                            n_tokens=n_tokens, steered_fraction=len(positions) / n_tokens, agree_fraction=0.0,
+                            steered_positions=positions, steered_behaviours=behaviours,
+                            steered_coeffs=[1.0] * len(positions), steered_windows=[1] * len(positions),
+                            top_latents=[[0]] * n_tokens, finish_reason="stop")
+
+    records = [record(11, [0, 5, 10], [0, 1, 0]), record(5, [4], [-1]), record(3, [], [])]
     stats = behaviour_statistics(records, {0: "plan", 1: "verify"})
     assert stats["onset"]["plan"]["n_fired"] == 2
     assert stats["onset"]["plan"]["mean_relative_position"] == pytest.approx(0.5)  # (0 + 1) / 2

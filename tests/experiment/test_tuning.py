@@ -12,7 +12,14 @@ from mechsteer.core.errors import ConfigError
 from mechsteer.data.benchmarks import load_benchmark
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.report import rebuild_run_report
-from mechsteer.experiment.tuning import choose, config_setting, tuning_candidates, tuning_report
+from mechsteer.experiment.tuning import (
+    SteeringSetting,
+    TuningCandidate,
+    choose,
+    config_setting,
+    tuning_candidates,
+    tuning_report,
+)
 from mechsteer.hybrid import generator
 from mechsteer.hybrid.generator import HybridOutput, TokenLog
 from mechsteer.taxonomy.sweep import selected_by
@@ -43,14 +50,14 @@ def test_candidates_are_each_pair_then_the_grid_for_each_threshold():
 
 
 def row(name, accuracy, steered, coefficients):
-    return {"name": name, "accuracy": accuracy, "tokens_steered_fraction": steered, "coefficients": coefficients}
+    return TuningCandidate(SteeringSetting(name, tuple(coefficients), (1,)), accuracy, steered)
 
 
 def test_choice_is_the_most_accurate_then_fewer_tokens_steered_then_the_smaller_coefficient():
-    assert choose([row("a", 0.5, 0.1, [1.0]), row("b", 0.75, 0.3, [4.0]), row("c", 0.6, 0.0, [0.5])])["name"] == "b"
-    assert choose([row("a", 0.5, 0.2, [1.0]), row("b", 0.5, 0.1, [4.0])])["name"] == "b"
+    assert choose([row("a", 0.5, 0.1, [1.0]), row("b", 0.75, 0.3, [4.0]), row("c", 0.6, 0.0, [0.5])]).setting.name == "b"
+    assert choose([row("a", 0.5, 0.2, [1.0]), row("b", 0.5, 0.1, [4.0])]).setting.name == "b"
     assert choose([row("a", 0.5, 0.1, [4.0]), row("b", 0.5, 0.1, [1.0]), row("grid", 0.5, 0.1, [1.0, 4.0])]
-                  )["name"] == "b"
+                  ).setting.name == "b"
 
 
 @pytest.mark.parametrize("change, message", [

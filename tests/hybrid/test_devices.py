@@ -15,6 +15,7 @@ from mechsteer.hybrid.reference import reference_hybrid_generate
 from mechsteer.hybrid.timing import (
     AlwaysBiasPolicy,
     NeverPolicy,
+    PolicyBase,
     PolicyDecision,
     PolicyInput,
     SAEArgmaxPolicy,
@@ -40,7 +41,7 @@ def models(tmp_path_factory):
     }
 
 
-class OneRowPerStep:
+class OneRowPerStep(PolicyBase):
     """Steers row ``step % batch`` only (so that other rows always run on), with behaviour 1."""
 
     name = "one_row"

@@ -9,14 +9,15 @@ from mechsteer.hybrid.generator import HybridConfig, hybrid_generate
 from mechsteer.hybrid.timing import (
     BIAS_ONLY,
     AlwaysBiasPolicy,
-    BatchBound,
     BiasOnlyPolicy,
     FirstTokenOnlyPolicy,
+    PolicyBase,
     PolicyDecision,
     PolicyInput,
     ReplayPolicy,
     SAEArgmaxPolicy,
     TimingOraclePolicy,
+    TimingPolicy,
     policy_read,
 )
 from tests.device_discipline import DeviceDiscipline
@@ -43,11 +44,22 @@ def state(step: int, agree: list[bool]) -> PolicyInput:
                        torch.tensor(agree))
 
 
+def test_every_policy_declares_what_the_generator_and_the_loop_use():
+    oracle = TimingOraclePolicy(lambda text: None, lambda ids: "", {})
+    replay = ReplayPolicy(POSITIONS)
+    for policy in (AlwaysBiasPolicy(), replay, oracle, BiasOnlyPolicy(oracle), FirstTokenOnlyPolicy(replay)):
+        assert isinstance(policy, TimingPolicy), policy
+    assert (oracle.reads_text, BiasOnlyPolicy(oracle).reads_text, AlwaysBiasPolicy().reads_text) == (True, True, False)
+    problem_ids = BATCHES[0][0]
+    FirstTokenOnlyPolicy(replay).bind(problem_ids)  # a wrapper binds the policy it wraps
+    assert replay.n_rows == len(problem_ids)
+    AlwaysBiasPolicy().bind(problem_ids)  # most policies ignore which problems the rows are
+
+
 def test_replay_steers_the_bias_exactly_at_each_problems_positions(pair):
     base, thinking = pair
     vectors = make_vectors(base.cfg.d_model)
     policy = ReplayPolicy(POSITIONS)
-    assert isinstance(policy, BatchBound) and not isinstance(AlwaysBiasPolicy(), BatchBound)
     mode = DeviceDiscipline()
     for problem_ids, prompts in BATCHES:
         policy.bind(problem_ids)
@@ -141,7 +153,7 @@ def test_oracle_timing_needs_the_generated_text():
     assert decision.steer.tolist() == [True, True] and decision.behaviour.tolist() == [1, 1]
 
 
-class _Recording:
+class _Recording(PolicyBase):
     """Never steers; records the activation it is given at each step."""
 
     def __init__(self, read: str):

@@ -1,0 +1,179 @@
+"""A run's stages and its folder's layout, declared once.
+
+:data:`STAGE_TABLE` lists the stages of a run in the order they run, each with its folder (relative
+to the run folder), the models it loads on the bridge, its group (what its body is:
+:mod:`mechsteer.experiment.stages` binds one body per group), whether it resumes inside its folder
+(streamed records), and whether the sweep points of the same upstream settings share it. The hybrid evaluations of a run's controls and baselines are stages
+of the ``hybrid_eval`` group named ``eval_<name>`` (:func:`hybrid_eval_stage`). Everything else
+reads this table: the pipeline's order (:func:`planned_stages`), the config keys' stage names
+(:mod:`mechsteer.experiment.keys`), the report's expected stages, the folders a resumed stage
+clears, a sweep's shared stages, and :class:`RunPaths`, the one place a run folder's paths are spelt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Role = Literal["base", "thinking"]
+StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "tuning", "plain_eval", "hybrid_eval",
+                     "ablations"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    folder: str  # relative to the run folder
+    group: StageGroup
+    models: tuple[Role, ...]  # loaded when it runs on the bridge
+    streamed: bool = False  # resumes inside its folder (records appended as they finish)
+    # reads no key a sweep varies downstream (mechsteer.experiment.keys): the sweep points of the same
+    # upstream keys share it
+    shared: bool = False
+    when: Literal["always", "tuning", "ablations"] = "always"  # the config switch that plans it
+
+
+HYBRID_EVAL = "eval_hybrid"
+REPORT_STAGE = "report"  # done when report.json is written (not a stage of the table: the run's last step)
+
+STAGE_TABLE: tuple[StageSpec, ...] = (
+    StageSpec("traces_thinking_train", "traces/thinking_train", "train_traces", ("thinking",), streamed=True,
+              shared=True),
+    StageSpec("activations", "activations", "activations", ("thinking",), streamed=True, shared=True),
+    StageSpec("traces_base_train", "traces/base_train", "train_traces", ("base",), streamed=True, shared=True),
+    StageSpec("taxonomy", "taxonomy", "taxonomy", (), shared=True),
+    StageSpec("directions", "directions", "directions", ("base",), shared=True),
+    StageSpec("tuning", "tuning", "tuning", ("base", "thinking"), streamed=True, when="tuning"),
+    StageSpec("eval_base", "eval/base", "plain_eval", ("base",), streamed=True, shared=True),
+    StageSpec("eval_thinking", "eval/thinking", "plain_eval", ("thinking",), streamed=True, shared=True),
+    StageSpec(HYBRID_EVAL, "eval/hybrid", "hybrid_eval", ("base", "thinking"), streamed=True),
+    StageSpec("ablations", "ablations", "ablations", ("base", "thinking"), when="ablations"),
+)
+# Where the controls' and baselines' evaluations run: after the hybrid's, before the ablations.
+_BEFORE_ABLATIONS = len(STAGE_TABLE) - 1
+# The controls and baselines built in (mechsteer.hybrid.controls); their stages' names are known to
+# the config keys that only some of them read (the seed).
+BUILT_IN_COMPARISONS = ("only_bias", "only_bias_replayed", "random_firing", "random_vectors", "first_token_only",
+                        "oracle_timing")
+
+
+def hybrid_eval_stage(name: str) -> StageSpec:
+    """The hybrid evaluation stage of a control or baseline ``name`` (``eval_<name>``)."""
+    return StageSpec(f"eval_{name}", f"eval/{name}", "hybrid_eval", ("base", "thinking"), streamed=True)
+
+
+def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool) -> list[StageSpec]:
+    """The stages a run does, in order: the table's, with the tuning and ablations stages when
+    switched on, and one hybrid evaluation per control and baseline after the hybrid's own."""
+    switched = {"always": True, "tuning": tuning, "ablations": ablations}
+    fixed = [spec for spec in STAGE_TABLE if switched[spec.when]]
+    at = next(index for index, spec in enumerate(fixed) if spec.name == HYBRID_EVAL) + 1
+    return [*fixed[:at], *(hybrid_eval_stage(name) for name in comparisons), *fixed[at:]]
+
+
+# Every stage a config key can name: the table's and the built-in comparisons' evaluations.
+ALL_STAGES: tuple[StageSpec, ...] = (*STAGE_TABLE[:_BEFORE_ABLATIONS],
+                                     *(hybrid_eval_stage(name) for name in BUILT_IN_COMPARISONS),
+                                     *STAGE_TABLE[_BEFORE_ABLATIONS:])
+_BY_NAME = {spec.name: spec for spec in ALL_STAGES}
+
+
+def stage_spec(name: str) -> StageSpec:
+    """A stage by name; ``eval_<name>`` of a plug-in control or baseline is a hybrid evaluation."""
+    if name in _BY_NAME:
+        return _BY_NAME[name]
+    if name.startswith("eval_"):
+        return hybrid_eval_stage(name.removeprefix("eval_"))
+    raise KeyError(f"unknown stage {name!r}; stages: {[spec.name for spec in ALL_STAGES]}")
+
+
+def stage_names(group: StageGroup) -> tuple[str, ...]:
+    """The names of a group's stages (built-in comparisons included)."""
+    return tuple(spec.name for spec in ALL_STAGES if spec.group == group)
+
+
+SHARED_STAGES: tuple[str, ...] = tuple(spec.name for spec in STAGE_TABLE if spec.shared)
+
+STAGES_FILE = "stages.json"
+CONFIG_FILE = "config.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+RESULTS_FILE = "results.jsonl"  # a hybrid evaluation's per-problem records
+SHARED_FROM_FILE = "shared_from.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path inside a run folder."""
+
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        """A stage's folder."""
+        return self.root / stage_spec(name).folder
+
+    @property
+    def stages_file(self) -> Path:
+        return self.root / STAGES_FILE
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / REPORT_JSON
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / REPORT_MD
+
+    @property
+    def shared_from(self) -> Path:
+        return self.root / SHARED_FROM_FILE
+
+    def train_traces(self, role: Role) -> Path:
+        return self.stage(f"traces_{role}_train")
+
+    @property
+    def activations(self) -> Path:
+        return self.stage("activations")
+
+    @property
+    def taxonomy(self) -> Path:
+        return self.stage("taxonomy")
+
+    @property
+    def directions(self) -> Path:
+        return self.stage("directions")
+
+    @property
+    def tuning(self) -> Path:
+        return self.stage("tuning")
+
+    @property
+    def ablations(self) -> Path:
+        return self.stage("ablations")
+
+    def plain_eval(self, role: Role) -> Path:
+        return self.stage(f"eval_{role}")
+
+    def hybrid_results(self, name: str = "hybrid") -> Path:
+        """A hybrid evaluation's per-problem records (``hybrid``, a control or a baseline)."""
+        return self.stage(f"eval_{name}") / RESULTS_FILE
+
+    def tuning_results(self, candidate: str) -> Path:
+        """A tuning candidate's per-problem records."""
+        return self.tuning / candidate / RESULTS_FILE
+
+    def relative(self, path: Path) -> str:
+        """``path`` as recorded inside the run folder: relative to it."""
+        return path.relative_to(self.root).as_posix()
+
+
+__all__ = ["ALL_STAGES", "BUILT_IN_COMPARISONS", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
+           "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
+           "StageGroup", "StageSpec", "SHARED_STAGES", "hybrid_eval_stage", "planned_stages", "stage_names",
+           "stage_spec"]
