@@ -16,7 +16,7 @@ from mechsteer.experiment.keys import override_flags
 from mechsteer.experiment.layout import RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import format_number, report_table
-from mechsteer.experiment.state import RunState
+from mechsteer.experiment.state import RunState, validate_for
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR, clear_judge_cache
 
 
@@ -25,7 +25,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.wandb:
         config = dataclasses.replace(config, wandb=True)
     config = with_overrides(config, args)
-    config.validate(here=True)
+    validate_for(config, Path(args.out))
     check_output_folder(args.out)
     if args.clear_judge_cache:
         with exclusive_folder(Path(args.out)):

@@ -51,7 +51,7 @@ from mechsteer.experiment.config import (
 from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths, StageGroup, StageSpec
 from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import build_report, track_report, write_report
-from mechsteer.experiment.state import RunState, planned
+from mechsteer.experiment.state import RunState, planned, validate_for
 from mechsteer.experiment.tracking import open_tracker
 from mechsteer.experiment.tuning import (
     SteeringSetting,
@@ -135,7 +135,7 @@ def run_pipeline(config: RunConfig, out_dir: str | Path, *, log: Callable[[str],
     With ``config.wandb`` on, the run is tracked (mechsteer.experiment.tracking): the config first, each
     stage's summary as it finishes, then the report's tables, plots and artefacts."""
     out = Path(out_dir)
-    config.validate(here=True)  # every key, before the folder is touched or a model loads
+    validate_for(config, out)  # every key, before the folder is touched or a model loads
     with exclusive_folder(out):  # a second run on the same folder would interleave its writes
         state = RunState(out, config)  # refuses a folder of another config before anything is logged
         state.tracker = open_tracker(config, out)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mechsteer.core.errors import ConfigError
+from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import resolve_device, resolve_dtype
 from mechsteer.core.store import json_digest, read_json, write_json_atomic
 from mechsteer.experiment import keys
@@ -56,6 +56,26 @@ def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:
 def stages_reading(key: str, stages: list[str]) -> list[str]:
     """Which of ``stages`` read ``key`` (:func:`mechsteer.experiment.keys.stages_reading`)."""
     return keys.stages_reading(RunConfig, key, stages)
+
+
+def finished_stages(out: Path) -> set[str]:
+    """The stages a run folder has finished, read without touching it (none for a new folder, or a
+    stage record that :class:`RunState` will refuse)."""
+    paths = RunPaths(out)
+    if not paths.stages_file.is_file():
+        return set()
+    try:
+        state = read_json(paths.stages_file, "run's stage record (stages.json)")
+    except ArtefactError:
+        return set()
+    stages = state.get("stages") if isinstance(state, dict) else None
+    return set(stages) if isinstance(stages, dict) else set()
+
+
+def validate_for(config: RunConfig, out: Path) -> None:
+    """Every key of ``config``, and what this machine must provide for the stages the folder has
+    still to run (an HTTP judge's address only while the taxonomy is to be built)."""
+    config.validate(here="taxonomy" not in finished_stages(out))
 
 
 def planned(config: RunConfig) -> list[StageSpec]:

@@ -16,8 +16,9 @@ from mechsteer.core.errors import ConfigError
 from mechsteer.core.store import exclusive_folder
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
-from mechsteer.experiment.state import RunState
+from mechsteer.experiment.state import RunState, validate_for
 from mechsteer.experiment.sweep import SweepSpec
+from tests.experiment.conftest import SHORT_RUN
 
 DEMO = {key: value for key, value in dataclasses.asdict(DEMO_CONFIG).items()}
 
@@ -213,3 +214,17 @@ def test_a_lone_surrogate_in_a_question_or_a_trace_is_one_line_naming_the_proble
     model_traces.write_text(json.dumps(record) + "\n")  # json escapes it as \ud800: the file is valid UTF-8
     with pytest.raises(ArtefactError, match=r"traces.jsonl, line 1 \(problem 'p-7'\): its prompt holds a lone"):
         read_traces(model_traces)
+
+
+def test_an_http_judge_is_needed_only_while_the_taxonomy_is_to_be_built(tmp_path, monkeypatch):
+    """The judge's address is checked up front for a folder that has the taxonomy still to build, and not
+    asked of a folder whose taxonomy is finished (resuming it elsewhere needs no judge)."""
+    for name in ("MECHSTEER_JUDGE_URL", "OPENAI_BASE_URL", "MECHSTEER_JUDGE_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    config = RunConfig.from_dict({**SHORT_RUN, "judge": "http:m"})
+    with pytest.raises(ConfigError, match="judge 'http:m' needs the server's address"):
+        validate_for(config, tmp_path / "new")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "stages.json").write_text(json.dumps({"config": {}, "stages": {"taxonomy": {"summary": {}}}}))
+    validate_for(config, finished)
