@@ -16,7 +16,9 @@ from typing import Any
 
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
 from mechsteer.steering.methods import direction_method_names, direction_method_spec
+from mechsteer.steering.stage import DirectionsSummary
 from mechsteer.taxonomy.artefact import Taxonomy
+from mechsteer.taxonomy.stage import TaxonomySummary
 
 DASH = "—"
 EXAMPLES_PER_BEHAVIOUR = 3
@@ -47,6 +49,8 @@ class RunView:
     missing: list[str]  # expected stages not done (``report``: report.json not written yet)
     report: dict[str, Any]  # report.json; for an unfinished run the same keys from the finished stages
     taxonomy: Taxonomy | None = None
+    taxonomy_summary: TaxonomySummary | None = None  # the taxonomy stage's
+    directions: DirectionsSummary | None = None  # the directions stage's
     ablations: dict[str, Any] | None = None  # ablations/ablations.json
     hybrid_problems: int = 0  # problems in the hybrid's log (the timeline shows some of them)
     timeline_problems: int = 0
@@ -193,12 +197,11 @@ def _control_text(name: str, entry: dict[str, Any]) -> str:
 
 def _taxonomy(view: RunView) -> list[str]:
     lines = ["## Behaviours (taxonomy)", ""]
-    taxonomy = view.taxonomy
-    summary = view.stages.get("taxonomy", {}).get("summary")
+    taxonomy, summary = view.taxonomy, view.taxonomy_summary
     if taxonomy is None or summary is None:
         return lines + ["The taxonomy stage has not finished.", ""]
     provenance, metrics = taxonomy.provenance, taxonomy.metrics
-    sweep = summary.get("sweep") or []
+    sweep = summary.sweep
     criterion = SELECTION_CRITERIA.get(metrics.selection_criterion, metrics.selection_criterion)
     method = "an SAE" if provenance.method == "sae" else provenance.method
     top_k = "" if provenance.k is None else f" (top-{provenance.k})"
@@ -264,19 +267,19 @@ def _sweep_table(sweep: list[dict[str, Any]]) -> list[str]:
 
 def _directions(view: RunView) -> list[str]:
     lines = ["## Directions", ""]
-    summary = view.stages.get("directions", {}).get("summary")
+    summary = view.directions
     if summary is None:
         return lines + ["The directions stage has not finished.", ""]
     config = view.config
-    method = (direction_method_spec(summary["method"]).description if summary["method"] in direction_method_names()
-              else summary["method"])  # a plug-in's method no longer installed: its name
-    lines += [f"{method[0].upper()}{method[1:]} (`{summary['method']}`) in the base model's layer {summary['layer']}"
-              + ("" if summary.get("bias_norm") is None else f", with a bias vector of norm {num(summary['bias_norm'], 2)}")
+    method = (direction_method_spec(summary.method).description if summary.method in direction_method_names()
+              else summary.method)  # a plug-in's method no longer installed: its name
+    lines += [f"{method[0].upper()}{method[1:]} (`{summary.method}`) in the base model's layer {summary.layer}"
+              + ("" if summary.bias_norm is None else f", with a bias vector of norm {num(summary.bias_norm, 2)}")
               + f". The hybrid steers there with coefficients {value_text(config.coefficients)} and windows "
               f"{value_text(config.windows)}, timed by the `{config.policy}` policy on the thinking model's "
               + ("taxonomy layer" if view.taxonomy is None else f"layer {view.taxonomy.provenance.layer}") + ".", ""]
     rows = [[str(b), cell(title), num(norm, 2)]
-            for b, title, norm in zip(summary["behaviour_ids"], summary["titles"], summary["norms"], strict=True)]
+            for b, title, norm in zip(summary.behaviour_ids, summary.titles, summary.norms, strict=True)]
     return lines + table(["latent", "behaviour", "norm"], rows, "rlr")
 
 

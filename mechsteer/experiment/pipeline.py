@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -74,10 +74,10 @@ from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.framing import frame_for_base
 from mechsteer.steering.labels import taxonomy_labels
 from mechsteer.steering.mean import default_layer
-from mechsteer.steering.stage import DirectionSettings, build_directions
+from mechsteer.steering.stage import DirectionSettings, DirectionsSummary, build_directions
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
-from mechsteer.taxonomy.stage import build_taxonomy
+from mechsteer.taxonomy.stage import TaxonomySummary, build_taxonomy
 
 # ------------------------------------------------------------------------------------------
 # The hybrid evaluation (streamed per batch, resumable)
@@ -198,7 +198,7 @@ def _run_stages(config: RunConfig, state: RunState, log: Callable[[str], None]) 
 
     evaluations = {spec.name.removeprefix("eval_"): EvalSummary.from_json(state.summary(spec.name), spec.name)
                    for spec in planned(config) if spec.group in ("plain_eval", "hybrid_eval")}
-    report = build_report(config, state, evaluations, state.summary("taxonomy"),
+    report = build_report(config, state, evaluations, TaxonomySummary.from_json(state.summary("taxonomy")),
                           state.summary("ablations") if config.ablations else None,
                           total_seconds=time.perf_counter() - started)
     write_report(report, state.out)
@@ -228,11 +228,7 @@ def taxonomy_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
     config = run.config
     Manifest.load(run.paths.activations).check_model(run.pair.info("thinking"), run.paths.activations)
     rows, best = build_taxonomy(run.paths.activations, run.paths.taxonomy, taxonomy_settings(config, run.layers))
-    metrics = asdict(best.metrics)
-    return {"layer": best.provenance.layer, "n_behaviours": best.provenance.n_latents,
-            "behaviours": [b.title for b in best.behaviours], "ari": metrics.get("ari"),
-            "metrics": {key: value for key, value in metrics.items() if key != "sizes"},
-            "sizes": metrics.get("sizes"), "sweep": rows}
+    return TaxonomySummary.of(best, rows).to_json()
 
 
 def directions_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
@@ -251,9 +247,7 @@ def directions_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
                               provenance=directions_provenance(paths.root, config.base_model, config.thinking_model),
                               progress=run.log)
     result.save(paths.directions)
-    return {"method": result.method, "layer": run.steer_layer, "behaviour_ids": result.behaviour_ids,
-            "titles": result.titles, "norms": [round(float(n), 4) for n in result.norms],
-            "bias_norm": None if result.bias is None else round(float(result.bias.norm()), 4)}
+    return DirectionsSummary.of(result, run.steer_layer).to_json()
 
 
 @dataclass(frozen=True)
@@ -294,7 +288,7 @@ def tuning_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
                                base_template=config.resolved_base_template,
                                thinking_template=config.resolved_thinking_template, progress=run.log)
 
-    return run_tuning(config, run.paths, len(problems), evaluate, run.log)
+    return run_tuning(config, run.paths, len(problems), evaluate, run.log).to_json()
 
 
 def plain_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:

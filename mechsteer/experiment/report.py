@@ -48,8 +48,10 @@ from mechsteer.experiment.tracking import Tracker
 from mechsteer.experiment.tuning import tuning_report
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
+from mechsteer.steering.stage import DirectionsSummary
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.plots import plot_metrics_vs_k
+from mechsteer.taxonomy.stage import TaxonomySummary
 from mechsteer.taxonomy.sweep import METRICS_PLOT, SENTENCE_MAP_PLOT, selected_by
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -92,10 +94,11 @@ def behaviour_statistics(records: list[HybridRecord], titles: dict[int, str]) ->
 
 
 def build_report(config: RunConfig, state: RunState, evaluations: dict[str, EvalSummary],
-                 taxonomy_summary: dict[str, Any], ablation_summary: dict[str, Any] | None,
+                 taxonomy_summary: TaxonomySummary, ablation_summary: dict[str, Any] | None,
                  total_seconds: float) -> dict[str, Any]:
     """The report of a finished run: accuracies, gap recovered, controls, and every stage's summary."""
-    report = assemble_report(config, evaluations, taxonomy_summary, state.summary("directions"), ablation_summary,
+    report = assemble_report(config, evaluations, taxonomy_summary,
+                             DirectionsSummary.from_json(state.summary("directions")), ablation_summary,
                              state.timings())
     report["tuning"] = tuning_report(config, state.summary("tuning") if state.done("tuning") else None)
     report["timings"]["total_this_invocation"] = round(total_seconds, 2)
@@ -103,7 +106,7 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, Eval
 
 
 def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
-                    taxonomy_summary: dict[str, Any] | None, directions_summary: dict[str, Any] | None,
+                    taxonomy_summary: TaxonomySummary | None, directions_summary: DirectionsSummary | None,
                     ablation_summary: dict[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
     """The report's numbers from the stages' summaries; ``evaluations`` holds the finished
     evaluations only (an unfinished run's report has None where a stage is missing)."""
@@ -156,17 +159,17 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
         "controls": compared(config.controls),
         "baselines": compared(config.baselines),
         "taxonomy": None if taxonomy_summary is None else {
-            **taxonomy_summary, "selected_by": taxonomy_selected_by(config, taxonomy_summary)},
-        "directions": directions_summary,
+            **taxonomy_summary.to_json(), "selected_by": taxonomy_selected_by(config, taxonomy_summary)},
+        "directions": None if directions_summary is None else directions_summary.to_json(),
         "ablations": ablation_summary,
         "timings": dict(timings),
         "config": asdict(config),
     }
 
 
-def taxonomy_selected_by(config: RunConfig, taxonomy_summary: dict[str, Any]) -> str | None:
+def taxonomy_selected_by(config: RunConfig, taxonomy_summary: TaxonomySummary) -> str | None:
     """What selected the run's taxonomy: the sweep's selection criterion and the run's judge."""
-    criterion = (taxonomy_summary.get("metrics") or {}).get("selection_criterion")
+    criterion = taxonomy_summary.selection_criterion
     return None if criterion is None else selected_by(criterion, config.judge)
 
 
@@ -218,8 +221,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> None:
     """Add behaviour statistics to ``report``, write report.json, then report.md and the plots
     (:func:`rebuild_run_report`, as ``mechsteer report`` does)."""
     paths = RunPaths(Path(out))
-    directions = report["directions"]
-    titles = dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    titles = DirectionsSummary.from_json(report["directions"]).title_of
     report["behaviour_statistics"] = behaviour_statistics(read_hybrid_records(paths.hybrid_results()), titles)
     write_json_atomic(paths.report_json, report)
     rebuild_run_report(paths.root, stage_plots=False)
@@ -238,8 +240,9 @@ def read_run(out: str | Path) -> tuple[RunView, list[HybridRecord]]:
     def summary(stage: str) -> dict[str, Any] | None:
         return stages[stage]["summary"] if stage in stages else None
 
-    directions = summary("directions")
-    titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    directions = None if "directions" not in stages else DirectionsSummary.from_json(stages["directions"]["summary"])
+    taxonomy_summary = None if "taxonomy" not in stages else TaxonomySummary.from_json(stages["taxonomy"]["summary"])
+    titles = {} if directions is None else directions.title_of
     hybrid_records = read_hybrid_records(paths.hybrid_results()) if HYBRID_EVAL in stages else []
     problems = {record.problem_id for record in hybrid_records}
     if HYBRID_EVAL in stages and (len(hybrid_records) != config.n_eval or len(problems) != config.n_eval):
@@ -258,7 +261,7 @@ def read_run(out: str | Path) -> tuple[RunView, list[HybridRecord]]:
         evaluations = {spec.name.removeprefix("eval_"): EvalSummary.from_json(stages[spec.name]["summary"], spec.name)
                        for spec in planned(config)
                        if spec.group in ("plain_eval", "hybrid_eval") and spec.name in stages}
-        report = assemble_report(config, evaluations, summary("taxonomy"), directions, summary("ablations"),
+        report = assemble_report(config, evaluations, taxonomy_summary, directions, summary("ablations"),
                                  {name: entry["seconds"] for name, entry in stages.items()})
         report["tuning"] = tuning_report(config, summary("tuning"))
         if hybrid_records and directions is not None:
@@ -268,6 +271,7 @@ def read_run(out: str | Path) -> tuple[RunView, list[HybridRecord]]:
         ablations = read_json(paths.ablations / ABLATIONS_JSON, "ablations' tables")
     view = RunView(
         config=config, config_digest=record["config_digest"], stages=stages, missing=missing, report=report,
+        directions=directions, taxonomy_summary=taxonomy_summary,
         taxonomy=Taxonomy.load(paths.taxonomy) if "taxonomy" in stages else None, ablations=ablations,
         hybrid_problems=len(hybrid_records),
         timeline_problems=sum(len(group) for _, group in timeline_examples(hybrid_records, titles)),
@@ -284,8 +288,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
     out = paths.root
     view, hybrid_records = read_run(out)
     report = view.report
-    directions = view.stages.get("directions", {}).get("summary")
-    titles = {} if directions is None else dict(zip(directions["behaviour_ids"], directions["titles"], strict=True))
+    titles = {} if view.directions is None else view.directions.title_of
     rows = accuracy_rows(report)
     if rows:
         steered = "" if report["tokens_steered_fraction"] is None else (
@@ -299,9 +302,9 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
     if statistics and statistics["transitions"]:
         order = [*dict.fromkeys(titles[b] for b in sorted(titles)), BIAS]
         _draw(out / TRANSITIONS_PLOT, lambda path: plot_transitions(statistics["transitions"], order, path))
-    taxonomy = view.stages.get("taxonomy", {}).get("summary")
-    if stage_plots and taxonomy and taxonomy.get("sweep"):
-        _draw(paths.taxonomy / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy["sweep"], path))
+    taxonomy = view.taxonomy_summary
+    if stage_plots and taxonomy is not None and taxonomy.sweep:
+        _draw(paths.taxonomy / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy.sweep, path))
     if stage_plots and view.ablations is not None:
         necessity = [NecessityRow.from_json(row) for row in view.ablations["necessity"]]
         sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]

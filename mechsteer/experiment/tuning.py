@@ -132,25 +132,47 @@ def choose(candidates: Sequence[TuningCandidate]) -> TuningCandidate:
     return candidates[order[0]]
 
 
+@dataclass(frozen=True)
+class TuningSummary:
+    """The tuning stage's record: the split and problems it tried the candidates on, each
+    candidate's row, and the chosen setting."""
+
+    split: str
+    n: int
+    candidates: list[TuningCandidate]
+    chosen: SteeringSetting
+
+    def to_json(self) -> dict[str, Any]:
+        return {"split": self.split, "n": self.n, "candidates": [row.to_json() for row in self.candidates],
+                "chosen": self.chosen.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TuningSummary:
+        candidates = [TuningCandidate(SteeringSetting.from_json(row), row["accuracy"], row["tokens_steered_fraction"])
+                      for row in data["candidates"]]
+        return cls(split=data["split"], n=data["n"], candidates=candidates,
+                   chosen=SteeringSetting.from_json(data["chosen"]))
+
+
 def run_tuning(config: RunConfig, paths: RunPaths, n_problems: int,
                evaluate: Callable[[SteeringSetting, Path], Sequence[HybridRecord]],
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print) -> TuningSummary:
     """The tuning stage's body: ``evaluate`` runs the hybrid with one candidate on the validation
-    problems, streaming to the path it is given (and resuming from it); returns the stage summary."""
+    problems, streaming to the path it is given (and resuming from it)."""
+    assert config.tune_split is not None  # the stage runs only with a tune_split
     rows = []
     for setting in tuning_candidates(config):
         rows.append(measure(setting, evaluate(setting, paths.tuning_results(setting.name))))
         log(f"  tuning {setting.name}: accuracy {rows[-1].accuracy:.3f}, "
             f"{100 * rows[-1].tokens_steered_fraction:.1f}% of tokens steered")
-    return {"split": config.tune_split, "n": n_problems, "candidates": [row.to_json() for row in rows],
-            "chosen": choose(rows).setting.to_json()}
+    return TuningSummary(config.tune_split, n_problems, rows, choose(rows).setting)
 
 
 def chosen_setting(config: RunConfig, summary: dict[str, Any] | None) -> SteeringSetting:
     """The setting the evaluations use: the tuning stage's choice, else the config's own."""
     if config.tune_split is None or summary is None:
         return config_setting(config)
-    return SteeringSetting.from_json(summary["chosen"])
+    return TuningSummary.from_json(summary).chosen
 
 
 def tuning_report(config: RunConfig, summary: dict[str, Any] | None) -> dict[str, Any] | None:

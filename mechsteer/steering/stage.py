@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
@@ -46,4 +47,35 @@ def build_directions(
     return result
 
 
-__all__ = ["DirectionSettings", "build_directions"]
+@dataclass(frozen=True)
+class DirectionsSummary:
+    """What a run records of its direction set (``stages.json``) and its report shows."""
+
+    method: str
+    layer: int
+    behaviour_ids: list[int]
+    titles: list[str]
+    norms: list[float]  # each behaviour direction's, rounded
+    bias_norm: float | None
+
+    @classmethod
+    def of(cls, directions: DirectionSet, layer: int) -> DirectionsSummary:
+        return cls(method=directions.method, layer=layer, behaviour_ids=list(directions.behaviour_ids),
+                   titles=list(directions.titles), norms=[round(float(n), 4) for n in directions.norms],
+                   bias_norm=None if directions.bias is None else round(float(directions.bias.norm()), 4))
+
+    @property
+    def title_of(self) -> dict[int, str]:
+        """Each behaviour's title by its id."""
+        return dict(zip(self.behaviour_ids, self.titles, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DirectionsSummary:
+        return cls(method=data["method"], layer=data["layer"], behaviour_ids=list(data["behaviour_ids"]),
+                   titles=list(data["titles"]), norms=list(data.get("norms") or []), bias_norm=data.get("bias_norm"))
+
+
+__all__ = ["DirectionSettings", "DirectionsSummary", "build_directions"]

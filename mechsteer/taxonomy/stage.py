@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,4 +45,38 @@ def build_taxonomy(activations_dir: Path, out: Path, settings: TaxonomySettings,
         sae_options={} if settings.max_epochs is None else {"max_epochs": settings.max_epochs}, progress=progress)
 
 
-__all__ = ["TaxonomySettings", "build_taxonomy"]
+@dataclass(frozen=True)
+class TaxonomySummary:
+    """What a run records of its selected taxonomy (``stages.json``) and its report shows."""
+
+    layer: int
+    n_behaviours: int
+    behaviours: list[str]  # titles, by latent
+    ari: float | None  # against ground-truth labels, where the benchmark has them (never used to select)
+    metrics: dict[str, Any]  # the selected taxonomy's metrics (mechsteer.taxonomy.metrics), sizes aside
+    sizes: list[int] | None  # sentences per behaviour
+    sweep: list[dict[str, Any]]  # one row per sweep point (mechsteer.taxonomy.sweep.SWEEP_COLUMNS)
+
+    @classmethod
+    def of(cls, best: Taxonomy, rows: list[dict[str, Any]]) -> TaxonomySummary:
+        metrics = asdict(best.metrics)
+        return cls(layer=best.provenance.layer, n_behaviours=best.provenance.n_latents,
+                   behaviours=[b.title for b in best.behaviours], ari=metrics.get("ari"),
+                   metrics={key: value for key, value in metrics.items() if key != "sizes"},
+                   sizes=metrics.get("sizes"), sweep=rows)
+
+    @property
+    def selection_criterion(self) -> str | None:
+        return self.metrics.get("selection_criterion")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TaxonomySummary:
+        return cls(layer=data["layer"], n_behaviours=data["n_behaviours"], behaviours=list(data.get("behaviours") or []),
+                   ari=data.get("ari"), metrics=dict(data.get("metrics") or {}), sizes=data.get("sizes"),
+                   sweep=list(data.get("sweep") or []))
+
+
+__all__ = ["TaxonomySettings", "TaxonomySummary", "build_taxonomy"]

@@ -50,7 +50,7 @@ def test_run_folder_refuses_a_config_that_changes_a_finished_stage(tmp_path):
     state = RunState(tmp_path, DEMO_CONFIG)
     state.run("traces_thinking_train", lambda: {"n": 1}, log=lambda message: None)
     state.run("taxonomy", lambda: {"n": 1}, log=lambda message: None)  # the taxonomy reads the seed
-    with pytest.raises(ValueError, match=r"holds a run of another config.*seed: 0 -> 1 \(read by taxonomy\)"):
+    with pytest.raises(ValueError, match=r"holds a run of another config.*seed: 0 -> 1 \(read by traces_thinking_train, taxonomy\)"):
         RunState(tmp_path, dataclasses.replace(DEMO_CONFIG, seed=1))
     again = RunState(tmp_path, DEMO_CONFIG)  # the same config reopens fine
     assert again.done("taxonomy") and not again.done("eval_hybrid")
