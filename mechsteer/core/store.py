@@ -136,6 +136,24 @@ def lone_surrogate(text: str) -> int | None:
     return None
 
 
+def file_digests(folder: Path, *, skip_suffixes: tuple[str, ...] = (), skip_folders: tuple[str, ...] = (),
+                 length: int = 16) -> dict[str, str]:
+    """Each file under ``folder`` (its path relative to it, in POSIX form) -> the first ``length`` hex
+    digits of the SHA-256 of its content; files with a suffix in ``skip_suffixes`` or under a folder
+    named in ``skip_folders`` left out. Empty when ``folder`` does not exist."""
+    digests = {}
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        relative = path.relative_to(folder)
+        if not path.is_file() or path.suffix in skip_suffixes or any(part in skip_folders for part in relative.parts):
+            continue
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(chunk)
+        digests[relative.as_posix()] = sha.hexdigest()[:length]
+    return digests
+
+
 def json_digest(value: Any, length: int = 16) -> str:
     """The first ``length`` hex digits of the SHA-256 of ``value`` as key-sorted JSON."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]

@@ -33,23 +33,28 @@ class StageSpec:
     # upstream keys share it
     shared: bool = False
     when: Literal["always", "tuning", "ablations"] = "always"  # the config switch that plans it
+    reads: tuple[str, ...] = ()  # the stages whose folders its body reads (checked unchanged before it runs)
 
 
 HYBRID_EVAL = "eval_hybrid"
 REPORT_STAGE = "report"  # done when report.json is written (not a stage of the table: the run's last step)
 
+STEERING_INPUTS = ("activations", "taxonomy", "directions")  # what every hybrid evaluation reads
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("traces_thinking_train", "traces/thinking_train", "train_traces", ("thinking",), streamed=True,
               shared=True),
-    StageSpec("activations", "activations", "activations", ("thinking",), streamed=True, shared=True),
+    StageSpec("activations", "activations", "activations", ("thinking",), streamed=True, shared=True,
+              reads=("traces_thinking_train",)),
     StageSpec("traces_base_train", "traces/base_train", "train_traces", ("base",), streamed=True, shared=True),
-    StageSpec("taxonomy", "taxonomy", "taxonomy", (), shared=True),
-    StageSpec("directions", "directions", "directions", ("base",), shared=True),
-    StageSpec("tuning", "tuning", "tuning", ("base", "thinking"), streamed=True, when="tuning"),
+    StageSpec("taxonomy", "taxonomy", "taxonomy", (), shared=True, reads=("activations",)),
+    StageSpec("directions", "directions", "directions", ("base",), shared=True,
+              reads=("traces_thinking_train", "traces_base_train", "taxonomy")),
+    StageSpec("tuning", "tuning", "tuning", ("base", "thinking"), streamed=True, when="tuning", reads=STEERING_INPUTS),
     StageSpec("eval_base", "eval/base", "plain_eval", ("base",), streamed=True, shared=True),
     StageSpec("eval_thinking", "eval/thinking", "plain_eval", ("thinking",), streamed=True, shared=True),
-    StageSpec(HYBRID_EVAL, "eval/hybrid", "hybrid_eval", ("base", "thinking"), streamed=True),
-    StageSpec("ablations", "ablations", "ablations", ("base", "thinking"), when="ablations"),
+    StageSpec(HYBRID_EVAL, "eval/hybrid", "hybrid_eval", ("base", "thinking"), streamed=True, reads=STEERING_INPUTS),
+    StageSpec("ablations", "ablations", "ablations", ("base", "thinking"), when="ablations",
+              reads=("traces_thinking_train", "taxonomy", "directions")),
 )
 # Where the controls' and baselines' evaluations run: after the hybrid's, before the ablations.
 _BEFORE_ABLATIONS = len(STAGE_TABLE) - 1
@@ -61,7 +66,8 @@ BUILT_IN_COMPARISONS = ("only_bias", "only_bias_replayed", "random_firing", "ran
 
 def hybrid_eval_stage(name: str) -> StageSpec:
     """The hybrid evaluation stage of a control or baseline ``name`` (``eval_<name>``)."""
-    return StageSpec(f"eval_{name}", f"eval/{name}", "hybrid_eval", ("base", "thinking"), streamed=True)
+    return StageSpec(f"eval_{name}", f"eval/{name}", "hybrid_eval", ("base", "thinking"), streamed=True,
+                     reads=(*STEERING_INPUTS, HYBRID_EVAL))
 
 
 def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool) -> list[StageSpec]:

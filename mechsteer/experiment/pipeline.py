@@ -29,7 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import Manifest, pool_activations, read_sentences
 from mechsteer.causal.stage import AblationSettings, run_ablations
-from mechsteer.core.errors import ConfigError
+from mechsteer.core.errors import ConfigError, ProvenanceError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
 from mechsteer.core.store import append_jsonl, exclusive_folder
@@ -269,6 +269,14 @@ def hybrid_inputs(run: RunContext) -> HybridInputs:
     taxonomy = checked_taxonomy(run.paths, run.pair)
     directions = DirectionSet.load(run.paths.directions)
     directions.check_model(run.pair.info("base"))
+    if directions.layer != run.steer_layer:
+        raise ProvenanceError(f"{run.paths.directions} holds directions at the base model's layer {directions.layer}, "
+                              f"but this run steers at layer {run.steer_layer} (steer_layer): they were built by "
+                              "another run; rebuild them (delete the 'directions' entry of stages.json)")
+    if taxonomy.provenance.layer not in run.layers:
+        raise ProvenanceError(f"{run.paths.taxonomy} reads the thinking model's layer {taxonomy.provenance.layer}, "
+                              f"which is not among this run's activation_layers {run.layers}: it was built by "
+                              "another run; rebuild it (delete the 'taxonomy' entry of stages.json)")
     return HybridInputs(taxonomy, taxonomy.load_sae(), directions,
                         run_hybrid_config(run.config, run.steer_layer, taxonomy.provenance.layer))
 

@@ -23,6 +23,7 @@ from mechsteer.experiment.keys import downstream_keys
 from mechsteer.experiment.layout import SHARED_STAGES, STAGES_FILE, RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
+from mechsteer.experiment.state import stage_outputs
 from mechsteer.taxonomy.artefact import TAXONOMY_JSON
 
 # Keys read only after the directions exist: points differing only in these share the rest.
@@ -69,6 +70,8 @@ def seed_from_donor(point: SweepPoint) -> list[str]:
         if Path(provenance.get("activations_dir", "")).resolve() == donor.activations.resolve():
             provenance["activations_dir"] = str(out.activations)
             write_json_atomic(taxonomy_file, document)  # a new file: the donor's link stays intact
+            if "taxonomy" in taken:
+                taken["taxonomy"] = {**taken["taxonomy"], "outputs": stage_outputs(out, "taxonomy")}
     write_json_atomic(out.shared_from, {"donor": str(donor.root), "stages": sorted(taken)})
     write_json_atomic(out.stages_file, {"config_digest": point.config.digest(), "config": asdict(point.config),
                                             "stages": taken})

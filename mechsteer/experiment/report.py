@@ -43,7 +43,7 @@ from mechsteer.experiment.plots import (
     timeline_examples,
 )
 from mechsteer.experiment.records import EvalSummary
-from mechsteer.experiment.state import RunState, planned
+from mechsteer.experiment.state import RunState, check_outputs, planned
 from mechsteer.experiment.tracking import Tracker
 from mechsteer.experiment.tuning import tuning_report
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
@@ -240,6 +240,9 @@ def read_run(out: str | Path) -> tuple[RunView, list[HybridRecord]]:
     def summary(stage: str) -> dict[str, Any] | None:
         return stages[stage]["summary"] if stage in stages else None
 
+    for stage in ("taxonomy", "directions", HYBRID_EVAL, "ablations"):  # the stage folders the report reads
+        if "outputs" in stages.get(stage, {}):
+            check_outputs(paths, stage, stages[stage]["outputs"])
     directions = None if "directions" not in stages else DirectionsSummary.from_json(stages["directions"]["summary"])
     taxonomy_summary = None if "taxonomy" not in stages else TaxonomySummary.from_json(stages["taxonomy"]["summary"])
     titles = {} if directions is None else directions.title_of

@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 
-from mechsteer.core.errors import ArtefactError, ConfigError
+from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import resolve_device, resolve_dtype
-from mechsteer.core.store import json_digest, read_json, write_json_atomic
+from mechsteer.core.store import file_digests, json_digest, read_json, write_json_atomic
 from mechsteer.experiment import keys
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.keys import stage_keys
 from mechsteer.experiment.layout import RunPaths, StageSpec, planned_stages, stage_spec
 from mechsteer.experiment.tracking import NullTracker, Tracker
+from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR
 
 # The config keys each stage's results depend on, from the keys' declarations (RunConfig's field
 # metadata, mechsteer.experiment.keys). A key declared without its stages counts as read by every
@@ -78,6 +79,32 @@ def validate_for(config: RunConfig, out: Path) -> None:
     config.validate(here="taxonomy" not in finished_stages(out))
 
 
+# What a stage's recorded digests leave out: plots (``mechsteer report`` redraws them) and the HTTP
+# judge's answer cache (``--clear-judge-cache`` empties it).
+UNDIGESTED_SUFFIXES = (".png",)
+UNDIGESTED_FOLDERS = (JUDGE_CACHE_DIR,)
+
+
+def stage_outputs(paths: RunPaths, stage: str) -> dict[str, str]:
+    """Each file a finished stage wrote in its folder -> its content digest (recorded in stages.json)."""
+    return file_digests(paths.stage(stage), skip_suffixes=UNDIGESTED_SUFFIXES, skip_folders=UNDIGESTED_FOLDERS)
+
+
+def check_outputs(paths: RunPaths, stage: str, recorded: dict[str, str]) -> None:
+    """Refuse a stage folder whose files are not the ones the stage wrote, naming the files."""
+    now = stage_outputs(paths, stage)
+    if now == recorded:
+        return
+    changed = sorted(name for name in recorded.keys() & now.keys() if recorded[name] != now[name])
+    missing, added = sorted(recorded.keys() - now.keys()), sorted(now.keys() - recorded.keys())
+    what = "; ".join(f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                     for label, names in (("changed", changed), ("missing", missing), ("added", added)) if names)
+    raise ProvenanceError(
+        f"{paths.stage(stage)} is not what the {stage!r} stage wrote ({what}); another run's or an edited "
+        f"folder would mix into this run's results: put its own files back, or delete the {stage!r} entry of "
+        f"{paths.stages_file} to recompute it and every stage after it")
+
+
 def planned(config: RunConfig) -> list[StageSpec]:
     """The stages a run of ``config`` does, in order (mechsteer.experiment.layout's table)."""
     return planned_stages(tuning=config.tune_split is not None, comparisons=[*config.controls, *config.baselines],
@@ -122,6 +149,7 @@ class RunState:
             self._check_precision(state, config)
         out.mkdir(parents=True, exist_ok=True)  # only once the folder is accepted
         self.state = state or {"config_digest": config.digest(), "config": asdict(config), "stages": {}}
+        self.verified: set[str] = set()  # finished stages whose files this invocation has checked
         write_json_atomic(self.paths.config_file, asdict(config))
         self.save()
 
@@ -167,19 +195,46 @@ class RunState:
         if self.done(stage):
             log(f"[{stage}] already done, skipping")
         else:
+            for upstream in stage_spec(stage).reads:
+                self.verify(upstream)
             self._start(stage, log)
             log(f"[{stage}] running")
             started = time.perf_counter()
             summary = body()
             seconds = time.perf_counter() - started
             self.state["stages"][stage] = {"seconds": round(seconds, 2), "summary": summary,
-                                           "placement": self.placement}
+                                           "placement": self.placement, "outputs": stage_outputs(self.paths, stage)}
+            self.verified.add(stage)
+            self._invalidate_readers(stage, log)
             self.save()
             log(f"[{stage}] done in {seconds:.1f}s")
         # a resumed run logs the stages it skipped too, so its tracked run is complete
         entry = self.state["stages"][stage]
         self.tracker.log_metrics(stage, {**entry["summary"], "seconds": entry["seconds"]})
         return entry["summary"]
+
+    def _invalidate_readers(self, stage: str, log: Callable[[str], None]) -> None:
+        """A stage (re)built while stages that read it are marked done (their entry was kept when
+        its own was deleted): they, and whatever reads them, are done again from the new files."""
+        stale, found = {stage}, True
+        while found:  # until no finished stage reads a stale one
+            found = False
+            for name in list(self.state["stages"]):
+                if name not in stale and stale & set(stage_spec(name).reads):
+                    del self.state["stages"][name]
+                    self.verified.discard(name)
+                    stale.add(name)
+                    found = True
+                    log(f"[{name}] read files of {stage} that were made again: to be done again")
+
+    def verify(self, stage: str) -> None:
+        """Refuse to read a finished stage's folder whose files changed since the stage wrote them
+        (replaced by another run's, edited, or lost): its recorded file digests must match."""
+        entry = self.state["stages"].get(stage)
+        if entry is None or stage in self.verified or "outputs" not in entry:  # folders written before digests
+            return
+        check_outputs(self.paths, stage, entry["outputs"])
+        self.verified.add(stage)
 
     def _start(self, stage: str, log: Callable[[str], None]) -> None:
         """Resume a stage's partial output only if it was started under this config and these finished

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mechsteer.core.errors import ConfigError
+from mechsteer.core.errors import ConfigError, ProvenanceError
 from mechsteer.core.store import exclusive_folder
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
@@ -228,3 +228,69 @@ def test_an_http_judge_is_needed_only_while_the_taxonomy_is_to_be_built(tmp_path
     finished.mkdir()
     (finished / "stages.json").write_text(json.dumps({"config": {}, "stages": {"taxonomy": {"summary": {}}}}))
     validate_for(config, finished)
+
+
+def _writes(stage_folder, name: str, text: str):
+    def body():
+        stage_folder.mkdir(parents=True, exist_ok=True)
+        (stage_folder / name).write_text(text)
+        return {"wrote": text}
+    return body
+
+
+def test_a_stage_reads_only_the_files_its_upstream_stages_wrote(tmp_path):
+    """Each finished stage records its files' digests; a stage that reads a folder whose files changed
+    since (another run's folder copied in, an edit) is refused, naming the folder and the files."""
+    config = dataclasses.replace(DEMO_CONFIG, device="cpu")
+    quiet = lambda message: None  # noqa: E731
+    state = RunState(tmp_path, config)
+    state.run("taxonomy", _writes(tmp_path / "taxonomy", "taxonomy.json", "mine"), quiet)
+    state.run("directions", _writes(tmp_path / "directions", "directions.json", "mine"), quiet)
+    (tmp_path / "taxonomy" / "metrics_vs_k.png").write_bytes(b"redrawn by mechsteer report")  # plots don't count
+    RunState(tmp_path, config).run("eval_hybrid", _writes(tmp_path / "eval" / "hybrid", "results.jsonl", "1"), quiet)
+    (tmp_path / "directions" / "directions.json").write_text("another run's")
+    (tmp_path / "directions" / "extra.safetensors").write_bytes(b"")
+    with pytest.raises(ProvenanceError, match=r"directions is not what the 'directions' stage wrote \(changed: "
+                                              r"directions.json; added: extra.safetensors\)"):
+        RunState(tmp_path, config).run("ablations", lambda: {}, quiet)
+
+
+def test_a_stage_made_again_makes_the_stages_that_read_it_again(tmp_path):
+    """Deleting one stage's entry rebuilds it, and every finished stage that read its old files (and
+    what read those) is done again: nothing computed from the old files stays in the results."""
+    config = dataclasses.replace(DEMO_CONFIG, device="cpu")
+    quiet = lambda message: None  # noqa: E731
+    state = RunState(tmp_path, config)
+    for stage, folder in (("traces_base_train", "traces/base_train"), ("activations", "activations"),
+                          ("taxonomy", "taxonomy"), ("directions", "directions"), ("eval_base", "eval/base"),
+                          ("eval_hybrid", "eval/hybrid"), ("eval_random_firing", "eval/random_firing")):
+        state.run(stage, _writes(tmp_path / folder, "out.json", "old"), quiet)
+    record = json.loads((tmp_path / "stages.json").read_text())
+    del record["stages"]["taxonomy"]
+    (tmp_path / "stages.json").write_text(json.dumps(record))
+    state = RunState(tmp_path, config)
+    state.run("taxonomy", _writes(tmp_path / "taxonomy", "out.json", "new"), quiet)
+    assert [stage for stage in ("traces_base_train", "activations", "eval_base") if state.done(stage)] == \
+        ["traces_base_train", "activations", "eval_base"]  # upstream or unrelated: kept
+    assert not any(state.done(stage) for stage in ("directions", "eval_hybrid", "eval_random_firing"))
+
+
+def test_directions_of_another_layer_are_refused_by_the_hybrid(short_run, tmp_path):
+    """A folder written before file digests were recorded still has its artefacts checked by what they
+    are: directions at another layer than the run steers are refused, naming the key."""
+    import shutil
+
+    out, _ = short_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "stages.json").read_text())
+    for entry in record["stages"].values():
+        entry.pop("outputs", None)  # as written before digests existed
+    del record["stages"]["eval_hybrid"]
+    (copy / "stages.json").write_text(json.dumps(record))
+    metadata = json.loads((copy / "directions" / "directions.json").read_text())
+    metadata["layer"] += 1
+    (copy / "directions" / "directions.json").write_text(json.dumps(metadata))
+    with pytest.raises(ProvenanceError, match=r"holds directions at the base model's layer \d, but this run steers "
+                                              r"at layer \d \(steer_layer\)"):
+        run_pipeline(RunConfig.from_dict(SHORT_RUN), copy, log=lambda message: None)

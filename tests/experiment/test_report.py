@@ -113,6 +113,13 @@ def test_mechsteer_report_refuses_files_of_another_run(short_run, tmp_path, caps
     lines = results.read_text().splitlines(keepends=True)
     results.write_text("".join(lines[: len(lines) // 2]))
     assert main(["report", str(cut)]) != 0
+    assert "eval/hybrid is not what the 'eval_hybrid' stage wrote (changed: results.jsonl)" in capsys.readouterr().err
+    # a folder written before file digests were recorded: the count of records is checked
+    record = json.loads((cut / "stages.json").read_text())
+    for entry in record["stages"].values():
+        entry.pop("outputs", None)
+    (cut / "stages.json").write_text(json.dumps(record))
+    assert main(["report", str(cut)]) != 0
     assert f"holds {len(lines) // 2} records" in capsys.readouterr().err
     other = tmp_path / "other"
     shutil.copytree(out, other)

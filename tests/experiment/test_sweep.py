@@ -11,7 +11,7 @@ import yaml
 
 from mechsteer.cli import main
 from mechsteer.experiment.executors import RayExecutor
-from mechsteer.experiment.points import SHARED_STAGES
+from mechsteer.experiment.layout import SHARED_STAGES
 from mechsteer.experiment.sweep import SweepSpec, phases, plan_points, run_sweep, wandb_sweep_config
 from mechsteer.experiment.tracking import find_run_folders, read_run_files
 
@@ -174,7 +174,9 @@ def test_local_sweep_points_share_the_upstream_run(local_sweep):
         assert Path(shared["donor"]) == leader and shared["stages"] == sorted(SHARED_STAGES)
         stages = json.loads((local_sweep / "points" / row["point"] / "stages.json").read_text())["stages"]
         leader_stages = json.loads((leader / "stages.json").read_text())["stages"]
-        assert all(stages[name] == leader_stages[name] for name in SHARED_STAGES)
+        # the same stages, the taxonomy's files aside (it names the point's own activations)
+        assert all(stages[name] == leader_stages[name] for name in SHARED_STAGES if name != "taxonomy")
+        assert {**stages["taxonomy"], "outputs": None} == {**leader_stages["taxonomy"], "outputs": None}
     # the shared files are the leader's own (hard links), not recomputed copies
     sample = next((leader / "activations").glob("*.safetensors"))
     follower = local_sweep / "points" / rows[1]["point"] / "activations" / sample.name
