@@ -24,6 +24,7 @@ LAYERS: tuple[str, ...] = (
     "mechsteer.hybrid",
     "mechsteer.causal",
     "mechsteer.experiment",
+    "mechsteer.export",
     "mechsteer.cli",
 )
 PLUGIN = "mechsteer.organisms"

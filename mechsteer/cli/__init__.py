@@ -25,6 +25,7 @@ from mechsteer.cli import (
     ablate,
     activations,
     directions,
+    export,
     info,
     report,
     run,
@@ -35,7 +36,7 @@ from mechsteer.cli import (
 from mechsteer.core.errors import ConfigError, MechsteerError
 
 COMMAND_GROUP = "mechsteer.commands"
-COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep, report)
+COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep, report, export)
 DEBUG_ENV = "MECHSTEER_DEBUG"
 DEBUG_HELP = f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
 INTERRUPTED_EXIT = 130

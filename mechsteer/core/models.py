@@ -420,3 +420,13 @@ def resid_hook_name(layer: int, site: ResidSite = "resid_post") -> str:
     if site not in get_args(ResidSite):
         raise ValueError(f"unknown residual site {site!r}; expected resid_pre, resid_mid or resid_post")
     return f"blocks.{layer}.hook_{site}"
+
+
+def parse_resid_hook_name(hook_name: str) -> tuple[int, ResidSite]:
+    """``blocks.{L}.hook_{site}`` -> ``(L, site)``, the inverse of :func:`resid_hook_name`."""
+    parts = hook_name.split(".")
+    for site in get_args(ResidSite):
+        if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] == f"hook_{site}":
+            return int(parts[1]), site
+    raise ValueError(f"{hook_name!r} is not a residual-stream hook name; expected blocks.<layer>.hook_<site> "
+                     f"with site one of {get_args(ResidSite)}, e.g. 'blocks.3.hook_resid_post'")

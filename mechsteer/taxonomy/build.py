@@ -62,6 +62,7 @@ from mechsteer.taxonomy.metrics import (
     ground_truth_metrics,
     sentence_labels,
 )
+from mechsteer.taxonomy.sae import TopKSAE
 
 
 @dataclass(frozen=True)
@@ -134,20 +135,40 @@ class _Fitted:
     directions: Tensor  # (n_latents, d_model)
 
 
+def _check_trained(data: LayerData, sae: TopKSAE, method: ClusteringMethod, n_latents: int, k: int) -> None:
+    """Refuse an SAE trained elsewhere that does not fit this layer's vectors or the asked build."""
+    config = sae.config
+    if method != "sae" or n_latents != config.n_latents or k != config.k:
+        raise ValueError(f"a given SAE builds method 'sae' with its own n_latents={config.n_latents} and "
+                         f"k={config.k}; got method {method!r}, n_latents={n_latents}, k={k}")
+    if data.vectors.shape[1] != config.d_in:
+        raise ValueError(f"the SAE reads d_in={config.d_in} but layer {data.layer} of {data.activations_dir} has "
+                         f"width {data.vectors.shape[1]}; use an SAE of this model")
+    if data.normalised != sae.normalised:
+        raise ValueError(f"the SAE reads {'L2-normalised' if sae.normalised else 'unnormalised'} vectors but the "
+                         f"layer was loaded with normalise={data.normalised}; load it as the SAE reads")
+    sae.check_centring(data.centring_mean)
+
+
 def _fit(data: LayerData, method: ClusteringMethod, n_latents: int, k: int, seed: int,
-         sae_options: dict[str, Any]) -> _Fitted:
+         sae_options: dict[str, Any], trained: TopKSAE | None = None) -> _Fitted:
     if method not in CLUSTERING_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {CLUSTERING_METHODS}")
     if data.vectors.shape[0] < n_latents:
         raise ValueError(f"{data.vectors.shape[0]} sentences are too few for n_latents={n_latents}")
-    if method == "sae":
+    clusterer: Clusterer
+    if trained is not None:
+        _check_trained(data, trained, method, n_latents, k)
+        clusterer = SAEClusterer.of(trained)
+    elif method == "sae":
         clusterer = make_clusterer(
             "sae", n_latents, centring_mean=data.centring_mean, normalised=data.normalised,
             k=k, seed=seed, **sae_options,
         )
     else:
         clusterer = make_clusterer(method, n_latents, seed=seed)
-    clusterer.fit(data.vectors)
+    if trained is None:
+        clusterer.fit(data.vectors)
     with torch.no_grad():
         assignments = clusterer.classify(data.vectors).to(torch.int64)
         reconstruction = clusterer.reconstruct(data.vectors).float()
@@ -310,9 +331,14 @@ def build_from_layer(
     judge: Judge | None,
     judge_settings: JudgeSettings,
     sae_options: dict[str, Any],
+    trained_sae: TopKSAE | None = None,
 ) -> Taxonomy:
-    """One taxonomy of an already loaded layer: fit, then measure (see the module docstring)."""
-    fitted = _fit(data, method, n_latents, k, seed, sae_options)
+    """One taxonomy of an already loaded layer: fit, then measure (see the module docstring).
+
+    ``trained_sae``: label with this SAE instead of training one (method "sae" with its own
+    n_latents and k, on vectors prepared as it reads them: same centring mean and normalisation).
+    """
+    fitted = _fit(data, method, n_latents, k, seed, sae_options, trained_sae)
     n_nonempty = len(set(fitted.assignments.tolist()))
     silhouette = cosine_silhouette(data.vectors, fitted.assignments, seed=seed) if n_nonempty >= 2 else -math.inf
     examples = _examples(data, fitted, judge_settings, seed)

@@ -202,6 +202,13 @@ class SAEClusterer:
         self.sae: TopKSAE | None = None
         self.report: TrainReport | None = None
 
+    @classmethod
+    def of(cls, sae: TopKSAE) -> SAEClusterer:
+        """A clusterer around an SAE trained elsewhere (e.g. read from a SAELens folder); no fit needed."""
+        clusterer = cls(sae.config.n_latents, centring_mean=sae.centring_mean, normalised=sae.normalised)
+        clusterer.sae = sae
+        return clusterer
+
     @typechecked
     def fit(self, vectors: Float[Tensor, "n d_in"]) -> SAEClusterer:
         config = SAEConfig(d_in=vectors.shape[1], n_latents=self.n_clusters, **self.config_kwargs)

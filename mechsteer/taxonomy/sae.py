@@ -239,6 +239,27 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     @typechecked
+    def recentred(self, centring_mean: Float[Tensor, " d_in"]) -> TopKSAE:
+        """The same SAE for activations centred with ``centring_mean`` instead of its own mean.
+
+        Without L2 normalisation the change of mean is a translation of the input, taken up by
+        ``b_dec`` (encode reads ``x - b_dec``, decode adds it back), so latents and
+        reconstructions stay those of the original on every raw activation. With normalisation
+        no weights express it: then the means must agree (:meth:`check_centring`).
+        """
+        self._check_width(centring_mean, "centring_mean")
+        given = centring_mean.detach().to(self.centring_mean)
+        if torch.allclose(given, self.centring_mean, rtol=CENTRING_RTOL, atol=CENTRING_ATOL):
+            return self
+        if self.normalised:
+            self.check_centring(given)  # raises: a normalised SAE cannot be moved to another mean
+        moved = TopKSAE(self.config, centring_mean=given, normalised=False)
+        moved.load_state_dict({**self.state_dict(), "centring_mean": given,
+                               "b_dec": self.b_dec + self.centring_mean - given})
+        return moved
+
+    @torch.no_grad()
+    @typechecked
     def prepare(
         self,
         acts: Float[Tensor, "*batch d_in"],

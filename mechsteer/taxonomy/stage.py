@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from mechsteer.activations import Manifest
+from mechsteer.activations import centring_mean as read_centring_mean
+from mechsteer.core.errors import ArtefactError
+from mechsteer.core.provenance import mismatch, same_model
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.clustering import ClusteringMethod
+from mechsteer.taxonomy.saelens import SAELENS_CONFIG_FILE, SAELensSAE, read_saelens_folder
 from mechsteer.taxonomy.sweep import sweep_to_folder
 
 
@@ -79,4 +83,34 @@ class TaxonomySummary:
                    sweep=list(data.get("sweep") or []))
 
 
-__all__ = ["TaxonomySettings", "TaxonomySummary", "build_taxonomy"]
+def taxonomy_from_sae(activations_dir: Path, sae_folder: Path, out: Path, *, judge: str, seed: int,
+                      judge_settings: JudgeSettings | None = None, allow_other_model: bool = False,
+                      progress: bool = True) -> tuple[SAELensSAE, Taxonomy]:
+    """The taxonomy of ``activations_dir`` that the SAE in the SAELens folder ``sae_folder`` gives, written
+    into ``out`` as :func:`build_taxonomy` writes the selected one (a sweep of that one point).
+
+    The SAE names its model, layer and hook (``cfg.json``); its layer must be in the activation run
+    and its model the run's (unless ``allow_other_model``). An SAE without L2 normalisation is moved
+    to the run's centring mean (:meth:`~mechsteer.taxonomy.sae.TopKSAE.recentred`); a normalised one
+    must have been made with that mean.
+    """
+    imported = read_saelens_folder(sae_folder)
+    manifest = Manifest.load(activations_dir)
+    where = sae_folder / SAELENS_CONFIG_FILE
+    if not allow_other_model and not same_model(imported.model_name, manifest.model):
+        raise mismatch(f"the SAE in {where}", "model_name", imported.model_name, manifest.model,
+                       "pass the activations of the SAE's model (or allow another model)")
+    site = manifest.config.get("site", "resid_post")
+    if imported.layer not in manifest.layers or imported.site != site:
+        raise ArtefactError(f"{where} reads {imported.hook_name} but the activation run {activations_dir} has "
+                            f"layers {manifest.layers} at {site}; extract that layer first (mechsteer activations "
+                            f"--layers {imported.layer})")
+    sae = imported.sae.recentred(read_centring_mean(activations_dir, imported.layer))
+    _, taxonomy = sweep_to_folder(
+        activations_dir, [imported.layer], [sae.config.n_latents], out, judge_spec=judge, benchmark=manifest.benchmark,
+        method="sae", k=sae.config.k, seed=seed, normalise=sae.normalised, judge_settings=judge_settings,
+        trained_sae=sae, progress=progress)
+    return imported, taxonomy
+
+
+__all__ = ["TaxonomySettings", "TaxonomySummary", "build_taxonomy", "taxonomy_from_sae"]

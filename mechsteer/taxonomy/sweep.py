@@ -30,6 +30,7 @@ from mechsteer.taxonomy.clustering import ClusteringMethod
 from mechsteer.taxonomy.judge.base import Judge
 from mechsteer.taxonomy.judge.spec import make_judge
 from mechsteer.taxonomy.plots import plot_metrics_vs_k, plot_sentence_map
+from mechsteer.taxonomy.sae import TopKSAE
 
 METRICS_CSV = "metrics.csv"
 METRICS_PLOT = "metrics_vs_k.png"
@@ -88,11 +89,13 @@ def sweep_taxonomies(
     normalise: bool | Sequence[bool] = True,
     judge_settings: JudgeSettings | None = None,
     sae_options: dict[str, Any] | None = None,
+    trained_sae: TopKSAE | None = None,
     progress: bool = False,
 ) -> tuple[list[dict[str, Any]], Taxonomy]:
     """Build a taxonomy for every (layer, normalisation, n_latents) and pick one by
     :data:`~mechsteer.taxonomy.artefact.SELECTION_DOC`. ``normalise`` is one choice or several,
-    e.g. ``(True, False)``.
+    e.g. ``(True, False)``. ``trained_sae`` labels with that SAE instead of training
+    (:func:`~mechsteer.taxonomy.build.build_from_layer`; a grid of its one point).
 
     Returns one row per sweep point (the columns of :data:`SWEEP_COLUMNS`; ``selected`` marks
     the pick) and the selected taxonomy.
@@ -115,6 +118,7 @@ def sweep_taxonomies(
                 taxonomy = build_from_layer(
                     data, method=method, n_latents=n_latents, k=k, seed=seed, judge=judge,
                     judge_settings=judge_settings or JudgeSettings(), sae_options=sae_options or {},
+                    trained_sae=trained_sae,
                 )
                 rows.append(sweep_row(taxonomy))
                 if progress:
