@@ -341,7 +341,9 @@ def test_clear_judge_cache_keeps_the_cache_of_a_refused_config(files, capsys):
     cached = files["run"] / "taxonomy" / "judge_cache" / "ab" / "abcd.json"
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text('{"response": "yes"}')
-    for config, fragment in ((files["config_demo_seed1"], "seed: 0 -> 1"), (files["config_http_judge"], "needs the")):
+    # another seed; an HTTP judge (the folder's taxonomy is done, so its address is not asked: the config differs)
+    for config, fragment in ((files["config_demo_seed1"], "seed: 0 -> 1"),
+                             (files["config_http_judge"], "holds a run of another config")):
         code, err = run_cli(["run", "--config", str(config), "--out", str(files["run"]), "--clear-judge-cache"], capsys)
         assert code == 2 and fragment in err.strip().splitlines()[-1]
         assert cached.is_file()  # the refusal came first
