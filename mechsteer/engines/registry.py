@@ -18,7 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
-from mechsteer.core.plugins import load_plugins
+from mechsteer.core.plugins import Registry
 from mechsteer.engines.base import GenerationEngine
 from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.engines.openai import OpenAIEngine
@@ -61,28 +61,21 @@ class EngineSpec:
     build: EngineFactory
 
 
-_ENGINES: dict[str, EngineSpec] = {}
+ENGINES: Registry[EngineSpec] = Registry("engine")
 
 
 def register_engine(spec: EngineSpec, *, replace: bool = False) -> None:
     """Make ``engine: spec.name`` in a run config (and ``mechsteer traces --engine``) build with ``spec``."""
-    if spec.name in _ENGINES and not replace:
-        raise ValueError(f"engine {spec.name!r} is already registered; pass replace=True")
-    _ENGINES[spec.name] = spec
+    ENGINES.register(spec.name, spec, replace=replace)
 
 
 def engine_names() -> list[str]:
-    load_plugins()
-    return list(_ENGINES)
+    return ENGINES.names()
 
 
 def engine_spec(name: str) -> EngineSpec:
     """The registered engine ``name`` (plug-ins loaded on a miss); ConfigError naming the registered ones."""
-    if name not in _ENGINES:
-        load_plugins()
-    if name not in _ENGINES:
-        raise ConfigError(f"unknown engine {name!r}; registered engines: {list(_ENGINES)}")
-    return _ENGINES[name]
+    return ENGINES.get(name)
 
 
 def _build_bridge(inputs: EngineInputs) -> GenerationEngine:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from mechsteer.core.plugins import load_plugins
+from mechsteer.core.plugins import Registry
 from mechsteer.grading.math_equivalence import math_answers_equivalent
 
 # The tags around a thinking model's reasoning; the answer follows the closing one.
@@ -87,28 +87,21 @@ class Grader:
     equivalent: Callable[[str, str], bool]
 
 
-_GRADERS: dict[str, Grader] = {}
+GRADERS: Registry[Grader] = Registry("benchmark")  # the benchmarks that have a grader
 
 
 def register_grader(grader: Grader, *, replace: bool = False) -> None:
     """Add a benchmark's grader (a plug-in registers its benchmark's here)."""
-    if grader.benchmark in _GRADERS and not replace:
-        raise ValueError(f"a grader for benchmark {grader.benchmark!r} is already registered; pass replace=True")
-    _GRADERS[grader.benchmark] = grader
+    GRADERS.register(grader.benchmark, grader, replace=replace)
 
 
 def grader_for(benchmark: str) -> Grader:
-    """The benchmark's grader (plug-ins loaded on a miss); ValueError naming the graded ones."""
-    if benchmark not in _GRADERS:
-        load_plugins()
-    if benchmark not in _GRADERS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {graded_benchmarks()}")
-    return _GRADERS[benchmark]
+    """The benchmark's grader (plug-ins loaded on a miss); ConfigError naming the graded ones."""
+    return GRADERS.get(benchmark)
 
 
 def graded_benchmarks() -> tuple[str, ...]:
-    load_plugins()
-    return tuple(sorted(_GRADERS))
+    return tuple(GRADERS.names())
 
 
 # ---------------------------------------------------------------------------------------

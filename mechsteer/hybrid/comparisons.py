@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mechsteer.core.plugins import load_plugins
+from mechsteer.core.plugins import Registry
 from mechsteer.hybrid.timing import (
     BiasOnlyPolicy,
     FirstTokenOnlyPolicy,
@@ -59,19 +59,16 @@ class ComparisonSpec:
     needs_bias: bool = False  # refused for a direction set without a bias
 
 
-_COMPARISONS: dict[str, ComparisonSpec] = {}
+COMPARISONS: Registry[ComparisonSpec] = Registry("control or baseline")
 
 
 def register_comparison(spec: ComparisonSpec, *, replace: bool = False) -> None:
     """Make ``controls: [name]`` (or ``baselines: [name]``) build its evaluation with ``spec``."""
-    if spec.name in _COMPARISONS and not replace:
-        raise ValueError(f"{spec.kind} {spec.name!r} is already registered; pass replace=True")
-    _COMPARISONS[spec.name] = spec
+    COMPARISONS.register(spec.name, spec, replace=replace)
 
 
 def comparison_names(kind: ComparisonKind) -> list[str]:
-    load_plugins()
-    return sorted(name for name, spec in _COMPARISONS.items() if spec.kind == kind)
+    return [name for name in COMPARISONS.names() if COMPARISONS.get(name).kind == kind]
 
 
 def control_names() -> list[str]:
@@ -84,11 +81,7 @@ def baseline_names() -> list[str]:
 
 def build_comparison(name: str, inputs: ComparisonInputs) -> ComparisonRun:
     """The registered comparison ``name`` built from the hybrid's ``inputs`` (plug-ins loaded on a miss)."""
-    if name not in _COMPARISONS:
-        load_plugins()
-    if name not in _COMPARISONS:
-        raise ValueError(f"unknown control or baseline {name!r}; registered: {sorted(_COMPARISONS)}")
-    spec = _COMPARISONS[name]
+    spec = COMPARISONS.get(name)
     if spec.needs_bias and inputs.directions.bias is None:
         raise ValueError(f"the {name} {spec.kind} needs a bias direction; the direction set has none")
     return spec.build(inputs)

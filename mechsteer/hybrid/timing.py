@@ -51,7 +51,7 @@ from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
-from mechsteer.core.plugins import load_plugins
+from mechsteer.core.plugins import Registry
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor
 
 BIAS_ONLY = -1
@@ -332,28 +332,21 @@ class PolicySpec:
 
 
 PolicyFactory = Callable[[PolicySpec], TimingPolicy]
-_POLICIES: dict[str, PolicyFactory] = {}
+POLICIES: Registry[PolicyFactory] = Registry("timing policy")
 
 
 def register_timing_policy(name: str, factory: PolicyFactory, *, replace: bool = False) -> None:
     """Make ``policy: name`` in a run config build its policy with ``factory`` (a plug-in's too)."""
-    if name in _POLICIES and not replace:
-        raise ValueError(f"timing policy {name!r} is already registered; pass replace=True")
-    _POLICIES[name] = factory
+    POLICIES.register(name, factory, replace=replace)
 
 
 def timing_policy_names() -> list[str]:
-    load_plugins()
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def build_timing_policy(name: str, spec: PolicySpec) -> TimingPolicy:
     """The registered policy ``name`` built for ``spec`` (plug-ins loaded on a miss)."""
-    if name not in _POLICIES:
-        load_plugins()
-    if name not in _POLICIES:
-        raise ValueError(f"unknown timing policy {name!r}; registered: {sorted(_POLICIES)}")
-    return _POLICIES[name](spec)
+    return POLICIES.get(name)(spec)
 
 
 register_timing_policy("sae_argmax", lambda spec: SAEArgmaxPolicy(spec.classifier, spec.behaviour_ids,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ConfigError
-from mechsteer.core.plugins import load_plugins
+from mechsteer.core.plugins import Registry
 from mechsteer.data.traces import TraceRecord
 from mechsteer.steering.direction_set import DirectionSet, add_set_method
 from mechsteer.steering.labels import BehaviourLabels
@@ -91,30 +91,23 @@ class DirectionMethodSpec:
     needs_taxonomy: bool = False  # a taxonomy's labels, not a benchmark's ground-truth ones
 
 
-_METHODS: dict[str, DirectionMethodSpec] = {}
+METHODS: Registry[DirectionMethodSpec] = Registry("direction method")
 
 
 def register_direction_method(spec: DirectionMethodSpec, *, replace: bool = False) -> None:
     """Make ``direction_method: spec.name`` (and ``mechsteer directions --method``) build with ``spec``."""
-    if spec.name in _METHODS and not replace:
-        raise ValueError(f"direction method {spec.name!r} is already registered; pass replace=True")
+    METHODS.register(spec.name, spec, replace=replace)
     add_set_method(spec.name)
-    _METHODS[spec.name] = spec
 
 
 def direction_method_names() -> list[str]:
     """The methods that build a set from traces (plug-ins loaded); ``random`` sets are made from another set."""
-    load_plugins()
-    return list(_METHODS)
+    return METHODS.names()
 
 
 def direction_method_spec(name: str) -> DirectionMethodSpec:
     """The registered method ``name`` (plug-ins loaded on a miss); ConfigError naming the registered ones."""
-    if name not in _METHODS:
-        load_plugins()
-    if name not in _METHODS:
-        raise ConfigError(f"unknown direction method {name!r}; registered: {list(_METHODS)}")
-    return _METHODS[name]
+    return METHODS.get(name)
 
 
 def _build_mean(inputs: DirectionInputs) -> DirectionSet:

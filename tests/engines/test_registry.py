@@ -28,7 +28,7 @@ from mechsteer.experiment.pipeline import plain_generator
 @pytest.fixture
 def engines(monkeypatch):
     """The registry as it is, restored after the test."""
-    monkeypatch.setattr(registry, "_ENGINES", dict(registry._ENGINES))
+    monkeypatch.setattr(registry.ENGINES, "_entries", dict(registry.ENGINES._entries))
 
 
 class RecordedEngine:

@@ -22,7 +22,7 @@ DEMO = dataclasses.asdict(DEMO_CONFIG)
     ({"n_eval": "ten"}, "n_eval = 'ten' is not an int"),
     ({"n_train": 0}, "n_train = 0 must be >= 1"),
     ({"direction_method": "optimized"}, "unknown direction_method 'optimized'; registered direction methods: "
-                                        "['mean', 'sae', 'optimised'"),
+                                        "['mean', 'optimised'"),
     ({"engine": "vllm"}, "unknown engine 'vllm'; registered engines: ['bridge', 'openai'"),
     ({"policy": "argmax"}, "unknown policy 'argmax'"),
     ({"controls": ["random_fire"]}, "unknown control 'random_fire'; registered controls"),
