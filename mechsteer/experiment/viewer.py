@@ -28,6 +28,7 @@ from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths
 from mechsteer.experiment.markdown import BASELINES, CONTROLS, RunView
 from mechsteer.experiment.plots import behaviour_order, event_name
 from mechsteer.experiment.state import planned
+from mechsteer.grading.statistics import accuracy
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 
 PAGE_TEMPLATE = Path(__file__).with_name("viewer_page.html")
@@ -138,8 +139,8 @@ def viewer_page(paths: RunPaths, view: RunView) -> ViewerPage:
     prompts: dict[str, str] = {}
 
     def add(name: str, kind: EvaluationKind, description: str, graded: list[tuple[str, str, Generation]]) -> None:
-        evaluations.append(Evaluation(name, kind, description,
-                                      sum(g.correct for _, _, g in graded) / len(graded) if graded else 0.0))
+        grades = [generation.correct for _, _, generation in graded]
+        evaluations.append(Evaluation(name, kind, description, accuracy(grades).accuracy))
         for problem_id, reference, generation in graded:
             by_problem.setdefault(problem_id, {})[name] = generation
             references.setdefault(problem_id, reference)

@@ -2,6 +2,7 @@
 browser (headless Chromium, which `make install` installs: the browser tests skip only when no
 Chromium can be found at all)."""
 
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -242,3 +243,20 @@ def test_the_browser_check_sees_a_script_error_and_a_wrong_address(short_run, tm
     assert seen.state == "error" and 'no problem "no-such-problem"' in seen.errors
     seen = open_page(RunPaths(out).viewer, "#filter=hybrid:maybe")
     assert seen.state == "error" and 'filter "hybrid:maybe"' in seen.errors
+
+
+@pytest.mark.slow
+def test_an_older_run_folder_without_token_offsets_still_gets_a_page_with_every_steered_token(short_run, tmp_path):
+    out, _ = short_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    results = RunPaths(copy).hybrid_results()
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    for line in lines:
+        del line["token_ends"], line["disagree_positions"]
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["report", str(copy)]) == 0
+    most = max(lines, key=lambda line: len(line["steered_positions"]))
+    page = open_page(RunPaths(copy).viewer, f"#problem={most['problem_id']}")
+    assert page.state == "ready" and not page.errors.strip(), page.errors
+    assert page.marks["hybrid"] == len(most["steered_positions"]) > 0
