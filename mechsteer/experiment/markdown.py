@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
+from mechsteer.experiment.layout import VIEWER_HTML
 from mechsteer.steering.methods import direction_method_names, direction_method_spec
 from mechsteer.steering.stage import DirectionsSummary
 from mechsteer.taxonomy.artefact import Taxonomy
@@ -136,7 +137,8 @@ def run_markdown(view: RunView) -> str:
     lines = [f"# {config.name}", "",
              f"Base `{config.base_model}`, thinking `{config.thinking_model}`, benchmark `{config.benchmark}`: "
              f"{config.n_train} problems ({config.train_split}) for the taxonomy and the directions, "
-             f"{config.n_eval} ({config.eval_split}) for the evaluation.", ""]
+             f"{config.n_eval} ({config.eval_split}) for the evaluation.", "",
+             f"Every problem's generations side by side, the steered tokens marked: [{VIEWER_HTML}]({VIEWER_HTML}).", ""]
     if view.missing:
         lines += [f"> **Unfinished run.** Stages not done: {', '.join(view.missing)}. The sections below show "
                   "the finished stages; rerunning `mechsteer run` with the same config resumes the rest.", ""]

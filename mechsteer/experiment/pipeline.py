@@ -64,7 +64,7 @@ from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.hybrid import generator
 from mechsteer.hybrid.comparisons import ComparisonInputs, ComparisonRun, build_comparison
 from mechsteer.hybrid.generator import HybridConfig
-from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
+from mechsteer.hybrid.records import HybridRecord, read_hybrid_records, token_char_ends
 from mechsteer.hybrid.timing import (
     BehaviourClassifier,
     TimingOraclePolicy,
@@ -105,7 +105,8 @@ def evaluate_hybrid(
             records.append(HybridRecord.from_generation(
                 problem.id, output.texts[row], prediction, problem.answer,
                 is_correct(prediction, problem.answer, problem.benchmark), output.token_logs[row],
-                output.steered_fractions[row], output.finish_reasons[row]).to_json())
+                output.steered_fractions[row], output.finish_reasons[row],
+                token_ends=token_char_ends(pair.base.tokenizer, output.token_ids[row], output.texts[row])).to_json())
         append_jsonl(out_path, records)
         progress(f"  hybrid {policy.name}: {len(done) + start + len(batch)}/{len(problems)}")
     by_id = {record.problem_id: record for record in read_hybrid_records(out_path)}

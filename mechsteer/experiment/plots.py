@@ -18,6 +18,12 @@ TIMELINE_PROBLEMS = 12
 BIAS = "bias"  # the name of a steering event with the bias alone (no behaviour)
 
 
+def behaviour_order(titles: dict[int, str]) -> list[str]:
+    """The steering events' names in the order the plots and the viewer colour them (matplotlib's
+    tab10 colours in this order): the titles sorted, then the bias."""
+    return [*dict.fromkeys(sorted(titles.values())), BIAS]
+
+
 def event_name(behaviour: int | None, titles: dict[int, str]) -> str:
     """The behaviour a steering event steered toward, by title (``bias`` when no behaviour)."""
     return titles.get(behaviour, BIAS) if behaviour is not None and behaviour >= 0 else BIAS
@@ -69,7 +75,7 @@ def plot_timeline(groups: list[tuple[str, list[HybridRecord]]], titles: dict[int
     """One row per problem (its generated tokens in grey), a tick where each behaviour was steered;
     the groups of :func:`timeline_examples` one under the other, each under its label."""
     plt = _pyplot()
-    ordered = [*dict.fromkeys(sorted(titles.values())), BIAS]
+    ordered = behaviour_order(titles)
     colours = {name: plt.cm.tab10(index % 10) for index, name in enumerate(ordered)}
     records = [record for _, group in groups for record in group]
     figure, axis = plt.subplots(figsize=(9, 0.38 * len(records) + 0.4 * len(groups) + 1.3))
@@ -144,5 +150,5 @@ def _save(figure: Any, plt: Any, path: Path) -> Path:
     return path
 
 
-__all__ = ["ACCURACY_PLOT", "BIAS", "TIMELINE_PLOT", "TRANSITIONS_PLOT", "event_name", "plot_accuracy",
-           "plot_timeline", "plot_transitions", "timeline_examples"]
+__all__ = ["ACCURACY_PLOT", "BIAS", "TIMELINE_PLOT", "TRANSITIONS_PLOT", "behaviour_order", "event_name",
+           "plot_accuracy", "plot_timeline", "plot_transitions", "timeline_examples"]

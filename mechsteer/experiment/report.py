@@ -46,6 +46,7 @@ from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.state import RunState, check_outputs, planned
 from mechsteer.experiment.tracking import Tracker
 from mechsteer.experiment.tuning import tuning_report
+from mechsteer.experiment.viewer import write_viewer
 from mechsteer.grading.statistics import accuracy, gap_recovered, paired_bootstrap_gap
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 from mechsteer.steering.stage import DirectionsSummary
@@ -315,6 +316,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
     candidates = [out / ACCURACY_PLOT, paths.taxonomy / METRICS_PLOT, paths.taxonomy / SENTENCE_MAP_PLOT,
                   paths.ablations / ABLATIONS_PLOT, out / TRANSITIONS_PLOT, out / TIMELINE_PLOT]
     view.plots = {paths.relative(path) for path in candidates if path.is_file()}
+    write_viewer(paths, view)
     write_text_atomic(paths.report_md, run_markdown(view))
     return view
 

@@ -1,6 +1,7 @@
 """One problem's hybrid generation as a run records it (a line of an evaluation's ``results.jsonl``):
-its text and grade, and a compact per-token log of where it steered, with which behaviour,
-coefficient and window."""
+its text and grade, a compact per-token log of where it steered, with which behaviour,
+coefficient and window, where the base and thinking models' greedy tokens differed, and where each
+generated token ends in the text (what the run's viewer marks tokens by)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ class HybridRecord:
     steered_windows: list[int]
     top_latents: list[list[int]]  # every token's top latent of the thinking model's state
     finish_reason: str
+    # the character in `text` where each generated token ends (None in records written before it was recorded)
+    token_ends: list[int] | None = None
+    disagree_positions: list[int] | None = None  # token positions where the greedy tokens differed (None: as above)
 
     @classmethod
     def from_generation(cls, problem_id: str, text: str, prediction: str | None, reference: str, correct: bool,
-                        logs: list[TokenLog], steered_fraction: float, finish_reason: str) -> HybridRecord:
+                        logs: list[TokenLog], steered_fraction: float, finish_reason: str,
+                        token_ends: list[int] | None = None) -> HybridRecord:
         steered = [log for log in logs if log.steered]
         return cls(problem_id=problem_id, text=text, prediction=prediction, reference=reference, correct=correct,
                    n_tokens=len(logs), steered_fraction=steered_fraction,
@@ -41,18 +46,33 @@ class HybridRecord:
                    steered_positions=[i for i, log in enumerate(logs) if log.steered],
                    steered_behaviours=[log.behaviour for log in steered],
                    steered_coeffs=[log.coeff for log in steered], steered_windows=[log.window for log in steered],
-                   top_latents=[log.latent_ids[:1] for log in logs], finish_reason=finish_reason)
+                   top_latents=[log.latent_ids[:1] for log in logs], finish_reason=finish_reason,
+                   token_ends=token_ends, disagree_positions=[i for i, log in enumerate(logs) if not log.agree])
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: Path | str = "a hybrid record") -> HybridRecord:
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [name for name in names if name not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise ArtefactError(f"{source}: a hybrid record lacks {missing}; was it written by this mechsteer?")
-        return cls(**{name: data[name] for name in names})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
+
+
+def token_char_ends(tokenizer: Any, token_ids: list[int], text: str) -> list[int]:
+    """Where each of ``token_ids`` ends in ``text``, their decoded text (cut at a stop string: the
+    tokens past the cut end at its end). A token that decodes to part of a character (a byte of a
+    multi-byte one) ends where the previous one did; the token completing the character holds it."""
+    ends, end = [], 0
+    for count in range(1, len(token_ids) + 1):
+        prefix = tokenizer.decode(token_ids[:count], skip_special_tokens=True)
+        # the longest common prefix, from the previous end on (decoded prefixes only grow)
+        while end < min(len(prefix), len(text)) and prefix[end] == text[end]:
+            end += 1
+        ends.append(end)
+    return ends
 
 
 def read_hybrid_records(path: Path) -> list[HybridRecord]:
@@ -60,4 +80,4 @@ def read_hybrid_records(path: Path) -> list[HybridRecord]:
     return [HybridRecord.from_json(record, path) for record in read_jsonl(path)]
 
 
-__all__ = ["HybridRecord", "read_hybrid_records"]
+__all__ = ["HybridRecord", "read_hybrid_records", "token_char_ends"]
