@@ -42,7 +42,8 @@ def build_directions(
     if spec.needs_thinking:
         inputs.require_thinking()
     result = spec.build(inputs)
-    result.provenance.update({"labels": labels.source, "settings": dataclasses.asdict(settings), **(provenance or {})})
+    result.provenance.update({"labels": labels.source, "taxonomy": labels.taxonomy_dir,
+                              "settings": dataclasses.asdict(settings), **(provenance or {})})
     return result
 
 

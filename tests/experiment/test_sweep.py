@@ -171,7 +171,8 @@ def test_local_sweep_points_share_the_upstream_run(local_sweep):
     assert not (leader / "shared_from.json").exists()
     for row in rows[1:3]:
         shared = json.loads((local_sweep / "points" / row["point"] / "shared_from.json").read_text())
-        assert Path(shared["donor"]) == leader and shared["stages"] == sorted(SHARED_STAGES)
+        donor = local_sweep / "points" / row["point"] / shared["donor"]  # recorded relative to the point
+        assert donor.resolve() == leader.resolve() and shared["stages"] == sorted(SHARED_STAGES)
         stages = json.loads((local_sweep / "points" / row["point"] / "stages.json").read_text())["stages"]
         leader_stages = json.loads((leader / "stages.json").read_text())["stages"]
         assert all(stages[name] == leader_stages[name] for name in SHARED_STAGES)
