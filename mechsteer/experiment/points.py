@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mechsteer.core.provenance import recorded_path
 from mechsteer.core.store import json_digest, write_json_atomic
 from mechsteer.experiment.config import PLACEMENT_KEYS, TRACKING_KEYS, RunConfig
 from mechsteer.experiment.keys import downstream_keys
 from mechsteer.experiment.layout import SHARED_STAGES, STAGES_FILE, RunPaths
 from mechsteer.experiment.pipeline import run_pipeline
 from mechsteer.experiment.report import headline_metrics
-from mechsteer.experiment.state import stage_outputs
-from mechsteer.taxonomy.artefact import TAXONOMY_JSON
 
 # Keys read only after the directions exist: points differing only in these share the rest.
 DOWNSTREAM_KEYS = downstream_keys(RunConfig)
@@ -63,16 +62,8 @@ def seed_from_donor(point: SweepPoint) -> list[str]:
     for stage in taken:
         shutil.rmtree(out.stage(stage), ignore_errors=True)
         shutil.copytree(donor.stage(stage), out.stage(stage), copy_function=_link_or_copy)
-    taxonomy_file = out.taxonomy / TAXONOMY_JSON
-    if taxonomy_file.exists():  # point the taxonomy at this folder's own activations
-        document = json.loads(taxonomy_file.read_text())
-        provenance = document.get("provenance", {})
-        if Path(provenance.get("activations_dir", "")).resolve() == donor.activations.resolve():
-            provenance["activations_dir"] = str(out.activations)
-            write_json_atomic(taxonomy_file, document)  # a new file: the donor's link stays intact
-            if "taxonomy" in taken:
-                taken["taxonomy"] = {**taken["taxonomy"], "outputs": stage_outputs(out, "taxonomy")}
-    write_json_atomic(out.shared_from, {"donor": str(donor.root), "stages": sorted(taken)})
+    # The copies record their inputs relative to their own folders, so they read this point's files.
+    write_json_atomic(out.shared_from, {"donor": recorded_path(donor.root, out.root), "stages": sorted(taken)})
     write_json_atomic(out.stages_file, {"config_digest": point.config.digest(), "config": asdict(point.config),
                                             "stages": taken})
     return sorted(taken)

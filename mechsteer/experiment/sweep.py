@@ -48,6 +48,7 @@ import pyarrow
 import pyarrow.parquet
 
 from mechsteer.core.errors import ConfigError
+from mechsteer.core.provenance import recorded_path
 from mechsteer.core.store import read_json, write_json_atomic, write_text_atomic
 from mechsteer.core.validation import Range, check_fields, describe, field_hints, join_problems
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig, read_yaml_mapping
@@ -262,7 +263,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, log: Callable[[str], None] = 
     points = plan_points(spec, out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "sweep.json", {"spec": asdict(spec), "points": [
-        {"index": p.index, "overrides": p.overrides, "out": p.out, "upstream": p.upstream} for p in points]})
+        {"index": p.index, "overrides": p.overrides, "out": recorded_path(p.out, out), "upstream": p.upstream}
+        for p in points]})
     leaders, followers = phases(points)
     log(f"sweep {spec.name}: {len(points)} points ({len(leaders)} upstream groups), executor {spec.executor}")
 

@@ -27,6 +27,9 @@ from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS, generate_split
 
 BENCHMARK = "organism"
 SOURCE_TAG = "mechsteer.organisms"
+# Each split's number of problems (the test split's first RESERVED_TEST_FROM): a run's counts are checked
+# against them before anything loads.
+SPLIT_SIZES: dict[str, int] = {"train": 2603, "validation": 402, "test": RESERVED_TEST_FROM}
 
 # What the oracle judge says each behaviour is.
 DESCRIPTIONS: dict[str, str] = {
@@ -79,12 +82,12 @@ def register() -> None:
     for grammar in SHIPPED_PAIRS:
         for name in ORGANISM_NAMES:
             register_model_spec(model_spec(name, grammar), functools.partial(weights_dir, name, grammar))
-    register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split))
+    register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split, SPLIT_SIZES))
     register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))
     register_ground_truth(GROUND_TRUTH)
     register_grader(Grader(BENCHMARK, extract_answer_sentence, numbers_equal))
 
 
-__all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "extract_answer_sentence", "label_reasoning", "load_split",
+__all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "SPLIT_SIZES", "extract_answer_sentence", "label_reasoning", "load_split",
            "register"]

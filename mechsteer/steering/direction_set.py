@@ -34,7 +34,7 @@ from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefac
 from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.models import resid_hook_name
 from mechsteer.core.plugins import load_plugins
-from mechsteer.core.provenance import same_model
+from mechsteer.core.provenance import recorded_location, recorded_path, same_model
 from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.interventions.hooks import (
@@ -73,6 +73,8 @@ def set_method_names() -> tuple[str, ...]:
 
 DIRECTIONS_FORMAT = ArtefactFormat(name="mechsteer.direction_set", version=1, json_file="directions.json",
                                    tensors_file="directions.safetensors", kind="DirectionSet")
+# Provenance keys naming the folders a set was built from (the traces, the taxonomy its labels came from).
+PROVENANCE_PATHS = ("traces", "base_traces", "taxonomy")
 
 
 @dataclass
@@ -89,7 +91,7 @@ class DirectionSet:
     titles: list[str]
     directions: Float[Tensor, "n_behaviours d_model"]
     bias: Float[Tensor, " d_model"] | None = None
-    provenance: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # its PROVENANCE_PATHS on disk relative to the set's folder
 
     def __post_init__(self) -> None:
         self.behaviour_ids = [int(b) for b in self.behaviour_ids]
@@ -316,7 +318,8 @@ class DirectionSet:
             "layer": self.layer, "site": self.site, "hook_name": self.hook_name, "method": self.method,
             "behaviour_ids": self.behaviour_ids, "titles": self.titles,
             "norms": self.norms.tolist(), "bias_norm": None if self.bias is None else float(self.bias.norm()),
-            "provenance": self.provenance,
+            "provenance": {key: recorded_path(value, directory) if key in PROVENANCE_PATHS and value else value
+                           for key, value in self.provenance.items()},
         }
         return save_artefact(directory, DIRECTIONS_FORMAT, metadata, tensors)
 
@@ -324,13 +327,15 @@ class DirectionSet:
     def load(cls, directory: str | Path) -> DirectionSet:
         metadata, tensors = load_artefact(directory, DIRECTIONS_FORMAT)
         try:
+            provenance = {key: str(recorded_location(value, directory)) if key in PROVENANCE_PATHS and value else value
+                          for key, value in metadata["provenance"].items()}
             return cls(
                 model_name=metadata["model_name"], d_model=metadata["d_model"], n_layers=metadata["n_layers"],
                 layer=metadata["layer"], site=metadata["site"], method=metadata["method"],
                 behaviour_ids=metadata["behaviour_ids"], titles=metadata["titles"],
-                directions=tensors["directions"], bias=tensors.get("bias"), provenance=metadata["provenance"],
+                directions=tensors["directions"], bias=tensors.get("bias"), provenance=provenance,
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ArtefactError(f"{Path(directory) / DIRECTIONS_FORMAT.json_file} does not describe its tensors "
                                 f"({type(error).__name__}: {error}); rebuild the direction set") from None
 
@@ -341,5 +346,5 @@ def direction_provenance(model: TransformerBridge, method: str, **extra: Any) ->
             "site": SITE, **extra}
 
 
-__all__ = ["DIRECTIONS_FORMAT", "SITE", "DirectionMethod", "DirectionSet", "RandomMatch", "Site", "add_set_method",
+__all__ = ["DIRECTIONS_FORMAT", "PROVENANCE_PATHS", "SITE", "DirectionMethod", "DirectionSet", "RandomMatch", "Site", "add_set_method",
            "direction_provenance", "set_method_names"]

@@ -141,6 +141,7 @@ class BehaviourLabels:
     text_labeller: TraceLabeller | None = None
     taxonomy: Taxonomy | None = None  # when labels come from one
     source: str = ""
+    taxonomy_dir: str | None = None  # the taxonomy's folder, when labels come from one
 
 
 def ground_truth_labels(benchmark: str = "organism") -> BehaviourLabels:
@@ -180,7 +181,7 @@ def taxonomy_labels(taxonomy_dir: str | Path, n_traces: int | None = None, *,
     starts = None if traces is None else [record.reasoning_char_start for record in traces]
     labeller = aligned_labeller(sentences, taxonomy.assignments.tolist(), reasoning_starts=starts)
     return BehaviourLabels(labeller, taxonomy.behaviour_ids, [b.title for b in taxonomy.behaviours], None, taxonomy,
-                           f"taxonomy {taxonomy_dir}")
+                           "taxonomy", str(taxonomy_dir))
 
 
 # --------------------------------------------------------------------------------------------

