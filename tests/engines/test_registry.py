@@ -62,10 +62,10 @@ def test_an_engine_registered_twice_is_refused(engines):
 
 def test_an_unknown_engine_is_refused_naming_the_registered_ones(engines, install_plugin):
     calls = install_plugin(lambda: None)
-    with pytest.raises(ConfigError, match=r"^unknown engine 'vllm'; registered engines: \['bridge', 'openai'"):
+    with pytest.raises(ConfigError, match=r"^unknown engine 'vllm'; registered: \['bridge', .*'openai'"):
         make_engine("vllm")
     assert calls == ["register"]  # the plug-ins were asked first
-    with pytest.raises(ConfigError, match=r"unknown engine 'vllm'; registered engines: \['bridge', 'openai'"):
+    with pytest.raises(ConfigError, match=r"unknown engine 'vllm'; registered engines: \['bridge', .*'openai'"):
         RunConfig.from_dict({**dataclasses.asdict(DEMO_CONFIG), "engine": "vllm"})
 
 

@@ -22,8 +22,8 @@ DEMO = dataclasses.asdict(DEMO_CONFIG)
     ({"n_eval": "ten"}, "n_eval = 'ten' is not an int"),
     ({"n_train": 0}, "n_train = 0 must be >= 1"),
     ({"direction_method": "optimized"}, "unknown direction_method 'optimized'; registered direction methods: "
-                                        "['mean', 'optimised'"),
-    ({"engine": "vllm"}, "unknown engine 'vllm'; registered engines: ['bridge', 'openai'"),
+                                        "['mean', "),
+    ({"engine": "vllm"}, "unknown engine 'vllm'; registered engines: ['bridge', "),
     ({"policy": "argmax"}, "unknown policy 'argmax'"),
     ({"controls": ["random_fire"]}, "unknown control 'random_fire'; registered controls"),
     ({"baselines": ["first_token"]}, "unknown baseline 'first_token'; registered baselines"),

@@ -74,7 +74,7 @@ def test_a_method_registered_twice_is_refused(registry):
 
 def test_an_unknown_method_is_refused_naming_the_registered_ones(registry, install_plugin):
     calls = install_plugin(lambda: None)
-    with pytest.raises(ConfigError, match=r"^unknown direction method 'nope'; registered: \['mean', 'sae', 'optimised'"):
+    with pytest.raises(ConfigError, match=r"^unknown direction method 'nope'; registered: \['mean', .*'optimised', .*'sae'"):
         direction_method_spec("nope")
     assert calls == ["register"]  # the plug-ins were asked first
     with pytest.raises(ValueError, match=r"method must be one of \(.*'random', 'mean', 'sae', 'optimised'.*got 'mean\+nope'"):
