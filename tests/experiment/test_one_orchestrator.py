@@ -11,6 +11,7 @@ import shutil
 from mechsteer.cli import main
 from mechsteer.experiment.config import RunConfig
 from tests.experiment.conftest import SHORT_RUN
+from tests.experiment.test_pipeline import comparable
 
 
 def metadata_without_times(path) -> dict:
@@ -56,18 +57,6 @@ def test_the_ablate_command_writes_the_run_stages_ablations(short_run, tmp_path)
         assert (command / name).read_bytes() == (out / "ablations" / name).read_bytes(), name
 
 
-TIMES = {"created", "seconds", "train_seconds", "throughput", "elapsed"}
-
-
-def without_times(value):
-    """A JSON document without the keys that hold wall-clock times."""
-    if isinstance(value, dict):
-        return {key: without_times(item) for key, item in value.items() if key not in TIMES}
-    if isinstance(value, list):
-        return [without_times(item) for item in value]
-    return value
-
-
 def csv_rows(path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -99,7 +88,7 @@ def test_the_activations_and_taxonomy_commands_write_the_run_stages_folders(shor
     for name in run_files:
         mine, theirs = activations / name, out / "activations" / name
         if name.suffix == ".json":
-            assert without_times(json.loads(mine.read_text())) == without_times(json.loads(theirs.read_text())), name
+            assert comparable(json.loads(mine.read_text())) == comparable(json.loads(theirs.read_text())), name
         else:
             assert mine.read_bytes() == theirs.read_bytes(), name
 
@@ -107,8 +96,8 @@ def test_the_activations_and_taxonomy_commands_write_the_run_stages_folders(shor
     assert main(["taxonomy", "--activations", str(activations), "--layers", layers,
                  "--n-latents", ",".join(str(n) for n in SHORT_RUN["n_latents"]), "--normalise", "both",
                  "--judge", SHORT_RUN["judge"], "--out", str(taxonomy)]) == 0
-    assert without_times(json.loads((taxonomy / "taxonomy.json").read_text())) == \
-        without_times(json.loads((out / "taxonomy" / "taxonomy.json").read_text()))
-    assert without_times(csv_rows(taxonomy / "metrics.csv")) == without_times(csv_rows(out / "taxonomy" / "metrics.csv"))
+    assert comparable(json.loads((taxonomy / "taxonomy.json").read_text())) == \
+        comparable(json.loads((out / "taxonomy" / "taxonomy.json").read_text()))
+    assert comparable(csv_rows(taxonomy / "metrics.csv")) == comparable(csv_rows(out / "taxonomy" / "metrics.csv"))
     weights = sorted(path.relative_to(out / "taxonomy") for path in (out / "taxonomy").rglob("*.safetensors"))
     assert weights and all((taxonomy / name).read_bytes() == (out / "taxonomy" / name).read_bytes() for name in weights)

@@ -121,11 +121,11 @@ KILL_DURING_HYBRID = textwrap.dedent("""
 """)
 
 
-TIMING_KEYS = {"timings", "train_seconds", "seconds", "throughput"}
+TIMING_KEYS = {"timings", "train_seconds", "seconds", "throughput", "created", "elapsed"}
 
 
 def comparable(value):
-    """The report without wall-clock measurements, which differ between any two runs."""
+    """A report or an artefact's metadata without wall-clock measurements, which differ between any two runs."""
     if isinstance(value, dict):
         return {key: comparable(item) for key, item in value.items() if key not in TIMING_KEYS}
     if isinstance(value, list):
