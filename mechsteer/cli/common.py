@@ -8,7 +8,6 @@ typo costs nothing: ``--layers a,b``, ``--coeffs one,two`` or ``--n 0`` stop at 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -21,6 +20,7 @@ from mechsteer.core.models import DTypeChoice, missing_model_path, spec_model_na
 from mechsteer.data.prompts import get_template
 from mechsteer.data.traces import TRACES_FILE, load_traces
 from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.keys import key_defaults
 from mechsteer.steering.labels import BehaviourLabels, ground_truth_labels, taxonomy_labels
 
 # ------------------------------------------------------------------------------------------
@@ -29,8 +29,7 @@ from mechsteer.steering.labels import BehaviourLabels, ground_truth_labels, taxo
 
 def run_default(key: str) -> Any:
     """A run config key's default: a per-stage command's flag defaults to what ``mechsteer run`` uses."""
-    field = {f.name: f for f in dataclasses.fields(RunConfig)}[key]
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return key_defaults(RunConfig)[key]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

@@ -6,7 +6,6 @@ list of keys is written by hand.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import types
 import typing
@@ -22,6 +21,7 @@ from mechsteer.experiment.keys import (
     TRAIN_TRACES,
     KeyInfo,
     KeySection,
+    key_defaults,
     key_infos,
 )
 
@@ -54,14 +54,14 @@ class KeyDoc:
 
 def key_docs(config_class: type) -> list[KeyDoc]:
     """Every key of ``config_class``, by section (in :data:`KeySection`'s order), then as declared."""
-    fields = {field.name: field for field in dataclasses.fields(config_class)}
+    defaults = key_defaults(config_class)
     hints = field_hints(config_class)
     docs = []
     for name, info in key_infos(config_class).items():
         if info.section is None or not info.help:
             raise ValueError(f"{config_class.__name__}.{name} declares no section or help; "
                              "declare it with mechsteer.experiment.keys.key(..., section=..., help=...)")
-        docs.append(KeyDoc(name=name, section=info.section, default=_default_text(fields[name]),
+        docs.append(KeyDoc(name=name, section=info.section, default=_default_text(defaults[name]),
                            type=describe(hints[name]), digest=_digest_text(info), read_by=_read_by_text(info),
                            sweep="downstream" if info.downstream else ("yes" if info.in_sweeps else "no"),
                            flag=None if info.flag is None else "--" + info.flag.replace("_", "-"),
@@ -140,12 +140,8 @@ def _marker_offsets(document: str, source: str) -> tuple[int, int]:
     return begin + len(KEY_TABLE_BEGIN), end
 
 
-def _default_text(field: dataclasses.Field) -> str:
-    if field.default_factory is not MISSING:
-        value = field.default_factory()
-    elif field.default is not MISSING:
-        value = field.default
-    else:
+def _default_text(value: Any) -> str:
+    if value is MISSING:
         return REQUIRED
     return value if isinstance(value, str) else json.dumps(value)
 

@@ -86,15 +86,16 @@ def undigested_keys(config_class: type) -> frozenset[str]:
     return frozenset(name for name, info in key_infos(config_class).items() if info.kind != "computed")
 
 
+def key_defaults(config_class: type) -> dict[str, Any]:
+    """Each key's default (a fresh one from its factory); ``dataclasses.MISSING`` for a required key."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+            for f in dataclasses.fields(config_class)}
+
+
 def later_defaults(config_class: type) -> dict[str, Any]:
     """The keys added after run folders existed, with their defaults (at which they stay out of the digest)."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    defaults = {}
-    for name, info in key_infos(config_class).items():
-        if info.later:
-            field = fields[name]
-            defaults[name] = field.default_factory() if field.default_factory is not MISSING else field.default
-    return defaults
+    defaults = key_defaults(config_class)
+    return {name: defaults[name] for name, info in key_infos(config_class).items() if info.later}
 
 
 def stage_keys(config_class: type) -> dict[str, tuple[str, ...]]:
@@ -142,6 +143,6 @@ def override_flags(config_class: type) -> dict[str, str]:
 
 
 __all__ = ["EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
-           "downstream_keys", "key",
+           "downstream_keys", "key", "key_defaults",
            "key_infos", "keys_of", "later_defaults", "override_flags", "stage_keys", "stages_reading",
            "sweep_reserved_keys", "undigested_keys"]

@@ -25,7 +25,7 @@ from mechsteer.core.models import resolve_device, resolve_dtype
 from mechsteer.core.store import file_digests, json_digest, read_json, write_json_atomic
 from mechsteer.experiment import keys
 from mechsteer.experiment.config import RunConfig
-from mechsteer.experiment.keys import stage_keys
+from mechsteer.experiment.keys import key_defaults, stage_keys
 from mechsteer.experiment.layout import RunPaths, StageSpec, planned_stages, stage_spec
 from mechsteer.experiment.tracking import NullTracker, Tracker
 from mechsteer.taxonomy.judge.spec import JUDGE_CACHE_DIR
@@ -40,11 +40,10 @@ def changed_keys(recorded: dict[str, Any], config: RunConfig) -> list[str]:
     """Keys whose value differs from a folder's recorded config and that change what a run
     computes (its digest: placement and tracking keys do not). A key the record lacks, added to
     RunConfig since, counts as its default."""
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    defaults = key_defaults(RunConfig)
     changed = []
     for key, value in asdict(config).items():
-        field = fields[key]
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        default = defaults[key]
         if key not in recorded and default is dataclasses.MISSING:
             changed.append(key)  # a required key the record lacks: not a config this folder knows
             continue
