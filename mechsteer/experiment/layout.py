@@ -39,7 +39,7 @@ class StageSpec:
 HYBRID_EVAL = "eval_hybrid"
 REPORT_STAGE = "report"  # done when report.json is written (not a stage of the table: the run's last step)
 
-STEERING_INPUTS = ("activations", "taxonomy", "directions")  # what every hybrid evaluation reads
+STEERING_INPUTS = ("taxonomy", "directions")  # what the hybrid steers with (its SAE carries the centring mean)
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("traces_thinking_train", "traces/thinking_train", "train_traces", ("thinking",), streamed=True,
               shared=True),
@@ -67,7 +67,9 @@ BUILT_IN_COMPARISONS = ("only_bias", "only_bias_replayed", "random_firing", "ran
 def hybrid_eval_stage(name: str) -> StageSpec:
     """The hybrid evaluation stage of a control or baseline ``name`` (``eval_<name>``)."""
     return StageSpec(f"eval_{name}", f"eval/{name}", "hybrid_eval", ("base", "thinking"), streamed=True,
-                     reads=(*STEERING_INPUTS, HYBRID_EVAL))
+                     # the hybrid's own records (the replay, its rate) and, for the oracle baseline, the
+                     # activations' sentence labels: what any comparison may read of the hybrid's inputs
+                     reads=(*STEERING_INPUTS, HYBRID_EVAL, "activations"))
 
 
 def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool) -> list[StageSpec]:
