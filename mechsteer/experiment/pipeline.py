@@ -29,7 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import Manifest, pool_activations, read_sentences
 from mechsteer.causal.stage import AblationSettings, run_ablations
-from mechsteer.core.errors import ConfigError, ProvenanceError
+from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
 from mechsteer.core.store import append_jsonl, exclusive_folder
@@ -323,11 +323,14 @@ def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
         comparison = ComparisonRun(make_policy(), inputs.directions)
     else:
         hybrid = EvalSummary.from_json(run.state.summary(HYBRID_EVAL), HYBRID_EVAL)
+        if hybrid.steered_fraction is None:  # a comparison is matched to the hybrid's steering
+            raise ArtefactError(f"{run.paths.stages_file}: the {HYBRID_EVAL} summary records no steered_fraction; "
+                                f"delete its {HYBRID_EVAL!r} entry to evaluate the hybrid again")
         ground_truth = ground_truth_for(config.benchmark)
         oracle = ground_truth.timing_oracle if ground_truth is not None else None
         comparison = build_comparison(name, ComparisonInputs(
             policy=make_policy(), make_policy=make_policy, directions=inputs.directions,
-            behaviour_ids=inputs.behaviour_ids, seed=config.seed, steered_fraction=hybrid.steered_fraction or 0.0,
+            behaviour_ids=inputs.behaviour_ids, seed=config.seed, steered_fraction=hybrid.steered_fraction,
             steered_positions=lambda: steered_positions(run.paths.hybrid_results()),
             timing_oracle=None if oracle is None else lambda: oracle_timing_policy(run, inputs.taxonomy)))
     pair.need(*spec.models)

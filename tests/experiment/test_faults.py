@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mechsteer.core.errors import ConfigError, ProvenanceError
+from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.store import exclusive_folder
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import run_pipeline
@@ -298,4 +298,20 @@ def test_directions_of_another_layer_are_refused_by_the_hybrid(short_run, tmp_pa
     (copy / "directions" / "directions.json").write_text(json.dumps(metadata))
     with pytest.raises(ProvenanceError, match=r"holds directions at the base model's layer \d, but this run steers "
                                               r"at layer \d \(steer_layer\)"):
+        run_pipeline(RunConfig.from_dict(SHORT_RUN), copy, log=lambda message: None)
+
+
+def test_a_comparison_without_the_hybrids_steering_rate_is_refused(short_run, tmp_path):
+    """Random firing is matched to the hybrid's share of tokens steered: a hybrid summary without it
+    is refused instead of firing at rate 0."""
+    import shutil
+
+    out, _ = short_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "stages.json").read_text())
+    del record["stages"]["eval_hybrid"]["summary"]["steered_fraction"]
+    del record["stages"]["eval_random_firing"]
+    (copy / "stages.json").write_text(json.dumps(record))
+    with pytest.raises(ArtefactError, match="the eval_hybrid summary records no steered_fraction"):
         run_pipeline(RunConfig.from_dict(SHORT_RUN), copy, log=lambda message: None)
