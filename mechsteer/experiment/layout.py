@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mechsteer.hybrid.comparisons import BUILT_IN_COMPARISONS
+
 Role = Literal["base", "thinking"]
 StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "tuning", "plain_eval", "hybrid_eval",
                      "ablations"]
@@ -58,10 +60,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
 )
 # Where the controls' and baselines' evaluations run: after the hybrid's, before the ablations.
 _BEFORE_ABLATIONS = len(STAGE_TABLE) - 1
-# The controls and baselines built in (mechsteer.hybrid.controls); their stages' names are known to
-# the config keys that only some of them read (the seed).
-BUILT_IN_COMPARISONS = ("only_bias", "only_bias_replayed", "random_firing", "random_vectors", "first_token_only",
-                        "oracle_timing")
+
 
 
 def hybrid_eval_stage(name: str) -> StageSpec:
@@ -81,7 +80,8 @@ def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool)
     return [*fixed[:at], *(hybrid_eval_stage(name) for name in comparisons), *fixed[at:]]
 
 
-# Every stage a config key can name: the table's and the built-in comparisons' evaluations.
+# Every stage a config key can name: the table's and the built-in comparisons' evaluations (the
+# config keys that only some of them read name them: the seed).
 ALL_STAGES: tuple[StageSpec, ...] = (*STAGE_TABLE[:_BEFORE_ABLATIONS],
                                      *(hybrid_eval_stage(name) for name in BUILT_IN_COMPARISONS),
                                      *STAGE_TABLE[_BEFORE_ABLATIONS:])
@@ -186,7 +186,7 @@ class RunPaths:
         return path.relative_to(self.root).as_posix()
 
 
-__all__ = ["ALL_STAGES", "BUILT_IN_COMPARISONS", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
+__all__ = ["ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
            "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
            "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
            "stage_names", "stage_spec"]

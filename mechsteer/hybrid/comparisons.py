@@ -120,13 +120,15 @@ def _oracle_timing(inputs: ComparisonInputs) -> ComparisonRun:
     return ComparisonRun(oracle, inputs.directions, {"behaviour_of_title": oracle.behaviour_of_title})
 
 
-for _spec in (ComparisonSpec("only_bias", "control", _only_bias, needs_bias=True),
+_BUILT_INS = (ComparisonSpec("only_bias", "control", _only_bias, needs_bias=True),
               ComparisonSpec("only_bias_replayed", "control", _only_bias_replayed, needs_bias=True),
               ComparisonSpec("random_firing", "control", _random_firing),
               ComparisonSpec("random_vectors", "control", _random_vectors),
               ComparisonSpec("first_token_only", "baseline", _first_token_only),
-              ComparisonSpec("oracle_timing", "baseline", _oracle_timing)):
+              ComparisonSpec("oracle_timing", "baseline", _oracle_timing))
+BUILT_IN_COMPARISONS: tuple[str, ...] = tuple(spec.name for spec in _BUILT_INS)
+for _spec in _BUILT_INS:
     register_comparison(_spec)
 
-__all__ = ["ComparisonInputs", "ComparisonKind", "ComparisonRun", "ComparisonSpec", "baseline_names",
+__all__ = ["BUILT_IN_COMPARISONS", "ComparisonInputs", "ComparisonKind", "ComparisonRun", "ComparisonSpec", "baseline_names",
            "build_comparison", "comparison_names", "control_names", "register_comparison"]
