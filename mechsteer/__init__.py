@@ -22,41 +22,48 @@ Layers, lowest first: ``core`` < ``interventions`` < ``engines`` < ``grading`` <
 organisms (``mechsteer.organisms``) are a plug-in that no generic stage imports.
 """
 
-from mechsteer.activations import (
-    ActivationConfig,
-    extract_activations,
-    load_sentence_vectors,
-    read_sentences,
-)
-from mechsteer.causal.necessity import behaviour_rates, necessity
-from mechsteer.causal.sufficiency import RowWindowSteering, sufficiency
-from mechsteer.core.models import ModelPair, load_model, load_pair
-from mechsteer.data.benchmarks import Problem, load_benchmark
-from mechsteer.data.labels import ground_truth_for
-from mechsteer.data.prompts import render_prompt
-from mechsteer.data.traces import TraceRecord, generate_traces, load_traces
-from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
-from mechsteer.experiment.pipeline import run_pipeline
-from mechsteer.grading.answers import grade
-from mechsteer.grading.statistics import accuracy, gap_recovered
-from mechsteer.hybrid.generator import HybridConfig, hybrid_generate
-from mechsteer.hybrid.timing import SAEArgmaxPolicy
-from mechsteer.interventions.generation import generate
-from mechsteer.interventions.hooks import Ablation, Steering, ablate, steer
-from mechsteer.steering.direction_set import DirectionSet
-from mechsteer.steering.framing import frame_for_base
-from mechsteer.steering.labels import (
-    ground_truth_behaviour_labeller,
-    ground_truth_labels,
-    taxonomy_labels,
-)
-from mechsteer.steering.mean import build_mean_directions, default_layer
-from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
-from mechsteer.steering.sae_map import build_sae_directions
-from mechsteer.taxonomy.artefact import Taxonomy
-from mechsteer.taxonomy.build import build_taxonomy
-from mechsteer.taxonomy.sae import TopKSAE
-from mechsteer.taxonomy.sweep import sweep_taxonomies
+from typing import TYPE_CHECKING
+
+from mechsteer.core.lazy import lazy_exports
+
+# The public API, declared once: imported here for type checkers, and on first use at run time
+# (mechsteer.core.lazy), so that importing the package, or the command line's --help, stays fast.
+if TYPE_CHECKING:
+    from mechsteer.activations import (
+        ActivationConfig,
+        extract_activations,
+        load_sentence_vectors,
+        read_sentences,
+    )
+    from mechsteer.causal.necessity import behaviour_rates, necessity
+    from mechsteer.causal.sufficiency import RowWindowSteering, sufficiency
+    from mechsteer.core.models import ModelPair, load_model, load_pair
+    from mechsteer.data.benchmarks import Problem, load_benchmark
+    from mechsteer.data.labels import ground_truth_for
+    from mechsteer.data.prompts import render_prompt
+    from mechsteer.data.traces import TraceRecord, generate_traces, load_traces
+    from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
+    from mechsteer.experiment.pipeline import run_pipeline
+    from mechsteer.grading.answers import grade
+    from mechsteer.grading.statistics import accuracy, gap_recovered
+    from mechsteer.hybrid.generator import HybridConfig, hybrid_generate
+    from mechsteer.hybrid.timing import SAEArgmaxPolicy
+    from mechsteer.interventions.generation import generate
+    from mechsteer.interventions.hooks import Ablation, Steering, ablate, steer
+    from mechsteer.steering.direction_set import DirectionSet
+    from mechsteer.steering.framing import frame_for_base
+    from mechsteer.steering.labels import (
+        ground_truth_behaviour_labeller,
+        ground_truth_labels,
+        taxonomy_labels,
+    )
+    from mechsteer.steering.mean import build_mean_directions, default_layer
+    from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
+    from mechsteer.steering.sae_map import build_sae_directions
+    from mechsteer.taxonomy.artefact import Taxonomy
+    from mechsteer.taxonomy.build import build_taxonomy
+    from mechsteer.taxonomy.sae import TopKSAE
+    from mechsteer.taxonomy.sweep import sweep_taxonomies
 
 __version__ = "0.1.0"
 
@@ -108,3 +115,5 @@ __all__ = [
     "sweep_taxonomies",
     "taxonomy_labels",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__, __all__)

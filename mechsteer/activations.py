@@ -38,13 +38,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ResidSite, resid_hook_name
@@ -63,6 +62,9 @@ from mechsteer.data.labels import UNLABELLED, TraceLabeller, ground_truth_for
 from mechsteer.data.sentences import attach_token_spans, segment_sentences
 from mechsteer.data.traces import TraceRecord, traces_digest
 from mechsteer.interventions.hooks import mean_over_spans
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 MANIFEST = "manifest.json"
 SENTENCES = "sentences.jsonl"

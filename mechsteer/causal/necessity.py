@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import render_prompt
@@ -26,6 +24,9 @@ from mechsteer.interventions.generation import generate
 from mechsteer.interventions.hooks import Ablation
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.labels import BehaviourLabeller
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # "layer": the set's layer; "all": the set's direction at every layer; "per_layer": at every
 # layer L, the direction made at L.

@@ -9,9 +9,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any
 
 from mechsteer.causal.necessity import NecessityVariant, necessity
 from mechsteer.causal.outputs import write_outputs
@@ -28,6 +26,9 @@ from mechsteer.steering.labels import (
     ground_truth_behaviour_labeller,
 )
 from mechsteer.steering.mean import Pooling, build_mean_directions
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import trace_sentences
 from mechsteer.core.errors import ConfigError
@@ -35,6 +34,9 @@ from mechsteer.interventions.hooks import (
 )
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.labels import BehaviourLabeller, SentenceLabeller
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass

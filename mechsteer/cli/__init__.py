@@ -1,7 +1,10 @@
 """The ``mechsteer`` console script: one module per command, plus commands that plug-ins add.
 
-Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` on
-it. Plug-ins add commands through the entry-point group ``mechsteer.commands`` (the organisms'
+The commands are declared in :mod:`mechsteer.cli.commands` (name, help, module). Each command
+module defines ``register(subparsers)``, which adds its parser and sets ``func`` on it; only the
+module of the command being run is imported, so that ``mechsteer --help`` and every command's
+``--help`` start fast (the heavy libraries, transformers and transformer-lens, load with a model).
+Plug-ins add commands through the entry-point group ``mechsteer.commands`` (the organisms'
 ``organism`` command is one).
 
 Errors a person can act on are printed as one line, ``mechsteer: error: ...``, with exit code 2
@@ -16,43 +19,41 @@ traceback of every error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import traceback
-from importlib.metadata import entry_points
 
-from mechsteer.cli import (
-    ablate,
-    activations,
-    directions,
-    export,
-    info,
-    report,
-    run,
-    sweep,
-    taxonomy,
-    traces,
-)
+from mechsteer.cli.commands import COMMANDS, command_in, plugin_commands
 from mechsteer.core.errors import ConfigError, MechsteerError
 
-COMMAND_GROUP = "mechsteer.commands"
-COMMANDS = (info, traces, activations, taxonomy, directions, ablate, run, sweep, report, export)
 DEBUG_ENV = "MECHSTEER_DEBUG"
 DEBUG_HELP = f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
 INTERRUPTED_EXIT = 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, only: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser. ``only``: just ``command``'s parser is built in full (its module
+    imported), every other command is listed by name and help."""
     parser = argparse.ArgumentParser(
         prog="mechsteer",
         description="Mechanistic interpretability of reasoning: traces, taxonomy, steering, hybrid.",
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        command.register(subparsers)
-    for entry_point in entry_points(group=COMMAND_GROUP):
-        entry_point.load()(subparsers)
+    registered: set[str] = set()
+    wanted = {spec.module for spec in COMMANDS if spec.name == command}
+    for spec in COMMANDS:
+        if only and spec.module not in wanted:
+            subparsers.add_parser(spec.name, help=spec.help)
+        elif spec.module not in registered:  # a module may declare several commands (run and demo)
+            registered.add(spec.module)
+            importlib.import_module(spec.module).register(subparsers)
+    for name, entry_point in plugin_commands().items():
+        if only and name != command:
+            subparsers.add_parser(name, help=f"a plug-in's command ({entry_point.value.split(':')[0]})")
+        else:
+            entry_point.load()(subparsers)
     _add_debug_flag(parser)
     return parser
 
@@ -95,8 +96,9 @@ def error_line(error: BaseException) -> tuple[int, str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_in(words), only=True)
+    args = parser.parse_args(words)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mechsteer.causal.stage import AblationSettings, run_ablations
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import (
     add_pair_and_label_args,
     check_pair_and_labels,
@@ -62,7 +63,7 @@ AUTO_ON_OFF: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("ablate", help="necessity and sufficiency of behaviour directions")
+    parser = add_command(subparsers, "ablate")
     add_pair_and_label_args(parser)
     parser.add_argument("--directions", required=True, help="a DirectionSet folder (made in the base model)")
     parser.add_argument("--necessity-directions", default=None,

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from mechsteer.activations import ActivationConfig, pool_activations
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import (
     add_placement_args,
     check_model_specs,
@@ -37,7 +38,7 @@ def run_activations_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("activations", help="pool sentence activations of traces")
+    parser = add_command(subparsers, "activations")
     parser.add_argument("--model", required=True)
     parser.add_argument("--traces", required=True, help="folder with traces.jsonl")
     parser.add_argument("--layers", required=True, type=int_list, help="comma-separated layers, e.g. 2,3")

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import (
     add_pair_and_label_args,
     check_pair_and_labels,
@@ -84,7 +85,7 @@ def optimisation_from_args(args: argparse.Namespace) -> OptimisationConfig:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("directions", help="behaviour steering directions in the base model")
+    parser = add_command(subparsers, "directions")
     add_pair_and_label_args(parser)
     parser.add_argument("--method", default="mean",
                         help="a registered direction method: mean, sae, optimised, or a plug-in's")

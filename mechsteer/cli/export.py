@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Literal, get_args
 
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import check_output_folder, float_in
 from mechsteer.core.errors import ConfigError
 from mechsteer.export import source_folder
@@ -66,9 +67,8 @@ def run_export_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "export", help="a steering vector as a llama.cpp control vector (GGUF), or the taxonomy's SAE as a SAELens "
-                       "folder",
+    parser = add_command(
+        subparsers, "export",
         description="DIR is a run folder (its directions or taxonomy stage is read) or a directions or taxonomy "
                     "folder. See docs/export.md for the formats, the layer numbering and what each file holds.")
     parser.add_argument("dir", help="a run folder, a directions folder (--to gguf) or a taxonomy folder (--to saelens)")

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mechsteer.cli.commands import add_command
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.info import collect_info
 from mechsteer.experiment.config import RunConfig
@@ -30,7 +31,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="print versions, device and offline assets as JSON")
+    parser = add_command(subparsers, "info")
     parser.add_argument("--keys", action="store_true",
                         help="print every config key (section, default, digest, stages, flag, meaning) as Markdown")
     parser.add_argument("--write", default=None, metavar="FILE",

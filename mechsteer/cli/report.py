@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mechsteer.cli.commands import add_command
 from mechsteer.experiment.layout import REPORT_MD, STAGES_FILE
 from mechsteer.experiment.report import rebuild_run_report
 from mechsteer.experiment.sweep import rebuild_sweep_report
@@ -30,7 +31,6 @@ def report_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report", help="rewrite report.md and the plots of a run or sweep folder (nothing is recomputed)")
+    parser = add_command(subparsers, "report")
     parser.add_argument("dir", help="a run folder (mechsteer run/demo --out) or a sweep folder (mechsteer sweep --out)")
     parser.set_defaults(func=report_cli)

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import check_output_folder, positive_int
 from mechsteer.core.store import exclusive_folder
 from mechsteer.experiment.config import DEMO_CONFIG, DEMO_GRID_CONFIG, RunConfig
@@ -85,14 +86,14 @@ WANDB_HELP = ("track the run with wandb (sets wandb: true; WANDB_MODE=offline ke
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run", help="run the whole pipeline for one pair and benchmark",
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=f"config keys (experiments/NAME.yaml; docs/config.md):\n{key_listing(RunConfig)}")
+    parser = add_command(subparsers, "run", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=f"config keys (experiments/NAME.yaml; docs/config.md):\n{key_listing(RunConfig)}")
     parser.add_argument("--config", required=True, help="experiments/<name>.yaml")
     parser.add_argument("--out", required=True)
     parser.add_argument("--wandb", action="store_true", help=WANDB_HELP)
     for flag, name in OVERRIDES.items():
         doc = KEY_DOCS[name]
+        assert doc.flag is not None  # OVERRIDES holds the keys that have a flag
         # argparse %-formats an option's help
         parser.add_argument(doc.flag, dest=flag, default=None, choices=doc.choices,
                             help=f"override {name}: {doc.help}".replace("%", "%%"))
@@ -100,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"delete OUT/taxonomy/{JUDGE_CACHE_DIR} (the HTTP judge's saved answers) first; "
                              "it matters only when the taxonomy stage runs again")
     parser.set_defaults(func=run_cli)
-    demo = subparsers.add_parser("demo", help="the pipeline on the shipped organism pair (runs/demo, runs/demo-grid)")
+    demo = add_command(subparsers, "demo")
     demo.add_argument("--out", default="runs/demo", help="the tuned run's folder; the grid run goes to OUT-grid")
     demo.add_argument("--n", type=positive_int, default=None,
                       help="problems for training and evaluation (default 200)")

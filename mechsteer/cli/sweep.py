@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import check_output_folder
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.store import read_json
@@ -44,8 +45,7 @@ def sweep_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "sweep", help="run the pipeline over a grid/list of config values (exits 1 if any point failed)")
+    parser = add_command(subparsers, "sweep")
     parser.add_argument("--config", required=True, help="experiments/sweeps/<name>.yaml")
     parser.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/<name>)")
     parser.add_argument("--executor", choices=EXECUTORS, default=None, help="override the file's executor")

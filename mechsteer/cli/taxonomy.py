@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from mechsteer.activations import Manifest
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import (
     check_output_folder,
     non_negative_int,
@@ -156,8 +157,8 @@ def _summary(out: Path, best: Taxonomy) -> dict[str, object]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "taxonomy", help="sweep SAE/cluster taxonomies over layers and K; keep the best",
+    parser = add_command(
+        subparsers, "taxonomy",
         description=SELECTION_DOC,
     )
     parser.add_argument("--activations", required=True, help="an activation run folder")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import get_args
 
+from mechsteer.cli.commands import add_command
 from mechsteer.cli.common import (
     add_placement_args,
     check_model_specs,
@@ -70,7 +71,7 @@ def run_traces_cli(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("traces", help="generate reasoning traces (resumable JSONL)")
+    parser = add_command(subparsers, "traces")
     parser.add_argument("--model", required=True, help="model spec (see mechsteer.core.models)")
     parser.add_argument("--benchmark", required=True, help="gsm8k, math500, math or organism")
     parser.add_argument("--split", default="test")

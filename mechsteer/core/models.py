@@ -30,15 +30,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mechsteer.core.errors import MechsteerError
 from mechsteer.core.plugins import load_plugins
 from mechsteer.core.vocab import keep_own_bos, prepends_bos, tokenizers_compatible
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # heavy (seconds): imported when a model loads, so that the command line starts fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -287,6 +291,9 @@ def load_model(
         load_kwargs["device_map"] = {"": str(target)}  # straight onto the device, never via host RAM
     resolved = resolve_spec(spec)
     source = str(resolved.folder) if resolved.folder is not None else spec
+    # heavy (seconds): imported when a model loads, so that the command line starts fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
@@ -316,6 +323,9 @@ def wrap_hf_model(
     ``device_map``), checked there. ``tokenizer`` must have been loaded from a folder (TL
     re-loads it by its ``name_or_path``). :func:`load_model` ends here; so do models built in
     memory (``bench/gpu_check.py``'s random-weight models of real shapes)."""
+    # heavy (seconds): imported when a model loads, so that the command line starts fast
+    from transformer_lens.model_bridge import TransformerBridge
+
     hf_model.eval()
     own_prepends_bos = prepends_bos(tokenizer)  # before TransformerLens' set-up changes it
     bridge = TransformerBridge.boot_transformers(

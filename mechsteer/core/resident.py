@@ -14,14 +14,15 @@ import gc
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoConfig
 
 from mechsteer.core.models import DeviceMap, DTypeChoice, load_model, resolve_spec
 from mechsteer.core.vocab import tokenizers_compatible
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 Role = Literal["base", "thinking"]
 ROLES: tuple[Role, ...] = ("base", "thinking")
@@ -108,6 +109,9 @@ class ResidentPair:
         if role not in self._infos:
             resolved = resolve_spec(self._specs[role])
             source = str(resolved.folder) if resolved.folder is not None else self._specs[role]
+            # heavy (seconds): imported when a model loads, so that the command line starts fast
+            from transformers import AutoConfig
+
             hf_config = AutoConfig.from_pretrained(source)
             text_config = getattr(hf_config, "text_config", None) or hf_config
             self._infos[role] = ModelInfo(SimpleNamespace(

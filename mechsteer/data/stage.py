@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any
 
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.traces import TraceRecord, UnclosedThinking, generate_traces
 from mechsteer.engines.base import GenerationEngine
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ArtefactError
 from mechsteer.core.provenance import mismatch, same_model
@@ -45,6 +44,9 @@ from mechsteer.engines.base import (
 )
 from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.grading.answers import extract_answer, is_correct
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 TRACES_FILE = "traces.jsonl"
 # A thinking trace cut off before its closing tag: no answer, or the answer extracted from it anyway.
@@ -203,6 +205,9 @@ def generate_traces(
     appended too (no finished work is lost), and a resumed file is put back in problem order at
     the end.
     """
+    # heavy (seconds): imported when traces are made, so that the command line starts fast
+    from transformer_lens.model_bridge import TransformerBridge
+
     engine = BridgeEngine(model) if isinstance(model, TransformerBridge) else model
     if not problems:
         raise ValueError("no problems given")

@@ -6,11 +6,7 @@ bridge. See docs/engines.md."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.sources.transformers import setup_tokenizer
-from transformers import AutoTokenizer
+from typing import TYPE_CHECKING, Any
 
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import ModelNotAvailableError, resolve_spec
@@ -37,6 +33,9 @@ from mechsteer.engines.registry import (
     register_engine,
 )
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
 
 def load_tokenizer(spec: str) -> Any:
     """The tokenizer of a model spec as the bridge holds it (TransformerLens' normalisation, adding
@@ -44,6 +43,10 @@ def load_tokenizer(spec: str) -> Any:
     ``openai`` engine needs."""
     resolved = resolve_spec(spec)
     source = str(resolved.folder) if resolved.folder is not None else spec
+    # heavy (seconds): imported when a model or tokenizer loads, so that the command line starts fast
+    from transformer_lens.model_bridge.sources.transformers import setup_tokenizer
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:

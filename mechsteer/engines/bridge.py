@@ -4,9 +4,7 @@ itself (the TransformerLens bridge), in batches of ``settings.batch_size`` promp
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any
 
 from mechsteer.engines.base import (
     Completion,
@@ -16,6 +14,9 @@ from mechsteer.engines.base import (
     GenerationSettings,
 )
 from mechsteer.interventions.generation import generate
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 class BridgeEngine:

@@ -39,8 +39,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from mechsteer.core.http import (
     ENV_OPENAI_API_KEY,
     HTTPRequestError,
@@ -76,6 +74,9 @@ def detect_server_adds_bos(tokenizer: Any) -> bool:
     is. A tokenizer without a local folder is taken to behave like the one given."""
     if getattr(tokenizer, "bos_token_id", None) is None:
         return False
+    # heavy (seconds): imported when a tokenizer loads, so that the command line starts fast
+    from transformers import AutoTokenizer
+
     folder = Path(str(getattr(tokenizer, "name_or_path", "")))
     return prepends_bos(AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file()
                         else tokenizer)

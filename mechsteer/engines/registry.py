@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any, Literal
 
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
@@ -22,6 +20,9 @@ from mechsteer.core.plugins import Registry
 from mechsteer.engines.base import GenerationEngine
 from mechsteer.engines.bridge import BridgeEngine
 from mechsteer.engines.openai import OpenAIEngine
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # What an engine runs on: the loaded bridge, or a server (only the model's tokenizer loads here).
 EngineRunsOn = Literal["bridge", "server"]

@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import Manifest, pool_activations, read_sentences
 from mechsteer.causal.stage import AblationSettings, run_ablations
@@ -78,6 +77,9 @@ from mechsteer.steering.stage import DirectionSettings, DirectionsSummary, build
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.metrics import behaviour_holding_most, sentence_labels
 from mechsteer.taxonomy.stage import TaxonomySummary, build_taxonomy
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # ------------------------------------------------------------------------------------------
 # The hybrid evaluation (streamed per batch, resumable)

@@ -47,9 +47,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import HOST, input_device, resid_hook_name
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
@@ -65,6 +65,9 @@ from mechsteer.interventions.generation import StopChecker, tokenize_prompts
 from mechsteer.interventions.hooks import add_direction
 from mechsteer.interventions.runner import CachedRunner
 from mechsteer.steering.direction_set import DirectionSet
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @typechecked

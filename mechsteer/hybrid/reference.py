@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import resid_hook_name
 from mechsteer.core.vocab import shared_id_map
@@ -12,6 +13,9 @@ from mechsteer.hybrid.timing import PolicyInput, TimingPolicy
 from mechsteer.interventions.generation import StopChecker, tokenize_prompts
 from mechsteer.interventions.hooks import Steering, intervene
 from mechsteer.steering.direction_set import DirectionSet
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 def reference_hybrid_generate(

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import HOST
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
@@ -41,6 +40,9 @@ from mechsteer.interventions.runner import (
     pad_token_id,
     position_ids_for,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass

@@ -26,12 +26,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import ResidSite, resid_hook_name
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @typechecked

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.models import HOST, input_device
 from mechsteer.core.tensor_types import Bool, Float, Int, Tensor, typechecked
 from mechsteer.interventions.hooks import PositionFrame
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 def pad_token_id(model: TransformerBridge) -> int:

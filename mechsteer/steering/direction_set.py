@@ -25,10 +25,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
 from mechsteer.core.errors import ArtefactError, ProvenanceError
@@ -44,6 +43,9 @@ from mechsteer.interventions.hooks import (
     Steering,
     intervene,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # The built-in methods' names (a plug-in's method may take any registered name).
 DirectionMethod = Literal["mean", "sae", "optimised", "random"]

@@ -22,10 +22,9 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import (
     Manifest,
@@ -42,6 +41,9 @@ from mechsteer.data.traces import TraceRecord
 from mechsteer.data.traces import traces_digest as digest_of_traces
 from mechsteer.taxonomy.artefact import Taxonomy
 from mechsteer.taxonomy.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 NO_LABEL = -1  # a sentence no behaviour claims (e.g. an organism's "other" sentence)
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import SentenceRecord, pool_batch, trace_sentences
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
@@ -30,6 +29,9 @@ from mechsteer.steering.labels import (
     require_labelled,
     sentence_labels,
 )
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # "sentence": mean over the sentence's tokens and the one before it; "boundary": the token before it.
 Pooling = Literal["sentence", "boundary"]

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING
 
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.plugins import Registry
@@ -26,6 +25,9 @@ from mechsteer.steering.mean import Pooling, build_mean_directions
 from mechsteer.steering.optimise import OptimisationConfig, build_optimised_directions
 from mechsteer.steering.sae_map import LinearMapping, build_sae_directions
 from mechsteer.taxonomy.artefact import Taxonomy
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass(frozen=True)

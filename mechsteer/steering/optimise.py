@@ -17,10 +17,9 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import trace_sentences
 from mechsteer.core.models import resid_hook_name
@@ -31,6 +30,9 @@ from mechsteer.data.traces import TraceRecord
 from mechsteer.interventions.hooks import add_direction
 from mechsteer.steering.direction_set import SITE, DirectionSet, direction_provenance
 from mechsteer.steering.labels import SentenceLabeller, require_labelled
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # "targets": the positions predicting target tokens; "all": every position of the example.
 SteerPositions = Literal["targets", "all"]

@@ -18,16 +18,18 @@ difference-of-means bias when base traces are given, else None.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.tensor_types import Float, Tensor, typechecked
 from mechsteer.data.traces import TraceRecord
 from mechsteer.steering.direction_set import SITE, DirectionSet, direction_provenance
 from mechsteer.steering.mean import Pooling, mean_bias, mean_centred_norm, pool_sentences
 from mechsteer.taxonomy.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # "auto": identity when the two models' d_model match, else linear.
 LinearMapping = Literal["auto", "identity", "linear"]

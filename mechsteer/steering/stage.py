@@ -9,14 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from transformer_lens.model_bridge import TransformerBridge
+from typing import TYPE_CHECKING, Any
 
 from mechsteer.data.traces import TraceRecord
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.labels import BehaviourLabels
 from mechsteer.steering.methods import DirectionInputs, DirectionSettings, direction_method_spec
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 def build_directions(

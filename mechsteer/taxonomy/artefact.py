@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import load_sentence_vectors
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
@@ -34,6 +33,9 @@ from mechsteer.core.resident import ModelInfo
 from mechsteer.core.tensor_types import Float, Tensor
 from mechsteer.taxonomy.clustering import ClusteringMethod
 from mechsteer.taxonomy.sae import TopKSAE
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 TAXONOMY_JSON = "taxonomy.json"
 TAXONOMY_TENSORS = "taxonomy.safetensors"
