@@ -86,6 +86,12 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
         os.fsync(handle.fileno())
 
 
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records as JSON lines (as :func:`append_jsonl` writes them) to a temporary sibling and
+    rename it into place."""
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary sibling and rename it into place."""
     path = Path(path)

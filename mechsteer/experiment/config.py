@@ -152,11 +152,14 @@ class RunConfig:
     controls: list[Annotated[str, Registered(control_names, "control", "registered controls")]] = key(
         factory=lambda: ["only_bias", "random_firing", "random_vectors"], read_by=(), downstream=True,
         section="evaluation", help="controls at the hybrid's steering: its bias alone at its timing or at its exact "
-                                   "tokens, random tokens at its rate, random vectors of its norms; or a plug-in's")
+                                   "tokens, random tokens at its rate or its count per problem, random vectors of its "
+                                   "norms (with or without its bias), a fixed or random behaviour at its timing; "
+                                   "or a plug-in's")
     baselines: list[Annotated[str, Registered(baseline_names, "baseline", "registered baselines")]] = key(
         factory=list, read_by=(), later=True,
         downstream=True, section="evaluation",
-        help="the hybrid steering at the first generated token only; steering where the ground-truth timing oracle says")
+        help="the hybrid steering at the first generated token only; steering where the ground-truth timing oracle "
+             "says; the hybrid with the paper's last-token read; the hybrid without the grid and guardrail")
     ablations: bool = key(True, read_by=(), downstream=True, section="ablations",
         help="run the ablation stage: necessity and sufficiency of each behaviour direction")
     ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True,

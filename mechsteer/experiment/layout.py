@@ -174,8 +174,13 @@ class RunPaths:
         return self.stage(f"eval_{role}")
 
     def hybrid_results(self, name: str = "hybrid") -> Path:
-        """A hybrid evaluation's per-problem records (``hybrid``, a control or a baseline)."""
+        """A hybrid evaluation's per-problem records (``hybrid``, a control or a baseline; of a comparison
+        with variants, its chosen variant's)."""
         return self.stage(f"eval_{name}") / RESULTS_FILE
+
+    def variant_results(self, name: str, variant: str) -> Path:
+        """The per-problem records of one variant of a comparison (mechsteer.hybrid.comparisons.ComparisonVariants)."""
+        return self.stage(f"eval_{name}") / "variants" / variant / RESULTS_FILE
 
     def tuning_results(self, candidate: str) -> Path:
         """A tuning candidate's per-problem records."""

@@ -16,6 +16,8 @@ from typing import Any
 
 from mechsteer.experiment.config import TRACKING_KEYS, RunConfig
 from mechsteer.experiment.layout import VIEWER_HTML
+from mechsteer.grading.statistics import seed_spread
+from mechsteer.hybrid.comparisons import comparison_description
 from mechsteer.steering.methods import direction_method_names, direction_method_spec
 from mechsteer.steering.stage import DirectionsSummary
 from mechsteer.taxonomy.artefact import Taxonomy
@@ -27,16 +29,6 @@ EXAMPLE_CHARS = 140
 SELECTION_CRITERIA = {
     "judge_final": "the judge's final score (mean of consistency F1, completeness and orthogonality)",
     "silhouette": "the mean cosine silhouette of the sentence assignments (no judge)",
-}
-CONTROLS = {
-    "only_bias": "steers the bias alone, at the hybrid's timing",
-    "only_bias_replayed": "steers the bias alone, at exactly the tokens the hybrid steered",
-    "random_firing": "steers random behaviours at random tokens, as often as the hybrid",
-    "random_vectors": "steers random vectors of the same norms, timed by the SAE's argmax latent",
-}
-BASELINES = {
-    "first_token_only": "the hybrid allowed to steer at the first generated token only",
-    "oracle_timing": "steered at the ground-truth positions",
 }
 
 
@@ -176,9 +168,8 @@ def _headline(view: RunView) -> list[str]:
     if not counted:
         header, rows = header[:-1], [row[:-1] for row in rows]
     lines += table(header, rows, "lrlrlrr")
-    controls = "; ".join(f"`{name}` {_control_text(name, entry)}" for name, entry in report.get("controls", {}).items()
-                         if name in CONTROLS)
-    baselines = "; ".join(f"`{name}` {BASELINES[name]}" for name in report.get("baselines", {}) if name in BASELINES)
+    controls = "; ".join(f"`{name}` {_control_text(name, entry)}" for name, entry in report.get("controls", {}).items())
+    baselines = "; ".join(f"`{name}` {comparison_description(name, 'baseline')}" for name in report.get("baselines", {}))
     lines += [f"{view.config.n_eval} problems. Accuracy intervals are Wilson 95%; the gap recovered is "
               "(model − base) / (thinking − base), with a 95% paired bootstrap interval over problems (1000 "
               "resamples)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
@@ -194,7 +185,10 @@ def _control_text(name: str, entry: dict[str, Any]) -> str:
     matched = entry.get("norm_matched_to")
     if name == "random_vectors" and matched is not None:
         return f"steers random vectors timed by the SAE's argmax latent, each of the norm of the {matched} it replaces"
-    return CONTROLS[name]
+    chosen, variants = entry.get("chosen_variant"), entry.get("variants")
+    if chosen is not None and variants:
+        return f"{comparison_description(name, 'control')}: the best of {len(variants)} variants, {chosen}"
+    return comparison_description(name, "control")
 
 
 def _taxonomy(view: RunView) -> list[str]:
@@ -419,10 +413,40 @@ def sweep_markdown(name: str, rows: list[dict[str, Any]], swept_keys: list[str],
                   f"{cell(row.get('error') or 'no error recorded')} (traceback in `points/{row['point']}/errors.log`)"]
     if failed:
         lines.append("")
+    if "seed" in swept_keys:
+        lines += _seed_spread(rows, [key for key in swept_keys if key != "seed"])
     if plot:
         lines += figure("results.png", "Hybrid accuracy per point (bars) against the base and thinking accuracies "
                         "(ticks); failed points in red.", {"results.png"})
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _seed_spread(rows: list[dict[str, Any]], other_keys: list[str]) -> list[str]:
+    """Mean ± SD over seeds of each metric, per setting of the other swept keys (finished points only)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            groups.setdefault(tuple(value_text(row.get(key)) for key in other_keys), []).append(row)
+    metrics = [(column, label) for column, label in SWEEP_METRICS if column.endswith(("accuracy", "gap_recovered",
+                                                                                      "steered_fraction"))]
+    controls = sorted({column for row in rows for column in row
+                       if column.endswith("_gap_recovered") and row.get(column) is not None})
+    metrics += [(column, column.removesuffix("_gap_recovered").replace("_", " ") + " gap") for column in controls]
+
+    def spread(group: list[dict[str, Any]], column: str) -> str:
+        values = [row[column] for row in group if isinstance(row.get(column), int | float)]
+        if not values:
+            return DASH
+        result = seed_spread(values)
+        show = percent if column == "tokens_steered_fraction" else num
+        return show(result.mean) + ("" if result.sd is None else f" ± {show(result.sd)}")
+
+    header = [*other_keys, "seeds", *[label for _, label in metrics]]
+    body = [[*map(cell, key), str(len(group)), *[spread(group, column) for column, _ in metrics]]
+            for key, group in groups.items()]
+    return (["## Across seeds", "", "Mean ± sample standard deviation over the seeds of each setting (finished points; "
+             "each point's own report has its bootstrap interval).", ""]
+            + table(header, body, "l" * len(other_keys) + "r" + "r" * len(metrics)))
 
 
 __all__ = ["RunView", "cell", "num", "run_markdown", "sweep_markdown", "table"]

@@ -31,7 +31,7 @@ from mechsteer.causal.stage import AblationSettings, run_ablations
 from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ModelPair, spec_model_name
 from mechsteer.core.resident import ResidentPair, Role
-from mechsteer.core.store import append_jsonl, exclusive_folder
+from mechsteer.core.store import append_jsonl, exclusive_folder, write_jsonl_atomic
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
@@ -61,7 +61,12 @@ from mechsteer.experiment.tuning import (
 )
 from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.hybrid import generator
-from mechsteer.hybrid.comparisons import ComparisonInputs, ComparisonRun, build_comparison
+from mechsteer.hybrid.comparisons import (
+    ComparisonInputs,
+    ComparisonRun,
+    ComparisonVariants,
+    build_comparison,
+)
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records, token_char_ends
 from mechsteer.hybrid.timing import (
@@ -113,11 +118,6 @@ def evaluate_hybrid(
         progress(f"  hybrid {policy.name}: {len(done) + start + len(batch)}/{len(problems)}")
     by_id = {record.problem_id: record for record in read_hybrid_records(out_path)}
     return [by_id[problem.id] for problem in problems]
-
-
-def steered_positions(results_path: Path) -> dict[str, list[int]]:
-    """Each problem's steered token positions in a hybrid evaluation's ``results.jsonl``."""
-    return {record.problem_id: record.steered_positions for record in read_hybrid_records(results_path)}
 
 
 def hybrid_summary(records: Sequence[HybridRecord], recorded: dict[str, Any] | None = None) -> EvalSummary:
@@ -330,16 +330,46 @@ def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
                                 f"delete its {HYBRID_EVAL!r} entry to evaluate the hybrid again")
         ground_truth = ground_truth_for(config.benchmark)
         oracle = ground_truth.timing_oracle if ground_truth is not None else None
-        comparison = build_comparison(name, ComparisonInputs(
+        built = build_comparison(name, ComparisonInputs(
             policy=make_policy(), make_policy=make_policy, directions=inputs.directions,
             behaviour_ids=inputs.behaviour_ids, seed=config.seed, steered_fraction=hybrid.steered_fraction,
-            steered_positions=lambda: steered_positions(run.paths.hybrid_results()),
+            hybrid_records=lambda: read_hybrid_records(run.paths.hybrid_results()),
             timing_oracle=None if oracle is None else lambda: oracle_timing_policy(run, inputs.taxonomy)))
+        if isinstance(built, ComparisonVariants):
+            return variants_eval(run, spec, name, built, hybrid_config)
+        comparison = built
+    if comparison.configure is not None:
+        hybrid_config = comparison.configure(hybrid_config)
     pair.need(*spec.models)
     records = evaluate_hybrid(pair, run.evaluation, comparison.directions, comparison.policy, hybrid_config,
                               run.paths.hybrid_results(name), base_template=config.resolved_base_template,
                               thinking_template=config.resolved_thinking_template, progress=run.log)
     return hybrid_summary(records, comparison.recorded).to_json()
+
+
+def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: ComparisonVariants,
+                  hybrid_config: HybridConfig) -> dict[str, Any]:
+    """Each variant of a comparison evaluated in turn (each resumable in its own folder); the most accurate
+    (the first on ties) is the comparison's result, its records copied to the stage's results file."""
+    config = run.config
+    run.pair.need(*spec.models)
+    evaluated: dict[str, list[HybridRecord]] = {}
+    for variant, comparison in variants.runs.items():
+        run.log(f"  {name}: variant {variant}")
+        configured = hybrid_config if comparison.configure is None else comparison.configure(hybrid_config)
+        evaluated[variant] = evaluate_hybrid(run.pair, run.evaluation, comparison.directions, comparison.policy,
+                                             configured, run.paths.variant_results(name, variant),
+                                             base_template=config.resolved_base_template,
+                                             thinking_template=config.resolved_thinking_template, progress=run.log)
+    summaries = {variant: hybrid_summary(records, variants.runs[variant].recorded)
+                 for variant, records in evaluated.items()}
+    chosen = max(summaries, key=lambda variant: sum(summaries[variant].correct))  # max keeps the first on ties
+    write_jsonl_atomic(run.paths.hybrid_results(name), [record.to_json() for record in evaluated[chosen]])
+    recorded = {**variants.runs[chosen].recorded, "chosen_variant": chosen,
+                "variants": {variant: {"accuracy": sum(summary.correct) / len(summary.correct),
+                                       "steered_fraction": summary.steered_fraction, **summary.recorded}
+                             for variant, summary in summaries.items()}}
+    return hybrid_summary(evaluated[chosen], recorded).to_json()
 
 
 def ablations_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:

@@ -139,8 +139,9 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
                              "tokens_steered_fraction": steered, "steered_fraction": steered,
                              "gap_recovered_interval": gap_interval(name)}
             recorded = evaluations[name].recorded
-            if "norm_matched_to" in recorded:  # random vectors' norms: of bias + direction, or direction
-                entries[name]["norm_matched_to"] = recorded["norm_matched_to"]
+            for key in ("norm_matched_to", "chosen_variant", "variants"):  # how the comparison was built
+                if key in recorded:
+                    entries[name][key] = recorded[key]
         return entries
 
     return {

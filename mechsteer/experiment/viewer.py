@@ -25,10 +25,11 @@ from typing import Any, Literal, NamedTuple
 from mechsteer.core.store import write_text_atomic
 from mechsteer.data.traces import TraceRecord, load_traces
 from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths
-from mechsteer.experiment.markdown import BASELINES, CONTROLS, RunView
+from mechsteer.experiment.markdown import RunView
 from mechsteer.experiment.plots import behaviour_order, event_name
 from mechsteer.experiment.state import planned
 from mechsteer.grading.statistics import accuracy
+from mechsteer.hybrid.comparisons import comparison_description
 from mechsteer.hybrid.records import HybridRecord, read_hybrid_records
 
 PAGE_TEMPLATE = Path(__file__).with_name("viewer_page.html")
@@ -175,8 +176,8 @@ def _comparison(name: str, hybrid: bool, controls: list[str]) -> tuple[Evaluatio
     if hybrid:
         return "hybrid", "the base model, steered where and as the thinking model's state says"
     if name in controls:
-        return "control", CONTROLS.get(name, "a control")
-    return "baseline", BASELINES.get(name, "a baseline")
+        return "control", comparison_description(name, "control")
+    return "baseline", comparison_description(name, "baseline")
 
 
 def page_json(page: ViewerPage) -> str:

@@ -1,7 +1,8 @@
 """The paper's metrics over per-problem grades.
 
 ``wilson_interval``, ``accuracy`` (with its Wilson interval), ``gap_recovered`` (None when
-thinking == base, where the ratio is undefined) and ``paired_bootstrap_gap``.
+thinking == base, where the ratio is undefined), ``paired_bootstrap_gap`` and ``seed_spread`` (a
+metric's mean and standard deviation over runs that differ only in their seed).
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+@dataclass(frozen=True)
+class SeedSpread:
+    mean: float
+    sd: float | None  # the sample standard deviation (n - 1); None for a single run
+    n: int
+
+
+def seed_spread(values: Sequence[float]) -> SeedSpread:
+    """The mean and sample standard deviation of one metric over runs with different seeds."""
+    if not values:
+        raise ValueError("seed_spread needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1)) if n > 1 else None
+    return SeedSpread(mean, sd, n)
 
 
 # Per-problem grades: bools, or 0/1, as a sequence or a 1-D numpy array.

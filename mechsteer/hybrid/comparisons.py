@@ -3,24 +3,33 @@ timing and behaviour choice explain the hybrid's gain?) and baselines (simpler w
 a registered name that builds a timing policy and a direction set from the hybrid's own.
 
 A run evaluates each of its ``controls`` and ``baselines`` like the hybrid, on the same problems,
-in a stage of its own (``eval_<name>``). A plug-in registers its own with
-:func:`register_comparison` (``controls: [name]`` or ``baselines: [name]`` then work in any run).
+in a stage of its own (``eval_<name>``). A comparison may have variants (:class:`ComparisonVariants`,
+e.g. one per fixed behaviour): each is evaluated, and the stage reports the most accurate, the
+strongest form of a control (chosen on the evaluated problems, which can only favour the control).
+A plug-in registers its own with :func:`register_comparison` (``controls: [name]`` or
+``baselines: [name]`` then work in any run).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mechsteer.core.plugins import Registry
+from mechsteer.hybrid.generator import HybridConfig
+from mechsteer.hybrid.records import HybridRecord
 from mechsteer.hybrid.timing import (
     BiasOnlyPolicy,
     FirstTokenOnlyPolicy,
+    FixedBehaviourPolicy,
+    RandomBehaviourPolicy,
     RandomFiringPolicy,
     ReplayPolicy,
     TimingOraclePolicy,
     TimingPolicy,
+    random_positions,
 )
 from mechsteer.steering.direction_set import DirectionSet
 
@@ -37,26 +46,44 @@ class ComparisonInputs:
     behaviour_ids: list[int]
     seed: int
     steered_fraction: float  # the hybrid's share of tokens steered on the same problems
-    steered_positions: Callable[[], dict[str, list[int]]]  # each problem's steered positions in the hybrid
+    hybrid_records: Callable[[], Sequence[HybridRecord]]  # the hybrid's records on the same problems
     # the benchmark's ground-truth timing oracle as a policy, where the benchmark has one
     timing_oracle: Callable[[], TimingOraclePolicy] | None = None
+
+    def steered_positions(self) -> dict[str, list[int]]:
+        """Each problem's steered token positions in the hybrid."""
+        return {record.problem_id: record.steered_positions for record in self.hybrid_records()}
 
 
 @dataclass(frozen=True)
 class ComparisonRun:
-    """A comparison's policy and directions, and what its stage summary records of how it was built."""
+    """A comparison's policy and directions, what its stage summary records of how it was built, and
+    how it changes the hybrid's generation settings (None: it steers with the hybrid's own)."""
 
     policy: TimingPolicy
     directions: DirectionSet
     recorded: dict[str, Any] = field(default_factory=dict)
+    configure: Callable[[HybridConfig], HybridConfig] | None = None
+
+
+@dataclass(frozen=True)
+class ComparisonVariants:
+    """A comparison evaluated once per variant (label -> run); its stage reports the most accurate."""
+
+    runs: dict[str, ComparisonRun]
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise ValueError("a comparison with variants needs at least one")
 
 
 @dataclass(frozen=True)
 class ComparisonSpec:
     name: str
     kind: ComparisonKind
-    build: Callable[[ComparisonInputs], ComparisonRun]
+    build: Callable[[ComparisonInputs], ComparisonRun | ComparisonVariants]
     needs_bias: bool = False  # refused for a direction set without a bias
+    description: str = ""  # what it steers, as report.md and the viewer say (e.g. "steers the bias alone, ...")
 
 
 COMPARISONS: Registry[ComparisonSpec] = Registry("control or baseline")
@@ -79,7 +106,15 @@ def baseline_names() -> list[str]:
     return comparison_names("baseline")
 
 
-def build_comparison(name: str, inputs: ComparisonInputs) -> ComparisonRun:
+def comparison_description(name: str, kind: ComparisonKind) -> str:
+    """What comparison ``name`` steers, in report.md's words; for one without a description, or of a
+    plug-in not installed here (a report rebuilt elsewhere), its kind."""
+    if name not in COMPARISONS:
+        return f"a {kind} of a plug-in not installed here"
+    return COMPARISONS.get(name).description or f"a {kind} of a plug-in"
+
+
+def build_comparison(name: str, inputs: ComparisonInputs) -> ComparisonRun | ComparisonVariants:
     """The registered comparison ``name`` built from the hybrid's ``inputs`` (plug-ins loaded on a miss)."""
     spec = COMPARISONS.get(name)
     if spec.needs_bias and inputs.directions.bias is None:
@@ -102,15 +137,58 @@ def _random_firing(inputs: ComparisonInputs) -> ComparisonRun:
                          inputs.directions)
 
 
+def _random_firing_per_problem(inputs: ComparisonInputs) -> ComparisonRun:
+    # as many steers in each problem as the hybrid made there, at random positions of its length
+    records = inputs.hybrid_records()
+    positions, behaviours = random_positions({record.problem_id: record.n_tokens for record in records},
+                                             {record.problem_id: len(record.steered_positions) for record in records},
+                                             inputs.behaviour_ids, inputs.seed)
+    return ComparisonRun(ReplayPolicy(positions, behaviours, name="random_firing_per_problem"), inputs.directions)
+
+
 def _random_vectors(inputs: ComparisonInputs) -> ComparisonRun:
     # each random vector has the norm of what the hybrid adds for its behaviour: bias + direction
     return ComparisonRun(inputs.make_policy(), inputs.directions.random_like(inputs.seed, match="added"),
                          {"norm_matched_to": "direction" if inputs.directions.bias is None else "bias + direction"})
 
 
+def _random_vectors_with_bias(inputs: ComparisonInputs) -> ComparisonRun:
+    # only the behaviour directions are random (each of its direction's norm); the bias is the hybrid's
+    return ComparisonRun(inputs.make_policy(), inputs.directions.random_like(inputs.seed, match="keep_bias"),
+                         {"norm_matched_to": "direction, bias kept"})
+
+
+def _gated_fixed_behaviour(inputs: ComparisonInputs) -> ComparisonVariants:
+    # the hybrid's timing with one behaviour for every steer, each behaviour in turn
+    return ComparisonVariants({f"behaviour_{behaviour}": ComparisonRun(
+        FixedBehaviourPolicy(inputs.make_policy(), behaviour), inputs.directions, {"behaviour": behaviour})
+        for behaviour in inputs.behaviour_ids})
+
+
+def _gated_random_behaviour(inputs: ComparisonInputs) -> ComparisonRun:
+    # the hybrid's timing with a uniformly random behaviour at each steer
+    return ComparisonRun(RandomBehaviourPolicy(inputs.make_policy(), inputs.behaviour_ids, seed=inputs.seed),
+                         inputs.directions)
+
+
 def _first_token_only(inputs: ComparisonInputs) -> ComparisonRun:
     # the hybrid allowed to steer at the first generated token only
     return ComparisonRun(FirstTokenOnlyPolicy(inputs.policy), inputs.directions)
+
+
+def _last_token_read(inputs: ComparisonInputs) -> ComparisonRun:
+    # the paper's read: the policy classifies the last token's activation, whatever the run's policy_read
+    policy = inputs.make_policy()
+    if not dataclasses.is_dataclass(policy) or "read" not in {f.name for f in dataclasses.fields(policy)}:
+        raise ValueError(f"baseline last_token_read sets a policy's read; policy {policy.name!r} has no read field")
+    return ComparisonRun(dataclasses.replace(policy, read="last_token"), inputs.directions,
+                         {"read": "last_token"})
+
+
+def _single_candidate(inputs: ComparisonInputs) -> ComparisonRun:
+    # no grid and no guardrail: every steer adds the behaviour's vector once (coefficient 1) at the last position
+    return ComparisonRun(inputs.make_policy(), inputs.directions, {"coefficient": 1.0, "window": 1},
+                         configure=lambda config: dataclasses.replace(config, coefficients=(1.0,), windows=(1,)))
 
 
 def _oracle_timing(inputs: ComparisonInputs) -> ComparisonRun:
@@ -120,15 +198,38 @@ def _oracle_timing(inputs: ComparisonInputs) -> ComparisonRun:
     return ComparisonRun(oracle, inputs.directions, {"behaviour_of_title": oracle.behaviour_of_title})
 
 
-_BUILT_INS = (ComparisonSpec("only_bias", "control", _only_bias, needs_bias=True),
-              ComparisonSpec("only_bias_replayed", "control", _only_bias_replayed, needs_bias=True),
-              ComparisonSpec("random_firing", "control", _random_firing),
-              ComparisonSpec("random_vectors", "control", _random_vectors),
-              ComparisonSpec("first_token_only", "baseline", _first_token_only),
-              ComparisonSpec("oracle_timing", "baseline", _oracle_timing))
+_BUILT_INS = (
+    ComparisonSpec("only_bias", "control", _only_bias, needs_bias=True,
+                   description="steers the bias alone, at the hybrid's timing"),
+    ComparisonSpec("only_bias_replayed", "control", _only_bias_replayed, needs_bias=True,
+                   description="steers the bias alone, at exactly the tokens the hybrid steered"),
+    ComparisonSpec("random_firing", "control", _random_firing,
+                   description="steers random behaviours at random tokens, as often as the hybrid"),
+    ComparisonSpec("random_vectors", "control", _random_vectors,
+                   description="steers random vectors of the same norms, timed by the SAE's argmax latent"),
+    ComparisonSpec("random_firing_per_problem", "control", _random_firing_per_problem,
+                   description="steers random behaviours at random tokens, as many in each problem as the hybrid"),
+    ComparisonSpec("random_vectors_with_bias", "control", _random_vectors_with_bias, needs_bias=True,
+                   description="steers the bias with random behaviour vectors of the same norms, at the hybrid's "
+                               "timing"),
+    ComparisonSpec("gated_fixed_behaviour", "control", _gated_fixed_behaviour,
+                   description="steers one fixed behaviour at the hybrid's timing, each behaviour in turn (the best "
+                               "reported)"),
+    ComparisonSpec("gated_random_behaviour", "control", _gated_random_behaviour,
+                   description="steers a random behaviour at the hybrid's timing"),
+    ComparisonSpec("first_token_only", "baseline", _first_token_only,
+                   description="the hybrid allowed to steer at the first generated token only"),
+    ComparisonSpec("oracle_timing", "baseline", _oracle_timing, description="steered at the ground-truth positions"),
+    ComparisonSpec("last_token_read", "baseline", _last_token_read,
+                   description="the hybrid with the paper's read: the policy classifies the last token's activation"),
+    ComparisonSpec("single_candidate", "baseline", _single_candidate,
+                   description="the hybrid without the coefficient grid and guardrail: coefficient 1 at the last "
+                               "position"),
+)
 BUILT_IN_COMPARISONS: tuple[str, ...] = tuple(spec.name for spec in _BUILT_INS)
 for _spec in _BUILT_INS:
     register_comparison(_spec)
 
-__all__ = ["BUILT_IN_COMPARISONS", "ComparisonInputs", "ComparisonKind", "ComparisonRun", "ComparisonSpec", "baseline_names",
-           "build_comparison", "comparison_names", "control_names", "register_comparison"]
+__all__ = ["BUILT_IN_COMPARISONS", "ComparisonInputs", "ComparisonKind", "ComparisonRun", "ComparisonSpec",
+           "ComparisonVariants", "baseline_names",
+           "build_comparison", "comparison_description", "comparison_names", "control_names", "register_comparison"]

@@ -33,6 +33,13 @@ Policies:
   with a known grammar only: the organisms).
 - ``random_firing``: steer each token with probability ``rate`` and a uniformly random
   behaviour (match ``rate`` to the hybrid's measured steering rate for the control).
+- ``random_firing_per_problem`` (:class:`ReplayPolicy` with drawn positions): in each problem as
+  many steers as the hybrid made there, at uniformly random positions of its length, each with a
+  uniformly random behaviour.
+- ``gated_fixed_behaviour`` / ``gated_random_behaviour`` (:class:`FixedBehaviourPolicy`,
+  :class:`RandomBehaviourPolicy`): another policy's timing (the hybrid's disagreement gate) with one
+  fixed behaviour, or a uniformly random one, instead of the behaviour the thinking model's state
+  names: they test whether *which* behaviour matters.
 - ``never``: the base model alone.
 
 The "random vectors" control is :class:`SAEArgmaxPolicy` run with norm-matched random
@@ -45,6 +52,7 @@ the batches: ``mechsteer.experiment.pipeline.evaluate_hybrid``); the replay is t
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args, runtime_checkable
@@ -63,7 +71,8 @@ PolicyRead = Literal["last_token", "next_token"]
 
 # The built-in policies' names (a policy of one's own may take any name).
 PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "only_bias_replayed", "first_token_only",
-                     "oracle_timing", "random_firing", "never"]
+                     "oracle_timing", "random_firing", "random_firing_per_problem", "gated_fixed_behaviour",
+                     "gated_random_behaviour", "never"]
 
 
 @dataclass
@@ -213,37 +222,65 @@ class BiasOnlyPolicy(_WrappingPolicy):
 
 @dataclass
 class ReplayPolicy(PolicyBase):
-    """The bias alone at given generated-token positions (``PolicyInput.step``) of each problem.
+    """Steer at given generated-token positions (``PolicyInput.step``) of each problem: with the bias
+    alone, or with each position's given behaviour.
 
-    ``positions`` maps a problem id to its steered positions; :meth:`bind` says which problem
-    each row of the next batch is.
+    ``positions`` maps a problem id to its steered positions (``behaviours``, when given, to the
+    behaviour at each); :meth:`bind` says which problem each row of the next batch is.
     """
 
     positions: dict[str, list[int]]
+    behaviours: dict[str, list[int]] | None = None
     name: PolicyName = "only_bias_replayed"
 
     def __post_init__(self) -> None:
-        self.masks: dict[int, list[bool]] = {}  # step -> which rows steer (only steps where some row does)
+        self.steps: dict[int, tuple[list[bool], list[int]]] = {}  # step -> (rows that steer, their behaviours)
         self.n_rows: int | None = None
+        if self.behaviours is not None:
+            uneven = [problem for problem, steps in self.positions.items()
+                      if len(self.behaviours.get(problem, ())) != len(steps)]
+            if uneven:
+                raise ValueError(f"behaviours must give one behaviour per position; problems {uneven[:5]} do not")
 
     def bind(self, problem_ids: list[str]) -> None:
         unknown = [problem for problem in problem_ids if problem not in self.positions]
         if unknown:
             raise ValueError(f"no positions to replay for problems {unknown[:5]} ({len(unknown)} in all)")
-        self.masks, self.n_rows = {}, len(problem_ids)
+        self.steps, self.n_rows = {}, len(problem_ids)
         for row, problem in enumerate(problem_ids):
-            for step in self.positions[problem]:
-                self.masks.setdefault(step, [False] * len(problem_ids))[row] = True
+            behaviours = self.behaviours[problem] if self.behaviours is not None else None
+            for index, step in enumerate(self.positions[problem]):
+                steer, behaviour = self.steps.setdefault(step, ([False] * len(problem_ids),
+                                                                [BIAS_ONLY] * len(problem_ids)))
+                steer[row] = True
+                behaviour[row] = BIAS_ONLY if behaviours is None else behaviours[index]
 
     def decide(self, state: PolicyInput) -> PolicyDecision:
         batch, device = state.agree.shape[0], state.agree.device
         if self.n_rows != batch:
             raise ValueError(f"ReplayPolicy is bound to {self.n_rows} rows but the batch has {batch}; "
                              "call bind(problem_ids) before each batch")
-        mask = self.masks.get(state.step)
-        steer = (torch.zeros(batch, dtype=torch.bool, device=device) if mask is None
-                 else torch.tensor(mask, dtype=torch.bool, device=device))
-        return PolicyDecision(steer=steer, behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
+        planned = self.steps.get(state.step)
+        if planned is None:
+            return PolicyDecision(steer=torch.zeros(batch, dtype=torch.bool, device=device),
+                                  behaviour=torch.full((batch,), BIAS_ONLY, dtype=torch.long, device=device))
+        packed = torch.tensor([[int(flag) for flag in planned[0]], planned[1]], dtype=torch.long, device=device)
+        return PolicyDecision(steer=packed[0].bool(), behaviour=packed[1])
+
+
+def random_positions(lengths: dict[str, int], counts: dict[str, int], behaviour_ids: list[int],
+                     seed: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Per problem, ``counts[p]`` distinct positions drawn uniformly from ``range(lengths[p])`` and a
+    uniformly random behaviour at each (seeded per problem, so that a resumed batch draws the same)."""
+    if not behaviour_ids:
+        raise ValueError("random positions need at least one behaviour id")
+    positions, behaviours = {}, {}
+    for problem, length in lengths.items():
+        draw = random.Random(f"{seed}:{problem}")
+        steps = sorted(draw.sample(range(length), min(counts.get(problem, 0), length)))
+        positions[problem] = steps
+        behaviours[problem] = [draw.choice(behaviour_ids) for _ in steps]
+    return positions, behaviours
 
 
 @dataclass
@@ -278,6 +315,44 @@ class FirstTokenOnlyPolicy(_WrappingPolicy):
     def decide(self, state: PolicyInput) -> PolicyDecision:
         decision = self.timing.decide(state)
         return decision if state.step == 0 else dataclasses.replace(decision, steer=torch.zeros_like(decision.steer))
+
+
+@dataclass
+class FixedBehaviourPolicy(_WrappingPolicy):
+    """``timing``'s decisions (when to steer, and its latent log) with one fixed behaviour."""
+
+    behaviour: int
+    name: PolicyName = "gated_fixed_behaviour"
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        return dataclasses.replace(decision, behaviour=torch.full_like(decision.behaviour, self.behaviour))
+
+
+@dataclass
+class RandomBehaviourPolicy(_WrappingPolicy):
+    """``timing``'s decisions (when to steer, and its latent log) with a uniformly random behaviour
+    at every step (one seeded stream per device)."""
+
+    behaviour_ids: list[int]
+    seed: int = 0
+    name: PolicyName = "gated_random_behaviour"
+
+    def __post_init__(self) -> None:
+        if not self.behaviour_ids:
+            raise ValueError("gated_random_behaviour needs at least one behaviour id")
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self.tables: dict[torch.device, Tensor] = {}
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        device = decision.behaviour.device
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self.tables[device] = torch.tensor(self.behaviour_ids, dtype=torch.long, device=device)
+        choice = torch.randint(len(self.behaviour_ids), decision.behaviour.shape, generator=self.generators[device],
+                               device=device)
+        return dataclasses.replace(decision, behaviour=self.tables[device][choice])
 
 
 @dataclass

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 # The built-in methods' names (a plug-in's method may take any registered name).
 DirectionMethod = Literal["mean", "sae", "optimised", "random"]
 # What DirectionSet.random_like matches the random vectors' norms to (see there).
-RandomMatch = Literal["parts", "added"]
+RandomMatch = Literal["parts", "added", "keep_bias"]
 Site = Literal["resid_post"]
 SITE: Site = "resid_post"
 
@@ -237,6 +237,8 @@ class DirectionSet:
         random vector of the bias's norm. ``added``: each direction has the norm of
         ``bias + direction`` (what the hybrid adds per unit coefficient for that behaviour) and the
         set has no bias, so that steering with it adds a random vector of exactly that norm.
+        ``keep_bias``: each direction has its behaviour direction's norm and the set keeps its own
+        bias, so that only the behaviour directions are random.
         """
         if match not in get_args(RandomMatch):
             raise ValueError(f"match must be one of {get_args(RandomMatch)}; got {match!r}")
@@ -247,7 +249,7 @@ class DirectionSet:
         else:
             norms = self.norms
         directions = raw / raw.norm(dim=-1, keepdim=True) * norms[:, None]
-        bias = None
+        bias = self.bias.clone() if match == "keep_bias" and self.bias is not None else None
         if match == "parts" and self.bias is not None:
             raw_bias = torch.randn(self.d_model, generator=generator)
             bias = raw_bias / raw_bias.norm() * self.bias.norm()

@@ -2,17 +2,27 @@
 steered positions, batch by batch; report.json and report.md carry each control's and baseline's
 accuracy, gap recovered and share of tokens steered."""
 
+import json
+
 import pytest
 
 from mechsteer.core.models import ModelPair, load_model
 from mechsteer.data.benchmarks import Problem
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.markdown import RunView, run_markdown
-from mechsteer.experiment.pipeline import evaluate_hybrid, steered_positions
+from mechsteer.experiment.pipeline import evaluate_hybrid, run_pipeline
 from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import accuracy_rows, assemble_report, expected_stages
 from mechsteer.hybrid.generator import HybridConfig
-from mechsteer.hybrid.timing import BIAS_ONLY, RandomFiringPolicy, ReplayPolicy
+from mechsteer.hybrid.records import read_hybrid_records
+from mechsteer.hybrid.timing import (
+    BIAS_ONLY,
+    FixedBehaviourPolicy,
+    RandomBehaviourPolicy,
+    RandomFiringPolicy,
+    ReplayPolicy,
+    random_positions,
+)
 from tests.experiment.conftest import SHORT_RUN
 from tests.hybrid.test_hybrid import make_vectors
 from tests.tiny_models import save_tiny_model
@@ -36,7 +46,8 @@ def test_replay_fires_at_the_hybrids_positions_in_every_batch(pair, tmp_path):
     settings = dict(base_template="base_paper", thinking_template="base_paper", progress=lambda message: None)
     hybrid = evaluate_hybrid(pair, PROBLEMS, vectors, RandomFiringPolicy(0.3, [0, 1, 2], seed=1), config,
                              tmp_path / "hybrid" / "results.jsonl", **settings)
-    positions = steered_positions(tmp_path / "hybrid" / "results.jsonl")
+    positions = {record.problem_id: record.steered_positions
+                 for record in read_hybrid_records(tmp_path / "hybrid" / "results.jsonl")}
     assert positions == {record.problem_id: record.steered_positions for record in hybrid}
     # the problems steer at different positions, so a row given another problem's positions shows
     assert len({tuple(steps) for steps in positions.values()}) == len(PROBLEMS)
@@ -46,6 +57,73 @@ def test_replay_fires_at_the_hybrids_positions_in_every_batch(pair, tmp_path):
     for record in replayed:
         assert record.steered_positions == positions[record.problem_id], record.problem_id
         assert set(record.steered_behaviours) <= {BIAS_ONLY}
+
+
+def test_gated_behaviour_controls_keep_the_timing_and_swap_the_behaviour(pair, tmp_path):
+    config = HybridConfig(steer_layer=1, read_layer=2, max_new_tokens=8, batch_size=2, ignore_eos=True)
+    vectors = make_vectors(pair.base.cfg.d_model)
+    settings = dict(base_template="base_paper", thinking_template="base_paper", progress=lambda message: None)
+    positions = {problem.id: [1, 3, 4, 6] if index % 2 else [0, 2, 7] for index, problem in enumerate(PROBLEMS)}
+    behaviours = {problem: [0] * len(steps) for problem, steps in positions.items()}
+    fixed = evaluate_hybrid(pair, PROBLEMS, vectors, FixedBehaviourPolicy(ReplayPolicy(positions, behaviours), 2),
+                            config, tmp_path / "fixed.jsonl", **settings)
+    for record in fixed:
+        assert record.steered_positions == positions[record.problem_id]
+        assert set(record.steered_behaviours) == {2}
+    drawn = [evaluate_hybrid(pair, PROBLEMS, vectors,
+                             RandomBehaviourPolicy(ReplayPolicy(positions, behaviours), [0, 1, 2], seed=seed),
+                             config, tmp_path / f"random{seed}_{repeat}.jsonl", **settings)
+             for seed, repeat in ((3, 0), (3, 1), (4, 0))]
+    chosen = [[b for record in records for b in record.steered_behaviours] for records in drawn]
+    assert [r.steered_positions for r in drawn[0]] == [positions[problem.id] for problem in PROBLEMS]
+    assert set(chosen[0]) == {0, 1, 2}  # 17 draws of three behaviours
+    assert chosen[0] == chosen[1] and chosen[0] != chosen[2]  # seeded
+
+
+def test_random_positions_match_the_count_of_each_problem():
+    lengths, counts = {"a": 50, "b": 10, "c": 3}, {"a": 7, "b": 0, "c": 5}
+    positions, behaviours = random_positions(lengths, counts, [4, 9], seed=0)
+    assert [len(positions[p]) for p in "abc"] == [7, 0, 3]  # at most the problem's length
+    assert all(steps == sorted(set(steps)) and all(0 <= s < lengths[p] for s in steps)
+               for p, steps in positions.items())
+    assert {b for values in behaviours.values() for b in values} <= {4, 9}
+    assert random_positions(lengths, counts, [4, 9], seed=0) == (positions, behaviours)
+    assert random_positions(lengths, counts, [4, 9], seed=1)[0]["a"] != positions["a"]
+    # a problem draws the same whatever else is drawn with it (a resumed batch)
+    assert random_positions({"a": 50}, {"a": 7}, [4, 9], seed=0)[0]["a"] == positions["a"]
+
+
+@pytest.mark.slow
+def test_state_testing_controls_in_a_run(short_run, tmp_path):
+    import shutil
+
+    out, _ = short_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    added = ["random_firing_per_problem", "random_vectors_with_bias", "gated_fixed_behaviour", "gated_random_behaviour"]
+    config = RunConfig.from_dict({**SHORT_RUN, "controls": [*SHORT_RUN["controls"], *added]})
+    report = run_pipeline(config, copy, log=lambda message: None)
+    assert set(added) <= set(report["controls"])
+    assert report["controls"]["random_vectors_with_bias"]["norm_matched_to"] == "direction, bias kept"
+    stages = json.loads((copy / "stages.json").read_text())["stages"]
+    gated = stages["eval_gated_fixed_behaviour"]["summary"]
+    behaviour_ids = json.loads((copy / "directions" / "directions.json").read_text())["behaviour_ids"]
+    assert set(gated["variants"]) == {f"behaviour_{b}" for b in behaviour_ids}
+    best = max(entry["accuracy"] for entry in gated["variants"].values())
+    assert gated["variants"][gated["chosen_variant"]]["accuracy"] == best
+    assert report["controls"]["gated_fixed_behaviour"]["accuracy"] == best
+    chosen = copy / "eval" / "gated_fixed_behaviour" / "variants" / gated["chosen_variant"] / "results.jsonl"
+    assert (copy / "eval" / "gated_fixed_behaviour" / "results.jsonl").read_bytes() == chosen.read_bytes()
+    for variant, entry in gated["variants"].items():
+        records = read_hybrid_records(copy / "eval" / "gated_fixed_behaviour" / "variants" / variant / "results.jsonl")
+        assert {b for r in records for b in r.steered_behaviours} <= {entry["behaviour"]}
+    hybrid = {r.problem_id: r for r in read_hybrid_records(copy / "eval" / "hybrid" / "results.jsonl")}
+    matched = read_hybrid_records(copy / "eval" / "random_firing_per_problem" / "results.jsonl")
+    assert sum(len(r.steered_positions) for r in matched) > 0
+    for record in matched:
+        assert len(record.steered_positions) <= len(hybrid[record.problem_id].steered_positions)
+    gated_random = read_hybrid_records(copy / "eval" / "gated_random_behaviour" / "results.jsonl")
+    assert len({b for r in gated_random for b in r.steered_behaviours}) > 1
 
 
 def comparison_run() -> tuple[RunConfig, dict[str, EvalSummary]]:
@@ -99,3 +177,24 @@ def test_report_md_headline_lists_the_controls_and_baselines():
     assert "`only_bias_replayed` steers the bias alone, at exactly the tokens the hybrid steered" in headline
     assert "each of the norm of the bias + direction it replaces" in headline
     assert "Baselines: `first_token_only` the hybrid allowed to steer at the first generated token only." in headline
+
+
+def test_the_papers_read_and_the_single_candidate_baselines():
+    from mechsteer.hybrid.comparisons import ComparisonInputs, build_comparison
+    from mechsteer.hybrid.timing import SAEArgmaxPolicy
+    from mechsteer.taxonomy.sae import SAEConfig, TopKSAE
+
+    vectors = make_vectors(16)
+    sae = TopKSAE(SAEConfig(d_in=8, n_latents=3, k=1))
+
+    def make_policy():
+        return SAEArgmaxPolicy(sae, [0, 1, 2], read="next_token")
+
+    inputs = ComparisonInputs(policy=make_policy(), make_policy=make_policy, directions=vectors, behaviour_ids=[0, 1, 2],
+                              seed=0, steered_fraction=0.1, hybrid_records=list)
+    paper = build_comparison("last_token_read", inputs)
+    assert paper.policy.read == "last_token" and paper.configure is None
+    single = build_comparison("single_candidate", inputs)
+    assert single.policy.read == "next_token"
+    grid = HybridConfig(steer_layer=1, read_layer=2, coefficients=(1.0, 2.0, 4.0), windows=(1, 4))
+    assert single.configure(grid).candidates == [(1.0, 1)]

@@ -234,3 +234,24 @@ def test_one_point_as_a_wandb_agent_runs_it_starts_from_a_finished_point(local_s
     assert report["config"]["coefficients"] == [4.0] and 0.0 <= report["hybrid_accuracy"] <= 1.0
     [run] = [read_run_files(folder) for folder in find_run_folders(out)]
     assert run.group == "organism-tiny" and run.config["coefficients"] == [4.0]
+
+
+def test_a_sweep_over_seeds_reports_each_settings_mean_and_sd():
+    from mechsteer.experiment.markdown import sweep_markdown
+    from mechsteer.grading.statistics import seed_spread
+
+    assert seed_spread([0.5]).sd is None
+    spread = seed_spread([0.9, 0.87, 0.865])
+    assert abs(spread.mean - 0.878333) < 1e-6 and abs(spread.sd - 0.0189297) < 1e-6 and spread.n == 3
+    rows = [{"index": i, "point": f"p{i}", "seed": seed, "coefficients": coeffs, "status": status,
+             "base_accuracy": 0.1, "thinking_accuracy": 0.9, "hybrid_accuracy": hybrid, "gap_recovered": gap,
+             "tokens_steered_fraction": 0.03, "random_firing_gap_recovered": control}
+            for i, (seed, coeffs, hybrid, gap, control, status) in enumerate([
+                (0, "[1.0]", 0.9, 1.0, 0.1, "ok"), (1, "[1.0]", 0.8, 0.875, 0.0, "ok"),
+                (2, "[1.0]", 0.7, 0.75, None, "ok"), (0, "[2.0]", 0.5, 0.5, 0.2, "ok"),
+                (1, "[2.0]", 0.0, 0.0, 0.0, "failed")])]
+    text = sweep_markdown("seeds", rows, ["seed", "coefficients"])
+    section = text.split("## Across seeds", 1)[1]
+    assert r"| \[1.0\] | 3 | 0.100 ± 0.000 | 0.900 ± 0.000 | 0.800 ± 0.100 | 0.875 ± 0.125 | 3.0% ± 0.0% | 0.050 ± 0.071 |" in section
+    assert r"| \[2.0\] | 1 | 0.100 | 0.900 | 0.500 | 0.500 | 3.0% | 0.200 |" in section  # the failed seed left out
+    assert "## Across seeds" not in sweep_markdown("no seeds", rows, ["coefficients"])
