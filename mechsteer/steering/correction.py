@@ -120,9 +120,13 @@ class PositionBatch:
 
 def position_batch(cache: DisagreementCache, traces: Sequence[int], rows: Int[Tensor, " m"], slot_of: dict[int, int],
                    pad_id: int) -> PositionBatch:
-    """The traces ``traces`` right-padded, with the cache ``rows`` (positions) that lie in them."""
+    """The traces ``traces`` right-padded, with the cache ``rows`` (positions) that lie in them; each
+    trace cut after its last such position (causal: the tokens after it change nothing there)."""
     batch_row = {trace: index for index, trace in enumerate(traces)}
-    token_rows = [cache.token_ids[t] for t in traces]
+    last = {trace: 0 for trace in traces}
+    for trace, position in zip(cache.trace_index[rows].tolist(), cache.position[rows].tolist(), strict=True):
+        last[trace] = max(last[trace], position + 1)
+    token_rows = [cache.token_ids[t][: max(last[t], 1)] for t in traces]
     tokens = torch.full((len(traces), max(len(r) for r in token_rows)), pad_id, dtype=torch.long)
     for index, ids in enumerate(token_rows):
         tokens[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
