@@ -7,9 +7,12 @@ that reads one compares that record with what it is about to do, and a mismatch 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mechsteer.core.errors import ProvenanceError
 
@@ -44,4 +47,17 @@ def recorded_location(recorded: str, folder: str | Path) -> Path:
     return path if path.is_absolute() else (Path(folder) / path).resolve()
 
 
-__all__ = ["mismatch", "recorded_location", "recorded_path", "same_model"]
+def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 4096, length: int = 16) -> str:
+    """A digest of a model's weights by content: every parameter's name, shape and first
+    ``per_tensor`` values (as float32), so that two checkpoints under one name differ here, at the
+    cost of reading a few KB per tensor rather than the whole model."""
+    sha = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            head = parameter.detach().flatten()[:per_tensor].float().cpu().contiguous()
+            sha.update(f"{name}:{tuple(parameter.shape)}".encode())
+            sha.update(head.numpy().tobytes())
+    return sha.hexdigest()[:length]
+
+
+__all__ = ["mismatch", "recorded_location", "recorded_path", "same_model", "weights_fingerprint"]

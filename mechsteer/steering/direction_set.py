@@ -48,15 +48,17 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 # The built-in methods' names (a plug-in's method may take any registered name).
-DirectionMethod = Literal["mean", "sae", "optimised", "random"]
+DirectionMethod = Literal["mean", "sae", "optimised", "random", "correction"]
 # What DirectionSet.random_like matches the random vectors' norms to (see there).
 RandomMatch = Literal["parts", "added", "keep_bias"]
 Site = Literal["resid_post"]
 SITE: Site = "resid_post"
 
-# The methods a set may name: "random" (DirectionSet.random_like's controls) and every method
-# registered with mechsteer.steering.methods.register_direction_method, which adds its name here.
-_SET_METHODS: list[str] = ["random"]
+# The methods a set may name: "random" (DirectionSet.random_like's controls), "correction"
+# (mechsteer.steering.correction's trained sets, which come with a coefficient MLP and so are not
+# built through the direction-method registry) and every method registered with
+# mechsteer.steering.methods.register_direction_method, which adds its name here.
+_SET_METHODS: list[str] = ["random", "correction"]
 
 
 def add_set_method(name: str) -> None:

@@ -77,7 +77,7 @@ def test_an_unknown_method_is_refused_naming_the_registered_ones(registry, insta
     with pytest.raises(ConfigError, match=r"^unknown direction method 'nope'; registered: \['mean', .*'optimised', .*'sae'"):
         direction_method_spec("nope")
     assert calls == ["register"]  # the plug-ins were asked first
-    with pytest.raises(ValueError, match=r"method must be one of \(.*'random', 'mean', 'sae', 'optimised'.*got 'mean\+nope'"):
+    with pytest.raises(ValueError, match=r"method must be one of \(.*'random', 'correction', 'mean', 'sae', 'optimised'.*got 'mean\+nope'"):
         small_set("mean+nope")
     with pytest.raises(ConfigError, match=r"unknown direction_method 'nope'; registered direction methods: \['mean'"):
         RunConfig.from_dict({**dataclasses.asdict(DEMO_CONFIG), "direction_method": "nope"})
