@@ -136,6 +136,23 @@ def test_only_the_command_line_imports_argparse():
     assert sorted({name for name in users if not (name.startswith("mechsteer.cli") or name.endswith(".cli"))}) == []
 
 
+# Libraries that take seconds to import: a generic module imports them where a model or tokenizer
+# loads (or under TYPE_CHECKING, for annotations), so that the command line starts fast.
+SLOW_LIBRARIES = ("transformers", "transformer_lens", "datasets")
+
+
+def test_generic_modules_import_the_slow_libraries_only_where_they_are_used():
+    eager = []
+    for name, path in MODULES.items():
+        if name.startswith(PLUGIN):
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level, outside `if TYPE_CHECKING:`
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            eager += [f"{name} imports {module}" for module in modules if module.split(".")[0] in SLOW_LIBRARIES]
+    assert eager == []
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name):
     assert sum(1 for _ in MODULES[name].open()) <= MAX_MODULE_LINES

@@ -27,10 +27,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.core.errors import ArtefactError, ConfigError
 from mechsteer.core.models import resid_hook_name
@@ -40,6 +39,9 @@ from mechsteer.core.tensor_types import Float, Int, Tensor
 from mechsteer.steering.coefficient_mlp import CoefficientArchitecture, CoefficientMLP
 from mechsteer.steering.direction_set import SITE, DirectionSet, direction_provenance
 from mechsteer.steering.disagreements import DisagreementCache, DisagreementProvenance
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 CORRECTION_METHOD = "correction"  # the method a trained set names
 REPORT_FILE = "correction.json"

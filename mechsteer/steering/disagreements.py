@@ -28,10 +28,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformer_lens.model_bridge import TransformerBridge
 
 from mechsteer.activations import trace_sentences
 from mechsteer.core.artefacts import ArtefactFormat, load_artefact, save_artefact
@@ -44,6 +43,9 @@ from mechsteer.core.vocab import adds_special_tokens
 from mechsteer.data.traces import TraceRecord, traces_digest
 from mechsteer.steering.direction_set import SITE
 from mechsteer.steering.labels import BehaviourLabels
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 MANIFEST_FILE = "disagreements.json"
 MANIFEST_FORMAT = "mechsteer.disagreements"
