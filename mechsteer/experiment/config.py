@@ -8,6 +8,7 @@ are left out of it (logging does not change what a run computes).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +40,7 @@ from mechsteer.data.prompts import (
 from mechsteer.data.traces import UnclosedThinking
 from mechsteer.engines.registry import engine_names, engine_spec
 from mechsteer.experiment.keys import (
+    CORRECTION,
     EVALS,
     HYBRID,
     PLAIN_EVALS,
@@ -51,6 +53,7 @@ from mechsteer.experiment.keys import (
 from mechsteer.hybrid.comparisons import baseline_names, control_names
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
+from mechsteer.steering.correction import CorrectionConfig
 from mechsteer.steering.methods import direction_method_names
 from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.taxonomy.build import JudgeSettings
@@ -68,10 +71,11 @@ class RunConfig:
     name: Annotated[str, NonEmpty()] = key(read_by=(), in_sweeps=False, section="run",
         help="the run's name: the report's title, the wandb run's name and its default group")
     base_model: Annotated[str, NonEmpty()] = key(
-        read_by=("traces_base_train", "directions", *HYBRID, "eval_base", "ablations"), section="models",
+        read_by=("traces_base_train", "directions", *CORRECTION, *HYBRID, "eval_base", "ablations"), section="models",
         help="the base model: a registered model spec, a hub name, a local model folder or a .gguf file")
     thinking_model: Annotated[str, NonEmpty()] = key(
-        read_by=("traces_thinking_train", "activations", "taxonomy", "directions", *HYBRID, "eval_thinking",
+        read_by=("traces_thinking_train", "activations", "taxonomy", "directions", "disagreements", *HYBRID,
+                 "eval_thinking",
                  "ablations"), section="models",
         help="the thinking model (as base_model): its traces build the taxonomy, its state times the hybrid")
     benchmark: Annotated[str, NonEmpty()] = key(section="data",
@@ -82,9 +86,10 @@ class RunConfig:
     thinking_template: str | None = key(None, read_by=("traces_thinking_train", *HYBRID, "eval_thinking", "ablations"),
         section="models", help="the thinking model's prompt, as base_template (default: the benchmark's own "
                                "template, else thinking_chat)")
-    train_split: str = key("train", read_by=(*TRAIN_TRACES, "directions", "ablations"), section="data",
+    train_split: str = key("train", read_by=(*TRAIN_TRACES, "directions", *CORRECTION, "ablations"), section="data",
         help="the split of the train problems, whose traces build the taxonomy and the directions")
-    n_train: Annotated[int, Range(min=1)] = key(200, read_by=(*TRAIN_TRACES, "directions", "ablations"), section="data",
+    n_train: Annotated[int, Range(min=1)] = key(200, read_by=(*TRAIN_TRACES, "directions", *CORRECTION, "ablations"),
+                                                section="data",
         help="train problems (traces of each model) for the taxonomy and the directions")
     eval_split: str = key("test", read_by=(*EVALS, "ablations"), section="data",
         help="the split every reported evaluation runs on (not the train split)")
@@ -124,8 +129,17 @@ class RunConfig:
              "or a plug-in's")
     optimisation: dict[str, Any] = key(factory=dict, read_by=("directions",), later=True, section="directions",
         help="settings of the optimised vectors (OptimisationConfig fields: lr, steps, init_norm ...); empty: the paper's")
-    steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *HYBRID), section="directions",
+    steer_layer: Annotated[int, Range(min=0)] | None = key(None, read_by=("directions", *CORRECTION, *HYBRID),
+                                                           section="directions",
         help="the base-model layer the directions are built at and steered (default: about 37.5% of the depth)")
+    correction_vectors: bool = key(False, read_by=(), later=True, downstream=True, section="correction",
+        help="also train the paper's current correction vectors: where the base model's greedy token differs from "
+             "a thinking trace's next one, by behaviour, with a coefficient MLP (docs/hybrid.md)")
+    correction_top_k: Annotated[int, Range(min=1)] = key(50, read_by=("disagreements",), later=True,
+        section="correction", help="the thinking model's next-token log-probs kept per disagreement position (top K)")
+    correction: dict[str, Any] = key(factory=dict, read_by=("correction_vectors",), later=True, section="correction",
+        help="settings of the correction vectors' training (CorrectionConfig fields: seeds, epochs, lr, mlp_hidden ...); "
+             "empty: the reference's")
     coefficients: Annotated[list[float], NonEmpty()] = key(factory=lambda: [1.0], read_by=(*HYBRID, "ablations"),
         downstream=True, section="hybrid",
         help="steering coefficients of the hybrid (a grid, or the tuning stage's candidates) and of sufficiency")
@@ -360,13 +374,40 @@ def optimisation_problems(settings: dict[str, Any]) -> list[Problem]:
     """The ``optimisation`` mapping checked as OptimisationConfig fields (its seed is the run's)."""
     if "seed" in settings:
         return [Problem("optimisation", "optimisation sets its own seed; set the run's seed at the top level", "value")]
-    problems = check_fields(OptimisationConfig, settings, partial=True, noun="optimisation keys")
+    return _settings_problems("optimisation", OptimisationConfig, settings)
+
+
+def correction_config(config: RunConfig) -> CorrectionConfig:
+    """The run's `CorrectionConfig`: its ``correction`` settings over the reference's defaults."""
+    problems = correction_problems(config.correction)
     if problems:
-        return [dataclasses.replace(problem, message=f"optimisation: {problem.message}") for problem in problems]
+        raise ConfigError(join_problems(problems))
+    return _correction(config.correction)
+
+
+def _correction(settings: dict[str, Any]) -> CorrectionConfig:
+    seeds = settings.get("seeds")
+    return CorrectionConfig(**{**settings, **({"seeds": tuple(seeds)} if isinstance(seeds, list) else {})})
+
+
+def correction_problems(settings: dict[str, Any]) -> list[Problem]:
+    """The ``correction`` mapping checked as CorrectionConfig fields (seeds: a list of integers)."""
+    seeds = settings.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(type(seed) is int for seed in seeds):
+        return [Problem("correction", f"correction: seeds must be a non-empty list of integers, got {seeds!r}", "type")]
+    return _settings_problems("correction", CorrectionConfig, settings, build=_correction)
+
+
+def _settings_problems(option: str, settings_class: type, settings: dict[str, Any],
+                       build: Callable[[dict[str, Any]], Any] | None = None) -> list[Problem]:
+    """A settings mapping (a key such as ``optimisation``) checked as ``settings_class``'s fields, then built."""
+    problems = check_fields(settings_class, settings, partial=True, noun=f"{option} keys")
+    if problems:
+        return [dataclasses.replace(problem, message=f"{option}: {problem.message}") for problem in problems]
     try:
-        OptimisationConfig(**settings)
+        (build or (lambda values: settings_class(**values)))(settings)
     except ValueError as error:  # its own ranges (steps >= 1, 0 < val_fraction < 1, ...)
-        return [Problem("optimisation", f"optimisation: {error}", "value")]
+        return [Problem(option, f"{option}: {error}", "value")]
     return []
 
 
@@ -423,6 +464,7 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
             refuse("judge", f"judge 'oracle' needs ground-truth labels, which benchmark {config.benchmark!r} has "
                             "none of; use http, http:<model> or local:<model spec>")
     problems += optimisation_problems(config.optimisation)
+    problems += correction_problems(config.correction)
     for option in ("device", "base_device", "thinking_device"):
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):

@@ -22,11 +22,12 @@ from mechsteer.experiment.layout import ALL_STAGES, stage_names, stage_spec
 KeyKind = Literal["computed", "placement", "connection", "tracking"]
 # Where a key is listed (``mechsteer run --help``, docs/config.md), in this order.
 KeySection = Literal["run", "models", "data", "generation", "activations", "taxonomy", "judge", "directions",
-                     "hybrid", "tuning", "evaluation", "ablations", "engine", "placement", "tracking"]
+                     "correction", "hybrid", "tuning", "evaluation", "ablations", "engine", "placement", "tracking"]
 
 # The stages keys name (mechsteer.experiment.layout's table), and their groups.
 TRAIN_TRACES = stage_names("train_traces")
 PLAIN_EVALS = stage_names("plain_eval")
+CORRECTION = stage_names("correction")
 HYBRID_EVALS = stage_names("hybrid_eval")
 # The tuning stage and every hybrid evaluation: they all steer with the same settings.
 HYBRID = ("tuning", *HYBRID_EVALS)
@@ -142,7 +143,7 @@ def override_flags(config_class: type) -> dict[str, str]:
     return {info.flag: name for name, info in key_infos(config_class).items() if info.flag is not None}
 
 
-__all__ = ["EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
+__all__ = ["CORRECTION", "EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
            "downstream_keys", "key", "key_defaults",
            "key_infos", "keys_of", "later_defaults", "override_flags", "stage_keys", "stages_reading",
            "sweep_reserved_keys", "undigested_keys"]

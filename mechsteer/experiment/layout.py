@@ -20,8 +20,8 @@ from typing import Literal
 from mechsteer.hybrid.comparisons import BUILT_IN_COMPARISONS
 
 Role = Literal["base", "thinking"]
-StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "tuning", "plain_eval", "hybrid_eval",
-                     "ablations"]
+StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "correction", "tuning", "plain_eval",
+                     "hybrid_eval", "ablations"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class StageSpec:
     # reads no key a sweep varies downstream (mechsteer.experiment.keys): the sweep points of the same
     # upstream keys share it
     shared: bool = False
-    when: Literal["always", "tuning", "ablations"] = "always"  # the config switch that plans it
+    when: Literal["always", "tuning", "correction", "ablations"] = "always"  # the config switch that plans it
     reads: tuple[str, ...] = ()  # the stages whose folders its body reads (checked unchanged before it runs)
 
 
@@ -51,6 +51,11 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("taxonomy", "taxonomy", "taxonomy", (), shared=True, reads=("activations",)),
     StageSpec("directions", "directions", "directions", ("base",), shared=True,
               reads=("traces_thinking_train", "traces_base_train", "taxonomy")),
+    # the paper's current method (mechsteer.steering.correction): vectors trained where the models disagree
+    StageSpec("disagreements", "correction/disagreements", "correction", ("base", "thinking"), streamed=True,
+              shared=True, when="correction", reads=("traces_thinking_train", "taxonomy")),
+    StageSpec("correction_vectors", "correction/vectors", "correction", ("base",), shared=True, when="correction",
+              reads=("disagreements",)),
     StageSpec("tuning", "tuning", "tuning", ("base", "thinking"), streamed=True, when="tuning", reads=STEERING_INPUTS),
     StageSpec("eval_base", "eval/base", "plain_eval", ("base",), streamed=True, shared=True),
     StageSpec("eval_thinking", "eval/thinking", "plain_eval", ("thinking",), streamed=True, shared=True),
@@ -71,10 +76,11 @@ def hybrid_eval_stage(name: str) -> StageSpec:
                      reads=(*STEERING_INPUTS, HYBRID_EVAL, "activations"))
 
 
-def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool) -> list[StageSpec]:
-    """The stages a run does, in order: the table's, with the tuning and ablations stages when
-    switched on, and one hybrid evaluation per control and baseline after the hybrid's own."""
-    switched = {"always": True, "tuning": tuning, "ablations": ablations}
+def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool,
+                   correction: bool = False) -> list[StageSpec]:
+    """The stages a run does, in order: the table's, with the tuning, correction-vector and ablations
+    stages when switched on, and one hybrid evaluation per control and baseline after the hybrid's own."""
+    switched = {"always": True, "tuning": tuning, "correction": correction, "ablations": ablations}
     fixed = [spec for spec in STAGE_TABLE if switched[spec.when]]
     at = next(index for index, spec in enumerate(fixed) if spec.name == HYBRID_EVAL) + 1
     return [*fixed[:at], *(hybrid_eval_stage(name) for name in comparisons), *fixed[at:]]
@@ -161,6 +167,14 @@ class RunPaths:
     @property
     def directions(self) -> Path:
         return self.stage("directions")
+
+    @property
+    def disagreements(self) -> Path:
+        return self.stage("disagreements")
+
+    @property
+    def correction_vectors(self) -> Path:
+        return self.stage("correction_vectors")
 
     @property
     def tuning(self) -> Path:

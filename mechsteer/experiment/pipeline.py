@@ -42,6 +42,7 @@ from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import (
     RunConfig,
     activation_config,
+    correction_config,
     default_activation_layers,
     optimisation_config,
     run_hybrid_config,
@@ -74,7 +75,13 @@ from mechsteer.hybrid.timing import (
     TimingOraclePolicy,
     TimingPolicy,
 )
+from mechsteer.steering.correction import train_correction_vectors
 from mechsteer.steering.direction_set import DirectionSet
+from mechsteer.steering.disagreements import (
+    DisagreementSettings,
+    collect_disagreements,
+    load_disagreements,
+)
 from mechsteer.steering.framing import frame_for_base
 from mechsteer.steering.labels import taxonomy_labels
 from mechsteer.steering.mean import default_layer
@@ -253,6 +260,34 @@ def directions_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
     return DirectionsSummary.of(result, run.steer_layer).to_json()
 
 
+def correction_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """The paper's current method (mechsteer.steering.correction): the disagreement positions of the
+    thinking traces, then the correction vectors and coefficient MLP trained there."""
+    config, pair, paths = run.config, run.pair, run.paths
+    pair.need(*spec.models)
+    taxonomy = checked_taxonomy(paths, pair)
+    if spec.name == "disagreements":
+        raw_traces = load_traces(paths.train_traces("thinking"))
+        framed = frame_for_base(raw_traces, {p.id: p.question for p in run.train}, pair.base.tokenizer,
+                                config.resolved_base_template)
+        cache = collect_disagreements(pair.base, pair.thinking, raw_traces, framed,
+                                      taxonomy_labels(paths.taxonomy, traces=raw_traces),
+                                      DisagreementSettings(layer=run.steer_layer, top_k=config.correction_top_k),
+                                      paths.disagreements, progress=run.log)
+        assert cache is not None  # None only when told to stop early
+        return {"layer": run.steer_layer, "top_k": config.correction_top_k, "n_positions": cache.n_positions,
+                "positions_per_behaviour": {str(b): n for b, n in sorted(cache.positions_per_behaviour().items())}}
+    trained = train_correction_vectors(pair.base, load_disagreements(paths.disagreements),
+                                       {behaviour.id: behaviour.title for behaviour in taxonomy.behaviours},
+                                       correction_config(config), progress=run.log)
+    trained.save(paths.correction_vectors)
+    report = trained.report
+    return {**DirectionsSummary.of(trained.directions, run.steer_layer).to_json(),
+            "coefficient": "none" if trained.mlp is None else "mlp", "chosen_seed": report.chosen_seed,
+            "unsteered_val_kl": round(report.unsteered_val_kl, 4), "best_val_kl": round(report.best_val_kl, 4),
+            "seeds_val_kl": {str(seed.seed): round(seed.best_val_kl, 4) for seed in report.seeds}}
+
+
 @dataclass(frozen=True)
 class HybridInputs:
     """The run's finished taxonomy and directions, as every hybrid evaluation steers with them."""
@@ -394,7 +429,7 @@ def ablations_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
 
 STAGE_BODIES: dict[StageGroup, StageBody] = {
     "train_traces": train_traces_stage, "activations": activations_stage, "taxonomy": taxonomy_stage,
-    "directions": directions_stage, "tuning": tuning_stage, "plain_eval": plain_eval_stage,
+    "directions": directions_stage, "correction": correction_stage, "tuning": tuning_stage, "plain_eval": plain_eval_stage,
     "hybrid_eval": hybrid_eval_stage, "ablations": ablations_stage,
 }
 

@@ -102,6 +102,9 @@ def build_report(config: RunConfig, state: RunState, evaluations: dict[str, Eval
                              DirectionsSummary.from_json(state.summary("directions")), ablation_summary,
                              state.timings())
     report["tuning"] = tuning_report(config, state.summary("tuning") if state.done("tuning") else None)
+    if config.correction_vectors:  # the paper's current method, beside the sentence directions
+        report["correction"] = {stage: state.summary(stage) if state.done(stage) else None
+                                for stage in ("disagreements", "correction_vectors")}
     report["timings"]["total_this_invocation"] = round(total_seconds, 2)
     return report
 

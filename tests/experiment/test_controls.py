@@ -198,3 +198,35 @@ def test_the_papers_read_and_the_single_candidate_baselines():
     assert single.policy.read == "next_token"
     grid = HybridConfig(steer_layer=1, read_layer=2, coefficients=(1.0, 2.0, 4.0), windows=(1, 4))
     assert single.configure(grid).candidates == [(1.0, 1)]
+
+
+@pytest.mark.slow
+def test_correction_vectors_in_a_run(short_run, tmp_path):
+    """The paper's current method's training stages in a run: disagreements collected from the run's
+    thinking traces and taxonomy, vectors and coefficient MLP trained there; resumed runs redo nothing."""
+    import shutil
+
+    from mechsteer.steering.correction import CorrectionVectors
+    from mechsteer.steering.disagreements import load_disagreements
+
+    out, _ = short_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    config = RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction_top_k": 20,
+                                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8}})
+    report = run_pipeline(config, copy, log=lambda message: None)
+    disagreements, vectors = report["correction"]["disagreements"], report["correction"]["correction_vectors"]
+    cache = load_disagreements(copy / "correction" / "disagreements")
+    assert disagreements["n_positions"] == cache.n_positions > 0 and disagreements["top_k"] == 20
+    assert cache.provenance.top_k == 20 and cache.provenance.layer == report["directions"]["layer"]
+    trained = CorrectionVectors.load(copy / "correction" / "vectors", cache.provenance)
+    assert trained.directions.bias is None and trained.mlp is not None
+    assert sorted(trained.directions.behaviour_ids) == sorted(int(b) for b in disagreements["positions_per_behaviour"])
+    assert set(vectors["seeds_val_kl"]) == {"1", "2"} and vectors["best_val_kl"] <= vectors["unsteered_val_kl"]
+    before = json.loads((copy / "stages.json").read_text())["stages"]
+    run_pipeline(config, copy, log=lambda message: None)  # finished: nothing is redone
+    after = json.loads((copy / "stages.json").read_text())["stages"]
+    assert {name: entry.get("outputs") for name, entry in after.items()} == \
+           {name: entry.get("outputs") for name, entry in before.items()}
+    with pytest.raises(Exception, match="correction: seeds must be a non-empty list of integers"):
+        RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction": {"seeds": "x"}})

@@ -37,7 +37,8 @@ def test_every_list_of_stages_is_the_tables():
     assert [spec.name for spec in planned(DEMO_CONFIG)] + ["report"] == expected_stages(DEMO_CONFIG)
     assert keys.STAGES == tuple(spec.name for spec in ALL_STAGES)
     assert POINTS_SHARED == SHARED_STAGES == ("traces_thinking_train", "activations", "traces_base_train", "taxonomy",
-                                              "directions", "eval_base", "eval_thinking")
+                                              "directions", "disagreements", "correction_vectors", "eval_base",
+                                              "eval_thinking")
     assert set(STAGE_BODIES) == {spec.group for spec in ALL_STAGES}  # every group has its body
     for spec in ALL_STAGES:
         assert resumed_folders(spec.name) == ([spec.folder] if spec.streamed else [])
@@ -46,6 +47,8 @@ def test_every_list_of_stages_is_the_tables():
     assert [spec.name for spec in planned(bare)] == [
         "traces_thinking_train", "activations", "traces_base_train", "taxonomy", "directions", "eval_base",
         "eval_thinking", "eval_hybrid", "eval_random_firing"]
+    corrected = dataclasses.replace(bare, correction_vectors=True)
+    assert [spec.name for spec in planned(corrected)][4:7] == ["directions", "disagreements", "correction_vectors"]
 
 
 def test_run_paths_spell_the_folders_of_the_table(tmp_path):
