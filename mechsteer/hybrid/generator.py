@@ -377,7 +377,7 @@ class _HybridBatch:
             targets = thinking_topk_targets(think_logits.index_select(0, think_rows), config.kl_top_k,
                                             self.vocab.to_base)
         tokens = torch.zeros(len(rows) * n_candidates, dtype=torch.long, device=device)
-        fits = torch.zeros(len(rows) * n_candidates, dtype=torch.float32, device=device)
+        fits = None if targets is None else torch.zeros(len(rows) * n_candidates, dtype=torch.float32, device=device)
         for window, members in self.window_groups:
             pairs = [(slot, candidate) for slot in range(len(rows)) for candidate in members]
             for start in range(0, len(pairs), config.max_candidates_per_chunk):
@@ -395,7 +395,7 @@ class _HybridBatch:
                 finally:
                     self.steering = None
                 tokens.index_copy_(0, slots * n_candidates + picks, logits.argmax(dim=-1).to(device))
-                if targets is not None:
+                if targets is not None and fits is not None:
                     fit = topk_fit(logits, targets[0].index_select(0, slots.to(targets[0].device)),
                                    targets[1].index_select(0, slots.to(targets[1].device)))
                     fits.index_copy_(0, slots * n_candidates + picks, fit.to(device))
@@ -406,7 +406,7 @@ class _HybridBatch:
             best = first_match(matches, self.match_order).to(device)
         elif n_candidates == 1:
             best = torch.zeros(len(rows), dtype=torch.long, device=device)
-        elif rule == "kl_topk":
+        elif fits is not None:  # kl_topk
             best = fits.view(len(rows), n_candidates).argmax(dim=-1)  # the first best fit
         else:
             # the guardrail: the candidate the thinking model finds most likely (first on ties)
