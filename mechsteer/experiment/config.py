@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 import torch
 import yaml
 
-from mechsteer.activations import ActivationConfig
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.http import HTTPSettings
 from mechsteer.core.models import DTypeChoice, missing_model_path
@@ -51,14 +50,11 @@ from mechsteer.experiment.keys import (
     undigested_keys,
 )
 from mechsteer.hybrid.comparisons import baseline_names, control_names
-from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.correction import CorrectionConfig
 from mechsteer.steering.methods import direction_method_names
 from mechsteer.steering.optimise import OptimisationConfig
-from mechsteer.taxonomy.build import JudgeSettings
 from mechsteer.taxonomy.judge.spec import check_judge_spec, judge_connection_problem
-from mechsteer.taxonomy.stage import TaxonomySettings
 
 WandbMode = Literal["online", "offline", "disabled"]
 
@@ -348,28 +344,6 @@ LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
 _UNDIGESTED = undigested_keys(RunConfig)
 
 
-def activation_config(config: RunConfig, layers: list[int]) -> ActivationConfig:
-    """The activations stage's settings at ``layers`` (the config's, or the default ones)."""
-    return ActivationConfig(layers=layers, include_previous_token=config.include_previous_token,
-                            batch_size=config.batch_size)
-
-
-def taxonomy_settings(config: RunConfig, layers: list[int]) -> TaxonomySettings:
-    """The taxonomy stage's settings, sweeping ``layers`` (the config's, or the default ones)."""
-    return TaxonomySettings(layers=tuple(layers), n_latents=tuple(config.n_latents), method=config.taxonomy_method,
-                            k=config.sae_k, seed=config.seed, normalise=tuple(config.normalise), judge=config.judge,
-                            judge_settings=JudgeSettings(timeout=config.judge_timeout,
-                                                         max_tokens=config.judge_max_tokens))
-
-
-def optimisation_config(config: RunConfig) -> OptimisationConfig:
-    """The run's `OptimisationConfig`: its ``optimisation`` settings, seeded by the run's seed."""
-    problems = optimisation_problems(config.optimisation)
-    if problems:
-        raise ConfigError(join_problems(problems))
-    return OptimisationConfig(**config.optimisation, seed=config.seed)
-
-
 def optimisation_problems(settings: dict[str, Any]) -> list[Problem]:
     """The ``optimisation`` mapping checked as OptimisationConfig fields (its seed is the run's)."""
     if "seed" in settings:
@@ -377,15 +351,8 @@ def optimisation_problems(settings: dict[str, Any]) -> list[Problem]:
     return _settings_problems("optimisation", OptimisationConfig, settings)
 
 
-def correction_config(config: RunConfig) -> CorrectionConfig:
-    """The run's `CorrectionConfig`: its ``correction`` settings over the reference's defaults."""
-    problems = correction_problems(config.correction)
-    if problems:
-        raise ConfigError(join_problems(problems))
-    return _correction(config.correction)
-
-
-def _correction(settings: dict[str, Any]) -> CorrectionConfig:
+def build_correction(settings: dict[str, Any]) -> CorrectionConfig:
+    """A ``correction`` mapping as a CorrectionConfig (seeds given as a list)."""
     seeds = settings.get("seeds")
     return CorrectionConfig(**{**settings, **({"seeds": tuple(seeds)} if isinstance(seeds, list) else {})})
 
@@ -395,7 +362,7 @@ def correction_problems(settings: dict[str, Any]) -> list[Problem]:
     seeds = settings.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(type(seed) is int for seed in seeds):
         return [Problem("correction", f"correction: seeds must be a non-empty list of integers, got {seeds!r}", "type")]
-    return _settings_problems("correction", CorrectionConfig, settings, build=_correction)
+    return _settings_problems("correction", CorrectionConfig, settings, build=build_correction)
 
 
 def _settings_problems(option: str, settings_class: type, settings: dict[str, Any],
@@ -575,22 +542,6 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path} holds a {type(data).__name__} ({str(data)[:40]!r}), not a mapping of keys; "
                           f"a {what} is a YAML mapping (name: ..., ...)")
     return data
-
-
-def run_hybrid_config(config: RunConfig, steer_layer: int, read_layer: int) -> HybridConfig:
-    """The hybrid generator's settings for a run (its coefficients, windows, lengths, stop strings and batch)."""
-    return HybridConfig(steer_layer=steer_layer, read_layer=read_layer, coefficients=tuple(config.coefficients),
-                        windows=tuple(config.windows),
-                        max_new_tokens=config.hybrid_max_new_tokens or config.max_new_tokens,
-                        stop_strings=config.resolved_base_stop_strings,
-                        batch_size=config.resolved_hybrid_batch_size,
-                        max_candidates_per_chunk=config.max_candidates_per_chunk)
-
-
-def default_activation_layers(n_layers: int) -> list[int]:
-    """About every depth/8, as the paper sweeps (at least one layer, never the embedding)."""
-    step = max(1, n_layers // 8)
-    return sorted({min(n_layers - 1, layer) for layer in range(step, n_layers, step)} or {n_layers - 1})
 
 
 DEMO_CONFIG = RunConfig(

@@ -39,8 +39,11 @@ from mechsteer.data.stage import TraceSettings, TracesSummary, run_traces
 from mechsteer.data.traces import load_traces
 from mechsteer.engines import EngineInputs, GenerationEngine, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
-from mechsteer.experiment.config import (
-    RunConfig,
+from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths, StageGroup, StageSpec
+from mechsteer.experiment.records import EvalSummary
+from mechsteer.experiment.report import build_report, track_report, write_report
+from mechsteer.experiment.settings import (
     activation_config,
     correction_config,
     default_activation_layers,
@@ -48,9 +51,6 @@ from mechsteer.experiment.config import (
     run_hybrid_config,
     taxonomy_settings,
 )
-from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths, StageGroup, StageSpec
-from mechsteer.experiment.records import EvalSummary
-from mechsteer.experiment.report import build_report, track_report, write_report
 from mechsteer.experiment.state import RunState, planned, validate_for
 from mechsteer.experiment.tracking import open_tracker
 from mechsteer.experiment.tuning import (

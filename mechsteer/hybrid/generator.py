@@ -10,18 +10,25 @@ At every token, for a batch of problems at once:
    which behaviour.
 3. For steered sequences, every candidate ``(coeff, window)`` of the grid is evaluated in
    batched forwards: ``coeff * (bias + direction_b)`` is added at the base model's steering
-   layer to the last ``window`` positions, and the candidate's greedy token is read off. With
-   more than one candidate, the guardrail keeps the token the thinking model finds most likely
-   (lowest perplexity). Unsteered sequences take the base model's greedy token.
+   layer to the last ``window`` positions (window 1: the current position), and the candidate's
+   greedy token is read off. The coefficient rule (:mod:`mechsteer.hybrid.coefficients`) keeps
+   one: by default the guardrail, the token the thinking model finds most likely (lowest
+   perplexity); or the best top-K fit to the thinking distribution; or, as an oracle ceiling, the
+   smallest coefficient giving the thinking model's token. The rule "learned" has no grid: a
+   coefficient model reads the base residual at the steering layer and predicts the coefficient.
+   Unsteered sequences take the base model's greedy token.
 4. The chosen token is appended to both sequences.
 
-Steering is *transient*, as in the paper's full-recompute algorithm: it changes the prediction
-of the step at which it fires, and later steps see the unsteered sequence. With caches this is
-done by forking the steered rows' cache, cropped before the window, recomputing the window's
-positions steered, and discarding the fork. Candidates are grouped by window, so each window is
-recomputed only as wide as it is (window 0, "all", recomputes the whole sequence, as the paper
-also tried), and evaluated in chunks of at most ``max_candidates_per_chunk`` forked sequences, with
-the logits of the last position only: a steered step's extra memory is bounded by that setting.
+In cache mode "revert" (the default) steering is *transient*, as in the paper's full-recompute
+algorithm: it changes the prediction of the step at which it fires, and later steps see the
+unsteered sequence. With caches this is done by forking the steered rows' cache, cropped before
+the window, recomputing the window's positions steered, and discarding the fork. Candidates are
+grouped by window, so each window is recomputed only as wide as it is (window 0, "all",
+recomputes the whole sequence, as the paper also tried), and evaluated in chunks of at most
+``max_candidates_per_chunk`` forked sequences, with the logits of the last position only: a
+steered step's extra memory is bounded by that setting. In cache mode "keep" (window 1) the
+steered position stays shifted for every later token: its column leaves the base cache and is
+recomputed, with the chosen shift, in the same forward as the next token (no extra forward).
 
 Devices and host transfers: every tensor of the per-token loop lives on its model's device (the
 policy and its SAE on the thinking model's), and the tokens, flags and latents a step needs on the
@@ -38,9 +45,10 @@ cropped back to the first changed token and the changed tokens are fed again, so
 model always sees the canonical tokenization of the text (exactly what re-encoding the whole
 text gives, for tokenizers whose merges never reach back more than ``lookback_tokens`` tokens).
 
-Exactness: tests/hybrid/test_hybrid.py checks token-for-token equality with a full-recompute
-oracle of this same algorithm (:func:`mechsteer.hybrid.reference.reference_hybrid_generate`: no
-caches, batch size 1), with windows, for shared and different tokenizers.
+Exactness: tests/hybrid/test_hybrid.py and test_current_position.py check token-for-token
+equality with a full-recompute oracle of this same algorithm
+(:func:`mechsteer.hybrid.reference.reference_hybrid_generate`: no caches, batch size 1), with
+windows, every coefficient rule and both cache modes, for shared and different tokenizers.
 """
 
 from __future__ import annotations
@@ -53,7 +61,19 @@ import torch
 
 from mechsteer.core.models import HOST, input_device, resid_hook_name
 from mechsteer.core.tensor_types import Float, Int, Tensor, typechecked
-from mechsteer.core.vocab import cross_tables, shared_id_map, tokenizers_compatible
+from mechsteer.core.vocab import tokenizers_compatible
+from mechsteer.hybrid.coefficients import (
+    COEFFICIENT_RULES,
+    CacheMode,
+    CoefficientModel,
+    CoefficientRule,
+    check_rule_and_mode,
+    first_match,
+    match_order,
+    thinking_topk_targets,
+    topk_fit,
+)
+from mechsteer.hybrid.pair_vocab import IncrementalDecoder, PairVocab, ThinkingText
 from mechsteer.hybrid.timing import (
     BIAS_ONLY,
     PolicyDecision,
@@ -99,6 +119,10 @@ class HybridConfig:
     # at most this many copies of a row's KV cache (cropped before the window) plus their window's
     # activations, whatever the grid and the batch.
     max_candidates_per_chunk: int = 32
+    # How a steered row's coefficient is chosen and what stays in the cache (mechsteer.hybrid.coefficients)
+    coefficient_rule: CoefficientRule = "guardrail"
+    cache_mode: CacheMode = "revert"
+    kl_top_k: int = 50  # K of coefficient_rule "kl_topk" (the correction vectors' training objective's K)
 
     def __post_init__(self) -> None:
         if not self.coefficients or not self.windows:
@@ -107,6 +131,8 @@ class HybridConfig:
             raise ValueError(f"windows must be >= 0 (0: all positions); got {self.windows}")
         if self.max_candidates_per_chunk < 1:
             raise ValueError(f"max_candidates_per_chunk must be >= 1; got {self.max_candidates_per_chunk}")
+        check_rule_and_mode(self.coefficient_rule, self.cache_mode, tuple(self.windows), tuple(self.coefficients),
+                            self.kl_top_k)
 
     @property
     def candidates(self) -> list[tuple[float, int]]:
@@ -141,50 +167,6 @@ class HybridOutput:
         return [sum(log.steered for log in logs) / len(logs) if logs else 0.0 for logs in self.token_logs]
 
 
-class ThinkingText:
-    """The thinking model's view of the generated text when its tokenizer differs."""
-
-    def __init__(self, tokenizer, n_rows: int, lookback_tokens: int):
-        self.tokenizer = tokenizer
-        self.lookback = lookback_tokens
-        self.text = [""] * n_rows
-        self.ids: list[list[int]] = [[] for _ in range(n_rows)]
-        self.starts: list[list[int]] = [[] for _ in range(n_rows)]  # char start of each token
-
-    def extend(self, row: int, piece: str) -> tuple[int, list[int]]:
-        """Add ``piece`` to the row's text. Returns (generated tokens kept, new token ids)."""
-        self.text[row] += piece
-        first = max(0, len(self.ids[row]) - self.lookback)
-        char_start = self.starts[row][first] if first < len(self.starts[row]) else len(self.text[row]) - len(piece)
-        encoded = self.tokenizer(self.text[row][char_start:], add_special_tokens=False, return_offsets_mapping=True)
-        new_ids = list(encoded["input_ids"])
-        new_starts = [char_start + start for start, _ in encoded["offset_mapping"]]
-        old_ids = self.ids[row][first:]
-        same = 0
-        while same < min(len(old_ids), len(new_ids)) and old_ids[same] == new_ids[same]:
-            same += 1
-        kept = first + same
-        self.ids[row] = self.ids[row][:kept] + new_ids[same:]
-        self.starts[row] = self.starts[row][:kept] + new_starts[same:]
-        return kept, new_ids[same:]
-
-
-class IncrementalDecoder:
-    """Text of each newly generated base token, robust to multi-token characters."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def piece(self, ids: list[int]) -> str:
-        window = ids[-6:]
-        before = self.tokenizer.decode(window[:-1], skip_special_tokens=True)
-        after = self.tokenizer.decode(window, skip_special_tokens=True)
-        if after.startswith(before):
-            return after[len(before) :]
-        full_before = self.tokenizer.decode(ids[:-1], skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)[len(full_before) :]
-
-
 def hybrid_generate(
     base: TransformerBridge,
     thinking: TransformerBridge,
@@ -195,8 +177,12 @@ def hybrid_generate(
     config: HybridConfig,
     *,
     shared_tokenizer: bool | None = None,
+    coefficient_model: CoefficientModel | None = None,
 ) -> HybridOutput:
-    """Generate with the base model, steered when ``policy`` says so (see the module docstring)."""
+    """Generate with the base model, steered when ``policy`` says so (see the module docstring).
+
+    ``coefficient_model`` predicts the coefficients of ``config.coefficient_rule`` "learned" (and
+    is refused with any other rule)."""
     if len(base_prompts) != len(thinking_prompts):
         raise ValueError("base_prompts and thinking_prompts must have the same length")
     if directions.d_model != base.cfg.d_model:
@@ -209,47 +195,27 @@ def hybrid_generate(
             raise ValueError(f"{what} must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
     if shared_tokenizer is None:
         shared_tokenizer = tokenizers_compatible(base.tokenizer, thinking.tokenizer)
+    check_rule_inputs(config, shared_tokenizer, coefficient_model)
     vocab = PairVocab(base, thinking, shared_tokenizer)
     behaviours = BehaviourTable(directions, input_device(base))
     output = HybridOutput([], [], [], [])
     for start in range(0, len(base_prompts), config.batch_size):
         stop = start + config.batch_size
         _HybridBatch(base, thinking, list(base_prompts[start:stop]), list(thinking_prompts[start:stop]),
-                     behaviours, policy, config, vocab).run(output)
+                     behaviours, policy, config, vocab, coefficient_model).run(output)
     return output
 
 
-class PairVocab:
-    """How base token ids read for the thinking model, as tables on the thinking model's device.
-
-    Shared ordinary vocabulary: base id -> thinking id (-1: a special token the thinking model has
-    not, dropped). Otherwise: the class of each token's text (tokens agree when their texts are
-    equal) and the first thinking token of a base token's text (what the guardrail scores).
-    """
-
-    def __init__(self, base: TransformerBridge, thinking: TransformerBridge, shared: bool):
-        self.shared = shared
-        self.device = input_device(thinking)
-        sizes = (int(base.cfg.d_vocab), int(thinking.cfg.d_vocab))
-        if shared:
-            mapping = shared_id_map(base.tokenizer, thinking.tokenizer, *sizes)
-            self.to_thinking = torch.tensor(mapping, dtype=torch.long, device=self.device)
-        else:
-            tables = cross_tables(base.tokenizer, thinking.tokenizer, *sizes)
-            self.base_class = torch.tensor(tables.base_text_class, dtype=torch.long, device=self.device)
-            self.thinking_class = torch.tensor(tables.thinking_text_class, dtype=torch.long, device=self.device)
-            self.to_thinking = torch.tensor(tables.base_first_thinking_id, dtype=torch.long, device=self.device)
-
-    def agree(self, base_tokens: Tensor, thinking_tokens: Tensor) -> Tensor:
-        """Whether each row's base and thinking greedy tokens are the same token (or text)."""
-        base_tokens = base_tokens.to(self.device)
-        if self.shared:
-            return self.to_thinking[base_tokens] == thinking_tokens
-        return self.base_class[base_tokens] == self.thinking_class[thinking_tokens]
-
-    def thinking_ids(self, base_tokens: Tensor) -> Tensor:
-        """The thinking id a base token is read (shared) or scored (cross) as; -1 for none."""
-        return self.to_thinking[base_tokens.to(self.device)]
+def check_rule_inputs(config: HybridConfig, shared_tokenizer: bool, coefficient_model: CoefficientModel | None) -> None:
+    """What the coefficient rule needs besides the config: a coefficient model iff it is learned,
+    and a shared vocabulary where the rule compares ids."""
+    rule = config.coefficient_rule
+    if (rule == "learned") != (coefficient_model is not None):
+        raise ValueError("coefficient_rule 'learned' needs a coefficient_model, and only it takes one: "
+                         f"got rule {rule!r} with coefficient_model={type(coefficient_model).__name__}")
+    if COEFFICIENT_RULES[rule].shared_vocab_only and not shared_tokenizer:
+        raise ValueError(f"coefficient_rule {rule!r} compares the two models' distributions token by token and "
+                         "needs tokenizers sharing their ordinary vocabulary; use 'guardrail' for this pair")
 
 
 class BehaviourTable:
@@ -284,25 +250,24 @@ class _StepOnHost:
     agree: list[bool]
     latent_ids: list[list[int]] | None
     latent_values: list[list[float]] | None
-    previous: list[int] | None  # last step's chosen tokens, when some are still unknown here
-    previous_choice: list[int] | None  # and the candidate each steered row took
+    previous: list[list[int]] | None  # last step's (chosen token, candidate taken[, coefficient bits]) per row
 
 
 def _to_host(decision: PolicyDecision, agree: Tensor, greedy: Tensor,
-             previous: tuple[Tensor, Tensor] | None, device: torch.device) -> _StepOnHost:
+             previous: tuple[Tensor, ...] | None, device: torch.device) -> _StepOnHost:
     """The step's one host transfer: every per-row number the host needs, packed as int64."""
     columns = [greedy, decision.steer.long(), decision.behaviour.long(), agree.long()]
     if previous is not None:
-        columns += [previous[0], previous[1]]
+        columns += list(previous)
     packed = [column.to(device)[:, None] for column in columns]
     top = 0
     if decision.latent_ids is not None and decision.latent_values is not None:
         top = int(decision.latent_ids.shape[1])
         # float32 values travel as their bits, so that they arrive exactly
-        bits = decision.latent_values.to(device=device, dtype=torch.float32).view(torch.int32).long()
-        packed += [decision.latent_ids.to(device).long(), bits]
+        packed += [decision.latent_ids.to(device).long(), float_bits(decision.latent_values.to(device))]
     rows = torch.cat(packed, dim=1).tolist()
     fixed = len(columns)
+    n_previous = 0 if previous is None else len(previous)
     latent_ids = latent_values = None
     if top:
         latent_ids = [row[fixed : fixed + top] for row in rows]
@@ -311,8 +276,16 @@ def _to_host(decision: PolicyDecision, agree: Tensor, greedy: Tensor,
     return _StepOnHost(
         greedy=[row[0] for row in rows], steer=[bool(row[1]) for row in rows], behaviour=[row[2] for row in rows],
         agree=[bool(row[3]) for row in rows], latent_ids=latent_ids, latent_values=latent_values,
-        previous=[row[4] for row in rows] if previous is not None else None,
-        previous_choice=[row[5] for row in rows] if previous is not None else None)
+        previous=[row[4 : 4 + n_previous] for row in rows] if previous is not None else None)
+
+
+def float_bits(values: Tensor) -> Tensor:
+    """float32 values as int64 bits, so that they travel in an int64 transfer and arrive exactly."""
+    return values.to(torch.float32).view(torch.int32).long()
+
+
+def bits_to_floats(bits: list[int]) -> list[float]:
+    return torch.tensor(bits, dtype=torch.int64, device=HOST).to(torch.int32).view(torch.float32).tolist()
 
 
 @dataclass
@@ -327,8 +300,9 @@ class _Unresolved:
 
 class _HybridBatch:
     def __init__(self, base, thinking, base_prompts, thinking_prompts, behaviours: BehaviourTable, policy,
-                 config: HybridConfig, vocab: PairVocab):
+                 config: HybridConfig, vocab: PairVocab, coefficient_model: CoefficientModel | None = None):
         self.base, self.thinking = base, thinking
+        self.coefficient_model = coefficient_model
         self.behaviours, self.policy, self.config, self.vocab = behaviours, policy, config, vocab
         self.reads_text = policy.reads_text
         self.read_next = policy_read(policy) == "next_token"
@@ -341,6 +315,11 @@ class _HybridBatch:
         # The steering of the current candidate forward: one vector, coefficient and window mask per row.
         self.steering: tuple[Tensor, Tensor, Tensor] | None = None
         self.recorded: Tensor | None = None
+        # cache_mode keep: the shift of the last steered step, for the column the next forward recomputes
+        self.kept: tuple[Tensor, Tensor, Tensor] | None = None
+        # rule learned: the base residual at the steering layer's output, last position, before any shift
+        self.base_resid: Tensor | None = None
+        self.capture_base = False
         self.stopper = StopChecker(base, config.stop_strings, [] if config.ignore_eos else None)
         self.base_decoder = IncrementalDecoder(base.tokenizer)
         self.think_text = None if self.shared else ThinkingText(thinking.tokenizer, self.batch, config.lookback_tokens)
@@ -350,18 +329,22 @@ class _HybridBatch:
         self.window_groups = sorted(groups.items())
         self.coefficients = torch.tensor([coeff for coeff, _ in config.candidates], dtype=torch.float32,
                                          device=self.base_device)
+        self.match_order = torch.tensor(match_order(config.candidates), dtype=torch.long, device=self.think_device)
         # Host-side state of the rows
         self.new_ids: list[list[int]] = [[] for _ in range(self.batch)]
         self.logs: list[list[TokenLog]] = [[] for _ in range(self.batch)]
         self.finished = [False] * self.batch
         self.reasons = ["length"] * self.batch
         self.unresolved: dict[int, _Unresolved] = {}
-        self.previous: tuple[Tensor, Tensor] | None = None  # last step's (chosen tokens, candidate taken)
+        # last step's (chosen tokens, candidate taken (-1: none)[, coefficient bits for the learned rule])
+        self.previous: tuple[Tensor, ...] | None = None
         self.positions_recomputed = 0  # forked positions fed by candidate forwards (cost accounting)
         self.largest_fork = 0
 
     # hooks ---------------------------------------------------------------------------------
     def _steer_hook(self, resid: Tensor, hook: object) -> Tensor:
+        if self.capture_base:
+            self.base_resid = resid[:, -1, :].detach().clone()
         if self.steering is None:
             return resid
         vectors, coeffs, mask = (t.to(resid.device) for t in self.steering)
@@ -377,14 +360,27 @@ class _HybridBatch:
         return self.recorded
 
     # steps ---------------------------------------------------------------------------------
-    def _steered_choice(self, rows: list[int], behaviours: list[int],
-                        think_logits: Tensor) -> tuple[Tensor, Tensor]:
-        """For steered ``rows``: the chosen token and the index of the candidate it came from (on
-        the base device). Candidates share a fork per window and run in chunks of at most
-        ``max_candidates_per_chunk`` forked sequences."""
+    def _steered_choice(self, rows: list[int], behaviours: list[int], think_logits: Tensor,
+                        think_greedy: Tensor, base_greedy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For steered ``rows``: the chosen token, the index of the candidate it came from (-1: none,
+        the row stays unsteered) and the coefficient used, on the base device. Candidates share a
+        fork per window and run in chunks of at most ``max_candidates_per_chunk`` forked sequences."""
         config, n_candidates, device = self.config, len(self.config.candidates), self.base_device
+        rule = config.coefficient_rule
         vectors = self.behaviours.vectors(behaviours)
+        row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        think_rows = row_index.to(self.think_device)
+        row_coeffs = None
+        if self.coefficient_model is not None:
+            resid = self._base_resid().index_select(0, row_index)
+            predicted = self.coefficient_model(resid, torch.tensor(behaviours, dtype=torch.long, device=device))
+            row_coeffs = predicted.to(device=device, dtype=torch.float32) * self.coefficients[0]
+        targets = None
+        if rule == "kl_topk":
+            targets = thinking_topk_targets(think_logits.index_select(0, think_rows), config.kl_top_k,
+                                            self.vocab.to_base)
         tokens = torch.zeros(len(rows) * n_candidates, dtype=torch.long, device=device)
+        fits = None if targets is None else torch.zeros(len(rows) * n_candidates, dtype=torch.float32, device=device)
         for window, members in self.window_groups:
             pairs = [(slot, candidate) for slot in range(len(rows)) for candidate in members]
             for start in range(0, len(pairs), config.max_candidates_per_chunk):
@@ -394,23 +390,70 @@ class _HybridBatch:
                 self.largest_fork = max(self.largest_fork, len(chunk))
                 slots = torch.tensor([slot for slot, _ in chunk], dtype=torch.long, device=device)
                 picks = torch.tensor([candidate for _, candidate in chunk], dtype=torch.long, device=device)
-                self.steering = (vectors.index_select(0, slots), self.coefficients.index_select(0, picks), in_window)
+                coeffs = (self.coefficients.index_select(0, picks) if row_coeffs is None
+                          else row_coeffs.index_select(0, slots))
+                self.steering = (vectors.index_select(0, slots), coeffs, in_window)
                 try:
                     logits = fork.forward(last_only=True)[:, -1, :]
                 finally:
                     self.steering = None
                 tokens.index_copy_(0, slots * n_candidates + picks, logits.argmax(dim=-1).to(device))
+                if targets is not None and fits is not None:
+                    fit = topk_fit(logits, targets[0].index_select(0, slots.to(targets[0].device)),
+                                   targets[1].index_select(0, slots.to(targets[1].device)))
+                    fits.index_copy_(0, slots * n_candidates + picks, fit.to(device))
         tokens = tokens.view(len(rows), n_candidates)
-        if n_candidates == 1:
+        if rule == "think_top1_match":
+            expected = think_greedy.index_select(0, think_rows).repeat_interleave(n_candidates)
+            matches = self.vocab.agree(tokens.flatten(), expected).view(len(rows), n_candidates)
+            best = first_match(matches, self.match_order).to(device)
+        elif n_candidates == 1:
             best = torch.zeros(len(rows), dtype=torch.long, device=device)
+        elif fits is not None:  # kl_topk
+            best = fits.view(len(rows), n_candidates).argmax(dim=-1)  # the first best fit
         else:
             # the guardrail: the candidate the thinking model finds most likely (first on ties)
-            row_index = torch.tensor(rows, dtype=torch.long, device=think_logits.device)
-            logprobs = think_logits.index_select(0, row_index).float().log_softmax(dim=-1)
+            logprobs = think_logits.index_select(0, think_rows).float().log_softmax(dim=-1)
             ids = self.vocab.thinking_ids(tokens).to(logprobs.device)
             scores = logprobs.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
             best = scores.argmax(dim=-1).to(device)
-        return tokens.gather(1, best[:, None])[:, 0], best
+        taken = best >= 0
+        chosen = torch.where(taken, tokens.gather(1, best.clamp(min=0)[:, None])[:, 0],
+                             base_greedy.index_select(0, row_index))
+        if row_coeffs is None:
+            row_coeffs = torch.where(taken, self.coefficients.index_select(0, best.clamp(min=0)), 0.0)
+        return chosen, best, row_coeffs
+
+    def _base_resid(self) -> Tensor:
+        if self.base_resid is None:
+            raise RuntimeError(f"the base model's forward did not reach {resid_hook_name(self.config.steer_layer)}")
+        return self.base_resid
+
+    def _keep(self, rows: Tensor, behaviours: list[int], coeffs: Tensor) -> None:
+        """cache_mode keep: the last column leaves the cache, to be recomputed by the next forward
+        with the steered rows' chosen shift (rows not taken have coefficient 0: no shift)."""
+        vectors = torch.zeros((self.batch, self.behaviours.stack.shape[1]), dtype=torch.float32,
+                              device=self.base_device)
+        vectors = vectors.index_copy(0, rows, self.behaviours.vectors(behaviours))
+        full_coeffs = torch.zeros(self.batch, dtype=torch.float32, device=self.base_device).index_copy(0, rows, coeffs)
+        kept_rows = torch.zeros(self.batch, dtype=torch.bool, device=self.base_device).index_fill(0, rows, True)
+        self.base_runner.unfeed_last_column()
+        self.kept = (vectors, full_coeffs, kept_rows)
+
+    def _base_forward(self) -> Tensor:
+        """The base model's next forward (the kept shift on the column it recomputes, if any); its
+        last position's logits. Records the base residual the learned rule reads."""
+        if self.kept is not None:
+            vectors, coeffs, kept_rows = self.kept
+            # pending: the kept column, then the new token
+            mask = torch.zeros((self.batch, self.base_runner.n_pending), dtype=torch.bool, device=self.base_device)
+            mask[:, 0] = kept_rows
+            self.steering, self.kept = (vectors, coeffs, mask), None
+        self.capture_base = self.coefficient_model is not None
+        try:
+            return self.base_runner.forward(last_only=True)[:, -1, :]
+        finally:
+            self.steering, self.capture_base = None, False
 
     def _log(self, row: int, token: int, log: TokenLog) -> None:
         self.logs[row].append(log)
@@ -419,20 +462,27 @@ class _HybridBatch:
         if reason is not None:
             self.finished[row], self.reasons[row] = True, reason
 
-    def _resolve(self, tokens: list[int], choices: list[int]) -> None:
-        """Log the rows steered last step, now that their tokens are on the host."""
+    def _resolve(self, previous: list[list[int]]) -> None:
+        """Log the rows steered last step, now that their (token, candidate[, coefficient bits]) are
+        on the host. A row whose rule took no candidate (think_top1_match) is logged unsteered."""
+        learned = bits_to_floats([row[2] for row in previous]) if self.coefficient_model is not None else None
         for row, pending in self.unresolved.items():
-            coeff, window = self.config.candidates[choices[row]]
-            self._log(row, tokens[row], TokenLog(steered=True, behaviour=pending.behaviour, coeff=coeff,
-                                                 window=window, agree=pending.agree, latent_ids=pending.latent_ids,
-                                                 latent_values=pending.latent_values))
+            token, choice = previous[row][0], previous[row][1]
+            if choice < 0:
+                log = TokenLog(steered=False, behaviour=None, coeff=0.0, window=0, agree=pending.agree,
+                               latent_ids=pending.latent_ids, latent_values=pending.latent_values)
+            else:
+                coeff, window = self.config.candidates[choice]
+                log = TokenLog(steered=True, behaviour=pending.behaviour, coeff=coeff if learned is None else learned[row],
+                               window=window, agree=pending.agree, latent_ids=pending.latent_ids,
+                               latent_values=pending.latent_values)
+            self._log(row, token, log)
         self.unresolved.clear()
 
     def _resolve_now(self) -> None:
         """Bring last step's steered tokens to the host now (an extra transfer)."""
         if self.unresolved and self.previous is not None:
-            tokens, choices = torch.stack(self.previous).tolist()
-            self._resolve(tokens, choices)
+            self._resolve(torch.stack(self.previous, dim=1).tolist())
 
     def _next_token_acts(self, think_greedy: Tensor) -> Tensor:
         """The thinking model's read-layer activation at its own greedy next token: appended to every
@@ -476,7 +526,7 @@ class _HybridBatch:
         read_name = resid_hook_name(config.read_layer)
         with torch.no_grad(), self.base.hooks(fwd_hooks=[(steer_name, self._steer_hook)]), \
                 self.thinking.hooks(fwd_hooks=[(read_name, self._record_hook)]):
-            base_logits = self.base_runner.forward(last_only=True)[:, -1, :]
+            base_logits = self._base_forward()
             think_logits = self.think_runner.forward(last_only=True)[:, -1, :]
             think_acts = self._recorded()
             for step in range(config.max_new_tokens):
@@ -492,17 +542,22 @@ class _HybridBatch:
                     PolicyInput(step, read_acts, base_logits, think_logits, agree, generated))
                 host = _to_host(decision, agree, base_greedy, self.previous if self.unresolved else None,
                                 self.think_device)
-                if host.previous is not None and host.previous_choice is not None:
-                    self._resolve(host.previous, host.previous_choice)
+                if host.previous is not None:
+                    self._resolve(host.previous)
                 active = [not done for done in self.finished]
                 steer_rows = [row for row in range(self.batch) if host.steer[row] and active[row]]
                 chosen, choice = base_greedy, torch.full_like(base_greedy, -1)
+                used = torch.zeros(self.batch, dtype=torch.float32, device=self.base_device)
+                kept: tuple[Tensor, list[int], Tensor] | None = None
                 if steer_rows:
-                    behaviours = [host.behaviour[row] for row in steer_rows]
-                    steered_tokens, best = self._steered_choice(steer_rows, behaviours, think_logits)
                     index = torch.tensor(steer_rows, dtype=torch.long, device=self.base_device)
+                    behaviours = [host.behaviour[row] for row in steer_rows]
+                    steered_tokens, best, coeffs = self._steered_choice(steer_rows, behaviours, think_logits,
+                                                                        think_greedy, base_greedy)
                     chosen = chosen.index_copy(0, index, steered_tokens)
                     choice = choice.index_copy(0, index, best)
+                    used = used.index_copy(0, index, coeffs)
+                    kept = (index, behaviours, coeffs)
                 for row in range(self.batch):
                     if not active[row]:
                         continue
@@ -515,15 +570,18 @@ class _HybridBatch:
                         self._log(row, host.greedy[row], TokenLog(steered=False, behaviour=None, coeff=0.0, window=0,
                                                                   agree=host.agree[row], latent_ids=latent_ids,
                                                                   latent_values=latent_values))
-                self.previous = (chosen, choice)
+                self.previous = (chosen, choice) if self.coefficient_model is None else (chosen, choice,
+                                                                                           float_bits(used))
                 if self.unresolved and (not self.shared or self._only_unresolved_run()):
                     # the text must be re-encoded now, or whether any row runs on decides whether to go on
                     self._resolve_now()
                 if all(self.finished) or step == config.max_new_tokens - 1:
                     break
+                if kept is not None and self.config.cache_mode == "keep":
+                    self._keep(*kept)
                 self.base_runner.append(chosen, real=active)
                 updated = self._append_thinking(chosen, active)
-                base_logits = self.base_runner.forward(last_only=True)[:, -1, :]
+                base_logits = self._base_forward()
                 if updated is not None:
                     fresh_logits = self.think_runner.forward(last_only=True)[:, -1, :]
                     think_logits = torch.where(updated[:, None], fresh_logits, think_logits)
@@ -538,5 +596,5 @@ class _HybridBatch:
         output.largest_fork = max(output.largest_fork, self.largest_fork)
 
 
-__all__ = ["BehaviourTable", "HybridConfig", "HybridOutput", "PairVocab", "TokenLog", "behaviour_vectors",
+__all__ = ["BehaviourTable", "HybridConfig", "HybridOutput", "TokenLog", "behaviour_vectors", "check_rule_inputs",
            "hybrid_generate"]

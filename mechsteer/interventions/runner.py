@@ -156,6 +156,17 @@ class CachedRunner:
             elif self.cache is not None:
                 self.cache.crop(-(self.cache.get_seq_length() - self.n_fed))  # transformers 5.x: drop the last n
 
+    def unfeed_last_column(self) -> None:
+        """Make the last fed column pending again (out of the cache, still queued): the next forward
+        recomputes it, e.g. under a different steering, together with whatever is appended."""
+        if self.n_pending != 0 or self.n_fed == 0:
+            raise ValueError("unfeed_last_column needs a fed last column and nothing pending")
+        self.n_fed -= 1
+        if self.n_fed == 0:
+            self.cache = None
+        elif self.cache is not None:
+            self.cache.crop(-(self.cache.get_seq_length() - self.n_fed))  # transformers 5.x: drop the last n
+
     def last_real_column(self) -> Bool[Tensor, " batch"]:
         """Which rows got a real token in the last column (on the device)."""
         return self.attention_mask[:, -1].bool()

@@ -9,8 +9,9 @@ from mechsteer.core.models import load_model
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import PromptTemplate, get_template, register_template, render_prompt
 from mechsteer.data.traces import generate_traces
-from mechsteer.experiment.config import DEMO_CONFIG, RunConfig, run_hybrid_config
+from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import eval_settings, trace_settings
+from mechsteer.experiment.settings import run_hybrid_config
 
 
 def test_orz_template_is_its_own_format_with_its_stop():

@@ -32,6 +32,7 @@ from mechsteer.engines.openai import ENV_ENGINE_API_KEY
 from mechsteer.experiment import config as config_module
 from mechsteer.experiment.config import DEMO_CONFIG, RunConfig
 from mechsteer.experiment.pipeline import plain_generator
+from mechsteer.experiment.settings import taxonomy_settings
 from tests.engines.stub import Answer, StubServer, completion
 from tests.tiny_models import char_tokenizer
 
@@ -408,9 +409,9 @@ def test_the_judge_keys_reach_the_taxonomy_stage_and_only_max_tokens_is_digested
     with pytest.raises(ConfigError, match="judge_timeout"):
         RunConfig.from_dict({**data, "judge_timeout": 0.0})
 
-    # the run's taxonomy stage builds its settings with config.taxonomy_settings
+    # the run's taxonomy stage builds its settings with settings.taxonomy_settings
     config = RunConfig.from_dict({**data, "judge": "http:served-judge", "judge_timeout": 45.0, "judge_max_tokens": 48})
-    settings = config_module.taxonomy_settings(config, [2])
+    settings = taxonomy_settings(config, [2])
     assert (settings.judge, settings.layers) == ("http:served-judge", (2,))
     assert (settings.judge_settings.timeout, settings.judge_settings.max_tokens) == (45.0, 48)
 

@@ -185,7 +185,7 @@ def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
 
 
 def test_optimisation_settings_reach_the_vectors_and_unknown_keys_are_refused():
-    from mechsteer.experiment.config import optimisation_config
+    from mechsteer.experiment.settings import optimisation_config
 
     config = RunConfig.from_dict({**SHORT_RUN, "optimisation": {"lr": 0.1, "steps": 7}, "seed": 3})
     settings = optimisation_config(config)

@@ -4,12 +4,8 @@ import pytest
 import torch
 
 from mechsteer.core.models import load_model
-from mechsteer.hybrid.generator import (
-    HybridConfig,
-    ThinkingText,
-    behaviour_vectors,
-    hybrid_generate,
-)
+from mechsteer.hybrid.generator import HybridConfig, behaviour_vectors, hybrid_generate
+from mechsteer.hybrid.pair_vocab import ThinkingText
 from mechsteer.hybrid.reference import reference_hybrid_generate
 from mechsteer.hybrid.timing import (
     BIAS_ONLY,
