@@ -49,6 +49,7 @@ from mechsteer.experiment.keys import (
     later_defaults,
     undigested_keys,
 )
+from mechsteer.hybrid.coefficients import CacheMode
 from mechsteer.hybrid.comparisons import baseline_names, control_names
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
 from mechsteer.steering.correction import CorrectionConfig
@@ -133,6 +134,12 @@ class RunConfig:
              "a thinking trace's next one, by behaviour, with a coefficient MLP (docs/hybrid.md)")
     correction_top_k: Annotated[int, Range(min=1)] = key(50, read_by=("disagreements",), later=True,
         section="correction", help="the thinking model's next-token log-probs kept per disagreement position (top K)")
+    correction_coefficient_rule: Literal["learned", "guardrail", "kl_topk"] = key(
+        "learned", read_by=("eval_correction",), later=True, section="correction",
+        help="how the correction vectors' coefficient is chosen: the trained MLP, or a rule over the coefficients grid")
+    correction_cache_mode: CacheMode = key("revert", read_by=("eval_correction", "eval_correction_ceiling"), later=True,
+        section="correction", help="the steered position's cache after its token: recomputed unsteered (the "
+                                   "reference's default) or kept steered")
     correction: dict[str, Any] = key(factory=dict, read_by=("correction_vectors",), later=True, section="correction",
         help="settings of the correction vectors' training (CorrectionConfig fields: seeds, epochs, lr, mlp_hidden ...); "
              "empty: the reference's")

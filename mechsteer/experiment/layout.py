@@ -42,6 +42,8 @@ HYBRID_EVAL = "eval_hybrid"
 REPORT_STAGE = "report"  # done when report.json is written (not a stage of the table: the run's last step)
 
 STEERING_INPUTS = ("taxonomy", "directions")  # what the hybrid steers with (its SAE carries the centring mean)
+CORRECTION_EVAL, CORRECTION_CEILING = "eval_correction", "eval_correction_ceiling"
+CORRECTION_INPUTS = ("taxonomy", "correction_vectors")
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("traces_thinking_train", "traces/thinking_train", "train_traces", ("thinking",), streamed=True,
               shared=True),
@@ -60,6 +62,11 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("eval_base", "eval/base", "plain_eval", ("base",), streamed=True, shared=True),
     StageSpec("eval_thinking", "eval/thinking", "plain_eval", ("thinking",), streamed=True, shared=True),
     StageSpec(HYBRID_EVAL, "eval/hybrid", "hybrid_eval", ("base", "thinking"), streamed=True, reads=STEERING_INPUTS),
+    # the correction vectors steering the base model, and their oracle ceiling (an upper bound, not a result)
+    StageSpec(CORRECTION_EVAL, "eval/correction", "hybrid_eval", ("base", "thinking"), streamed=True,
+              when="correction", reads=CORRECTION_INPUTS),
+    StageSpec(CORRECTION_CEILING, "eval/correction_ceiling", "hybrid_eval", ("base", "thinking"), streamed=True,
+              when="correction", reads=CORRECTION_INPUTS),
     StageSpec("ablations", "ablations", "ablations", ("base", "thinking"), when="ablations",
               reads=("traces_thinking_train", "taxonomy", "directions")),
 )
@@ -205,7 +212,7 @@ class RunPaths:
         return path.relative_to(self.root).as_posix()
 
 
-__all__ = ["ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
+__all__ = ["CORRECTION_CEILING", "CORRECTION_EVAL", "ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
            "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
            "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
            "stage_names", "stage_spec"]

@@ -17,6 +17,7 @@ report. A run folder belongs to one config: rerunning it with a different config
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,14 @@ from mechsteer.data.traces import load_traces
 from mechsteer.engines import EngineInputs, GenerationEngine, engine_spec, load_tokenizer
 from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import RunConfig
-from mechsteer.experiment.layout import HYBRID_EVAL, RunPaths, StageGroup, StageSpec
+from mechsteer.experiment.layout import (
+    CORRECTION_CEILING,
+    CORRECTION_EVAL,
+    HYBRID_EVAL,
+    RunPaths,
+    StageGroup,
+    StageSpec,
+)
 from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import build_report, track_report, write_report
 from mechsteer.experiment.settings import (
@@ -62,6 +70,7 @@ from mechsteer.experiment.tuning import (
 )
 from mechsteer.grading.answers import extract_answer, is_correct
 from mechsteer.hybrid import generator
+from mechsteer.hybrid.coefficients import CoefficientModel, CoefficientRule
 from mechsteer.hybrid.comparisons import (
     ComparisonInputs,
     ComparisonRun,
@@ -74,8 +83,9 @@ from mechsteer.hybrid.timing import (
     BehaviourClassifier,
     TimingOraclePolicy,
     TimingPolicy,
+    VectorsOnlyPolicy,
 )
-from mechsteer.steering.correction import train_correction_vectors
+from mechsteer.steering.correction import CorrectionVectors, train_correction_vectors
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.disagreements import (
     DisagreementSettings,
@@ -100,7 +110,7 @@ if TYPE_CHECKING:
 def evaluate_hybrid(
     pair: ModelPair | ResidentPair, problems: Sequence[Problem], directions: DirectionSet, policy: TimingPolicy,
     hybrid_config: HybridConfig, out_path: Path, *, base_template: str, thinking_template: str,
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = print, coefficient_model: CoefficientModel | None = None,
 ) -> list[HybridRecord]:
     """Run the hybrid on ``problems``, appending one JSON line per problem; resumes from the file."""
     done = {record.problem_id for record in read_hybrid_records(out_path)}
@@ -112,7 +122,7 @@ def evaluate_hybrid(
         policy.bind([problem.id for problem in batch])
         # looked up on its module at each call, so that a test can replace it
         output = generator.hybrid_generate(pair.base, pair.thinking, base_prompts, thinking_prompts, directions, policy,
-                                           hybrid_config)
+                                           hybrid_config, coefficient_model=coefficient_model)
         records = []
         for row, problem in enumerate(batch):
             prediction = extract_answer(output.texts[row], problem.benchmark)
@@ -346,7 +356,10 @@ def plain_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
 
 
 def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
-    """The hybrid on the eval split, or one of its controls or baselines (mechsteer.hybrid.comparisons)."""
+    """The hybrid on the eval split, one of its controls or baselines (mechsteer.hybrid.comparisons), or
+    the correction vectors' hybrid and its ceiling."""
+    if spec.name in (CORRECTION_EVAL, CORRECTION_CEILING):
+        return correction_eval_stage(run, spec)
     config, pair = run.config, run.pair
     inputs = hybrid_inputs(run)
     setting = run.setting()
@@ -380,6 +393,38 @@ def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
                               run.paths.hybrid_results(name), base_template=config.resolved_base_template,
                               thinking_template=config.resolved_thinking_template, progress=run.log)
     return hybrid_summary(records, comparison.recorded).to_json()
+
+
+def correction_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """The base model steered with the correction vectors at the current position, timed by the run's
+    policy (a state naming a behaviour without a vector is not steered), the coefficient from the trained
+    MLP or a rule over the grid; the ceiling picks, among the grid, a coefficient whose token is the
+    thinking model's (it reads the answer: an upper bound, never a result)."""
+    config = run.config
+    taxonomy = checked_taxonomy(run.paths, run.pair)
+    trained = CorrectionVectors.load(run.paths.correction_vectors)
+    trained.directions.check_model(run.pair.info("base"))
+    if trained.directions.layer != run.steer_layer:
+        raise ProvenanceError(f"{run.paths.correction_vectors} holds vectors at the base model's layer "
+                              f"{trained.directions.layer}, but this run steers at layer {run.steer_layer} "
+                              "(steer_layer); delete the 'disagreements' entry of stages.json to rebuild them")
+    rule: CoefficientRule = "think_top1_match" if spec.name == CORRECTION_CEILING else config.correction_coefficient_rule
+    if rule == "learned" and trained.mlp is None:
+        raise ConfigError("correction_coefficient_rule: learned needs the coefficient MLP, but the vectors were "
+                          "trained without one (correction: {coefficient: none}); choose guardrail or kl_topk")
+    grid = (1.0,) if rule == "learned" else tuple(config.coefficients)
+    hybrid_config = dataclasses.replace(
+        run_hybrid_config(config, run.steer_layer, taxonomy.provenance.layer), coefficients=grid, windows=(1,),
+        coefficient_rule=rule, cache_mode=config.correction_cache_mode, kl_top_k=config.correction_top_k)
+    ids = list(trained.directions.behaviour_ids)
+    policy = VectorsOnlyPolicy(hybrid_policy(config, taxonomy.load_sae(), taxonomy.behaviour_ids, run.setting()), ids)
+    run.pair.need(*spec.models)
+    records = evaluate_hybrid(run.pair, run.evaluation, trained.directions, policy, hybrid_config,
+                              run.paths.hybrid_results(spec.name.removeprefix("eval_")),
+                              base_template=config.resolved_base_template,
+                              thinking_template=config.resolved_thinking_template, progress=run.log,
+                              coefficient_model=trained.mlp if rule == "learned" else None)
+    return hybrid_summary(records, {"coefficient_rule": rule, "cache_mode": config.correction_cache_mode}).to_json()
 
 
 def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: ComparisonVariants,

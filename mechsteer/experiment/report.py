@@ -29,7 +29,13 @@ from mechsteer.causal.sufficiency import SufficiencyRow
 from mechsteer.core.errors import ArtefactError, ProvenanceError
 from mechsteer.core.store import read_json, write_json_atomic, write_text_atomic
 from mechsteer.experiment.config import RunConfig
-from mechsteer.experiment.layout import HYBRID_EVAL, REPORT_STAGE, RunPaths
+from mechsteer.experiment.layout import (
+    CORRECTION_CEILING,
+    CORRECTION_EVAL,
+    HYBRID_EVAL,
+    REPORT_STAGE,
+    RunPaths,
+)
 from mechsteer.experiment.markdown import RunView, run_markdown
 from mechsteer.experiment.plots import (
     ACCURACY_PLOT,
@@ -163,6 +169,9 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
         "cut_off": {name: result.cut_off for name, result in evaluations.items()},
         "controls": compared(config.controls),
         "baselines": compared(config.baselines),
+        # the paper's current method beside the hybrid (sentence directions), and its oracle ceiling
+        **({"methods": compared([name.removeprefix("eval_") for name in (CORRECTION_EVAL, CORRECTION_CEILING)])}
+           if config.correction_vectors else {}),
         "taxonomy": None if taxonomy_summary is None else {
             **taxonomy_summary.to_json(), "selected_by": taxonomy_selected_by(config, taxonomy_summary)},
         "directions": None if directions_summary is None else directions_summary.to_json(),
@@ -188,7 +197,8 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "gap_recovered": report["gap_recovered"],
         "tokens_steered_fraction": report["tokens_steered_fraction"],
     }
-    for name, control in [*report["controls"].items(), *report.get("baselines", {}).items()]:
+    for name, control in [*report.get("methods", {}).items(), *report["controls"].items(),
+                          *report.get("baselines", {}).items()]:
         row[f"{name}_accuracy"] = control["accuracy"]
         row[f"{name}_gap_recovered"] = control["gap_recovered"]
         row[f"{name}_steered_fraction"] = control["steered_fraction"]
@@ -205,7 +215,8 @@ def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             ("thinking", report["thinking_accuracy"], None, None),
             ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
     rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"])
-             for name, c in [*report["controls"].items(), *report.get("baselines", {}).items()]]
+             for name, c in [*report.get("methods", {}).items(), *report["controls"].items(),
+                             *report.get("baselines", {}).items()]]
     intervals = report["accuracy_intervals"]
     return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
              "gap_recovered": gap, "steered_fraction": steered}

@@ -72,7 +72,7 @@ PolicyRead = Literal["last_token", "next_token"]
 # The built-in policies' names (a policy of one's own may take any name).
 PolicyName = Literal["sae_argmax", "threshold", "always", "only_bias", "only_bias_replayed", "first_token_only",
                      "oracle_timing", "random_firing", "random_firing_per_problem", "gated_fixed_behaviour",
-                     "gated_random_behaviour", "never"]
+                     "gated_random_behaviour", "vectors_only", "never"]
 
 
 @dataclass
@@ -353,6 +353,26 @@ class RandomBehaviourPolicy(_WrappingPolicy):
         choice = torch.randint(len(self.behaviour_ids), decision.behaviour.shape, generator=self.generators[device],
                                device=device)
         return dataclasses.replace(decision, behaviour=self.tables[device][choice])
+
+
+@dataclass
+class VectorsOnlyPolicy(_WrappingPolicy):
+    """``timing``'s decisions, steering only where its behaviour is one of ``behaviour_ids`` (the ones
+    with a vector): a state naming a behaviour without one is not steered, as the reference's
+    correction vectors are used (not the next-best behaviour that has a vector)."""
+
+    behaviour_ids: list[int]
+    name: PolicyName = "vectors_only"
+
+    def __post_init__(self) -> None:
+        self.tables: dict[torch.device, Tensor] = {}
+
+    def decide(self, state: PolicyInput) -> PolicyDecision:
+        decision = self.timing.decide(state)
+        device = decision.behaviour.device
+        if device not in self.tables:
+            self.tables[device] = torch.tensor(self.behaviour_ids, dtype=torch.long, device=device)
+        return dataclasses.replace(decision, steer=decision.steer & torch.isin(decision.behaviour, self.tables[device]))
 
 
 @dataclass

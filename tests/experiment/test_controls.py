@@ -223,6 +223,19 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     assert trained.directions.bias is None and trained.mlp is not None
     assert sorted(trained.directions.behaviour_ids) == sorted(int(b) for b in disagreements["positions_per_behaviour"])
     assert set(vectors["seeds_val_kl"]) == {"1", "2"} and vectors["best_val_kl"] <= vectors["unsteered_val_kl"]
+    # both methods side by side in the report, the correction vectors' ceiling beside them
+    methods = report["methods"]
+    assert set(methods) == {"correction", "correction_ceiling"}
+    assert {"accuracy", "gap_recovered", "steered_fraction", "gap_recovered_interval"} <= set(methods["correction"])
+    assert [row["model"] for row in accuracy_rows(report)][:5] == ["base", "thinking", "hybrid", "correction",
+                                                                   "correction_ceiling"]
+    records = read_hybrid_records(copy / "eval" / "correction" / "results.jsonl")
+    steered = [(b, c) for r in records for b, c in zip(r.steered_behaviours, r.steered_coeffs, strict=True)]
+    assert steered and {b for b, _ in steered} <= set(trained.directions.behaviour_ids)
+    assert all(c > 0 for _, c in steered) and len({c for _, c in steered}) > 1  # the MLP's, per position
+    assert {w for r in records for w in r.steered_windows} == {1}
+    ceiling = read_hybrid_records(copy / "eval" / "correction_ceiling" / "results.jsonl")
+    assert {c for r in ceiling for c in r.steered_coeffs} <= set(SHORT_RUN["coefficients"])
     before = json.loads((copy / "stages.json").read_text())["stages"]
     run_pipeline(config, copy, log=lambda message: None)  # finished: nothing is redone
     after = json.loads((copy / "stages.json").read_text())["stages"]
