@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mechsteer-install-stamp
 # Everything runs offline: nothing may come from a model or dataset hub.
 OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install browser demo test lint bench clean-venv
+.PHONY: install browser demo demo-correction test lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ install: $(STAMP) browser
 
 demo: install
 	$(OFFLINE_ENV) $(VENV)/bin/mechsteer demo
+
+# The demo with the paper's current method (correction vectors) beside the hybrid, in its own folder.
+demo-correction: install
+	$(OFFLINE_ENV) $(VENV)/bin/mechsteer run --config experiments/organism-demo-correction.yaml --out runs/demo-correction
 
 test: install
 	$(OFFLINE_ENV) $(PY) -m pytest -q

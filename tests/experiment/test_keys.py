@@ -19,29 +19,31 @@ from mechsteer.experiment.state import RunState
 from tests.experiment.configs import OLD_DEMO
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-# The digests run folders were written under before the keys declared themselves.
+# The digests run folders were written under before the keys declared themselves (the paper pairs' since
+# they gained the correction vectors' settings; organism-demo-correction.yaml since it was added).
 DIGESTS = {
-    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "f81defce6094ea78",
-    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "4e2223587dc62ff6",
+    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "e6acd9ed92e475d6",
+    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "38e233628041073a",
     "organism-demo-confirm400.yaml": "40378eac4881d884",
+    "organism-demo-correction.yaml": "0ee6892182dbab3f",
     "organism-demo-grid.yaml": "481f056e29f249eb",
     "organism-demo.yaml": "c83941482403d842",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "1473719ea2e7e27b",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "7c068272e73a9e2b",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "6fcdb7f763d3136c",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "c8c1c1177f82165d",
-    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "d8c0580962be1ab3",
-    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "f282a775c314d201",
-    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "8c2468fb1d264902",
-    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "d3492dea8503c377",
-    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "a6eb9b5c64ffb4f8",
-    "qwen2.5-32b__qwq-32b__math500.yaml": "421e35ca526fea59",
-    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "bdeaafc14ba0b889",
-    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "569c2cab2677a5ef",
-    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "29b3a5d4d7771e8d",
-    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "f6ee9c343962fc84",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "34a519e32248c7b6",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "86a8a2b4f87d81cc",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "95a06784cfea6796",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "ffee01de6ae0f750",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "995d4f9d395aa620",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "0ffbc61a622db95f",
+    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "e601ae678a6cd2eb",
+    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "e2c0ddc4659aa56c",
+    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "34f59f2bc9c396d3",
+    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "fb72e7360a78fa53",
+    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "a028eb0ee0eff51e",
+    "qwen2.5-32b__qwq-32b__math500.yaml": "c354efef3db41f9d",
+    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "8463e29381aea335",
+    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "a938cf22a8b7d4a2",
+    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "2ce7082a43b10e09",
+    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "9eaf0f1a5e708b52",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "2791253eb72cccfd",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "67952b2b06ab5532",
 }
 
 
