@@ -132,6 +132,9 @@ class RunConfig:
     correction_vectors: bool = key(False, read_by=(), later=True, downstream=True, section="correction",
         help="also train the paper's current correction vectors: where the base model's greedy token differs from "
              "a thinking trace's next one, by behaviour, with a coefficient MLP (docs/hybrid.md)")
+    correction_labels: Literal["state", "sentence"] = key("state", read_by=("disagreements",), later=True,
+        section="correction", help="a disagreement position's behaviour: the SAE's reading of the thinking model's "
+                                   "state there, as the policy reads it (the reference's), or its sentence's label")
     correction_top_k: Annotated[int, Range(min=1)] = key(50, read_by=("disagreements",), later=True,
         section="correction", help="the thinking model's next-token log-probs kept per disagreement position (top K)")
     correction_coefficient_rule: Literal["learned", "guardrail", "kl_topk"] = key(

@@ -31,8 +31,9 @@ from mechsteer.activations import Manifest, pool_activations, read_sentences
 from mechsteer.causal.stage import AblationSettings, run_ablations
 from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import ModelPair, spec_model_name
+from mechsteer.core.provenance import weights_fingerprint
 from mechsteer.core.resident import ResidentPair, Role
-from mechsteer.core.store import append_jsonl, exclusive_folder, write_jsonl_atomic
+from mechsteer.core.store import append_jsonl, exclusive_folder, json_digest, write_jsonl_atomic
 from mechsteer.data.benchmarks import Problem, load_benchmark
 from mechsteer.data.labels import ground_truth_for
 from mechsteer.data.prompts import render_prompt
@@ -84,11 +85,13 @@ from mechsteer.hybrid.timing import (
     TimingOraclePolicy,
     TimingPolicy,
     VectorsOnlyPolicy,
+    top_latents,
 )
 from mechsteer.steering.correction import CorrectionVectors, train_correction_vectors
 from mechsteer.steering.direction_set import DirectionSet
 from mechsteer.steering.disagreements import (
     DisagreementSettings,
+    StateLabels,
     collect_disagreements,
     load_disagreements,
 )
@@ -270,6 +273,14 @@ def directions_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
     return DirectionsSummary.of(result, run.steer_layer).to_json()
 
 
+def state_labels(config: RunConfig, taxonomy: Taxonomy) -> StateLabels:
+    """Disagreement positions labelled as the run's policy will read the thinking model there: the SAE's
+    top behaviour of the activation its ``policy_read`` names."""
+    sae, ids = taxonomy.load_sae(), taxonomy.behaviour_ids
+    return StateLabels(label=lambda acts: top_latents(sae, acts, ids, 1)[1][:, 0], layer=taxonomy.provenance.layer,
+                       read=config.policy_read, digest=json_digest({"sae": weights_fingerprint(sae), "ids": ids}))
+
+
 def correction_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
     """The paper's current method (mechsteer.steering.correction): the disagreement positions of the
     thinking traces, then the correction vectors and coefficient MLP trained there."""
@@ -281,7 +292,8 @@ def correction_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
         framed = frame_for_base(raw_traces, {p.id: p.question for p in run.train}, pair.base.tokenizer,
                                 config.resolved_base_template)
         cache = collect_disagreements(pair.base, pair.thinking, raw_traces, framed,
-                                      taxonomy_labels(paths.taxonomy, traces=raw_traces),
+                                      state_labels(config, taxonomy) if config.correction_labels == "state"
+                                      else taxonomy_labels(paths.taxonomy, traces=raw_traces),
                                       DisagreementSettings(layer=run.steer_layer, top_k=config.correction_top_k),
                                       paths.disagreements, progress=run.log)
         assert cache is not None  # None only when told to stop early

@@ -157,17 +157,24 @@ class SAEArgmaxPolicy(PolicyBase):
         return PolicyDecision(steer=~state.agree, behaviour=ids[:, 0], latent_values=values, latent_ids=ids)
 
     def _latents(self, state: PolicyInput) -> tuple[Tensor, Tensor]:
-        acts = state.thinking_acts.float()
-        if isinstance(self.classifier, torch.nn.Module):
-            self.classifier.to(acts.device)  # once: a no-op when it is there already
-        pre = self.classifier.encode_pre(self.classifier.prepare(acts))
-        if self.behaviour_ids is not None:
-            # only latents with a steering direction can be chosen
-            allowed = torch.full_like(pre, float("-inf"))
-            allowed[:, torch.tensor(self.behaviour_ids, dtype=torch.long, device=pre.device)] = 0.0
-            pre = pre + allowed
-        values, ids = pre.topk(min(self.top, pre.shape[-1]), dim=-1)
-        return values, ids
+        return top_latents(self.classifier, state.thinking_acts, self.behaviour_ids, self.top)
+
+
+def top_latents(classifier: BehaviourClassifier, acts: Tensor, behaviour_ids: list[int] | None,
+                top: int) -> tuple[Tensor, Tensor]:
+    """The ``top`` latents (pre-activation values, ids) of raw thinking-model activations, among
+    ``behaviour_ids`` (None: all latents), computed on the activations' device."""
+    acts = acts.float()
+    if isinstance(classifier, torch.nn.Module):
+        classifier.to(acts.device)  # once: a no-op when it is there already
+    pre = classifier.encode_pre(classifier.prepare(acts))
+    if behaviour_ids is not None:
+        # only latents with a steering direction can be chosen
+        allowed = torch.full_like(pre, float("-inf"))
+        allowed[:, torch.tensor(behaviour_ids, dtype=torch.long, device=pre.device)] = 0.0
+        pre = pre + allowed
+    values, ids = pre.topk(min(top, pre.shape[-1]), dim=-1)
+    return values, ids
 
 
 @dataclass

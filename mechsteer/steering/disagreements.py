@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -74,6 +74,27 @@ class DisagreementSettings:
             raise ConfigError(f"disagreement settings need layer >= 0 and top_k, chunk_size, batch_size >= 1; got {self}")
 
 
+STATE = -2  # a candidate token whose behaviour the thinking model's state gives (StateLabels)
+
+
+@dataclass(frozen=True)
+class StateLabels:
+    """Label each disagreement position by the thinking model's own state there, as its hybrid's policy
+    will read it (the reference's newest version; issue 27's specification), instead of by the sentence
+    the target token falls in: every reasoning token is a candidate, and ``label`` maps the thinking
+    model's ``resid_post`` at ``layer`` to a behaviour id. ``read``: the activation of the position
+    that predicts the token (``last_token``) or of the token itself (``next_token``), as
+    ``mechsteer.hybrid.timing.PolicyRead``. ``digest`` names what labels (e.g. the SAE's weights)."""
+
+    label: Callable[[Float[Tensor, "n d_thinking"]], Int[Tensor, " n"]]
+    layer: int
+    read: Literal["last_token", "next_token"]
+    digest: str
+
+
+Labels = BehaviourLabels | StateLabels  # by sentence, or by the thinking model's state
+
+
 @dataclass(frozen=True)
 class DisagreementProvenance:
     """What a cache is made from, by content: the traces (both framings), the labels, the two models
@@ -81,7 +102,7 @@ class DisagreementProvenance:
 
     traces_digest: str  # of the thinking traces under their own prompt
     framed_digest: str  # of the same traces under the base framing
-    labels_digest: str  # of every labelled sentence's trace, span and behaviour
+    labels_digest: str  # of every labelled sentence's trace, span and behaviour; or of the state labeller
     base_model: str
     base_weights: str
     thinking_model: str
@@ -187,14 +208,17 @@ def _check_pairs(traces: Sequence[TraceRecord], framed: Sequence[TraceRecord]) -
 
 
 def expected_provenance(base: TransformerBridge, thinking: TransformerBridge, traces: Sequence[TraceRecord],
-                        framed: Sequence[TraceRecord], labels: BehaviourLabels,
+                        framed: Sequence[TraceRecord], labels: Labels,
                         settings: DisagreementSettings) -> DisagreementProvenance:
     """The provenance a cache of these inputs records (labels found without running a model)."""
     _check_pairs(traces, framed)
-    labelled = [token_behaviours(record, index, base.tokenizer, labels, settings.min_words)[2]
-                for index, record in enumerate(framed)]
+    if isinstance(labels, StateLabels):
+        labels_digest = json_digest({"state": labels.digest, "layer": labels.layer, "read": labels.read})
+    else:
+        labels_digest = json_digest([token_behaviours(record, index, base.tokenizer, labels, settings.min_words)[2]
+                                     for index, record in enumerate(framed)])
     return DisagreementProvenance(
-        traces_digest=traces_digest(traces), framed_digest=traces_digest(framed), labels_digest=json_digest(labelled),
+        traces_digest=traces_digest(traces), framed_digest=traces_digest(framed), labels_digest=labels_digest,
         base_model=base.cfg.model_name, base_weights=weights_fingerprint(base),
         thinking_model=thinking.cfg.model_name, thinking_weights=weights_fingerprint(thinking),
         layer=settings.layer, top_k=settings.top_k, chunk_size=settings.chunk_size, min_words=settings.min_words,
@@ -225,7 +249,7 @@ def _forward(model: TransformerBridge, rows: Sequence[Sequence[int]], hook_name:
 
 
 def _collect_chunk(base: TransformerBridge, thinking: TransformerBridge, traces: Sequence[TraceRecord],
-                   framed: Sequence[TraceRecord], first_index: int, labels: BehaviourLabels,
+                   framed: Sequence[TraceRecord], first_index: int, labels: Labels,
                    settings: DisagreementSettings) -> tuple[dict[str, Tensor], dict[str, Any]]:
     hook_name = resid_hook_name(settings.layer, SITE)
     columns: dict[str, list[Tensor]] = {name: [] for name in
@@ -239,17 +263,21 @@ def _collect_chunk(base: TransformerBridge, thinking: TransformerBridge, traces:
         base_rows, thinking_rows, plans = [], [], []
         for offset, (own, record) in enumerate(zip(own_batch, framed_batch, strict=True)):
             index = first_index + start + offset
-            base_ids, behaviour_of, _ = token_behaviours(record, index, base.tokenizer, labels, settings.min_words)
-            _, base_offsets = _encode(base.tokenizer, record.text)
+            base_ids, base_offsets = _encode(base.tokenizer, record.text)
+            base_spans = reasoning_tokens(base_offsets, record.reasoning_char_start, record.reasoning_char_end)
+            if isinstance(labels, StateLabels):  # every reasoning token; its label read off the thinking state
+                behaviour_of = {token: STATE for token in base_spans.values()}
+            else:
+                base_ids, behaviour_of, _ = token_behaviours(record, index, base.tokenizer, labels, settings.min_words)
             thinking_ids, thinking_offsets = _encode(thinking.tokenizer, own.text)
             base_rows.append(base_ids)
             thinking_rows.append(thinking_ids)
-            plans.append((index, base_ids, behaviour_of,
-                          reasoning_tokens(base_offsets, record.reasoning_char_start, record.reasoning_char_end),
+            plans.append((index, base_ids, behaviour_of, base_spans,
                           reasoning_tokens(thinking_offsets, own.reasoning_char_start, own.reasoning_char_end),
                           thinking_ids))
         base_logits, resid = _forward(base, base_rows, hook_name)
-        thinking_logits, _ = _forward(thinking, thinking_rows, None)
+        state_hook = resid_hook_name(labels.layer, SITE) if isinstance(labels, StateLabels) else None
+        thinking_logits, thinking_resid = _forward(thinking, thinking_rows, state_hook)
         assert resid is not None
         for row, (index, base_ids, behaviour_of, base_spans, thinking_spans, thinking_ids) in enumerate(plans):
             token_rows.append(base_ids)
@@ -279,7 +307,14 @@ def _collect_chunk(base: TransformerBridge, thinking: TransformerBridge, traces:
             top_values, top_ids = logprobs.topk(settings.top_k, dim=-1)
             columns["trace_index"].append(torch.full((len(kept_base),), index, dtype=torch.long))
             columns["position"].append(at_base)
-            columns["behaviour"].append(torch.tensor([behaviour_of[p + 1] for p in kept_base], dtype=torch.long))
+            if isinstance(labels, StateLabels):
+                assert thinking_resid is not None
+                # last_token: the position whose logits predict the token; next_token: the token's own
+                read_at = at_thinking + (1 if labels.read == "next_token" else 0)
+                states = thinking_resid[row, read_at.to(thinking_resid.device)]
+                columns["behaviour"].append(labels.label(states).to("cpu", torch.long))
+            else:
+                columns["behaviour"].append(torch.tensor([behaviour_of[p + 1] for p in kept_base], dtype=torch.long))
             columns["target_token"].append(torch.tensor([base_ids[p + 1] for p in kept_base], dtype=torch.long))
             columns["base_greedy"].append(greedy[at_base])
             columns["top_k_ids"].append(top_ids.cpu())
@@ -320,7 +355,7 @@ def collect_disagreements(
     thinking: TransformerBridge,
     traces: Sequence[TraceRecord],
     framed: Sequence[TraceRecord],
-    labels: BehaviourLabels,
+    labels: Labels,
     settings: DisagreementSettings,
     out_dir: str | Path,
     *,
@@ -419,7 +454,8 @@ def describe(cache: DisagreementCache) -> str:
 
 
 __all__ = [
-    "MANIFEST_FILE", "DisagreementCache", "DisagreementProvenance", "DisagreementSettings", "collect_disagreements",
+    "MANIFEST_FILE", "DisagreementCache", "DisagreementProvenance", "DisagreementSettings", "Labels", "StateLabels",
+    "collect_disagreements",
     "describe", "expected_provenance", "load_disagreements", "reasoning_tokens", "require_shared_vocabulary",
     "token_behaviours",
 ]

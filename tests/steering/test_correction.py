@@ -237,3 +237,50 @@ def test_vectors_alone_train_with_coefficient_one(models, cache_dir):
     assert trained.report.best_val_kl < trained.report.seeds[0].initial_val_kl
     with pytest.raises(ConfigError, match="base model"):
         train_correction_vectors(models["other"], cache, dict(enumerate(TITLES)), CorrectionConfig(seeds=(3,)))
+
+
+def state_positions(model, own, framed):
+    """Every reasoning-token disagreement, with its thinking position (char tokenizer, as naive_positions)."""
+    expected = []
+    for index, (record, original) in enumerate(zip(framed, own, strict=True)):
+        ids = model.tokenizer(record.text)["input_ids"]
+        with torch.no_grad():
+            greedy = model(torch.tensor([ids])).argmax(-1)[0]
+        for char in range(len(record.reasoning)):
+            j = record.reasoning_char_start + char + 1
+            if int(greedy[j - 1]) != ids[j]:
+                expected.append((index, j - 1, original.reasoning_char_start + char))
+    return expected
+
+
+@pytest.mark.parametrize("read", ["last_token", "next_token"])
+def test_state_labels_read_the_thinking_models_activation_as_the_policy_will(models, traces, tmp_path, read):
+    from mechsteer.steering.disagreements import StateLabels
+
+    own, framed = traces
+
+    def label(acts):  # a behaviour id that depends on the activation itself
+        return (acts[:, 0] > 0).long() * 3 + (acts[:, 1] > 0).long()
+
+    state = StateLabels(label=label, layer=1, read=read, digest="test-labeller")
+    settings = DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2)
+    cache = collect_disagreements(models["base"], models["thinking"], own, framed, state, settings, tmp_path / read)
+    assert cache is not None
+    expected = state_positions(models["base"], own, framed)
+    assert list(zip(cache.trace_index.tolist(), cache.position.tolist(), strict=True)) == [(t, p) for t, p, _ in expected]
+    # more candidates than the sentence labels: the short line and every other reasoning token count too
+    by_sentence = collect_disagreements(models["base"], models["thinking"], own, framed, LABELS, settings,
+                                        tmp_path / f"{read}_sentences")
+    assert by_sentence is not None and cache.n_positions > by_sentence.n_positions
+    hook = "blocks.1.hook_resid_post"
+    for row in (0, len(expected) // 2, len(expected) - 1):
+        trace, _, thinking_last = expected[row]
+        ids = models["thinking"].tokenizer(own[trace].text)["input_ids"]
+        with torch.no_grad():
+            _, activations = models["thinking"].run_with_cache(torch.tensor([ids]), names_filter=[hook])
+        at = thinking_last + (1 if read == "next_token" else 0)
+        assert int(cache.behaviour[row]) == int(label(activations[hook][0, at][None].float())[0])
+    # another labeller is another cache
+    other = dataclasses.replace(state, digest="another-labeller")
+    with pytest.raises(ProvenanceError, match="labels digest"):
+        collect_disagreements(models["base"], models["thinking"], own, framed, other, settings, tmp_path / read)
