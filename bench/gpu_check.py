@@ -68,8 +68,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,19 +335,6 @@ def sentence_index_labels() -> BehaviourLabels:
                            source="gpu_check: sentence index mod 4")
 
 
-@contextmanager
-def base_tokenizer_lent(base, thinking) -> Iterator[None]:
-    """The thinking bridge reads with the base's tokenizer for a while. Collection refuses pairs whose
-    vocabularies differ in any token, added ones included, and the family pairs differ there (as the
-    real ones do); the ordinary ids, all that the synthetic traces use, are the same in both."""
-    own = thinking.tokenizer
-    thinking.tokenizer = base.tokenizer
-    try:
-        yield
-    finally:
-        thinking.tokenizer = own
-
-
 def check_correction(base, thinking, args: argparse.Namespace, steer_layer: int, read_layer: int, folder: Path,
                      timer: Timer, over: Callable[[str], bool], result: dict[str, Any]) -> None:
     """The correction vectors' phases: disagreement collection over ``--correction-traces`` synthetic
@@ -397,7 +383,6 @@ def check_correction(base, thinking, args: argparse.Namespace, steer_layer: int,
     else:
         directions = random_directions(base, steer_layer, bias=False)
         mlp, source = CoefficientMLP(base.cfg.d_model, directions.behaviour_ids, config.mlp_hidden), "random"
-    mlp = mlp.to(timer.device)  # trained ones come back on the CPU
     base_prompts, thinking_prompts = prompts_for(args.batch)
     for mode in CACHE_MODES:
         phase = f"correction_hybrid_{mode}"
@@ -429,10 +414,9 @@ def collect(base, thinking, args: argparse.Namespace, steer_layer: int, folder: 
     base_prompts, thinking_prompts = prompts_for(args.correction_traces)
     traces = synthetic_traces(thinking_prompts, args.trace_chars, thinking.cfg.model_name)
     framed = [reframe_trace(trace, prompt) for trace, prompt in zip(traces, base_prompts, strict=True)]
-    with base_tokenizer_lent(base, thinking):
-        return guarded("correction_collect", lambda: collect_disagreements(
-            base, thinking, traces, framed, sentence_index_labels(), DisagreementSettings(layer=steer_layer),
-            folder / "disagreements"))
+    return guarded("correction_collect", lambda: collect_disagreements(
+        base, thinking, traces, framed, sentence_index_labels(), DisagreementSettings(layer=steer_layer),
+        folder / "disagreements"))
 
 
 def free(device: torch.device) -> None:

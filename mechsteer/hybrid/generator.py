@@ -181,21 +181,19 @@ def hybrid_generate(
 ) -> HybridOutput:
     """Generate with the base model, steered when ``policy`` says so (see the module docstring).
 
-    ``coefficient_model`` predicts the coefficients of ``config.coefficient_rule`` "learned" (and
-    is refused with any other rule)."""
+    ``coefficient_model`` predicts the coefficients of ``config.coefficient_rule`` "learned" (only)."""
     if len(base_prompts) != len(thinking_prompts):
         raise ValueError("base_prompts and thinking_prompts must have the same length")
     if directions.d_model != base.cfg.d_model:
-        raise ValueError(
-            f"steering vectors have d_model {directions.d_model} but the base model has "
-            f"{base.cfg.d_model}"
-        )
+        raise ValueError(f"steering vectors have d_model {directions.d_model} but the base model has {base.cfg.d_model}")
     for model, layer, what in ((base, config.steer_layer, "steer_layer"), (thinking, config.read_layer, "read_layer")):
         if not 0 <= layer < model.cfg.n_layers:
             raise ValueError(f"{what} must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
     if shared_tokenizer is None:
         shared_tokenizer = tokenizers_compatible(base.tokenizer, thinking.tokenizer)
     check_rule_inputs(config, shared_tokenizer, coefficient_model)
+    if isinstance(coefficient_model, torch.nn.Module):
+        coefficient_model.to(input_device(base))  # it reads the base residual where the base model runs
     vocab = PairVocab(base, thinking, shared_tokenizer)
     behaviours = BehaviourTable(directions, input_device(base))
     output = HybridOutput([], [], [], [])

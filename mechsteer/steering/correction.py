@@ -47,6 +47,7 @@ CORRECTION_METHOD = "correction"  # the method a trained set names
 REPORT_FILE = "correction.json"
 # "mlp": the coefficient MLP is trained with the vectors; "none": the vectors alone, coefficient 1.
 CoefficientMode = Literal["mlp", "none"]
+VectorInit = Literal["zero", "mean_norm"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class CorrectionConfig:
     weight_decay: float = 0.01
     mlp_grad_clip: float = 1.0
     coefficient: CoefficientMode = "mlp"
+    # "zero": vectors start at zero (the reference's train_vectors.sh); "mean_norm": random directions at
+    # the layer's mean activation norm (its older optimize_correction_vectors.py)
+    init: VectorInit = "zero"
     mlp_architecture: CoefficientArchitecture = "shared"
     mlp_hidden: int = 128
     max_positions_per_trace: int = 64  # per (trace, behaviour); 0: no cap
@@ -72,6 +76,8 @@ class CorrectionConfig:
         if not self.seeds or self.epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.mlp_hidden < 1:
             raise ConfigError(f"correction training needs seeds, and epochs, patience, batch_size, mlp_hidden >= 1; "
                               f"got {self}")
+        if self.init not in get_args(VectorInit):
+            raise ConfigError(f"init must be one of {get_args(VectorInit)}; got {self.init!r}")
         if self.coefficient not in get_args(CoefficientMode):
             raise ConfigError(f"coefficient must be one of {get_args(CoefficientMode)}; got {self.coefficient!r}")
         if not 0 < self.val_fraction < 1:
@@ -231,8 +237,9 @@ def _train_seed(model: TransformerBridge, cache: DisagreementCache, config: Corr
     slot_of = {b: i for i, b in enumerate(behaviours)}
     pad = model.tokenizer.pad_token_id or 0
     generator = torch.Generator().manual_seed(seed)
-    init = torch.randn(len(behaviours), cache.d_model, generator=generator)
-    vectors = (init / init.norm(dim=-1, keepdim=True) * init_norm).to(device).requires_grad_(True)
+    init = torch.randn(len(behaviours), cache.d_model, generator=generator)  # drawn either way: same stream
+    start = init / init.norm(dim=-1, keepdim=True) * init_norm if config.init == "mean_norm" else torch.zeros_like(init)
+    vectors = start.to(device).requires_grad_(True)
     mlp = None
     groups: list[dict[str, Any]] = [{"params": [vectors], "lr": config.lr}]
     if config.coefficient == "mlp":

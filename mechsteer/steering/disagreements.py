@@ -39,7 +39,12 @@ from mechsteer.core.models import resid_hook_name
 from mechsteer.core.provenance import mismatch, weights_fingerprint
 from mechsteer.core.store import json_digest, read_json, write_json_atomic
 from mechsteer.core.tensor_types import Float, Int, Tensor
-from mechsteer.core.vocab import adds_special_tokens
+from mechsteer.core.vocab import (
+    adds_special_tokens,
+    ordinary_vocab,
+    shared_id_map,
+    tokenizers_compatible,
+)
 from mechsteer.data.traces import TraceRecord, traces_digest
 from mechsteer.steering.direction_set import SITE
 from mechsteer.steering.labels import BehaviourLabels
@@ -158,16 +163,24 @@ class DisagreementCache:
 # Alignment and labels
 
 
-def require_shared_vocabulary(base: TransformerBridge, thinking: TransformerBridge) -> None:
-    """Refuse a pair whose tokenizers differ: their tokens cannot be matched one to one."""
-    base_vocab, thinking_vocab = base.tokenizer.get_vocab(), thinking.tokenizer.get_vocab()
-    if base_vocab != thinking_vocab:
+def require_shared_vocabulary(base: TransformerBridge, thinking: TransformerBridge) -> Int[Tensor, " thinking_vocab"]:
+    """Refuse a pair whose ordinary vocabularies differ (their tokens cannot be matched one to one);
+    the paper's pairs share theirs and differ in added tokens. Returns each thinking id's base id (-1:
+    a token the base model lacks, e.g. the thinking model's own special tokens)."""
+    if not tokenizers_compatible(base.tokenizer, thinking.tokenizer):
+        base_vocab, thinking_vocab = ordinary_vocab(base.tokenizer), ordinary_vocab(thinking.tokenizer)
         only_base = len(set(base_vocab.items()) - set(thinking_vocab.items()))
         only_thinking = len(set(thinking_vocab.items()) - set(base_vocab.items()))
         raise ConfigError(
             f"base model {base.cfg.model_name!r} and thinking model {thinking.cfg.model_name!r} have different "
-            f"tokenizers ({only_base} tokens only in the base's, {only_thinking} only in the thinking's): "
+            f"tokenizers ({only_base} ordinary tokens only in the base's, {only_thinking} only in the thinking's): "
             "disagreement positions need one shared vocabulary; use a pair of one tokenizer family")
+    sizes = (int(base.cfg.d_vocab), int(thinking.cfg.d_vocab))
+    to_thinking = torch.tensor(shared_id_map(base.tokenizer, thinking.tokenizer, *sizes), dtype=torch.long)
+    to_base = torch.full((sizes[1],), -1, dtype=torch.long)
+    valid = to_thinking >= 0
+    to_base[to_thinking[valid]] = torch.arange(sizes[0], dtype=torch.long)[valid]
+    return to_base
 
 
 def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -250,7 +263,7 @@ def _forward(model: TransformerBridge, rows: Sequence[Sequence[int]], hook_name:
 
 def _collect_chunk(base: TransformerBridge, thinking: TransformerBridge, traces: Sequence[TraceRecord],
                    framed: Sequence[TraceRecord], first_index: int, labels: Labels,
-                   settings: DisagreementSettings) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                   settings: DisagreementSettings, to_base: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
     hook_name = resid_hook_name(settings.layer, SITE)
     columns: dict[str, list[Tensor]] = {name: [] for name in
                                         ("trace_index", "position", "behaviour", "target_token", "base_greedy",
@@ -304,7 +317,10 @@ def _collect_chunk(base: TransformerBridge, thinking: TransformerBridge, traces:
             at_base = torch.tensor(kept_base, dtype=torch.long)
             at_thinking = torch.tensor(kept_thinking, dtype=torch.long)
             logprobs = torch.log_softmax(thinking_logits[row, at_thinking.to(thinking_logits.device)], dim=-1)
-            top_values, top_ids = logprobs.topk(settings.top_k, dim=-1)
+            # the top K among the tokens the base model has (training reads the base logits there), as base ids
+            base_of = to_base.to(logprobs.device)
+            top_values, top_ids = logprobs.masked_fill(base_of < 0, float("-inf")).topk(settings.top_k, dim=-1)
+            top_ids = base_of[top_ids]
             columns["trace_index"].append(torch.full((len(kept_base),), index, dtype=torch.long))
             columns["position"].append(at_base)
             if isinstance(labels, StateLabels):
@@ -372,7 +388,7 @@ def collect_disagreements(
     say = progress or (lambda message: None)
     if not 0 <= settings.layer < base.cfg.n_layers:
         raise ConfigError(f"layer {settings.layer} is outside [0, {base.cfg.n_layers - 1}] of {base.cfg.model_name!r}")
-    require_shared_vocabulary(base, thinking)
+    to_base = require_shared_vocabulary(base, thinking)
     folder = Path(out_dir)
     expected = expected_provenance(base, thinking, traces, framed, labels, settings)
     document = _read_manifest(folder)
@@ -388,7 +404,8 @@ def collect_disagreements(
             return None
         first = chunk * settings.chunk_size
         last = min(first + settings.chunk_size, len(traces))
-        tensors, counts = _collect_chunk(base, thinking, traces[first:last], framed[first:last], first, labels, settings)
+        tensors, counts = _collect_chunk(base, thinking, traces[first:last], framed[first:last], first, labels, settings,
+                                         to_base)
         save_artefact(folder, chunk_format(chunk), {"first_trace": first, "n_traces": last - first, **counts}, tensors)
         document["chunks"].append({"first_trace": first, "n_traces": last - first,
                                    "n_positions": int(tensors["position"].numel())})

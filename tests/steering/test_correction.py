@@ -284,3 +284,23 @@ def test_state_labels_read_the_thinking_models_activation_as_the_policy_will(mod
     other = dataclasses.replace(state, digest="another-labeller")
     with pytest.raises(ProvenanceError, match="labels digest"):
         collect_disagreements(models["base"], models["thinking"], own, framed, other, settings, tmp_path / read)
+
+
+def test_a_pair_of_one_family_with_different_added_tokens_is_collected(tmp_path):
+    """The paper's pairs share their ordinary vocabulary and differ in added tokens: collection takes
+    them, and the thinking model's top K are tokens the base model has, as base ids."""
+    from tests.tiny_models import save_real_pair
+
+    base_path, thinking_path = save_real_pair(tmp_path / "pair", "qwen2")
+    base, thinking = load_model(str(base_path)), load_model(str(thinking_path))
+    assert base.tokenizer.get_vocab() != thinking.tokenizer.get_vocab()
+    own = [make_trace(i) for i in range(4)]
+    framed = [reframe_trace(t, BASE_PROMPT) for t in own]
+    cache = collect_disagreements(base, thinking, own, framed, LABELS,
+                                  DisagreementSettings(layer=1, top_k=8, chunk_size=4), tmp_path / "cache")
+    assert cache is not None and cache.n_positions > 0
+    ids = sorted(set(cache.top_k_ids.flatten().tolist()))
+    assert ids[-1] < base.cfg.d_vocab
+    # each a token both models have: the base id of a text the thinking vocabulary holds
+    texts = base.tokenizer.convert_ids_to_tokens(ids)
+    assert None not in texts and set(texts) <= set(thinking.tokenizer.get_vocab())
