@@ -311,7 +311,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
         _draw(paths.taxonomy / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy.sweep, path))
     if stage_plots and view.ablations is not None:
         necessity = [NecessityRow.from_json(row) for row in view.ablations["necessity"]]
-        sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]
+        sufficiency = [SufficiencyRow.from_json(row) for row in view.ablations["sufficiency"]]
         _draw(paths.ablations / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
     candidates = [out / ACCURACY_PLOT, paths.taxonomy / METRICS_PLOT, paths.taxonomy / SENTENCE_MAP_PLOT,
                   paths.ablations / ABLATIONS_PLOT, out / TRANSITIONS_PLOT, out / TIMELINE_PLOT]

@@ -1,7 +1,8 @@
 """The paper's metrics over per-problem grades.
 
 ``wilson_interval``, ``accuracy`` (with its Wilson interval), ``gap_recovered`` (None when
-thinking == base, where the ratio is undefined) and ``paired_bootstrap_gap``.
+thinking == base, where the ratio is undefined), ``paired_bootstrap_gap``, and
+``fisher_exact_greater`` (one-sided Fisher's exact test of two proportions).
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / denominator
     half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def fisher_exact_greater(k_a: int, n_a: int, k_b: int, n_b: int) -> float:
+    """One-sided Fisher's exact test that group a's rate exceeds group b's: ``k_a`` successes of
+    ``n_a`` against ``k_b`` of ``n_b``.
+
+    The p-value is P(X >= k_a) for X hypergeometric with the table's margins: ``n_a`` draws from
+    ``n_a + n_b`` trials, ``k_a + k_b`` of them successes. Computed exactly with integer binomial
+    coefficients (the same value as ``scipy.stats.fisher_exact(..., alternative="greater")``).
+    """
+    for name, value in (("n_a", n_a), ("n_b", n_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value, n in (("k_a", k_a, n_a), ("k_b", k_b, n_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n:
+            raise ValueError(f"{name} must be an int in [0, {n}], got {value!r}")
+    successes = k_a + k_b
+    tail = sum(math.comb(successes, x) * math.comb(n_a + n_b - successes, n_a - x)
+               for x in range(k_a, min(successes, n_a) + 1))
+    return min(1.0, tail / math.comb(n_a + n_b, n_a))
 
 
 # Per-problem grades: bools, or 0/1, as a sequence or a 1-D numpy array.

@@ -21,27 +21,27 @@ from tests.experiment.configs import OLD_DEMO
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 # The digests run folders were written under before the keys declared themselves.
 DIGESTS = {
-    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "f81defce6094ea78",
-    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "4e2223587dc62ff6",
+    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "aca2d5cfdc2027dd",
+    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "638d2ddab4aa788f",
     "organism-demo-confirm400.yaml": "40378eac4881d884",
-    "organism-demo-grid.yaml": "481f056e29f249eb",
-    "organism-demo.yaml": "c83941482403d842",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "1473719ea2e7e27b",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "7c068272e73a9e2b",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "6fcdb7f763d3136c",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "c8c1c1177f82165d",
-    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "d8c0580962be1ab3",
-    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "f282a775c314d201",
-    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "8c2468fb1d264902",
-    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "d3492dea8503c377",
-    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "a6eb9b5c64ffb4f8",
-    "qwen2.5-32b__qwq-32b__math500.yaml": "421e35ca526fea59",
-    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "bdeaafc14ba0b889",
-    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "569c2cab2677a5ef",
-    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "29b3a5d4d7771e8d",
-    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "f6ee9c343962fc84",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "34a519e32248c7b6",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "86a8a2b4f87d81cc",
+    "organism-demo-grid.yaml": "5bb21fe8cacc04eb",
+    "organism-demo.yaml": "ebe52ff6cdea9cb7",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "01841379e22c3965",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "4d372c86562b2a71",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "98ca4151f03062ce",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "7c50393f520f2695",
+    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "c9b1dc7456668fe3",
+    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "30d31ed1cdd4e23d",
+    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "882f53c22672cdac",
+    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "b9c9081926295e26",
+    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "2bd8222790ab70af",
+    "qwen2.5-32b__qwq-32b__math500.yaml": "37b9948a064752fb",
+    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "52a25ac933f34c18",
+    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "800d47897bde7b41",
+    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "9c6558365b413010",
+    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "bbb465e565c11182",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "ee3965bd21109c5d",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "320dd5b576926cb5",
 }
 
 
@@ -68,7 +68,7 @@ def test_every_config_keeps_its_digest():
     assert {path.name: RunConfig.from_yaml(path).digest() for path in sorted(EXPERIMENTS.glob("*.yaml"))} == DIGESTS
     assert DEMO_CONFIG.digest() == DIGESTS["organism-demo.yaml"]
     assert DEMO_GRID_CONFIG.digest() == DIGESTS["organism-demo-grid.yaml"]
-    assert OLD_DEMO.digest() == "f2c2834c78ea8dc1"
+    assert OLD_DEMO.digest() == "b157fc2ee6f25d7c"
 
 
 def test_keys_outside_the_digest_do_not_change_it():
