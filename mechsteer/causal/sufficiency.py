@@ -168,13 +168,20 @@ class SufficiencyRow:
         return cls(**{**row, **counts, "base_on_its_own": None if own is None else RateCount.from_json(own)})
 
 
+# With a grammar, at most this many times n_contexts allowed contexts are scanned for ones where
+# the unsteered base does not write the behaviour (a behaviour it nearly always writes on its own
+# would otherwise have every allowed context generated).
+SCAN_CHUNKS = 4
+
+
 def _not_written_unsteered(shuffled: Sequence[SteeringContext], n_contexts: int,
                            unsteered_hits: Callable[[list[str]], list[bool]]) -> tuple[list[SteeringContext], RateCount]:
     """Up to ``n_contexts`` of ``shuffled`` where the unsteered model does not write the behaviour,
-    scanning ``n_contexts`` at a time, and the count of those scanned where it does."""
+    scanning ``n_contexts`` at a time (at most :data:`SCAN_CHUNKS` times), and the count of those
+    scanned where it does."""
     chosen: list[SteeringContext] = []
     scanned: list[bool] = []
-    for start in range(0, len(shuffled), n_contexts):
+    for start in range(0, min(len(shuffled), SCAN_CHUNKS * n_contexts), n_contexts):
         chunk = list(shuffled[start : start + n_contexts])
         chunk_hits = unsteered_hits([c.text for c in chunk])
         scanned += chunk_hits

@@ -351,8 +351,9 @@ def _ablations(view: RunView) -> list[str]:
         # With a grammar the unsteered rate is 0 by construction; the base's own rate where the
         # grammar allows the behaviour says instead how often it needed no steering.
         own = all(r.get("base_on_its_own") for r in sufficiency)
-        baseline = ("the base model on its own in every context the grammar allows the behaviour in (those "
-                    "where it writes it are left out)" if own else "unsteered")
+        baseline = ("the base model on its own where the grammar allows the behaviour (allowed contexts "
+                    "scanned in random order until enough are found where it does not write it; those where it "
+                    "does are left out)" if own else "unsteered")
         lines += [f"**Sufficiency** (base model steered{with_bias}, up to {num(n_contexts)} contexts per "
                   f"behaviour, {cell(settings.get('sufficiency_contexts', ''))}): the share of next sentences that "
                   f"are the behaviour: {baseline}, with a random vector of the same norm (pooled over the random "

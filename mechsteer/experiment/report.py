@@ -345,6 +345,7 @@ def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     tracker.log_table("behaviour_transitions", list(statistics.get("transitions", [])))
     ablations = report.get("ablations") or {}
     tracker.log_table("ablation_necessity", list(ablations.get("necessity", [])))
+    tracker.log_table("ablation_necessity_tests", list(ablations.get("necessity_tests", [])))
     tracker.log_table("ablation_sufficiency", list(ablations.get("sufficiency", [])))
     paths = RunPaths(out)
     for plot in [*sorted(out.glob("*.png")), *sorted(paths.taxonomy.glob("*.png"))]:
