@@ -68,7 +68,7 @@ def test_every_config_keeps_its_digest():
     assert {path.name: RunConfig.from_yaml(path).digest() for path in sorted(EXPERIMENTS.glob("*.yaml"))} == DIGESTS
     assert DEMO_CONFIG.digest() == DIGESTS["organism-demo.yaml"]
     assert DEMO_GRID_CONFIG.digest() == DIGESTS["organism-demo-grid.yaml"]
-    assert OLD_DEMO.digest() == "b157fc2ee6f25d7c"
+    assert OLD_DEMO.digest() == "f2c2834c78ea8dc1"
 
 
 def test_keys_outside_the_digest_do_not_change_it():
