@@ -52,9 +52,9 @@ def main() -> None:
               f"all behaviours {row.max_other_relative_change:.0%} -> {'met' if met else 'missed'}")
     for where, rows in (("thinking contexts", study.sufficiency), ("base prompts", study.sufficiency_base_contexts)):
         for row in rows:
-            print(f"sufficiency {row.title:8s} ({where}, coefficient {row.coeff:g}): unsteered {row.rate_unsteered:.2f}, "
-                  f"random {row.rate_random:.2f}, steered {row.rate_steered:.2f} ({row.ratio_vs_random:.1f}x) -> "
-                  f"{'met' if row.ratio_vs_random >= 3 else 'missed'}")
+            print(f"sufficiency {row.title:8s} ({where}, coefficient {row.coeff:g}): unsteered "
+                  f"{row.unsteered.rate:.2f}, random {row.random.rate:.2f}, steered {row.steered.rate:.2f} "
+                  f"(p = {row.p_value:.2g}) -> {'met' if row.passed else 'missed'}")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,24 @@ unablated traces. Also the other behaviours' rates and the accuracy. A direction
 base model is applied to the thinking model as is when both share d_model (a thinking model
 post-trained from the base keeps its residual basis; ``check_model(..., allow_other_name=True)``);
 pass a set made in the thinking model to test it there instead.
+
+:func:`necessity_at_contexts` is the test: contexts cut from the thinking model's own traces
+just before a sentence of the behaviour (where the thinking model shows it); the thinking model
+writes the next sentence unablated and ablated, and the behaviour's rate falls with p < 0.01
+(one-sided Fisher exact test, :mod:`mechsteer.causal.criterion`) or the check fails.
 """
 
 from __future__ import annotations
 
+import functools
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from mechsteer.causal.criterion import RateCount, one_sided_p, passes
+from mechsteer.causal.sufficiency import SteeringContext, first_labels, next_sentences
+from mechsteer.core.errors import ConfigError
 from mechsteer.data.benchmarks import Problem
 from mechsteer.data.prompts import render_prompt
 from mechsteer.grading.answers import extract_answer, is_correct
@@ -168,5 +178,116 @@ def necessity(
     return rows
 
 
-__all__ = ["NECESSITY_VARIANTS", "NecessityRow", "NecessityVariant", "behaviour_rates", "necessity",
-           "relative_change"]
+@dataclass
+class NecessityTestRow:
+    """One behaviour, one direction source, one variant: its rate unablated and ablated at the
+    contexts where the thinking model shows it."""
+
+    behaviour_id: int
+    title: str
+    directions: str  # which directions the thinking model lost (the run's, or difference of means)
+    variant: str
+    n_contexts: int  # per condition
+    unablated: RateCount
+    ablated: RateCount
+    p_value: float  # one-sided Fisher exact test, unablated > ablated
+    passed: bool  # p_value < criterion.ALPHA
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> NecessityTestRow:
+        """A row as ablations.json holds it."""
+        return cls(**{**row, **{key: RateCount.from_json(row[key]) for key in ("unablated", "ablated")}})
+
+
+def _no_interventions(lengths: list[int]) -> list[Any]:
+    return []
+
+
+def _fixed_interventions(interventions: Sequence[Any], lengths: list[int]) -> list[Any]:
+    return list(interventions)
+
+
+def shown_contexts(contexts: Sequence[SteeringContext], labeller: BehaviourLabeller) -> dict[int, list[SteeringContext]]:
+    """Per behaviour, the contexts whose recorded next sentence ``labeller`` gives that behaviour."""
+    labels = first_labels(labeller, [c.text for c in contexts], [c.next_sentence for c in contexts])
+    shown: dict[int, list[SteeringContext]] = {}
+    for context, label in zip(contexts, labels, strict=True):
+        if label is not None:
+            shown.setdefault(label, []).append(context)
+    return shown
+
+
+def necessity_at_contexts(
+    thinking_model: TransformerBridge,
+    sources: Mapping[str, DirectionSet],
+    contexts: Sequence[SteeringContext],
+    labeller: BehaviourLabeller,
+    *,
+    variants: Sequence[Literal["layer", "all"]] = ("layer", "all"),
+    layer_directions: Mapping[str, Mapping[int, DirectionSet]] | None = None,
+    n_contexts: int = 100,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    stop_strings: Sequence[str] = ("\n",),
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> list[NecessityTestRow]:
+    """Each source's direction of each behaviour projected out of the thinking model, at up to
+    ``n_contexts`` contexts (thinking framing) whose next sentence is that behaviour (module docstring).
+
+    ``sources`` names each direction set (e.g. the run's vectors, difference of means in the
+    thinking model); they measure the same behaviour ids. A source with ``layer_directions[name]``
+    (a set made at each layer) is also tested with the ``per_layer`` variant. Refuses a behaviour
+    the contexts never show.
+    """
+    if not sources:
+        raise ValueError("necessity_at_contexts needs at least one direction set")
+    for variant in variants:
+        if variant not in ("layer", "all"):
+            raise ValueError(f"necessity_at_contexts variants are 'layer' and 'all'; got {variant!r}")
+    behaviour_ids = next(iter(sources.values())).behaviour_ids
+    per_source: dict[str, list[NecessityVariant]] = {}
+    for name, directions in sources.items():
+        directions.check_model(thinking_model, allow_other_name=True)
+        if directions.behaviour_ids != behaviour_ids:
+            raise ValueError(f"direction set {name!r} has behaviours {directions.behaviour_ids}, not {behaviour_ids}")
+        per_source[name] = list(variants)
+        if name in (layer_directions or {}):
+            per_source[name].append("per_layer")
+        _check_variants(thinking_model, directions, per_source[name], (layer_directions or {}).get(name))
+    shown = shown_contexts(contexts, labeller)
+    missing = [b for b in behaviour_ids if not shown.get(b)]
+    if missing:
+        raise ConfigError(f"necessity has no context where the thinking model writes behaviour(s) {missing}: of "
+                          f"{len(contexts)} sentence boundaries of its train traces none precedes one; give it more "
+                          "train traces (n_train) or longer ones (max_new_tokens), or turn ablations off")
+    generate_next = functools.partial(next_sentences, thinking_model, max_new_tokens=max_new_tokens,
+                                      stop_strings=stop_strings, batch_size=batch_size)
+    say = progress or (lambda message: None)
+    rows = []
+    for behaviour in behaviour_ids:
+        eligible = shown[behaviour]
+        chosen = random.Random(f"{seed}-{behaviour}").sample(eligible, min(n_contexts, len(eligible)))
+        texts = [c.text for c in chosen]
+
+        def hits(continuations: Sequence[str], behaviour: int = behaviour, texts: list[str] = texts) -> RateCount:
+            return RateCount.of([label == behaviour for label in first_labels(labeller, texts, continuations)])
+
+        unablated = hits(generate_next(texts, _no_interventions))
+        for name, directions in sources.items():
+            for source_variant in per_source[name]:
+                ablations = _ablations(thinking_model, directions, behaviour, source_variant,
+                                       (layer_directions or {}).get(name))
+                ablated = hits(generate_next(texts, functools.partial(_fixed_interventions, ablations)))
+                p_value = one_sided_p(unablated, ablated)
+                rows.append(NecessityTestRow(
+                    behaviour_id=int(behaviour), title=directions.title(behaviour), directions=name,
+                    variant=VARIANT_NAMES[source_variant].format(layer=directions.layer), n_contexts=len(chosen),
+                    unablated=unablated, ablated=ablated, p_value=p_value, passed=passes(p_value)))
+                say(f"  necessity {directions.title(behaviour)!r} ({name}, {source_variant}): {unablated.rate:.2f} -> "
+                    f"{ablated.rate:.2f} ({len(chosen)} contexts, p = {p_value:.2g})")
+    return rows
+
+
+__all__ = ["NECESSITY_VARIANTS", "NecessityRow", "NecessityTestRow", "NecessityVariant", "behaviour_rates",
+           "necessity", "necessity_at_contexts", "relative_change", "shown_contexts"]

@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mechsteer.causal.necessity import NecessityRow
+from mechsteer.causal.necessity import NecessityRow, NecessityTestRow
 from mechsteer.causal.sufficiency import SufficiencyRow
 
 NECESSITY_CSV = "necessity.csv"
+NECESSITY_TESTS_CSV = "necessity_tests.csv"
 SUFFICIENCY_CSV = "sufficiency.csv"
 ABLATIONS_PLOT = "ablations.png"
 ABLATIONS_JSON = "ablations.json"
@@ -66,10 +67,9 @@ def plot_ablations(necessity_rows: Sequence[NecessityRow], sufficiency_rows: Seq
             if row.title not in best or row.coeff > best[row.title].coeff:
                 best[row.title] = row
         titles = list(best)
-        for offset, (name, attribute) in enumerate((("unsteered", "rate_unsteered"), ("random", "rate_random"),
-                                                     ("steered", "rate_steered"))):
-            right.bar([i + offset * 0.27 for i in range(len(titles))], [getattr(best[t], attribute) for t in titles],
-                      0.27, label=name)
+        for offset, name in enumerate(("unsteered", "random", "steered")):
+            right.bar([i + offset * 0.27 for i in range(len(titles))],
+                      [getattr(best[t], name).rate for t in titles], 0.27, label=name)
         right.set_xticks([i + 0.27 for i in range(len(titles))], titles, rotation=20)
         right.set_ylabel("share of next sentences of the behaviour")
         coeffs = sorted({row.coeff for row in best.values()})
@@ -84,16 +84,21 @@ def plot_ablations(necessity_rows: Sequence[NecessityRow], sufficiency_rows: Seq
 
 
 def write_outputs(out_dir: str | Path, necessity_rows: Sequence[NecessityRow],
-                  sufficiency_rows: Sequence[SufficiencyRow], settings: dict[str, Any] | None = None) -> dict[str, Path]:
-    """``necessity.csv``, ``sufficiency.csv``, ``ablations.json`` and ``ablations.png`` in ``out_dir``."""
+                  sufficiency_rows: Sequence[SufficiencyRow], settings: dict[str, Any] | None = None,
+                  necessity_tests: Sequence[NecessityTestRow] = ()) -> dict[str, Path]:
+    """``necessity.csv``, ``necessity_tests.csv``, ``sufficiency.csv``, ``ablations.json`` and
+    ``ablations.png`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     if necessity_rows:
         paths["necessity"] = write_rows_csv(necessity_rows, out / NECESSITY_CSV)
+    if necessity_tests:
+        paths["necessity_tests"] = write_rows_csv(necessity_tests, out / NECESSITY_TESTS_CSV)
     if sufficiency_rows:
         paths["sufficiency"] = write_rows_csv(sufficiency_rows, out / SUFFICIENCY_CSV)
     document = {"settings": settings or {}, "necessity": [dataclasses.asdict(r) for r in necessity_rows],
+                "necessity_tests": [dataclasses.asdict(r) for r in necessity_tests],
                 "sufficiency": [dataclasses.asdict(r) for r in sufficiency_rows]}
     (out / ABLATIONS_JSON).write_text(json.dumps(document, indent=2, default=str) + "\n")
     paths["json"] = out / ABLATIONS_JSON
@@ -101,5 +106,5 @@ def write_outputs(out_dir: str | Path, necessity_rows: Sequence[NecessityRow],
     return paths
 
 
-__all__ = ["ABLATIONS_JSON", "ABLATIONS_PLOT", "NECESSITY_CSV", "SUFFICIENCY_CSV", "plot_ablations", "write_outputs",
+__all__ = ["ABLATIONS_JSON", "ABLATIONS_PLOT", "NECESSITY_CSV", "NECESSITY_TESTS_CSV", "SUFFICIENCY_CSV", "plot_ablations", "write_outputs",
            "write_rows_csv"]

@@ -86,7 +86,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="also steer the generated sentence's positions (auto: only for optimised sets)")
     parser.add_argument("--with-bias", choices=("auto", "on", "off"), default="auto",
                         help="steer with bias + direction, as the hybrid does (auto: only for optimised sets)")
-    parser.add_argument("--n-contexts", type=positive_int, default=64)
+    parser.add_argument("--n-contexts", type=positive_int, default=AblationSettings.n_contexts,
+                        help="contexts per behaviour and condition of the sufficiency and necessity tests "
+                             f"(default {AblationSettings.n_contexts})")
     parser.add_argument("--n-random", type=positive_int, default=1, help="norm-matched random controls per behaviour")
     parser.add_argument("--sentence-tokens", type=positive_int, default=48,
                         help="max tokens of the generated next sentence")

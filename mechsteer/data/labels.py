@@ -4,7 +4,8 @@ Real benchmarks have none: their behaviours are discovered by the taxonomy. A be
 traces follow a known grammar (mechsteer's model organisms) registers a :class:`GroundTruth`
 through a plug-in (:mod:`mechsteer.core.plugins`); the generic stages ask
 :func:`ground_truth_for` and never import the plug-in. Ground truth only ever *measures*
-(ARI, the oracle judge, ablation rates on the organisms, the oracle-timing baseline); nothing
+(ARI, the oracle judge, ablation rates on the organisms and the contexts where the grammar allows
+each behaviour, the oracle-timing baseline); nothing
 selects a setting with it unless a caller asks for the oracle explicitly.
 """
 
@@ -20,6 +21,9 @@ TraceLabeller = Callable[[str], dict[tuple[int, int], str]]
 # Where the thinking model of a known grammar would start a behaviour: the text generated so far
 # -> the title of the behaviour its next sentence should be, or None (the oracle-timing baseline).
 TimingOracle = Callable[[str], str | None]
+# Which behaviours a benchmark's grammar allows as the next sentence, from the reasoning so far
+# (the causal stage measures each behaviour only where it is possible: mechsteer.causal).
+AllowedNext = Callable[[str], frozenset[str]]
 
 UNLABELLED = "other"  # a labelled trace's sentence that the labeller did not recognise
 
@@ -34,6 +38,7 @@ class GroundTruth:
     descriptions: Mapping[str, str]  # what each behaviour (and UNLABELLED) is, in one sentence
     source: str  # where the labels come from, recorded in artefacts
     timing_oracle: TimingOracle | None = None
+    allowed_next: AllowedNext | None = None
 
     def behaviour_id(self, title: str) -> int | None:
         return self.behaviours.index(title) if title in self.behaviours else None
@@ -65,5 +70,5 @@ def require_ground_truth(benchmark: str) -> GroundTruth:
     return ground_truth
 
 
-__all__ = ["GroundTruth", "TraceLabeller", "UNLABELLED", "ground_truth_for", "register_ground_truth",
+__all__ = ["AllowedNext", "GroundTruth", "TraceLabeller", "UNLABELLED", "ground_truth_for", "register_ground_truth",
            "require_ground_truth"]

@@ -182,8 +182,9 @@ class RunConfig:
              "says; the hybrid with the paper's last-token read; the hybrid without the grid and guardrail")
     ablations: bool = key(True, read_by=(), downstream=True, section="ablations",
         help="run the ablation stage: necessity and sufficiency of each behaviour direction")
-    ablation_contexts: Annotated[int, Range(min=1)] = key(40, read_by=("ablations",), downstream=True,
-        section="ablations", help="eval_split problems of the necessity pass and sufficiency contexts per behaviour")
+    ablation_contexts: Annotated[int, Range(min=1)] = key(100, read_by=("ablations",), downstream=True,
+        section="ablations", help="contexts per behaviour and condition of the causal tests (sufficiency, necessity) "
+        "and eval_split problems of the whole-trace necessity pass")
     # numpy and torch seeds are unsigned 32-bit (a larger one fails only when a stage seeds with it)
     seed: Annotated[int, Range(min=0, max=2**32 - 1)] = key(
         0, read_by=(*TRAIN_TRACES, "taxonomy", "directions", *PLAIN_EVALS, "eval_random_firing", "eval_random_vectors",
@@ -587,7 +588,6 @@ DEMO_CONFIG = RunConfig(
     policy_read="next_token",
     controls=["only_bias", "only_bias_replayed", "random_firing", "random_vectors"],
     baselines=["first_token_only", "oracle_timing"],
-    ablation_contexts=30,
     # The organisms are tiny (d_model 128): one thread is as fast as two, and far faster when
     # anything else runs on the machine (OpenMP threads spin-wait for a busy core).
     threads=1,

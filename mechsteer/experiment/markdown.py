@@ -303,6 +303,13 @@ def _tuning(view: RunView) -> list[str]:
                           "tokens steered"], rows, "lllrrr")
 
 
+def _rate(count: dict[str, Any]) -> str:
+    """``k/n = rate [low – high]``, a causal check's rate with its 95% Wilson interval."""
+    if not count["n"]:
+        return "no context"
+    return f"{count['k']}/{count['n']} = {num(count['rate'])} [{interval(count['ci'])}]"
+
+
 def _ablations(view: RunView) -> list[str]:
     if not view.config.ablations:
         return []
@@ -310,12 +317,24 @@ def _ablations(view: RunView) -> list[str]:
     if view.ablations is None:
         return lines + ["The ablations stage has not finished.", ""]
     necessity = view.ablations.get("necessity") or []
+    tests = view.ablations.get("necessity_tests") or []
     sufficiency = view.ablations.get("sufficiency") or []
     settings = view.ablations.get("settings") or {}
+    alpha = settings.get("alpha")
+    n_contexts = (settings.get("settings") or {}).get("n_contexts")
+    criterion = (f"A check passes at p < {num(alpha, 2)} (one-sided Fisher exact test); rates are k/n with their "
+                 "95% Wilson interval.")
+    if tests:
+        lines += [f"**Necessity** (thinking model, the direction projected out, at contexts "
+                  f"{cell(settings.get('necessity_contexts', ''))}, up to {num(n_contexts)} per behaviour): "
+                  f"how often the next sentence is still the behaviour. {criterion}", ""]
+        rows = [[cell(r["title"]), cell(r["directions"]), cell(r["variant"]), _rate(r["unablated"]),
+                 _rate(r["ablated"]), f"{r['p_value']:.2g}", num(r["passed"])] for r in tests]
+        lines += table(["behaviour", "directions", "ablated at", "unablated", "ablated", "p", "passed"], rows,
+                       "lllrrrl")
     if necessity:
-        lines += [f"**Necessity** (thinking model, the direction projected out, {necessity[0]['n_traces']} traces): "
-                  "the behaviour's sentences per trace before and after, and the largest relative change of any "
-                  "other behaviour.", ""]
+        lines += [f"Whole traces ({necessity[0]['n_traces']} traces, the run's directions): the behaviour's "
+                  "sentences per trace before and after, and the largest relative change of any other behaviour.", ""]
         rows = [[cell(r["title"]), cell(r["variant"]), num(r["rate_before"], 2), num(r["rate_after"], 2),
                  percent(r["relative_change"]), percent(r["max_other_relative_change"]),
                  f"{num(r['accuracy_before'])} → {num(r['accuracy_after'])}"] for r in necessity]
@@ -323,13 +342,21 @@ def _ablations(view: RunView) -> list[str]:
                         "accuracy"], rows, "llrrrrl")
     if sufficiency:
         with_bias = " with the bias" if settings.get("sufficiency_with_bias") else ""
-        lines += [f"**Sufficiency** (base model steered{with_bias}, at {sufficiency[0]['n_contexts']} contexts "
-                  "whose next sentence is another behaviour): the share of next sentences that are the behaviour, "
-                  "unsteered, with a random vector of the same norm, and steered.", ""]
-        rows = [[cell(r["title"]), num(r["coeff"], 2), num(r["rate_unsteered"]), num(r["rate_random"]),
-                 num(r["rate_steered"]), num(r["ratio_vs_random"], 2)] for r in sufficiency]
-        lines += table(["behaviour", "coefficient", "unsteered", "random vector", "steered", "steered ÷ random"],
-                       rows, "lrrrrr")
+        # With a grammar the unsteered rate is 0 by construction; the base's own rate where the
+        # grammar allows the behaviour says instead how often it needed no steering.
+        own = all(r.get("base_on_its_own") for r in sufficiency)
+        baseline = ("the base model on its own where the grammar allows the behaviour (allowed contexts "
+                    "scanned in random order until enough are found where it does not write it; those where it "
+                    "does are left out)" if own else "unsteered")
+        lines += [f"**Sufficiency** (base model steered{with_bias}, up to {num(n_contexts)} contexts per "
+                  f"behaviour, {cell(settings.get('sufficiency_contexts', ''))}): the share of next sentences that "
+                  f"are the behaviour: {baseline}, with a random vector of the same norm (pooled over the random "
+                  f"vectors), and steered; the test is steered against random. {criterion}", ""]
+        rows = [[cell(r["title"]), num(r["coeff"], 2), _rate(r["base_on_its_own" if own else "unsteered"]),
+                 _rate(r["random"]), _rate(r["steered"]), f"{r['p_value']:.2g}", num(r["passed"])]
+                for r in sufficiency]
+        lines += table(["behaviour", "coefficient", "base on its own" if own else "unsteered", "random vector",
+                        "steered", "p", "passed"], rows, "lrrrrrl")
     not_measured = settings.get("not_measured") or {}
     if not_measured:
         listed = ", ".join(f"latent {latent} ({cell(title)})" for latent, title in not_measured.items())

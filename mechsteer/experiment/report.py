@@ -326,7 +326,7 @@ def rebuild_run_report(out: str | Path, *, stage_plots: bool = True) -> RunView:
         _draw(paths.taxonomy / METRICS_PLOT, lambda path: plot_metrics_vs_k(taxonomy.sweep, path))
     if stage_plots and view.ablations is not None:
         necessity = [NecessityRow.from_json(row) for row in view.ablations["necessity"]]
-        sufficiency = [SufficiencyRow(**row) for row in view.ablations["sufficiency"]]
+        sufficiency = [SufficiencyRow.from_json(row) for row in view.ablations["sufficiency"]]
         _draw(paths.ablations / ABLATIONS_PLOT, lambda path: plot_ablations(necessity, sufficiency, path))
     candidates = [out / ACCURACY_PLOT, paths.taxonomy / METRICS_PLOT, paths.taxonomy / SENTENCE_MAP_PLOT,
                   paths.ablations / ABLATIONS_PLOT, out / TRANSITIONS_PLOT, out / TIMELINE_PLOT]
@@ -360,6 +360,7 @@ def track_report(tracker: Tracker, report: dict[str, Any], out: Path) -> None:
     tracker.log_table("behaviour_transitions", list(statistics.get("transitions", [])))
     ablations = report.get("ablations") or {}
     tracker.log_table("ablation_necessity", list(ablations.get("necessity", [])))
+    tracker.log_table("ablation_necessity_tests", list(ablations.get("necessity_tests", [])))
     tracker.log_table("ablation_sufficiency", list(ablations.get("sufficiency", [])))
     paths = RunPaths(out)
     for plot in [*sorted(out.glob("*.png")), *sorted(paths.taxonomy.glob("*.png"))]:

@@ -1,8 +1,9 @@
 """The paper's metrics over per-problem grades.
 
 ``wilson_interval``, ``accuracy`` (with its Wilson interval), ``gap_recovered`` (None when
-thinking == base, where the ratio is undefined), ``paired_bootstrap_gap`` and ``seed_spread`` (a
-metric's mean and standard deviation over runs that differ only in their seed).
+thinking == base, where the ratio is undefined), ``paired_bootstrap_gap``, ``seed_spread`` (a
+metric's mean and standard deviation over runs that differ only in their seed) and
+``fisher_exact_greater`` (one-sided Fisher's exact test of two proportions).
 """
 
 from __future__ import annotations
@@ -44,6 +45,26 @@ def seed_spread(values: Sequence[float]) -> SeedSpread:
     mean = sum(values) / n
     sd = math.sqrt(sum((value - mean) ** 2 for value in values) / (n - 1)) if n > 1 else None
     return SeedSpread(mean, sd, n)
+
+
+def fisher_exact_greater(k_a: int, n_a: int, k_b: int, n_b: int) -> float:
+    """One-sided Fisher's exact test that group a's rate exceeds group b's: ``k_a`` successes of
+    ``n_a`` against ``k_b`` of ``n_b``.
+
+    The p-value is P(X >= k_a) for X hypergeometric with the table's margins: ``n_a`` draws from
+    ``n_a + n_b`` trials, ``k_a + k_b`` of them successes. Computed exactly with integer binomial
+    coefficients (the same value as ``scipy.stats.fisher_exact(..., alternative="greater")``).
+    """
+    for name, value in (("n_a", n_a), ("n_b", n_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value, n in (("k_a", k_a, n_a), ("k_b", k_b, n_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n:
+            raise ValueError(f"{name} must be an int in [0, {n}], got {value!r}")
+    successes = k_a + k_b
+    tail = sum(math.comb(successes, x) * math.comb(n_a + n_b - successes, n_a - x)
+               for x in range(k_a, min(successes, n_a) + 1))
+    return min(1.0, tail / math.comb(n_a + n_b, n_a))
 
 
 # Per-problem grades: bools, or 0/1, as a sequence or a 1-D numpy array.

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -343,6 +344,54 @@ def next_behaviour_by_grammar(text: str) -> str | None:
         if above is not None and above.group(4) != check.group(4):
             return "correct"
     return None
+
+
+_PLAN_DAYS = re.compile(r"Plan: start at \d+, (?:add|take) \d+ for (\d+) days\.")
+_DAY = re.compile(r"Day (\d+): ")
+
+
+def _days_left(lines: Sequence[str]) -> bool | None:
+    """Whether the plan has days after the last ``Day k:`` line; None without a plan line."""
+    plan = _PLAN_DAYS.fullmatch(lines[0]) if lines else None
+    if plan is None:
+        return None
+    days = [int(match.group(1)) for line in lines if (match := _DAY.match(line)) is not None]
+    return max(days, default=0) < int(plan.group(1))
+
+
+def behaviours_allowed_next(text: str) -> frozenset[str]:
+    """The behaviours the grammar (v1-v3, base and thinking) allows as the next sentence after ``text``.
+
+    At the start a plan or a direct answer; after the plan a compute line; after a compute line a
+    check, or the next day's compute line while the plan has days left, else the answer; after a
+    failed check (v1: ``, not N``; v2/v3: its result differs from the compute line above) only a
+    correction; after a passed check or a correction the next day or the answer; nothing after the
+    answer, mid-sentence or after a sentence outside the grammar.
+    """
+    if not text:
+        return frozenset({"plan", "answer"})
+    if not text.endswith("\n"):
+        return frozenset()
+    lines = text[:-1].split("\n")
+    last = label_sentence(lines[-1])
+    left = _days_left(lines)
+    step_done = frozenset({"compute"} if left else {"answer"} if left is False else {"compute", "answer"})
+    if last == "plan":
+        return frozenset({"compute"})
+    if last == "compute":
+        return frozenset({"verify"}) | step_done
+    if last == "verify":
+        check = _CHECK_LINE.fullmatch(lines[-1])
+        above = _COMPUTE_LINE.fullmatch(lines[-2]) if len(lines) >= 2 else None
+        # v2/v3 recompute the step (same start and sign); v1 undoes it and says ", not N" when it fails.
+        recomputed = (check is not None and above is not None
+                      and check.group(1, 2, 3) == above.group(1, 2, 3))
+        failed = ", not " in lines[-1] or (recomputed and above is not None and check is not None
+                                            and above.group(4) != check.group(4))
+        return frozenset({"correct"}) if failed else step_done
+    if last == "correct":
+        return step_done
+    return frozenset()
 
 
 def answer_text(text: str) -> str | None:

@@ -20,6 +20,7 @@ from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weigh
 from mechsteer.organisms.grammar import (
     BEHAVIOURS,
     answer_text,
+    behaviours_allowed_next,
     next_behaviour_by_grammar,
     parse_trace,
 )
@@ -72,10 +73,11 @@ def label_reasoning(reasoning: str) -> dict[tuple[int, int], str]:
 
 
 # The timing oracle is grammar v2/v3's (checks at carry/borrow steps), the grammar of the demo's
-# pair; the v1 thinking organism checks operand-9 steps instead.
+# pair; the v1 thinking organism checks operand-9 steps instead. What the grammar allows next holds
+# for every grammar version.
 GROUND_TRUTH = GroundTruth(benchmark=BENCHMARK, behaviours=BEHAVIOURS, label_reasoning=label_reasoning,
                            descriptions=DESCRIPTIONS, source="organism ground truth (mechsteer.organisms.grammar)",
-                           timing_oracle=next_behaviour_by_grammar)
+                           timing_oracle=next_behaviour_by_grammar, allowed_next=behaviours_allowed_next)
 
 
 def register() -> None:

@@ -1,14 +1,21 @@
 """Causal validation: per-row window steering, rates, necessity and sufficiency mechanics, outputs."""
 
 import csv
+import json
 
 import pytest
 import torch
 
 from mechsteer.causal.necessity import behaviour_rates, necessity, relative_change
 from mechsteer.causal.outputs import write_outputs
-from mechsteer.causal.sufficiency import RowWindowSteering, SteeringContext, sufficiency
+from mechsteer.causal.sufficiency import (
+    RowWindowSteering,
+    SteeringContext,
+    SufficiencyRow,
+    sufficiency,
+)
 from mechsteer.data.benchmarks import Problem
+from mechsteer.grading.statistics import fisher_exact_greater
 from mechsteer.interventions.generation import generate
 from mechsteer.interventions.hooks import Steering
 from mechsteer.steering.direction_set import DirectionSet
@@ -68,13 +75,16 @@ def test_sufficiency_counts_steered_random_and_unsteered(tiny_models, tmp_path):
         assert row.n_contexts == 6  # only contexts whose next sentence is the other behaviour
         assert len(row.random_rates) == 2
     zero, strong = rows[0], rows[1]
-    assert zero.rate_steered == zero.rate_unsteered == zero.rate_random  # coeff 0 changes nothing
-    assert strong.rate_steered == 1.0 and strong.rate_random < 0.5
-    assert strong.ratio_vs_random >= 2.0
+    assert zero.steered.rate == zero.unsteered.rate == zero.random.rate  # coeff 0 changes nothing
+    assert not zero.passed and zero.p_value >= 0.5
+    assert strong.steered.rate == 1.0 and strong.random.rate < 0.5
+    assert strong.passed and strong.p_value == fisher_exact_greater(6, 6, strong.random.k, 12)
     paths = write_outputs(tmp_path, [], rows, {"note": "test"})
     with paths["sufficiency"].open() as handle:
         table = list(csv.DictReader(handle))
-    assert len(table) == 4 and float(table[1]["rate_steered"]) == 1.0
+    assert len(table) == 4 and json.loads(table[1]["steered"])["rate"] == 1.0
+    document = json.loads(paths["json"].read_text())
+    assert [SufficiencyRow.from_json(row) for row in document["sufficiency"]] == rows
     assert paths["plot"].stat().st_size > 0
     with pytest.raises(ValueError, match=r"no context for behaviour\(s\) 1"):
         sufficiency(model, directions, contexts[1:2], char_labeller(model), n_contexts=1, behaviour_ids=[1])

@@ -10,5 +10,5 @@ OLD_DEMO = dataclasses.replace(
     DEMO_CONFIG, name="organism-demo", base_model="organism-base", thinking_model="organism-thinking",
     train_split="train", eval_split="test", tune_split=None, n_tune=100, max_new_tokens=288, judge="oracle",
     optimisation={"lr": 0.1, "steps": 100, "init_norm": 8.0}, coefficients=[2.0], windows=[1],
-    policy_read="last_token", baselines=[],
+    policy_read="last_token", baselines=[], ablation_contexts=30,
     controls=["only_bias", "random_firing", "random_vectors"])

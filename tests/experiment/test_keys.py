@@ -20,30 +20,31 @@ from tests.experiment.configs import OLD_DEMO
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 # The digests run folders were written under before the keys declared themselves (the paper pairs' since
-# they gained the correction vectors' settings; organism-demo-correction.yaml since it was added).
+# they gained the correction vectors' settings and ablation_contexts' default became 100;
+# organism-demo-correction.yaml since it was added).
 DIGESTS = {
-    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "e6acd9ed92e475d6",
-    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "38e233628041073a",
+    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "3026175f72d4678a",
+    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "d0f35ecf14789655",
     "organism-demo-confirm400.yaml": "40378eac4881d884",
-    "organism-demo-correction.yaml": "0ee6892182dbab3f",
-    "organism-demo-grid.yaml": "481f056e29f249eb",
-    "organism-demo.yaml": "c83941482403d842",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "95a06784cfea6796",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "ffee01de6ae0f750",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "995d4f9d395aa620",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "0ffbc61a622db95f",
-    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "e601ae678a6cd2eb",
-    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "e2c0ddc4659aa56c",
-    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "34f59f2bc9c396d3",
-    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "fb72e7360a78fa53",
-    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "a028eb0ee0eff51e",
-    "qwen2.5-32b__qwq-32b__math500.yaml": "c354efef3db41f9d",
-    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "8463e29381aea335",
-    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "a938cf22a8b7d4a2",
-    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "2ce7082a43b10e09",
-    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "9eaf0f1a5e708b52",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "2791253eb72cccfd",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "67952b2b06ab5532",
+    "organism-demo-correction.yaml": "63f746dd23ac2b3f",
+    "organism-demo-grid.yaml": "5bb21fe8cacc04eb",
+    "organism-demo.yaml": "ebe52ff6cdea9cb7",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "3cea14d587ceca8e",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "5dfd0fa549927f51",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "4c0b0edf21cdbbae",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "ea1c1d984071b491",
+    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "254d9f315a52daa3",
+    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "527fd10c86b3ff60",
+    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "4c4f775921a8a4e9",
+    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "f7580955a71ba16c",
+    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "dfff17b9341fdd00",
+    "qwen2.5-32b__qwq-32b__math500.yaml": "c27b4fa29184aa61",
+    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "407944b73958eb69",
+    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "a77013cbe2787717",
+    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "8f6a9a536c1c6a20",
+    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "1798d479603087c1",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "dd506e1fe3de3308",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "37d96ddcb5a28d3a",
 }
 
 

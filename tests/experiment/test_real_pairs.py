@@ -73,7 +73,7 @@ def check_finished_run(out: Path, config: RunConfig, report: dict) -> None:
         assert bool(norms.isfinite().all()) and bool((norms > 0).all()), name
     ablations = json.loads((out / "ablations" / "ablations.json").read_text())
     assert ablations["necessity"] and ablations["sufficiency"]
-    assert all(math.isfinite(row["rate_steered"]) for row in ablations["sufficiency"])
+    assert all(math.isfinite(row["steered"]["rate"]) for row in ablations["sufficiency"])
 
 
 def check_labels_reach_base_frame(out: Path, config: RunConfig, base_tokenizer) -> dict[int, int]:

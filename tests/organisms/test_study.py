@@ -42,8 +42,8 @@ def run_organism_study(tmp_path_factory, **settings):
               f"({row.relative_change:+.0%}), others max {row.max_other_relative_change:.0%}")
     for where, rows in (("thinking contexts", study.sufficiency), ("base contexts", study.sufficiency_base_contexts)):
         for row in rows:
-            print(f"[{method}] sufficiency, {where}, {row.title}: unsteered {row.rate_unsteered:.2f}, "
-                  f"random {row.rate_random:.2f}, steered {row.rate_steered:.2f} ({row.ratio_vs_random:.1f}x)")
+            print(f"[{method}] sufficiency, {where}, {row.title}: unsteered {row.unsteered.rate:.2f}, "
+                  f"random {row.random.rate:.2f}, steered {row.steered.rate:.2f} (p = {row.p_value:.2g})")
     return study
 
 
@@ -71,11 +71,10 @@ def test_organism_ablation_removes_behaviours(organism_results):
 
 @pytest.mark.slow
 def test_organism_steering_invokes_behaviours(organism_results):
-    # ratio_vs_random floors the random rate at one context in n, so 0 vs 0 never counts
-    invoked = [row.title for row in organism_results.sufficiency if row.ratio_vs_random >= 3.0]
+    invoked = [row.title for row in organism_results.sufficiency if row.passed]
     assert {"compute", "answer"} <= set(invoked), organism_results.sufficiency
     for row in organism_results.sufficiency:
-        assert row.n_contexts == 32 and row.rate_random <= 0.5, row
+        assert row.n_contexts == 32 and row.random.rate <= 0.5, row
 
 
 @pytest.mark.slow
@@ -86,8 +85,8 @@ def test_organism_optimised_vectors_invoke_plan_and_verify(organism_optimised_re
     at_base = {row.title: row for row in organism_optimised_results.sufficiency_base_contexts}
     mid_trace = {row.title: row for row in organism_optimised_results.sufficiency}
     assert "answer" not in at_base  # every base context is followed by an answer: nothing to steer away from
-    assert at_base["plan"].ratio_vs_random >= 3.0 and at_base["plan"].rate_steered >= 0.8, at_base["plan"]
-    assert mid_trace["verify"].ratio_vs_random >= 3.0, mid_trace["verify"]
+    assert at_base["plan"].passed and at_base["plan"].steered.rate >= 0.8, at_base["plan"]
+    assert mid_trace["verify"].passed, mid_trace["verify"]
     assert organism_optimised_results.settings["sufficiency_with_bias"] is True
     assert organism_optimised_results.directions.method == "optimised"
 

@@ -9,6 +9,8 @@ from mechsteer.organisms.evaluate import cued_generate, evaluate_organisms, rand
 from mechsteer.organisms.grammar import (
     CHECK_CUE,
     FORCED_PREFIX,
+    TRACE_STYLES,
+    behaviours_allowed_next,
     format_prompt,
     next_behaviour_by_grammar,
     parse_trace,
@@ -118,3 +120,30 @@ def test_timing_oracle_names_the_thinking_organisms_behaviour_after_each_line():
                 expected = following.behaviour if following and following.behaviour in ("verify", "correct") else None
                 assert next_behaviour_by_grammar(text) == expected, (style, text)
                 assert next_behaviour_by_grammar(text[:-1]) is None  # mid-line: never
+
+
+def test_the_grammar_allows_every_sentence_its_traces_write_and_little_else():
+    # What the causal stage reads (GroundTruth.allowed_next): every sentence of every style's traces
+    # is allowed where it stands; a correction only after a failed check; nothing after the answer.
+    rng = random.Random(0)
+    for style in TRACE_STYLES:
+        for problem in generate_split("validation", seed=0, n=40):
+            trace = render_trace(problem, style, rng)
+            for sentence in trace.sentences:
+                allowed = behaviours_allowed_next(trace.text[: sentence.char_start])
+                assert sentence.behaviour in allowed, (style, trace.text[: sentence.char_start])
+            assert behaviours_allowed_next(trace.text) == frozenset()
+    plan = "Plan: start at 38, add 9 for 2 days.\n"
+    assert behaviours_allowed_next("") == {"plan", "answer"}
+    assert behaviours_allowed_next(plan) == {"compute"}
+    assert behaviours_allowed_next(plan + "Day 1: 38 + 9 = 37.\n") == {"verify", "compute"}
+    failed = plan + "Day 1: 38 + 9 = 37.\nCheck: How many now, 38 + 9 = 47.\n"
+    assert behaviours_allowed_next(failed) == {"correct"}
+    passed = plan + "Day 1: 38 + 9 = 47.\nCheck: How many now, 38 + 9 = 47.\n"
+    assert behaviours_allowed_next(passed) == {"compute"}
+    assert behaviours_allowed_next(passed + "Day 2: 47 + 9 = 56.\n") == {"verify", "answer"}
+    assert behaviours_allowed_next(failed + "Wait, 38 + 9 is 47, not 37.\n") == {"compute"}
+    assert behaviours_allowed_next(plan[:-1]) == frozenset()  # mid-line
+    v1_failed = plan + "Day 1: 38 + 9 = 37.\nCheck: 37 - 9 = 28, not 38.\n"
+    assert behaviours_allowed_next(v1_failed) == {"correct"}
+    assert behaviours_allowed_next(plan + "Day 1: 38 + 9 = 47.\nCheck: 47 - 9 = 38.\n") == {"compute"}
