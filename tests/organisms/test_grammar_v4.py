@@ -282,7 +282,8 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
                                        batch_size=2, n_train_problems=100, task="v4")
     defaults = train_module.default_config("v4")
     monkeypatch.setattr("mechsteer.organisms.cli.default_config", lambda grammar: train_module.TrainingConfig(
-        **{**tiny.__dict__, "base": defaults.base, "thinking": defaults.thinking}))
+        **{**tiny.__dict__, "base": defaults.base, "thinking": defaults.thinking,
+           "base_continuation": train_module.PhaseConfig(1, 1e-3, 1, defaults.base.mix)}))
     out = tmp_path / "v4"
     assert main(["organism", "train", "--grammar", "v4", "--out", str(out), "--base-steps", "2",
                  "--thinking-steps", "1", "--threads", "1"]) == 0
@@ -290,7 +291,10 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
                  "--threads", "1"]) == 0
     report = json.loads((out / "negative_base_training_report.json").read_text())
     assert report["config"]["base"]["mix"] == train_module.NEGATIVE_BASE_MIX_V4 and report["config"]["task"] == "v4"
-    assert json.loads((out / "training_report.json").read_text())["config"]["base"]["steps"] == 2
+    assert report["negative_base_continuation"]["steps"] == 1
+    assert report["config"]["base_continuation"]["mix"] == train_module.NEGATIVE_BASE_MIX_V4
+    main_report = json.loads((out / "training_report.json").read_text())
+    assert main_report["config"]["base"]["steps"] == 2 and main_report["base_continuation"]["steps"] == 1
     capsys.readouterr()
     assert main(["organism", "eval", "--grammar", "v4", "--weights", str(out), "--n", "2", "--json",
                  "--backend", "hf"]) == 0
