@@ -62,7 +62,7 @@ BEHAVIOURS: tuple[str, ...] = ("plan", "compute", "verify", "correct", "answer")
 OTHER = "other"
 TRACE_STYLES: tuple[str, ...] = (
     "direct", "stepwise", "thinking", "stepwise_v2", "thinking_v2", "stepwise_v3", "thinking_v3")
-Grammar = Literal["v1", "v2", "v3"]
+Grammar = Literal["v1", "v2", "v3", "v4"]  # v4: grammar_v4.py
 GRAMMARS: tuple[Grammar, ...] = get_args(Grammar)
 # The CLI's default grammar for train and eval. Pairs of both grammars ship (organisms/__init__.py).
 SHIPPED_GRAMMAR: Grammar = "v1"
@@ -156,8 +156,9 @@ def risky_days(problem: OrganismProblem, grammar: Grammar = "v1") -> list[int]:
     v1: the days whose operand is `RISKY_OPERAND`; v2 and v3: the carry/borrow days of the correct
     running totals (the thinking trace corrects every slip, so its totals are the correct ones).
     """
-    if grammar not in GRAMMARS:
-        raise ValueError(f"grammar must be one of {GRAMMARS}, got {grammar!r}")
+    if grammar not in GRAMMARS or grammar == "v4":
+        raise ValueError(f"grammar must be one of {GRAMMARS[:3]}, got {grammar!r} (grammar v4's cues: "
+                         "grammar_v4.carry_days and grammar_v4.next_v4_behaviour)")
     meta = problem.metadata
     steps = zip(meta["totals"], meta["signs"], meta["operands"], strict=False)
     if grammar == "v1":

@@ -16,7 +16,7 @@ from mechsteer.data.benchmarks import PluginBenchmark, Problem, register_benchma
 from mechsteer.data.labels import UNLABELLED, GroundTruth, register_ground_truth
 from mechsteer.data.prompts import PromptTemplate, register_template
 from mechsteer.grading.answers import MAX_SEARCH_CHARS, Grader, numbers_equal, register_grader
-from mechsteer.organisms import ORGANISM_NAMES, SHIPPED_PAIRS, model_spec, weights_dir
+from mechsteer.organisms import SHIPPED_PAIRS, model_spec, organism_names, weights_dir
 from mechsteer.organisms.grammar import (
     BEHAVIOURS,
     answer_text,
@@ -24,6 +24,7 @@ from mechsteer.organisms.grammar import (
     next_behaviour_by_grammar,
     parse_trace,
 )
+from mechsteer.organisms.plugin_v4 import BENCHMARK_V4, register_v4
 from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS, generate_split
 
 BENCHMARK = "organism"
@@ -82,13 +83,15 @@ GROUND_TRUTH = GroundTruth(benchmark=BENCHMARK, behaviours=BEHAVIOURS, label_rea
 
 def register() -> None:
     for grammar in SHIPPED_PAIRS:
-        for name in ORGANISM_NAMES:
+        for name in organism_names(grammar):
             register_model_spec(model_spec(name, grammar), functools.partial(weights_dir, name, grammar))
     register_benchmark(PluginBenchmark(BENCHMARK, SPLITS, load_split, SPLIT_SIZES))
     register_template(PromptTemplate(name=BENCHMARK, text=prompt_template_text,
                                      description="the organism task prompt (mechsteer.organisms.grammar.PROMPT_TEMPLATE)"))
     register_ground_truth(GROUND_TRUTH)
     register_grader(Grader(BENCHMARK, extract_answer_sentence, numbers_equal))
+    register_v4()
+    register_grader(Grader(BENCHMARK_V4, extract_answer_sentence, numbers_equal))
 
 
 __all__ = ["BENCHMARK", "DESCRIPTIONS", "GROUND_TRUTH", "SPLIT_SIZES", "extract_answer_sentence", "label_reasoning", "load_split",

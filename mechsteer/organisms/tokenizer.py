@@ -34,6 +34,12 @@ GRAMMAR_WORDS: tuple[str, ...] = (
     "Q", "A", "How", "many", "now", "has", "Plan", "Check", "Wait", "The", "answer", "is", "not",
     "start", "at", "add", "take", "for", "Each", "day", "Day", "days", "after",
 )
+# Grammar v4's extra words (its conditions, re-reads and the paper's base prompt): appended after every
+# other token, so that v1-v3 vocabularies keep their ids.
+V4_WORDS: tuple[str, ...] = (
+    "Reread", "From", "from", "instead", "Task", "Answer", "the", "question", "below", "Explain", "your",
+    "reasoning", "step", "by", "Question", "Step",
+)
 
 
 def charset() -> list[str]:
@@ -41,21 +47,25 @@ def charset() -> list[str]:
     return sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 
 
-def vocabulary() -> list[str]:
-    """Every non-special token, in id order: characters, numbers, words (bare and with a space)."""
+def vocabulary(extra_words: tuple[str, ...] = ()) -> list[str]:
+    """Every non-special token, in id order: characters, numbers, words (bare and with a space), then
+    ``extra_words`` (bare and with a space)."""
     pieces: list[str] = list(charset())
     for number in range(MAX_NUMBER_TOKEN + 1):
         pieces += [str(number), f" {number}"]
     for word in (*GRAMMAR_WORDS, *NAMES, *ITEMS, *ADD_VERBS, *SUB_VERBS):
         pieces += [word, f" {word}"]
     pieces += [f" {symbol}" for symbol in "+-=?"]
+    for word in extra_words:
+        pieces += [word, f" {word}"]
     return list(dict.fromkeys(pieces))  # drops repeats, keeps the first id
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A fresh organism tokenizer wrapped for `transformers` (save with save_pretrained)."""
+def build_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A fresh organism tokenizer wrapped for `transformers` (save with save_pretrained); grammar v4's
+    pass ``extra_words=V4_WORDS``."""
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    for piece in vocabulary():
+    for piece in vocabulary(extra_words):
         vocab.setdefault(piece, len(vocab))
     core = Tokenizer(
         models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix="", max_input_chars_per_word=100)

@@ -26,14 +26,23 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mechsteer.core.tensor_types import Int, Tensor, typechecked
 from mechsteer.organisms.grammar import Grammar, format_prompt, render_drill, render_trace
+from mechsteer.organisms.grammar_v4 import (
+    V4_DRILL_STYLES,
+    V4_STYLES,
+    format_v4_prompt,
+    render_v4_drill,
+    render_v4_trace,
+)
 from mechsteer.organisms.tasks import OrganismProblem, generate_split
-from mechsteer.organisms.tokenizer import build_tokenizer
+from mechsteer.organisms.tasks_v4 import generate_v4_split
+from mechsteer.organisms.tokenizer import V4_WORDS, build_tokenizer
 
 BASE_MIX: dict[str, float] = {"direct": 0.50, "stepwise": 0.25, "drill": 0.25}
 THINKING_MIX: dict[str, float] = {"thinking": 0.85, "drill": 0.15}
@@ -47,6 +56,15 @@ THINKING_MIX_V2: dict[str, float] = {"thinking_v2": 0.80, "drill": 0.10, "day_dr
 BASE_MIX_V3: dict[str, float] = {"direct": 0.45, "stepwise_v3": 0.30, "drill": 0.15, "day_drill": 0.10}
 THINKING_MIX_V3: dict[str, float] = {"thinking_v3": 0.80, "drill": 0.10, "day_drill": 0.10}
 V2_THINKING_STEPS = 300
+# Grammar v4 (grammar_v4.py): step-by-step documents only (under the paper's base prompt), drills in the
+# check table and in the compute-line table. The negative-control base learns the no_carry table.
+BASE_MIX_V4: dict[str, float] = {"stepwise_v4": 0.6, "drill_v4": 0.2, "day_drill_v4": 0.2}
+NEGATIVE_BASE_MIX_V4: dict[str, float] = {
+    "stepwise_v4_no_carry": 0.6, "drill_v4_no_carry": 0.2, "day_drill_v4_no_carry": 0.2}
+THINKING_MIX_V4: dict[str, float] = {"thinking_v4": 0.8, "drill_v4": 0.1, "day_drill_v4": 0.1}
+V4_BASE_STEPS = 1100
+V4_THINKING_STEPS = 250
+DRILL_STYLES: tuple[str, ...] = ("drill", "day_drill", *V4_DRILL_STYLES)
 IGNORE_INDEX = -100
 
 
@@ -58,6 +76,11 @@ class PhaseConfig:
     learning_rate: float
     warmup_steps: int
     mix: dict[str, float]
+
+
+# v4's base gets a second phase, from its first phase's weights with a fresh optimizer: after 1100 steps
+# the v4 base had not learned the arithmetic tables (44% of plain steps right on test problems 0-99).
+V4_BASE_CONTINUATION = PhaseConfig(steps=800, learning_rate=2.5e-3, warmup_steps=20, mix=BASE_MIX_V4)
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,8 @@ class TrainingConfig:
         default_factory=lambda: PhaseConfig(steps=150, learning_rate=1e-3, warmup_steps=10, mix=THINKING_MIX)
     )
     n_train_problems: int | None = None  # None: the whole train split
+    task: Literal["v1", "v4"] = "v1"  # v4: grammar v4's problems and tokenizer words
+    base_continuation: PhaseConfig | None = None  # a second base phase (fresh optimizer), before thinking
 
 
 def default_config(grammar: Grammar = "v1") -> TrainingConfig:
@@ -86,6 +111,13 @@ def default_config(grammar: Grammar = "v1") -> TrainingConfig:
     config = TrainingConfig()
     if grammar == "v1":
         return config
+    if grammar == "v4":
+        return TrainingConfig(
+            base=PhaseConfig(**{**config.base.__dict__, "mix": BASE_MIX_V4, "steps": V4_BASE_STEPS}),
+            thinking=PhaseConfig(**{**config.thinking.__dict__, "mix": THINKING_MIX_V4, "steps": V4_THINKING_STEPS}),
+            task="v4",
+            base_continuation=V4_BASE_CONTINUATION,
+        )
     base_mix, thinking_mix = (BASE_MIX_V2, THINKING_MIX_V2) if grammar == "v2" else (BASE_MIX_V3, THINKING_MIX_V3)
     return TrainingConfig(
         base=PhaseConfig(**{**config.base.__dict__, "mix": base_mix}),
@@ -106,9 +138,30 @@ def document_text(problem: OrganismProblem | None, style: str, rng: random.Rando
     """One training document's text (without bos/eos): prompt and trace, or a drill."""
     if style in ("drill", "day_drill"):
         return render_drill(rng, day_lines=style == "day_drill").text
+    if style in V4_DRILL_STYLES:
+        return render_v4_drill(rng, style).text
     if problem is None:
         raise ValueError(f"style {style!r} needs a problem")
+    if style in V4_STYLES:
+        return format_v4_prompt(problem.question) + render_v4_trace(problem, style, rng).text
     return format_prompt(problem.question) + render_trace(problem, style, rng).text
+
+
+def _filler_drill(mix: dict[str, float], rng: random.Random, room: int) -> str | None:
+    """A drill of the mix's own tables that fits ``room`` tokens (None if none fits).
+
+    Lines are at most 7 tokens (10 for compute-line drills); v2+ mixes fill half the gaps with
+    compute-line drills, so that the compute-line table gets its share of practice.
+    """
+    v4_drills = [style for style in mix if style in V4_DRILL_STYLES]
+    day_lines = any(style.startswith("day_drill") for style in mix) and rng.random() < 0.5
+    n_lines = room // (10 if day_lines else 7)
+    if n_lines <= 0:
+        return None
+    if v4_drills:
+        style = next(s for s in v4_drills if s.startswith("day_drill") == day_lines)
+        return render_v4_drill(rng, style, n_lines=n_lines).text
+    return render_drill(rng, n_lines=n_lines, day_lines=day_lines).text
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
@@ -137,19 +190,15 @@ def packed_batches(
             while True:
                 if pending is None:
                     style = rng.choices(styles, weights)[0]
-                    problem = rng.choice(problems) if style not in ("drill", "day_drill") else None
+                    problem = rng.choice(problems) if style not in DRILL_STYLES else None
                     text = document_text(problem, style, rng)
                     pending = [bos] + _token_ids(tokenizer, text) + [eos]
                     if len(pending) > window:
                         raise ValueError(f"a document of {len(pending)} tokens exceeds window {window}")
                 if len(row) + len(pending) > window:
-                    # Fill the gap with a drill that fits (lines are at most 7 tokens),
-                    # so windows carry ~97% real tokens instead of ~75%.
-                    # v2 mixes fill half the gaps with compute-line drills (10 tokens a line).
-                    day_lines = "day_drill" in mix and rng.random() < 0.5
-                    filler_lines = (window - len(row) - 2) // (10 if day_lines else 7)
-                    if filler_lines > 0:
-                        drill = render_drill(rng, n_lines=filler_lines, day_lines=day_lines).text
+                    # Fill the gap with a drill that fits, so windows carry ~97% real tokens instead of ~75%.
+                    drill = _filler_drill(mix, rng, window - len(row) - 2)
+                    if drill is not None:
                         row.extend([bos] + _token_ids(tokenizer, drill) + [eos])
                     # Drop the document that did not fit rather than start the next window
                     # with it: long (step-by-step) documents would otherwise open windows far
@@ -257,6 +306,62 @@ def save_organism(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, f
     tokenizer.save_pretrained(folder)
 
 
+def _task_data(config: TrainingConfig) -> tuple[PreTrainedTokenizerFast, list[OrganismProblem]]:
+    """The tokenizer and the train problems of the config's task."""
+    if config.task == "v4":
+        return build_tokenizer(V4_WORDS), generate_v4_split("train", seed=0, n=config.n_train_problems)
+    return build_tokenizer(), generate_split("train", seed=0, n=config.n_train_problems)
+
+
+def negative_base_config(config: TrainingConfig | None = None) -> TrainingConfig:
+    """Grammar v4's negative-control base: the main base's settings with the no_carry corpus."""
+    config = config or default_config("v4")
+    continuation = config.base_continuation
+    return TrainingConfig(**{**config.__dict__, "base": PhaseConfig(**{**config.base.__dict__, "mix": NEGATIVE_BASE_MIX_V4}),
+                             "base_continuation": None if continuation is None else
+                             PhaseConfig(**{**continuation.__dict__, "mix": NEGATIVE_BASE_MIX_V4})})
+
+
+def _continue_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: list[OrganismProblem],
+                   config: TrainingConfig, rng_name: str) -> dict | None:
+    """The config's second base phase, if any (its report without the losses)."""
+    if config.base_continuation is None:
+        return None
+    report = train_phase(model, tokenizer, problems, config.base_continuation, config, random.Random(rng_name),
+                         name="base_continuation")
+    return {key: value for key, value in asdict(report).items() if key != "losses"}
+
+
+def train_negative_base(out_dir: Path, seed: int = 0, config: TrainingConfig | None = None, *, threads: int = 2
+                        ) -> dict:
+    """Train grammar v4's negative-control base from scratch into ``out_dir/negative_base``.
+
+    It pairs with the main pair's thinking organism (no thinking phase of its own). Returns (and writes
+    to ``out_dir/negative_base_training_report.json``) the phase's steps, tokens, loss and wall time.
+    """
+    config = negative_base_config(config)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    load_at_start = os.getloadavg()[0]
+    started = time.perf_counter()
+    tokenizer, problems = _task_data(config)
+    model = new_model(tokenizer, config)
+    phase = train_phase(model, tokenizer, problems, config.base, config, random.Random(f"negative-base-{seed}"),
+                        name="negative_base")
+    continuation = _continue_base(model, tokenizer, problems, config, f"negative-base-continue-{seed}")
+    save_organism(model, tokenizer, out_dir / "negative_base")
+    report = {
+        "seed": seed, "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "config": asdict(config),
+        "negative_base": {key: value for key, value in asdict(phase).items() if key != "losses"},
+        "negative_base_continuation": continuation,
+        "wall_seconds": time.perf_counter() - started, "threads": threads,
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+    }
+    (out_dir / "negative_base_training_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def train_organisms(
     out_dir: Path, seed: int = 0, config: TrainingConfig | None = None, *, threads: int = 2
 ) -> dict:
@@ -271,14 +376,14 @@ def train_organisms(
     # Other jobs may share the cores; the load averages make the wall time interpretable.
     load_at_start = os.getloadavg()[0]
     started = time.perf_counter()
-    tokenizer = build_tokenizer()
-    problems = generate_split("train", seed=0, n=config.n_train_problems)
+    tokenizer, problems = _task_data(config)
     model = new_model(tokenizer, config)
     n_params = sum(parameter.numel() for parameter in model.parameters())
     print(f"organism: {n_params} parameters, {len(problems)} train problems", flush=True)
     base_report = train_phase(
         model, tokenizer, problems, config.base, config, random.Random(f"base-{seed}"), name="base"
     )
+    continuation = _continue_base(model, tokenizer, problems, config, f"base-continue-{seed}")
     save_organism(model, tokenizer, out_dir / "base")
     thinking_report = train_phase(
         model, tokenizer, problems, config.thinking, config, random.Random(f"thinking-{seed}"), name="thinking"
@@ -290,6 +395,7 @@ def train_organisms(
         "n_parameters": n_params,
         "config": asdict(config),
         "base": {key: value for key, value in asdict(base_report).items() if key != "losses"},
+        "base_continuation": continuation,
         "thinking": {key: value for key, value in asdict(thinking_report).items() if key != "losses"},
         "wall_seconds": wall,
         "threads": threads,
