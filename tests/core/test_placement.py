@@ -48,16 +48,16 @@ def test_weights_land_where_asked_and_are_checked(tiny_model_dirs):
 
 
 def test_device_map_goes_to_from_pretrained(tiny_model_dirs, monkeypatch):
-    from mechsteer.core import models
+    import transformers
 
     seen = []
-    real = models.AutoModelForCausalLM.from_pretrained
+    real = transformers.AutoModelForCausalLM.from_pretrained
 
     def recording(*args, **kwargs):
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", recording)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)  # the loader imports it
     model = load_model(str(tiny_model_dirs["llama"]), device_map={"": "cpu"}, dtype="bfloat16")
     assert seen[-1]["device_map"] == {"": "cpu"} and seen[-1]["dtype"] == torch.bfloat16
     assert all(p.device.type == "cpu" for p in model.parameters())
