@@ -59,3 +59,19 @@ def test_demo_meets_the_issue_targets_as_the_readme_says(demo_report):
     assert baselines["first_token_only"]["gap_recovered"] <= 0.6
     for name in ("only_bias", "only_bias_replayed", "random_firing", "random_vectors"):
         assert controls[name]["gap_recovered"] < hybrid / 2, name
+
+
+@pytest.mark.slow
+def test_demo_causal_tests_are_the_readmes(demo_report):
+    """README, "Causal ablations on the organisms": sufficiency passes for plan, verify and correct at
+    coefficient 1 only; the run's own vectors are not necessary; each layer's own difference of means
+    at every layer is, for every behaviour."""
+    ablations = demo_report["ablations"]
+    passed = {(row["behaviour"].split("(")[1].rstrip(")"), row["coeff"]) for row in ablations["sufficiency"]
+              if row["passed"]}
+    assert passed == {("plan", 1.0), ("verify", 1.0), ("correct", 1.0)}
+    tests = ablations["necessity_tests"]
+    assert all(not row["passed"] and row["p_value"] >= 0.5 for row in tests if row["directions"].startswith("the run's"))
+    per_layer = [row for row in tests if row["variant"] == "all layers, per-layer directions"]
+    assert len(per_layer) == 5 and all(row["passed"] and row["p_value"] <= 4.9e-44 * 1.01 for row in per_layer)
+    assert all(row["n_contexts"] == 100 for row in tests)
