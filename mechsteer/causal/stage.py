@@ -33,7 +33,7 @@ from mechsteer.steering.labels import (
     SAEBehaviourLabeller,
     ground_truth_behaviour_labeller,
 )
-from mechsteer.steering.mean import Pooling, build_mean_directions
+from mechsteer.steering.mean import Pooling, build_mean_directions, mean_directions_at
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -162,12 +162,9 @@ def run_ablations(
     variants: list[NecessityVariant] = ["layer", "all"]
     # Difference-of-means in the thinking model itself, one set per layer, on the same traces and
     # labels: the necessity test's per-layer variant, and with ``per_layer`` the whole traces' too.
-    layer_directions = {
-        layer: build_mean_directions(thinking, thinking_traces, labels.labeller, necessity_set.behaviour_ids,
-                                     necessity_set.titles, layer, pooling=settings.per_layer_pooling,
-                                     text_labeller=labels.text_labeller)
-        for layer in range(thinking.cfg.n_layers)
-    }
+    layer_directions = mean_directions_at(thinking, thinking_traces, labels.labeller, necessity_set.behaviour_ids,
+                                          necessity_set.titles, range(thinking.cfg.n_layers),
+                                          pooling=settings.per_layer_pooling, text_labeller=labels.text_labeller)
     if settings.per_layer:
         variants.append("per_layer")
     necessity_rows = necessity(thinking, necessity_set, problems, labeller, template=settings.thinking_template,

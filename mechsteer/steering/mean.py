@@ -67,11 +67,28 @@ def pool_sentences(
     activations stage's default); ``"boundary"``: the token before the sentence only, where
     the model decides how the sentence starts.
     """
+    return pool_sentences_at(model, traces, [layer], site=site, pooling=pooling, labeller=labeller,
+                             min_words=min_words, batch_size=batch_size)[layer]
+
+
+def pool_sentences_at(
+    model: TransformerBridge,
+    traces: Sequence[TraceRecord],
+    layers: Sequence[int],
+    *,
+    site: Site = SITE,
+    pooling: Pooling = "sentence",
+    labeller: TraceLabeller | None = None,
+    min_words: int = 3,
+    batch_size: int = 8,
+) -> dict[int, PooledSentences]:
+    """:func:`pool_sentences` at several layers in one pass over the traces."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")
-    if not 0 <= layer < model.cfg.n_layers:
-        raise ValueError(f"layer must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
-    vectors: list[Tensor] = []
+    for layer in layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise ValueError(f"layer must be in [0, {model.cfg.n_layers - 1}]; got {layer}")
+    vectors: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     sentences: list[SentenceRecord] = []
     for batch_start in range(0, len(traces), batch_size):
         batch_ids, spans = [], []
@@ -85,10 +102,12 @@ def pool_sentences(
                 spans.append((row, start, end))
                 sentences.append(sentence)
         if spans:
-            vectors.append(pool_batch(model, batch_ids, spans, [layer], site)[layer])
+            pooled = pool_batch(model, batch_ids, spans, list(layers), site)
+            for layer in layers:
+                vectors[layer].append(pooled[layer])
     if not sentences:
         raise ValueError("the traces have no kept sentences to pool")
-    return PooledSentences(torch.cat(vectors), sentences, layer, pooling)
+    return {layer: PooledSentences(torch.cat(vectors[layer]), sentences, layer, pooling) for layer in layers}
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,18 +179,48 @@ def build_mean_directions(
     behaviour without labelled sentences raises, unless ``skip_empty`` leaves it out (it is
     then listed in ``provenance["skipped_behaviours"]``).
     """
+    return mean_directions_at(base_model, thinking_traces, labeller, behaviour_ids, titles, [layer],
+                              base_traces=base_traces, pooling=pooling, text_labeller=text_labeller,
+                              batch_size=batch_size, skip_empty=skip_empty)[layer]
+
+
+def mean_directions_at(
+    base_model: TransformerBridge,
+    thinking_traces: Sequence[TraceRecord],
+    labeller: SentenceLabeller,
+    behaviour_ids: Sequence[int],
+    titles: Sequence[str],
+    layers: Sequence[int],
+    *,
+    base_traces: Sequence[TraceRecord] | None = None,
+    pooling: Pooling = "sentence",
+    text_labeller: TraceLabeller | None = None,
+    batch_size: int = 8,
+    skip_empty: bool = False,
+) -> dict[int, DirectionSet]:
+    """:func:`build_mean_directions` at several layers, from one pass over the traces."""
     if not skip_empty:  # checked before the forward passes
         require_labelled(labelled_counts(thinking_traces, base_model.tokenizer, labeller, behaviour_ids,
                                          text_labeller=text_labeller), titles, 1, "difference-of-means directions")
-    pooled = pool_sentences(base_model, thinking_traces, layer, pooling=pooling, labeller=text_labeller,
-                            batch_size=batch_size)
+    at_layers = pool_sentences_at(base_model, thinking_traces, layers, pooling=pooling, labeller=text_labeller,
+                                  batch_size=batch_size)
+    base_at = (pool_sentences_at(base_model, base_traces, layers, pooling=pooling, batch_size=batch_size)
+               if base_traces else None)
+    return {layer: _mean_set(base_model, at_layers[layer], None if base_at is None else base_at[layer], labeller,
+                             behaviour_ids, titles, layer, len(thinking_traces), skip_empty)
+            for layer in layers}
+
+
+def _mean_set(base_model: TransformerBridge, pooled: PooledSentences, base_pooled: PooledSentences | None,
+              labeller: SentenceLabeller, behaviour_ids: Sequence[int], titles: Sequence[str], layer: int,
+              n_traces: int, skip_empty: bool) -> DirectionSet:
+    pooling = pooled.pooling
     labels = sentence_labels(pooled.sentences, labeller)
     behaviour_ids, titles, skipped = _present_behaviours(labels, behaviour_ids, titles, skip_empty)
     directions = difference_of_means(pooled.vectors, labels, behaviour_ids)
     bias = None
     n_base = 0
-    if base_traces:
-        base_pooled = pool_sentences(base_model, base_traces, layer, pooling=pooling, batch_size=batch_size)
+    if base_pooled is not None:
         bias = mean_bias(pooled.vectors, base_pooled.vectors)
         n_base = len(base_pooled.sentences)
     counts = {int(b): int((labels == int(b)).sum()) for b in behaviour_ids}
@@ -180,7 +229,7 @@ def build_mean_directions(
         layer=layer, site=SITE, method="mean", behaviour_ids=list(behaviour_ids), titles=list(titles),
         directions=directions, bias=bias,
         provenance=direction_provenance(
-            base_model, "mean", pooling=pooling, n_thinking_traces=len(thinking_traces),
+            base_model, "mean", pooling=pooling, n_thinking_traces=n_traces,
             n_sentences=len(pooled.sentences), sentences_per_behaviour=counts,
             n_base_sentences=n_base, mean_centred_norm=mean_centred_norm(pooled.vectors),
             skipped_behaviours=skipped,
