@@ -122,7 +122,7 @@ class ScriptedHybrid:
         self.problems = {p.question: ("validation", p) for p in validation}
         self.problems.update({p.question: ("test", p) for p in evaluation})
 
-    def __call__(self, base, thinking, base_prompts, thinking_prompts, directions, policy, config):
+    def __call__(self, base, thinking, base_prompts, thinking_prompts, directions, policy, config, coefficient_model=None):
         setting = (tuple(config.coefficients), tuple(config.windows), threshold_of(policy))
         found = [next(found for question, found in self.problems.items() if question in prompt)
                  for prompt in base_prompts]
