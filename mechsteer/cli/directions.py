@@ -21,7 +21,7 @@ from mechsteer.cli.common import (
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import load_model
 from mechsteer.core.validation import join_problems
-from mechsteer.experiment.config import optimisation_problems
+from mechsteer.experiment.nested import optimisation_problems
 from mechsteer.steering.framing import load_framed_traces
 from mechsteer.steering.mean import POOLINGS, default_layer
 from mechsteer.steering.methods import direction_method_spec

@@ -8,7 +8,6 @@ are left out of it (logging does not change what a run computes).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +38,10 @@ from mechsteer.data.prompts import (
 from mechsteer.data.traces import UnclosedThinking
 from mechsteer.engines.registry import engine_names, engine_spec
 from mechsteer.experiment.keys import (
+    COMPARISON_EVALS,
     CORRECTION,
+    CORRECTION_EVALS,
+    CORRECTION_STEERED,
     EVALS,
     HYBRID,
     PLAIN_EVALS,
@@ -49,12 +51,11 @@ from mechsteer.experiment.keys import (
     later_defaults,
     undigested_keys,
 )
+from mechsteer.experiment.nested import correction_problems, optimisation_problems
 from mechsteer.hybrid.coefficients import CacheMode
-from mechsteer.hybrid.comparisons import baseline_names, control_names
+from mechsteer.hybrid.comparisons import COMPARISONS, baseline_names, control_names
 from mechsteer.hybrid.timing import PolicyRead, timing_policy_names
-from mechsteer.steering.correction import CorrectionConfig
 from mechsteer.steering.methods import direction_method_names
-from mechsteer.steering.optimise import OptimisationConfig
 from mechsteer.taxonomy.judge.spec import check_judge_spec, judge_connection_problem
 
 WandbMode = Literal["online", "offline", "disabled"]
@@ -138,14 +139,23 @@ class RunConfig:
     correction_top_k: Annotated[int, Range(min=1)] = key(50, read_by=("disagreements",), later=True,
         section="correction", help="the thinking model's next-token log-probs kept per disagreement position (top K)")
     correction_coefficient_rule: Literal["learned", "guardrail", "kl_topk"] = key(
-        "learned", read_by=("eval_correction",), later=True, section="correction",
+        "learned", read_by=CORRECTION_STEERED, later=True,
+        section="correction",
         help="how the correction vectors' coefficient is chosen: the trained MLP, or a rule over the coefficients grid")
-    correction_cache_mode: CacheMode = key("revert", read_by=("eval_correction", "eval_correction_ceiling"), later=True,
+    correction_cache_mode: CacheMode = key("revert", read_by=CORRECTION_EVALS, later=True,
         section="correction", help="the steered position's cache after its token: recomputed unsteered (the "
                                    "reference's default) or kept steered")
     correction: dict[str, Any] = key(factory=dict, read_by=("correction_vectors",), later=True, section="correction",
         help="settings of the correction vectors' training (CorrectionConfig fields: seeds, epochs, lr, mlp_hidden ...); "
              "empty: the reference's")
+    correction_ceiling_coefficients: Annotated[list[Annotated[float, Range(min=0.0)]], NonEmpty()] = key(
+        factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], read_by=("eval_correction_ceiling",), later=True,
+        section="correction", help="the oracle ceiling's grid: multiples of each vector's mean learned coefficient "
+                                   "(the smallest whose token is the thinking model's is taken)")
+    correction_controls: list[Annotated[str, Registered(control_names, "control", "registered controls")]] = key(
+        factory=list, read_by=(), later=True, downstream=True, section="correction",
+        help="controls at the correction vectors' steering, as the hybrid's controls (none that steers a bias: "
+             "they have none)")
     coefficients: Annotated[list[float], NonEmpty()] = key(factory=lambda: [1.0], read_by=(*HYBRID, "ablations"),
         downstream=True, section="hybrid",
         help="steering coefficients of the hybrid (a grid, or the tuning stage's candidates) and of sufficiency")
@@ -187,8 +197,7 @@ class RunConfig:
         "and eval_split problems of the whole-trace necessity pass")
     # numpy and torch seeds are unsigned 32-bit (a larger one fails only when a stage seeds with it)
     seed: Annotated[int, Range(min=0, max=2**32 - 1)] = key(
-        0, read_by=(*TRAIN_TRACES, "taxonomy", "directions", *PLAIN_EVALS, "eval_random_firing", "eval_random_vectors",
-                    "ablations"), section="run",
+        0, read_by=(*TRAIN_TRACES, "taxonomy", "directions", *PLAIN_EVALS, *COMPARISON_EVALS, "ablations"), section="run",
         help="the seed of the taxonomy, optimised vectors, random controls, ablations and sampled generation")
     threads: Annotated[int, Range(min=1)] | None = key(None, read_by=(), section="placement",
         help="torch's CPU threads (default: torch's own choice)")
@@ -355,40 +364,6 @@ LATER_DEFAULTS: dict[str, Any] = later_defaults(RunConfig)
 _UNDIGESTED = undigested_keys(RunConfig)
 
 
-def optimisation_problems(settings: dict[str, Any]) -> list[Problem]:
-    """The ``optimisation`` mapping checked as OptimisationConfig fields (its seed is the run's)."""
-    if "seed" in settings:
-        return [Problem("optimisation", "optimisation sets its own seed; set the run's seed at the top level", "value")]
-    return _settings_problems("optimisation", OptimisationConfig, settings)
-
-
-def build_correction(settings: dict[str, Any]) -> CorrectionConfig:
-    """A ``correction`` mapping as a CorrectionConfig (seeds given as a list)."""
-    seeds = settings.get("seeds")
-    return CorrectionConfig(**{**settings, **({"seeds": tuple(seeds)} if isinstance(seeds, list) else {})})
-
-
-def correction_problems(settings: dict[str, Any]) -> list[Problem]:
-    """The ``correction`` mapping checked as CorrectionConfig fields (seeds: a list of integers)."""
-    seeds = settings.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(type(seed) is int for seed in seeds):
-        return [Problem("correction", f"correction: seeds must be a non-empty list of integers, got {seeds!r}", "type")]
-    return _settings_problems("correction", CorrectionConfig, settings, build=build_correction)
-
-
-def _settings_problems(option: str, settings_class: type, settings: dict[str, Any],
-                       build: Callable[[dict[str, Any]], Any] | None = None) -> list[Problem]:
-    """A settings mapping (a key such as ``optimisation``) checked as ``settings_class``'s fields, then built."""
-    problems = check_fields(settings_class, settings, partial=True, noun=f"{option} keys")
-    if problems:
-        return [dataclasses.replace(problem, message=f"{option}: {problem.message}") for problem in problems]
-    try:
-        (build or (lambda values: settings_class(**values)))(settings)
-    except ValueError as error:  # its own ranges (steps >= 1, 0 < val_fraction < 1, ...)
-        return [Problem(option, f"{option}: {error}", "value")]
-    return []
-
-
 def semantic_problems(config: RunConfig) -> list[Problem]:
     """The checks a type cannot express: names that must be registered (benchmark, splits,
     templates), the judge's spec, model paths that must exist, settings that need each other."""
@@ -443,6 +418,13 @@ def semantic_problems(config: RunConfig) -> list[Problem]:
                             "none of; use http, http:<model> or local:<model spec>")
     problems += optimisation_problems(config.optimisation)
     problems += correction_problems(config.correction)
+    if config.correction_controls and not config.correction_vectors:
+        refuse("correction_controls", "correction_controls are evaluated at the correction vectors' steering; set "
+                                      "correction_vectors: true, or remove them")
+    for name in config.correction_controls:
+        if name in control_names() and COMPARISONS.get(name).needs_bias:
+            refuse("correction_controls", f"control {name!r} steers a bias, which the correction vectors have none "
+                                          "of; remove it from correction_controls")
     for option in ("device", "base_device", "thinking_device"):
         value = getattr(config, option)
         if value is not None and value != "auto" and not _is_device(value):

@@ -14,6 +14,9 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from mechsteer.core.validation import describe, field_hints
 from mechsteer.experiment.keys import (
+    COMPARISON_EVALS,
+    CORRECTION_EVALS,
+    CORRECTION_STEERED,
     EVALS,
     HYBRID,
     PLAIN_EVALS,
@@ -27,7 +30,9 @@ from mechsteer.experiment.keys import (
 
 # Groups of stages a key's "read by" names at once, tried in this order (the larger first).
 STAGE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("evaluations", EVALS), ("hybrid", HYBRID), ("train traces", TRAIN_TRACES), ("plain evaluations", PLAIN_EVALS))
+    ("evaluations", EVALS), ("hybrid", HYBRID), ("controls and baselines", COMPARISON_EVALS),
+    ("correction evaluations", CORRECTION_EVALS), ("correction evaluations but the ceiling", CORRECTION_STEERED),
+    ("train traces", TRAIN_TRACES), ("plain evaluations", PLAIN_EVALS))
 
 REQUIRED = "required"  # the default column of a key without a default
 

@@ -33,6 +33,12 @@ HYBRID_EVALS = stage_names("hybrid_eval")
 HYBRID = ("tuning", *HYBRID_EVALS)
 # Every evaluation of the eval split: the two plain ones and the hybrid's (not the tuning stage's).
 EVALS = (*PLAIN_EVALS, *HYBRID_EVALS)
+# The correction vectors' evaluations: their own, their ceiling and their controls'.
+CORRECTION_EVALS = tuple(spec.name for spec in ALL_STAGES if spec.group == "hybrid_eval" and spec.method == "correction")
+# The same but the ceiling, whose coefficient rule is the oracle's.
+CORRECTION_STEERED = tuple(name for name in CORRECTION_EVALS if name != "eval_correction_ceiling")
+# Every control's and baseline's evaluation, of either method (the random ones read the seed).
+COMPARISON_EVALS = tuple(spec.name for spec in ALL_STAGES if spec.comparison is not None)
 STAGES = tuple(spec.name for spec in ALL_STAGES)
 
 
@@ -143,7 +149,7 @@ def override_flags(config_class: type) -> dict[str, str]:
     return {info.flag: name for name, info in key_infos(config_class).items() if info.flag is not None}
 
 
-__all__ = ["CORRECTION", "EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
+__all__ = ["COMPARISON_EVALS", "CORRECTION", "CORRECTION_EVALS", "CORRECTION_STEERED", "EVALS", "HYBRID", "HYBRID_EVALS", "KeyInfo", "KeyKind", "KeySection", "PLAIN_EVALS", "STAGES", "TRAIN_TRACES",
            "downstream_keys", "key", "key_defaults",
            "key_infos", "keys_of", "later_defaults", "override_flags", "stage_keys", "stages_reading",
            "sweep_reserved_keys", "undigested_keys"]

@@ -22,6 +22,8 @@ from mechsteer.hybrid.comparisons import BUILT_IN_COMPARISONS
 Role = Literal["base", "thinking"]
 StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "correction", "tuning", "plain_eval",
                      "hybrid_eval", "ablations"]
+# What a hybrid evaluation steers with: the sentence directions (the hybrid) or the correction vectors.
+SteeringMethod = Literal["hybrid", "correction"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class StageSpec:
     shared: bool = False
     when: Literal["always", "tuning", "correction", "ablations"] = "always"  # the config switch that plans it
     reads: tuple[str, ...] = ()  # the stages whose folders its body reads (checked unchanged before it runs)
+    # of a hybrid evaluation: the method it steers with, and the control or baseline it evaluates (None:
+    # the method's own evaluation)
+    method: SteeringMethod = "hybrid"
+    comparison: str | None = None
 
 
 HYBRID_EVAL = "eval_hybrid"
@@ -64,9 +70,9 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(HYBRID_EVAL, "eval/hybrid", "hybrid_eval", ("base", "thinking"), streamed=True, reads=STEERING_INPUTS),
     # the correction vectors steering the base model, and their oracle ceiling (an upper bound, not a result)
     StageSpec(CORRECTION_EVAL, "eval/correction", "hybrid_eval", ("base", "thinking"), streamed=True,
-              when="correction", reads=CORRECTION_INPUTS),
+              when="correction", reads=CORRECTION_INPUTS, method="correction"),
     StageSpec(CORRECTION_CEILING, "eval/correction_ceiling", "hybrid_eval", ("base", "thinking"), streamed=True,
-              when="correction", reads=CORRECTION_INPUTS),
+              when="correction", reads=CORRECTION_INPUTS, method="correction"),
     StageSpec("ablations", "ablations", "ablations", ("base", "thinking"), when="ablations",
               reads=("traces_thinking_train", "taxonomy", "directions")),
 )
@@ -75,36 +81,51 @@ _BEFORE_ABLATIONS = len(STAGE_TABLE) - 1
 
 
 
-def hybrid_eval_stage(name: str) -> StageSpec:
-    """The hybrid evaluation stage of a control or baseline ``name`` (``eval_<name>``)."""
-    return StageSpec(f"eval_{name}", f"eval/{name}", "hybrid_eval", ("base", "thinking"), streamed=True,
-                     # the hybrid's own records (the replay, its rate) and, for the oracle baseline, the
-                     # activations' sentence labels: what any comparison may read of the hybrid's inputs
-                     reads=(*STEERING_INPUTS, HYBRID_EVAL, "activations"))
+_CORRECTION_PREFIX = "correction_"  # a comparison of the correction vectors: eval_correction_<name>
 
 
-def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool,
-                   correction: bool = False) -> list[StageSpec]:
+def hybrid_eval_stage(name: str, method: SteeringMethod = "hybrid") -> StageSpec:
+    """The evaluation stage of a control or baseline ``name`` of a method: ``eval_<name>`` of the hybrid,
+    ``eval_correction_<name>`` of the correction vectors."""
+    label = name if method == "hybrid" else _CORRECTION_PREFIX + name
+    # the method's own records (the replay, its rate) and, for the oracle baseline, the activations'
+    # sentence labels: what any comparison may read of the method's inputs
+    reads = (*STEERING_INPUTS, HYBRID_EVAL) if method == "hybrid" else (*CORRECTION_INPUTS, CORRECTION_EVAL)
+    return StageSpec(f"eval_{label}", f"eval/{label}", "hybrid_eval", ("base", "thinking"), streamed=True,
+                     when="always" if method == "hybrid" else "correction", reads=(*reads, "activations"),
+                     method=method, comparison=name)
+
+
+def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool, correction: bool = False,
+                   correction_comparisons: Sequence[str] = ()) -> list[StageSpec]:
     """The stages a run does, in order: the table's, with the tuning, correction-vector and ablations
-    stages when switched on, and one hybrid evaluation per control and baseline after the hybrid's own."""
+    stages when switched on, and one evaluation per control and baseline after its method's own."""
     switched = {"always": True, "tuning": tuning, "correction": correction, "ablations": ablations}
     fixed = [spec for spec in STAGE_TABLE if switched[spec.when]]
     at = next(index for index, spec in enumerate(fixed) if spec.name == HYBRID_EVAL) + 1
-    return [*fixed[:at], *(hybrid_eval_stage(name) for name in comparisons), *fixed[at:]]
+    planned = [*fixed[:at], *(hybrid_eval_stage(name) for name in comparisons), *fixed[at:]]
+    if correction:
+        at = next(index for index, spec in enumerate(planned) if spec.name == CORRECTION_CEILING) + 1
+        planned[at:at] = [hybrid_eval_stage(name, "correction") for name in correction_comparisons]
+    return planned
 
 
-# Every stage a config key can name: the table's and the built-in comparisons' evaluations (the
-# config keys that only some of them read name them: the seed).
+# Every stage a config key can name: the table's and the built-in comparisons' evaluations of both
+# methods (the config keys that only some of them read name them: the seed).
 ALL_STAGES: tuple[StageSpec, ...] = (*STAGE_TABLE[:_BEFORE_ABLATIONS],
                                      *(hybrid_eval_stage(name) for name in BUILT_IN_COMPARISONS),
+                                     *(hybrid_eval_stage(name, "correction") for name in BUILT_IN_COMPARISONS),
                                      *STAGE_TABLE[_BEFORE_ABLATIONS:])
 _BY_NAME = {spec.name: spec for spec in ALL_STAGES}
 
 
 def stage_spec(name: str) -> StageSpec:
-    """A stage by name; ``eval_<name>`` of a plug-in control or baseline is a hybrid evaluation."""
+    """A stage by name; ``eval_<name>`` (``eval_correction_<name>``) of a plug-in control or baseline is
+    an evaluation of the hybrid (of the correction vectors)."""
     if name in _BY_NAME:
         return _BY_NAME[name]
+    if name.startswith("eval_" + _CORRECTION_PREFIX):
+        return hybrid_eval_stage(name.removeprefix("eval_" + _CORRECTION_PREFIX), "correction")
     if name.startswith("eval_"):
         return hybrid_eval_stage(name.removeprefix("eval_"))
     raise KeyError(f"unknown stage {name!r}; stages: {[spec.name for spec in ALL_STAGES]}")
@@ -214,5 +235,5 @@ class RunPaths:
 
 __all__ = ["CORRECTION_CEILING", "CORRECTION_EVAL", "ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
            "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
-           "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
+           "SteeringMethod", "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
            "stage_names", "stage_spec"]

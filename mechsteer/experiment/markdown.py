@@ -139,9 +139,19 @@ def run_markdown(view: RunView) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+# The report's sections of models compared with base and thinking besides the hybrid, in the order its
+# tables list them: the hybrid's controls and baselines, then the correction vectors, their ceiling and controls.
+COMPARED_SECTIONS = ("controls", "baselines", "methods", "correction_controls")
+
+
+def compared_entries(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every model of the report's compared sections (those it has), in their tables' order."""
+    return [item for section in COMPARED_SECTIONS for item in (report.get(section) or {}).items()]
+
+
 def _headline(view: RunView) -> list[str]:
     report = view.report
-    compared = {**report.get("controls", {}), **report.get("baselines", {})}  # each one's numbers
+    compared = dict(compared_entries(report))  # each one's numbers
     models = ["base", "thinking", "hybrid", *compared]
     intervals = report.get("accuracy_intervals") or {}
     cut_off = report.get("cut_off") or {}  # generations that reached the length limit
@@ -174,11 +184,29 @@ def _headline(view: RunView) -> list[str]:
               "(model − base) / (thinking − base), with a 95% paired bootstrap interval over problems (1000 "
               "resamples)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
                                "before it ends has no answer)." if counted else "")
-              + (f" Controls: {controls}." if controls else "") + (f" Baselines: {baselines}." if baselines else ""),
-              ""]
+              + (f" Controls: {controls}." if controls else "") + (f" Baselines: {baselines}." if baselines else "")
+              + _correction_text(report), ""]
     lines += figure("accuracy.png", "Accuracy per model with 95% Wilson intervals: the hybrid should approach "
                     "thinking while steering few tokens, and the controls should not.", view.plots)
     return lines
+
+
+def _correction_text(report: dict[str, Any]) -> str:
+    """What the correction vectors' rows are, and how each of their controls compares with them."""
+    methods = report.get("methods") or {}
+    if "correction" not in methods:
+        return ""
+    text = (" `correction`: the paper's current method, correction vectors with their learned coefficient at the "
+            "current position, timed by the same policy; `correction_ceiling`: an oracle that reads the thinking "
+            "model's token (an upper bound, not a result).")
+    own = methods["correction"].get("gap_recovered")
+    controls = []
+    for name, entry in (report.get("correction_controls") or {}).items():
+        gap = entry.get("gap_recovered")
+        verdict = ("" if own is None or gap is None or own <= 0
+                   else f", {gap / own:.0%} of its recovery ({'below' if gap < own / 2 else 'NOT below'} half)")
+        controls.append(f"`{name}` {_control_text(name.removeprefix('correction_'), entry)}{verdict}")
+    return text + (f" Its controls, at its steering: {'; '.join(controls)}." if controls else "")
 
 
 def _control_text(name: str, entry: dict[str, Any]) -> str:

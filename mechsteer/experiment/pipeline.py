@@ -329,16 +329,21 @@ def hybrid_inputs(run: RunContext) -> HybridInputs:
     taxonomy = checked_taxonomy(run.paths, run.pair)
     directions = DirectionSet.load(run.paths.directions)
     directions.check_model(run.pair.info("base"))
-    if directions.layer != run.steer_layer:
-        raise ProvenanceError(f"{run.paths.directions} holds directions at the base model's layer {directions.layer}, "
-                              f"but this run steers at layer {run.steer_layer} (steer_layer): they were built by "
-                              "another run; rebuild them (delete the 'directions' entry of stages.json)")
+    check_steer_layer(run, directions.layer, run.paths.directions, "directions", "directions")
     if taxonomy.provenance.layer not in run.layers:
         raise ProvenanceError(f"{run.paths.taxonomy} reads the thinking model's layer {taxonomy.provenance.layer}, "
                               f"which is not among this run's activation_layers {run.layers}: it was built by "
                               "another run; rebuild it (delete the 'taxonomy' entry of stages.json)")
     return HybridInputs(taxonomy, taxonomy.load_sae(), directions,
                         run_hybrid_config(run.config, run.steer_layer, taxonomy.provenance.layer))
+
+
+def check_steer_layer(run: RunContext, layer: int, folder: Path, stage: str, what: str) -> None:
+    """A steering artefact (``what``) was built at the run's ``steer_layer`` (else it is another run's)."""
+    if layer != run.steer_layer:
+        raise ProvenanceError(f"{folder} holds {what} at the base model's layer {layer}, but this run steers at "
+                              f"layer {run.steer_layer} (steer_layer): they were built by another run; rebuild "
+                              f"them (delete the {stage!r} entry of stages.json)")
 
 
 def tuning_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
@@ -367,97 +372,113 @@ def plain_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
                        cut_off=sum(r.finish_reason == "length" for r in records)).to_json()
 
 
-def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
-    """The hybrid on the eval split, one of its controls or baselines (mechsteer.hybrid.comparisons), or
-    the correction vectors' hybrid and its ceiling."""
-    if spec.name in (CORRECTION_EVAL, CORRECTION_CEILING):
-        return correction_eval_stage(run, spec)
-    config, pair = run.config, run.pair
-    inputs = hybrid_inputs(run)
-    setting = run.setting()
-    hybrid_config = with_setting(inputs.hybrid_config, setting)
+@dataclass(frozen=True)
+class SteeringInputs:
+    """What one method's evaluations steer with (the hybrid's sentence directions or the correction
+    vectors): its directions, a fresh timing policy per call, its generation settings, its coefficient
+    model (the learned rule's), and what its stage summaries record of them."""
 
-    def make_policy() -> TimingPolicy:
-        return hybrid_policy(config, inputs.sae, inputs.behaviour_ids, setting)
-
-    name = spec.name.removeprefix("eval_")
-    if spec.name == HYBRID_EVAL:
-        comparison = ComparisonRun(make_policy(), inputs.directions)
-    else:
-        hybrid = EvalSummary.from_json(run.state.summary(HYBRID_EVAL), HYBRID_EVAL)
-        if hybrid.steered_fraction is None:  # a comparison is matched to the hybrid's steering
-            raise ArtefactError(f"{run.paths.stages_file}: the {HYBRID_EVAL} summary records no steered_fraction; "
-                                f"delete its {HYBRID_EVAL!r} entry to evaluate the hybrid again")
-        ground_truth = ground_truth_for(config.benchmark)
-        oracle = ground_truth.timing_oracle if ground_truth is not None else None
-        built = build_comparison(name, ComparisonInputs(
-            policy=make_policy(), make_policy=make_policy, directions=inputs.directions,
-            behaviour_ids=inputs.behaviour_ids, seed=config.seed, steered_fraction=hybrid.steered_fraction,
-            hybrid_records=lambda: read_hybrid_records(run.paths.hybrid_results()),
-            timing_oracle=None if oracle is None else lambda: oracle_timing_policy(run, inputs.taxonomy)))
-        if isinstance(built, ComparisonVariants):
-            return variants_eval(run, spec, name, built, hybrid_config)
-        comparison = built
-    if comparison.configure is not None:
-        hybrid_config = comparison.configure(hybrid_config)
-    pair.need(*spec.models)
-    records = evaluate_hybrid(pair, run.evaluation, comparison.directions, comparison.policy, hybrid_config,
-                              run.paths.hybrid_results(name), base_template=config.resolved_base_template,
-                              thinking_template=config.resolved_thinking_template, progress=run.log)
-    return hybrid_summary(records, comparison.recorded).to_json()
+    directions: DirectionSet
+    make_policy: Callable[[], TimingPolicy]
+    hybrid_config: HybridConfig
+    coefficient_model: CoefficientModel | None = None
+    recorded: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def correction_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
-    """The base model steered with the correction vectors at the current position, timed by the run's
-    policy (a state naming a behaviour without a vector is not steered), the coefficient from the trained
-    MLP or a rule over the grid; the ceiling picks, among the grid, a coefficient whose token is the
-    thinking model's (it reads the answer: an upper bound, never a result)."""
+def sentence_steering(run: RunContext) -> SteeringInputs:
+    """The hybrid's: the run's directions and timing policy at the tuned (or the config's) setting."""
+    inputs, setting = hybrid_inputs(run), run.setting()
+    return SteeringInputs(inputs.directions,
+                          lambda: hybrid_policy(run.config, inputs.sae, inputs.behaviour_ids, setting),
+                          with_setting(inputs.hybrid_config, setting))
+
+
+def correction_steering(run: RunContext, *, ceiling: bool = False) -> SteeringInputs:
+    """The correction vectors steering at the current position, timed by the run's policy (a state naming
+    a behaviour without a vector is not steered), the coefficient from the trained MLP or a rule over the
+    grid. The ceiling picks, among multiples of each vector's mean learned coefficient, the smallest whose
+    token is the thinking model's (it reads the answer: an upper bound, never a result)."""
     config = run.config
     taxonomy = checked_taxonomy(run.paths, run.pair)
     trained = CorrectionVectors.load(run.paths.correction_vectors)
     trained.directions.check_model(run.pair.info("base"))
-    if trained.directions.layer != run.steer_layer:
-        raise ProvenanceError(f"{run.paths.correction_vectors} holds vectors at the base model's layer "
-                              f"{trained.directions.layer}, but this run steers at layer {run.steer_layer} "
-                              "(steer_layer); delete the 'disagreements' entry of stages.json to rebuild them")
-    rule: CoefficientRule = "think_top1_match" if spec.name == CORRECTION_CEILING else config.correction_coefficient_rule
+    check_steer_layer(run, trained.directions.layer, run.paths.correction_vectors, "disagreements", "vectors")
+    rule: CoefficientRule = "think_top1_match" if ceiling else config.correction_coefficient_rule
     if rule == "learned" and trained.mlp is None:
         raise ConfigError("correction_coefficient_rule: learned needs the coefficient MLP, but the vectors were "
                           "trained without one (correction: {coefficient: none}); choose guardrail or kl_topk")
+    directions = trained.directions
     grid = (1.0,) if rule == "learned" else tuple(config.coefficients)
+    if ceiling:
+        directions, grid = trained.at_learned_scale(), tuple(config.correction_ceiling_coefficients)
     hybrid_config = dataclasses.replace(
         run_hybrid_config(config, run.steer_layer, taxonomy.provenance.layer), coefficients=grid, windows=(1,),
         coefficient_rule=rule, cache_mode=config.correction_cache_mode, kl_top_k=config.correction_top_k)
-    ids = list(trained.directions.behaviour_ids)
-    policy = VectorsOnlyPolicy(hybrid_policy(config, taxonomy.load_sae(), taxonomy.behaviour_ids, run.setting()), ids)
+    sae, ids, setting = taxonomy.load_sae(), list(directions.behaviour_ids), run.setting()
+    return SteeringInputs(
+        directions, lambda: VectorsOnlyPolicy(hybrid_policy(config, sae, taxonomy.behaviour_ids, setting), ids),
+        hybrid_config, trained.mlp if rule == "learned" else None,
+        {"coefficient_rule": rule, "cache_mode": config.correction_cache_mode})
+
+
+def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
+    """A method's evaluation on the eval split (the hybrid, the correction vectors and their ceiling), or
+    one of its controls or baselines (mechsteer.hybrid.comparisons) at its steering."""
+    config = run.config
+    steering = (sentence_steering(run) if spec.method == "hybrid"
+                else correction_steering(run, ceiling=spec.name == CORRECTION_CEILING))
+    name = spec.name.removeprefix("eval_")
+    if spec.comparison is None:
+        comparison = ComparisonRun(steering.make_policy(), steering.directions)
+    else:
+        own = HYBRID_EVAL if spec.method == "hybrid" else CORRECTION_EVAL
+        reference = EvalSummary.from_json(run.state.summary(own), own)
+        if reference.steered_fraction is None:  # a comparison is matched to its method's steering
+            raise ArtefactError(f"{run.paths.stages_file}: the {own} summary records no steered_fraction; "
+                                f"delete its {own!r} entry to evaluate it again")
+        ground_truth = ground_truth_for(config.benchmark)
+        oracle = ground_truth.timing_oracle if ground_truth is not None and spec.method == "hybrid" else None
+        built = build_comparison(spec.comparison, ComparisonInputs(
+            policy=steering.make_policy(), make_policy=steering.make_policy, directions=steering.directions,
+            behaviour_ids=list(steering.directions.behaviour_ids), seed=config.seed,
+            steered_fraction=reference.steered_fraction,
+            hybrid_records=lambda: read_hybrid_records(run.paths.hybrid_results(own.removeprefix("eval_"))),
+            timing_oracle=None if oracle is None else lambda: oracle_timing_policy(run, checked_taxonomy(run.paths,
+                                                                                                         run.pair))))
+        if isinstance(built, ComparisonVariants):
+            return variants_eval(run, spec, name, built, steering)
+        comparison = built
     run.pair.need(*spec.models)
-    records = evaluate_hybrid(run.pair, run.evaluation, trained.directions, policy, hybrid_config,
-                              run.paths.hybrid_results(spec.name.removeprefix("eval_")),
-                              base_template=config.resolved_base_template,
-                              thinking_template=config.resolved_thinking_template, progress=run.log,
-                              coefficient_model=trained.mlp if rule == "learned" else None)
-    return hybrid_summary(records, {"coefficient_rule": rule, "cache_mode": config.correction_cache_mode}).to_json()
+    records = evaluate_comparison(run, comparison, steering, run.paths.hybrid_results(name))
+    return hybrid_summary(records, {**steering.recorded, **comparison.recorded}).to_json()
+
+
+def evaluate_comparison(run: RunContext, comparison: ComparisonRun, steering: SteeringInputs,
+                        out_path: Path) -> list[HybridRecord]:
+    """A method's evaluation with a comparison's policy, directions and settings, streamed to ``out_path``."""
+    config = run.config
+    hybrid_config = (steering.hybrid_config if comparison.configure is None
+                     else comparison.configure(steering.hybrid_config))
+    return evaluate_hybrid(run.pair, run.evaluation, comparison.directions, comparison.policy, hybrid_config,
+                           out_path, base_template=config.resolved_base_template,
+                           thinking_template=config.resolved_thinking_template, progress=run.log,
+                           coefficient_model=steering.coefficient_model)
 
 
 def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: ComparisonVariants,
-                  hybrid_config: HybridConfig) -> dict[str, Any]:
+                  steering: SteeringInputs) -> dict[str, Any]:
     """Each variant of a comparison evaluated in turn (each resumable in its own folder); the most accurate
     (the first on ties) is the comparison's result, its records copied to the stage's results file."""
-    config = run.config
     run.pair.need(*spec.models)
     evaluated: dict[str, list[HybridRecord]] = {}
     for variant, comparison in variants.runs.items():
         run.log(f"  {name}: variant {variant}")
-        configured = hybrid_config if comparison.configure is None else comparison.configure(hybrid_config)
-        evaluated[variant] = evaluate_hybrid(run.pair, run.evaluation, comparison.directions, comparison.policy,
-                                             configured, run.paths.variant_results(name, variant),
-                                             base_template=config.resolved_base_template,
-                                             thinking_template=config.resolved_thinking_template, progress=run.log)
+        evaluated[variant] = evaluate_comparison(run, comparison, steering, run.paths.variant_results(name, variant))
     summaries = {variant: hybrid_summary(records, variants.runs[variant].recorded)
                  for variant, records in evaluated.items()}
     chosen = max(summaries, key=lambda variant: sum(summaries[variant].correct))  # max keeps the first on ties
     write_jsonl_atomic(run.paths.hybrid_results(name), [record.to_json() for record in evaluated[chosen]])
-    recorded = {**variants.runs[chosen].recorded, "chosen_variant": chosen,
+    recorded = {**steering.recorded, **variants.runs[chosen].recorded, "chosen_variant": chosen,
                 "variants": {variant: {"accuracy": sum(summary.correct) / len(summary.correct),
                                        "steered_fraction": summary.steered_fraction, **summary.recorded}
                              for variant, summary in summaries.items()}}

@@ -36,7 +36,7 @@ from mechsteer.experiment.layout import (
     REPORT_STAGE,
     RunPaths,
 )
-from mechsteer.experiment.markdown import RunView, run_markdown
+from mechsteer.experiment.markdown import RunView, compared_entries, run_markdown
 from mechsteer.experiment.plots import (
     ACCURACY_PLOT,
     BIAS,
@@ -148,7 +148,7 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
                              "tokens_steered_fraction": steered, "steered_fraction": steered,
                              "gap_recovered_interval": gap_interval(name)}
             recorded = evaluations[name].recorded
-            for key in ("norm_matched_to", "chosen_variant", "variants"):  # how the comparison was built
+            for key in ("norm_matched_to", "chosen_variant", "variants", "excluded_behaviour"):  # how it was built
                 if key in recorded:
                     entries[name][key] = recorded[key]
         return entries
@@ -169,8 +169,10 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
         "cut_off": {name: result.cut_off for name, result in evaluations.items()},
         "controls": compared(config.controls),
         "baselines": compared(config.baselines),
-        # the paper's current method beside the hybrid (sentence directions), and its oracle ceiling
-        **({"methods": compared([name.removeprefix("eval_") for name in (CORRECTION_EVAL, CORRECTION_CEILING)])}
+        # the paper's current method beside the hybrid (sentence directions), its oracle ceiling, and its
+        # controls at its own steering
+        **({"methods": compared([name.removeprefix("eval_") for name in (CORRECTION_EVAL, CORRECTION_CEILING)]),
+            "correction_controls": compared([f"correction_{name}" for name in config.correction_controls])}
            if config.correction_vectors else {}),
         "taxonomy": None if taxonomy_summary is None else {
             **taxonomy_summary.to_json(), "selected_by": taxonomy_selected_by(config, taxonomy_summary)},
@@ -197,8 +199,7 @@ def headline_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "gap_recovered": report["gap_recovered"],
         "tokens_steered_fraction": report["tokens_steered_fraction"],
     }
-    for name, control in [*report.get("methods", {}).items(), *report["controls"].items(),
-                          *report.get("baselines", {}).items()]:
+    for name, control in compared_entries(report):
         row[f"{name}_accuracy"] = control["accuracy"]
         row[f"{name}_gap_recovered"] = control["gap_recovered"]
         row[f"{name}_steered_fraction"] = control["steered_fraction"]
@@ -214,9 +215,7 @@ def accuracy_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [("base", report["base_accuracy"], None, None),
             ("thinking", report["thinking_accuracy"], None, None),
             ("hybrid", report["hybrid_accuracy"], report["gap_recovered"], report["tokens_steered_fraction"])]
-    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"])
-             for name, c in [*report.get("methods", {}).items(), *report["controls"].items(),
-                             *report.get("baselines", {}).items()]]
+    rows += [(name, c["accuracy"], c["gap_recovered"], c["steered_fraction"]) for name, c in compared_entries(report)]
     intervals = report["accuracy_intervals"]
     return [{"model": name, "accuracy": accuracy, "ci_low": intervals[name][0], "ci_high": intervals[name][1],
              "gap_recovered": gap, "steered_fraction": steered}

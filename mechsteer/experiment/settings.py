@@ -5,12 +5,8 @@ from __future__ import annotations
 from mechsteer.activations import ActivationConfig
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.validation import join_problems
-from mechsteer.experiment.config import (
-    RunConfig,
-    build_correction,
-    correction_problems,
-    optimisation_problems,
-)
+from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.nested import build_correction, correction_problems, optimisation_problems
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.steering.correction import CorrectionConfig
 from mechsteer.steering.optimise import OptimisationConfig

@@ -107,7 +107,8 @@ def check_outputs(paths: RunPaths, stage: str, recorded: dict[str, str]) -> None
 def planned(config: RunConfig) -> list[StageSpec]:
     """The stages a run of ``config`` does, in order (mechsteer.experiment.layout's table)."""
     return planned_stages(tuning=config.tune_split is not None, comparisons=[*config.controls, *config.baselines],
-                          ablations=config.ablations, correction=config.correction_vectors)
+                          ablations=config.ablations, correction=config.correction_vectors,
+                          correction_comparisons=config.correction_controls)
 
 
 def resumed_folders(stage: str) -> list[str]:

@@ -13,6 +13,7 @@ A plug-in registers its own with :func:`register_comparison` (``controls: [name]
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from mechsteer.hybrid.timing import (
     ReplayPolicy,
     TimingOraclePolicy,
     TimingPolicy,
+    VectorsOnlyPolicy,
     random_positions,
 )
 from mechsteer.steering.direction_set import DirectionSet
@@ -171,6 +173,18 @@ def _gated_random_behaviour(inputs: ComparisonInputs) -> ComparisonRun:
                          inputs.directions)
 
 
+def _without_top_behaviour(inputs: ComparisonInputs) -> ComparisonRun:
+    # the hybrid's timing, never steering the behaviour it steered most (the reference's "excluding the top
+    # categories"): how much of the recovery rests on one behaviour
+    counts = Counter(behaviour for record in inputs.hybrid_records() for behaviour in record.steered_behaviours
+                     if behaviour in inputs.behaviour_ids)
+    if not counts:
+        raise ValueError("control without_top_behaviour: the hybrid steered no behaviour, so none is the top one")
+    top = max(sorted(counts), key=lambda behaviour: counts[behaviour])  # the lowest id on ties
+    return ComparisonRun(VectorsOnlyPolicy(inputs.make_policy(), [b for b in inputs.behaviour_ids if b != top]),
+                         inputs.directions, {"excluded_behaviour": top, "its_steers": counts[top]})
+
+
 def _first_token_only(inputs: ComparisonInputs) -> ComparisonRun:
     # the hybrid allowed to steer at the first generated token only
     return ComparisonRun(FirstTokenOnlyPolicy(inputs.policy), inputs.directions)
@@ -217,6 +231,8 @@ _BUILT_INS = (
                                "reported)"),
     ComparisonSpec("gated_random_behaviour", "control", _gated_random_behaviour,
                    description="steers a random behaviour at the hybrid's timing"),
+    ComparisonSpec("without_top_behaviour", "control", _without_top_behaviour,
+                   description="steers at the hybrid's timing, never the behaviour it steered most"),
     ComparisonSpec("first_token_only", "baseline", _first_token_only,
                    description="the hybrid allowed to steer at the first generated token only"),
     ComparisonSpec("oracle_timing", "baseline", _oracle_timing, description="steered at the ground-truth positions"),

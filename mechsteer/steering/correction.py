@@ -107,6 +107,9 @@ class CorrectionReport:
     init_norm: float
     seeds: list[SeedReport]
     seconds: float = 0.0
+    # each behaviour's mean MLP coefficient over the cache's positions (str ids, as JSON keys): the scale of
+    # what the learned rule adds, which the oracle ceiling's grid multiplies
+    mean_coefficients: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +218,15 @@ def _batches(cache: DisagreementCache, traces: Sequence[int], size: int) -> list
     return [by_length[i : i + size] for i in range(0, len(by_length), size)]
 
 
+def mean_coefficients(cache: DisagreementCache, mlp: CoefficientMLP) -> dict[str, float]:
+    """Each behaviour's mean MLP coefficient over the cache's positions (read from their cached residuals)."""
+    device = next(mlp.parameters()).device
+    with torch.no_grad():
+        alpha = torch.cat([mlp(cache.resid[rows].to(device), cache.behaviour[rows].to(device)).cpu()
+                           for rows in torch.arange(cache.n_positions).split(4096)])
+    return {str(b): float(alpha[cache.behaviour == b].mean()) for b in sorted(cache.positions_per_behaviour())}
+
+
 def held_out_kl(model: TransformerBridge, cache: DisagreementCache, batches: Sequence[Sequence[int]],
                 slot_of: dict[int, int], layer: int, vectors: Tensor | None, mlp: CoefficientMLP | None) -> float:
     """Mean truncated KL over every position of the traces in ``batches`` (no cap, no gradient)."""
@@ -307,6 +319,19 @@ class CorrectionVectors:
     def provenance(self) -> DisagreementProvenance:
         return DisagreementProvenance(**self.directions.provenance["disagreements"])
 
+    def at_learned_scale(self) -> DirectionSet:
+        """The set with each vector multiplied by its mean learned coefficient (the vectors themselves
+        when trained without the MLP): what the learned rule adds at a typical position."""
+        if self.mlp is None:
+            return self.directions
+        scale = self.report.mean_coefficients
+        missing = [b for b in self.directions.behaviour_ids if str(b) not in scale]
+        if missing:
+            raise ArtefactError(f"the correction vectors' report has no mean coefficient of behaviours {missing} "
+                                "(trained before it was recorded); train the correction vectors again")
+        factors = torch.tensor([scale[str(b)] for b in self.directions.behaviour_ids], dtype=self.directions.directions.dtype)
+        return dataclasses.replace(self.directions, directions=self.directions.directions * factors[:, None])
+
     def save(self, directory: str | Path) -> Path:
         folder = Path(directory)
         self.directions.save(folder)
@@ -378,11 +403,14 @@ def train_correction_vectors(
     if with_grad:
         raise RuntimeError(f"model parameters received gradients while training correction vectors: {with_grad[:5]}")
     vectors, mlp, chosen = min(results, key=lambda result: result[2].best_val_kl)
+    if mlp is not None:
+        mlp.eval()
     report = CorrectionReport(
         chosen_seed=chosen.seed, unsteered_val_kl=unsteered, best_val_kl=chosen.best_val_kl,
         n_train_traces=len(train), n_val_traces=len(val),
         n_train_positions=int(cache.rows_of_traces(train).numel()), n_val_positions=int(cache.rows_of_traces(val).numel()),
-        init_norm=init_norm, seeds=[result[2] for result in results], seconds=time.perf_counter() - started)
+        init_norm=init_norm, seeds=[result[2] for result in results], seconds=time.perf_counter() - started,
+        mean_coefficients={} if mlp is None else mean_coefficients(cache, mlp))
     provenance = direction_provenance(model, CORRECTION_METHOD, disagreements=dataclasses.asdict(recorded),
                                       config=dataclasses.asdict(config), chosen_seed=chosen.seed,
                                       best_val_kl=chosen.best_val_kl, unsteered_val_kl=unsteered,
@@ -394,12 +422,11 @@ def train_correction_vectors(
         directions=vectors, bias=None, provenance=provenance)
     if mlp is not None:
         mlp.provenance = {"disagreements": dataclasses.asdict(recorded), "chosen_seed": chosen.seed}
-        mlp.eval()
     return CorrectionVectors(directions, mlp, report)
 
 
 __all__ = [
     "CORRECTION_METHOD", "CoefficientMode", "CorrectionConfig", "CorrectionReport", "CorrectionVectors",
-    "PositionBatch", "SeedReport", "capped_rows", "held_out_kl", "position_batch", "position_logits", "split_traces",
+    "PositionBatch", "SeedReport", "capped_rows", "held_out_kl", "mean_coefficients", "position_batch", "position_logits", "split_traces",
     "train_correction_vectors", "truncated_kl",
 ]

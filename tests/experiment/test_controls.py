@@ -3,16 +3,21 @@ steered positions, batch by batch; report.json and report.md carry each control'
 accuracy, gap recovered and share of tokens steered."""
 
 import json
+from collections import Counter
 
 import pytest
 
+from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, load_model
 from mechsteer.data.benchmarks import Problem
 from mechsteer.experiment.config import RunConfig
+from mechsteer.experiment.layout import stage_spec
 from mechsteer.experiment.markdown import RunView, run_markdown
 from mechsteer.experiment.pipeline import evaluate_hybrid, run_pipeline
 from mechsteer.experiment.records import EvalSummary
 from mechsteer.experiment.report import accuracy_rows, assemble_report, expected_stages
+from mechsteer.experiment.state import planned
+from mechsteer.hybrid.comparisons import ComparisonInputs, build_comparison
 from mechsteer.hybrid.generator import HybridConfig
 from mechsteer.hybrid.records import read_hybrid_records
 from mechsteer.hybrid.timing import (
@@ -212,8 +217,10 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     out, _ = short_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
+    controls = ["random_firing", "without_top_behaviour"]
     config = RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction_top_k": 20,
-                                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8}})
+                                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8},
+                                  "correction_controls": controls})
     report = run_pipeline(config, copy, log=lambda message: None)
     disagreements, vectors = report["correction"]["disagreements"], report["correction"]["correction_vectors"]
     cache = load_disagreements(copy / "correction" / "disagreements")
@@ -227,15 +234,32 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     methods = report["methods"]
     assert set(methods) == {"correction", "correction_ceiling"}
     assert {"accuracy", "gap_recovered", "steered_fraction", "gap_recovered_interval"} <= set(methods["correction"])
-    assert [row["model"] for row in accuracy_rows(report)][:5] == ["base", "thinking", "hybrid", "correction",
-                                                                   "correction_ceiling"]
+    rows = [row["model"] for row in accuracy_rows(report)]
+    assert rows[:3] == ["base", "thinking", "hybrid"]
+    assert rows[-4:] == ["correction", "correction_ceiling", "correction_random_firing",
+                         "correction_without_top_behaviour"]
     records = read_hybrid_records(copy / "eval" / "correction" / "results.jsonl")
     steered = [(b, c) for r in records for b, c in zip(r.steered_behaviours, r.steered_coeffs, strict=True)]
     assert steered and {b for b, _ in steered} <= set(trained.directions.behaviour_ids)
     assert all(c > 0 for _, c in steered) and len({c for _, c in steered}) > 1  # the MLP's, per position
     assert {w for r in records for w in r.steered_windows} == {1}
+    # the ceiling's grid: multiples of each vector's mean learned coefficient
     ceiling = read_hybrid_records(copy / "eval" / "correction_ceiling" / "results.jsonl")
-    assert {c for r in ceiling for c in r.steered_coeffs} <= set(SHORT_RUN["coefficients"])
+    assert {c for r in ceiling for c in r.steered_coeffs} <= set(config.correction_ceiling_coefficients)
+    assert set(trained.report.mean_coefficients) == {str(b) for b in trained.directions.behaviour_ids}
+    # the correction vectors' controls, at their steering, beside them in report.json and report.md
+    assert list(report["correction_controls"]) == [f"correction_{name}" for name in controls]
+    firing = read_hybrid_records(copy / "eval" / "correction_random_firing" / "results.jsonl")
+    assert {b for r in firing for b in r.steered_behaviours} <= set(trained.directions.behaviour_ids)
+    assert sum(len(r.steered_positions) for r in firing) > 0
+    assert all(c > 0 for r in firing for c in r.steered_coeffs) and len({c for r in firing for c in r.steered_coeffs}) > 1
+    without = report["correction_controls"]["correction_without_top_behaviour"]
+    counts = Counter(b for r in records for b in r.steered_behaviours)
+    assert without["excluded_behaviour"] == max(sorted(counts), key=lambda b: counts[b])
+    kept = read_hybrid_records(copy / "eval" / "correction_without_top_behaviour" / "results.jsonl")
+    assert without["excluded_behaviour"] not in {b for r in kept for b in r.steered_behaviours}
+    headline = (copy / "report.md").read_text()
+    assert "| correction_random_firing |" in headline and "of its recovery" in headline
     before = json.loads((copy / "stages.json").read_text())["stages"]
     run_pipeline(config, copy, log=lambda message: None)  # finished: nothing is redone
     after = json.loads((copy / "stages.json").read_text())["stages"]
@@ -243,3 +267,40 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
            {name: entry.get("outputs") for name, entry in before.items()}
     with pytest.raises(Exception, match="correction: seeds must be a non-empty list of integers"):
         RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction": {"seeds": "x"}})
+
+
+def test_correction_controls_are_refused_without_the_method_or_with_a_bias():
+    with pytest.raises(ConfigError, match="set correction_vectors: true"):
+        RunConfig.from_dict({**SHORT_RUN, "correction_controls": ["random_firing"]})
+    with pytest.raises(ConfigError, match="control 'only_bias' steers a bias"):
+        RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction_controls": ["only_bias"]})
+    config = RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True,
+                                  "correction_controls": ["random_vectors", "gated_random_behaviour"]})
+    stages = [spec.name for spec in planned(config)]
+    at = stages.index("eval_correction_ceiling")
+    assert stages[at + 1:at + 3] == ["eval_correction_random_vectors", "eval_correction_gated_random_behaviour"]
+    spec = stage_spec("eval_correction_random_vectors")
+    assert (spec.method, spec.comparison, spec.folder) == ("correction", "random_vectors", "eval/correction_random_vectors")
+    assert "eval_correction" in spec.reads and "eval_hybrid" not in spec.reads
+
+
+def test_the_top_behaviour_is_never_steered_without_it(pair, tmp_path):
+    vectors = make_vectors(pair.base.cfg.d_model)
+    positions = {problem.id: [0, 2, 4] for problem in PROBLEMS}
+    behaviours = {problem.id: [1, 1, 2] for problem in PROBLEMS}
+    config = HybridConfig(steer_layer=1, read_layer=2, max_new_tokens=8, batch_size=2, ignore_eos=True)
+    settings = dict(base_template="base_paper", thinking_template="base_paper", progress=lambda message: None)
+    hybrid = evaluate_hybrid(pair, PROBLEMS, vectors, ReplayPolicy(positions, behaviours), config,
+                             tmp_path / "hybrid.jsonl", **settings)
+
+    def make_policy():
+        return ReplayPolicy(positions, behaviours)
+
+    inputs = ComparisonInputs(policy=make_policy(), make_policy=make_policy, directions=vectors,
+                              behaviour_ids=list(vectors.behaviour_ids), seed=0, steered_fraction=0.3,
+                              hybrid_records=lambda: hybrid)
+    built = build_comparison("without_top_behaviour", inputs)
+    assert built.recorded == {"excluded_behaviour": 1, "its_steers": 2 * len(PROBLEMS)}
+    without = evaluate_hybrid(pair, PROBLEMS, built.directions, built.policy, config, tmp_path / "without.jsonl",
+                              **settings)
+    assert all(r.steered_positions == [4] and r.steered_behaviours == [2] for r in without)

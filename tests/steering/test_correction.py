@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechsteer.core.errors import ConfigError, ProvenanceError
+from mechsteer.core.errors import ArtefactError, ConfigError, ProvenanceError
 from mechsteer.core.models import load_model
 from mechsteer.data.traces import TraceRecord
 from mechsteer.steering.coefficient_mlp import CoefficientMLP
@@ -224,6 +224,15 @@ def test_training_lowers_the_loss_and_moves_the_base_model_towards_the_thinking_
     assert loaded.mlp is not None and trained.mlp is not None
     torch.testing.assert_close(loaded.mlp(cache.resid, cache.behaviour), trained.mlp(cache.resid, cache.behaviour))
     assert loaded.report == report
+    # each behaviour's mean learned coefficient at its positions scales the ceiling's vectors
+    alpha = trained.mlp(cache.resid, cache.behaviour).detach()
+    for slot, behaviour in enumerate(directions.behaviour_ids):
+        mean = float(alpha[cache.behaviour == behaviour].mean())
+        assert report.mean_coefficients[str(behaviour)] == pytest.approx(mean, rel=1e-5)
+        torch.testing.assert_close(loaded.at_learned_scale().directions[slot], directions.directions[slot] * mean)
+    stale = dataclasses.replace(loaded, report=dataclasses.replace(report, mean_coefficients={}))
+    with pytest.raises(ArtefactError, match="train the correction vectors again"):
+        stale.at_learned_scale()
     other_layer = dataclasses.replace(cache.provenance, layer=2)
     with pytest.raises(ProvenanceError, match="layer"):
         CorrectionVectors.load(tmp_path / "vectors", other_layer)
