@@ -19,32 +19,31 @@ from mechsteer.experiment.state import RunState
 from tests.experiment.configs import OLD_DEMO
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
-# The digests run folders were written under before the keys declared themselves (the paper pairs' since
-# they gained the correction vectors' settings and ablation_contexts' default became 100;
-# organism-demo-correction.yaml since it was added).
+# The digests run folders were written under before the keys declared themselves (the paper pairs' and
+# organism-demo-correction.yaml's since they gained the correction vectors' controls).
 DIGESTS = {
-    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "3026175f72d4678a",
-    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "d0f35ecf14789655",
+    "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "2b61a9111da56867",
+    "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "e6faf98d44f3cbcf",
     "organism-demo-confirm400.yaml": "40378eac4881d884",
-    "organism-demo-correction.yaml": "63f746dd23ac2b3f",
+    "organism-demo-correction.yaml": "3bd76227a2412896",
     "organism-demo-grid.yaml": "5bb21fe8cacc04eb",
     "organism-demo.yaml": "ebe52ff6cdea9cb7",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "3cea14d587ceca8e",
-    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "5dfd0fa549927f51",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "4c0b0edf21cdbbae",
-    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "ea1c1d984071b491",
-    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "254d9f315a52daa3",
-    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "527fd10c86b3ff60",
-    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "4c4f775921a8a4e9",
-    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "f7580955a71ba16c",
-    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "dfff17b9341fdd00",
-    "qwen2.5-32b__qwq-32b__math500.yaml": "c27b4fa29184aa61",
-    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "407944b73958eb69",
-    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "a77013cbe2787717",
-    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "8f6a9a536c1c6a20",
-    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "1798d479603087c1",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "dd506e1fe3de3308",
-    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "37d96ddcb5a28d3a",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__gsm8k.yaml": "beb8a24b30a827e8",
+    "qwen2.5-0.5b__open-reasoner-zero-0.5b__math500.yaml": "e035d970a9632b50",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__gsm8k.yaml": "9e28a919285697c0",
+    "qwen2.5-1.5b__open-reasoner-zero-1.5b__math500.yaml": "d035b8270c55682a",
+    "qwen2.5-14b__r1-distill-qwen-14b__gsm8k.yaml": "1d60358ed1a443f2",
+    "qwen2.5-14b__r1-distill-qwen-14b__math500.yaml": "eae9fefb380e053a",
+    "qwen2.5-32b__open-reasoner-zero-32b__gsm8k.yaml": "9a72e95b8df879bb",
+    "qwen2.5-32b__open-reasoner-zero-32b__math500.yaml": "898dca1a401ed268",
+    "qwen2.5-32b__qwq-32b__gsm8k.yaml": "b5ed682b13884b38",
+    "qwen2.5-32b__qwq-32b__math500.yaml": "8c91f25d8a92ef2d",
+    "qwen2.5-32b__r1-distill-qwen-32b__gsm8k.yaml": "b99d0bdd8162dd94",
+    "qwen2.5-32b__r1-distill-qwen-32b__math500.yaml": "738fbb970ca69138",
+    "qwen2.5-7b__open-reasoner-zero-7b__gsm8k.yaml": "d0704f971f417976",
+    "qwen2.5-7b__open-reasoner-zero-7b__math500.yaml": "d14e7eae7b3900fa",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__gsm8k.yaml": "d9d729f89b71e027",
+    "qwen2.5-math-1.5b__r1-distill-qwen-1.5b__math500.yaml": "6bec068305325497",
 }
 
 
