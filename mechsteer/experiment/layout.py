@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mechsteer.hybrid.comparisons import BUILT_IN_COMPARISONS
+from mechsteer.hybrid.comparisons import BUILT_IN_COMPARISONS, COMPARISONS
 
 Role = Literal["base", "thinking"]
 StageGroup = Literal["train_traces", "activations", "taxonomy", "directions", "correction", "tuning", "plain_eval",
@@ -110,11 +110,14 @@ def planned_stages(*, tuning: bool, comparisons: Sequence[str], ablations: bool,
     return planned
 
 
+# The built-in controls the correction vectors can run (they have no bias to steer).
+_CORRECTION_CONTROLS = tuple(name for name in BUILT_IN_COMPARISONS
+                             if COMPARISONS.get(name).kind == "control" and not COMPARISONS.get(name).needs_bias)
 # Every stage a config key can name: the table's and the built-in comparisons' evaluations of both
 # methods (the config keys that only some of them read name them: the seed).
 ALL_STAGES: tuple[StageSpec, ...] = (*STAGE_TABLE[:_BEFORE_ABLATIONS],
                                      *(hybrid_eval_stage(name) for name in BUILT_IN_COMPARISONS),
-                                     *(hybrid_eval_stage(name, "correction") for name in BUILT_IN_COMPARISONS),
+                                     *(hybrid_eval_stage(name, "correction") for name in _CORRECTION_CONTROLS),
                                      *STAGE_TABLE[_BEFORE_ABLATIONS:])
 _BY_NAME = {spec.name: spec for spec in ALL_STAGES}
 

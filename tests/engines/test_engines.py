@@ -426,7 +426,9 @@ def test_ctrl_c_during_hung_requests_exits_at_once(stub: StubServer, tmp_path: P
 
     stub.responder = lambda payload: Answer(delay=300.0)  # never answers in time
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # PYTHONFAULTHANDLER: a child that does not exit is sent SIGABRT, which prints every thread's stack
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "mechsteer.cli", "traces", "--model", "organism-thinking", "--benchmark", "organism",
          "--split", "train", "--n", "4", "--out", str(tmp_path / "traces"), "--max-new-tokens", "8",
@@ -440,7 +442,11 @@ def test_ctrl_c_during_hung_requests_exits_at_once(stub: StubServer, tmp_path: P
         assert len(stub.received) == 2, process.communicate(timeout=5)
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            pytest.fail("the command did not exit within 30 s of SIGINT; its threads:\n" + process.communicate()[1][-6000:])
         assert time.monotonic() - interrupted < 5.0
     finally:
         if process.poll() is None:
