@@ -164,25 +164,29 @@ def _headline(view: RunView) -> list[str]:
         elif name == "hybrid":
             entry = {"accuracy": report["hybrid_accuracy"], "gap_recovered": report["gap_recovered"],
                      "gap_recovered_interval": report["gap_recovered_interval"],
-                     "steered_fraction": report["tokens_steered_fraction"]}
+                     "steered_fraction": report["tokens_steered_fraction"],
+                     "steered_equal_thinking": report.get("steered_equal_thinking")}
         else:
             entry = compared[name]
         rows.append([f"**{name}**" if name == "hybrid" else name, num(entry["accuracy"]), interval(intervals[name]),
                      num(entry.get("gap_recovered")), interval(entry.get("gap_recovered_interval")),
-                     percent(entry.get("steered_fraction")), num(cut_off.get(name))])
+                     percent(entry.get("steered_fraction")), percent(entry.get("steered_equal_thinking")),
+                     num(cut_off.get(name))])
     lines = ["## Headline", ""]
     if not rows:
         return lines + ["No evaluation has finished yet.", ""]
-    header = ["model", "accuracy", "95% interval", "gap recovered", "95% interval", "tokens steered", "cut off"]
+    header = ["model", "accuracy", "95% interval", "gap recovered", "95% interval", "tokens steered",
+              "steered = thinking", "cut off"]
     counted = any(cut_off.get(name) is not None for name in intervals)  # not in runs from before it was
     if not counted:
         header, rows = header[:-1], [row[:-1] for row in rows]
-    lines += table(header, rows, "lrlrlrr")
+    lines += table(header, rows, "lrlrlrrr")
     controls = "; ".join(f"`{name}` {_control_text(name, entry)}" for name, entry in report.get("controls", {}).items())
     baselines = "; ".join(f"`{name}` {comparison_description(name, 'baseline')}" for name in report.get("baselines", {}))
     lines += [f"{view.config.n_eval} problems. Accuracy intervals are Wilson 95%; the gap recovered is "
               "(model − base) / (thinking − base), with a 95% paired bootstrap interval over problems (1000 "
-              "resamples)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
+              "resamples). Steered = thinking: the share of steered tokens that are the thinking model's own greedy "
+              "token (where it is high, the steering mostly forces the thinking model's next token)." + (" Cut off: generations that reached the token limit (a thinking trace cut off "
                                "before it ends has no answer)." if counted else "")
               + (f" Controls: {controls}." if controls else "") + (f" Baselines: {baselines}." if baselines else "")
               + _correction_text(report), ""]

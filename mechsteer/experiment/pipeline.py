@@ -140,14 +140,6 @@ def evaluate_hybrid(
     return [by_id[problem.id] for problem in problems]
 
 
-def hybrid_summary(records: Sequence[HybridRecord], recorded: dict[str, Any] | None = None) -> EvalSummary:
-    """A hybrid evaluation's stage summary."""
-    return EvalSummary(correct=[record.correct for record in records],
-                       cut_off=sum(record.finish_reason == "length" for record in records),
-                       steered_fraction=sum(record.steered_fraction for record in records) / len(records),
-                       recorded=dict(recorded or {}))
-
-
 # ------------------------------------------------------------------------------------------
 # The run
 
@@ -450,7 +442,7 @@ def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
         comparison = built
     run.pair.need(*spec.models)
     records = evaluate_comparison(run, comparison, steering, run.paths.hybrid_results(name))
-    return hybrid_summary(records, {**steering.recorded, **comparison.recorded}).to_json()
+    return EvalSummary.of_hybrid(records, {**steering.recorded, **comparison.recorded}).to_json()
 
 
 def evaluate_comparison(run: RunContext, comparison: ComparisonRun, steering: SteeringInputs,
@@ -474,7 +466,7 @@ def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: Compari
     for variant, comparison in variants.runs.items():
         run.log(f"  {name}: variant {variant}")
         evaluated[variant] = evaluate_comparison(run, comparison, steering, run.paths.variant_results(name, variant))
-    summaries = {variant: hybrid_summary(records, variants.runs[variant].recorded)
+    summaries = {variant: EvalSummary.of_hybrid(records, variants.runs[variant].recorded)
                  for variant, records in evaluated.items()}
     chosen = max(summaries, key=lambda variant: sum(summaries[variant].correct))  # max keeps the first on ties
     write_jsonl_atomic(run.paths.hybrid_results(name), [record.to_json() for record in evaluated[chosen]])
@@ -482,7 +474,7 @@ def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: Compari
                 "variants": {variant: {"accuracy": sum(summary.correct) / len(summary.correct),
                                        "steered_fraction": summary.steered_fraction, **summary.recorded}
                              for variant, summary in summaries.items()}}
-    return hybrid_summary(evaluated[chosen], recorded).to_json()
+    return EvalSummary.of_hybrid(evaluated[chosen], recorded).to_json()
 
 
 def ablations_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:

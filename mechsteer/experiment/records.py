@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mechsteer.core.errors import ArtefactError
+from mechsteer.hybrid.records import HybridRecord
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,17 @@ class EvalSummary:
             return {"correct": self.correct, "cut_off": self.cut_off}
         return {"correct": self.correct, "steered_fraction": self.steered_fraction, "cut_off": self.cut_off,
                 **self.recorded}
+
+    @classmethod
+    def of_hybrid(cls, records: Sequence[HybridRecord], recorded: dict[str, Any] | None = None) -> EvalSummary:
+        """A hybrid evaluation's summary, with the share of its steered tokens that are the thinking model's
+        greedy token (where its records say)."""
+        matches = [match for record in records for match in record.steered_matching_thinking or []]
+        shares = {"steered_equal_thinking": sum(matches) / len(matches)} if matches else {}
+        return cls(correct=[record.correct for record in records],
+                   cut_off=sum(record.finish_reason == "length" for record in records),
+                   steered_fraction=sum(record.steered_fraction for record in records) / len(records),
+                   recorded={**(recorded or {}), **shares})
 
     @classmethod
     def from_json(cls, data: dict[str, Any], source: str = "an evaluation's summary") -> EvalSummary:

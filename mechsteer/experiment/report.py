@@ -148,7 +148,8 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
                              "tokens_steered_fraction": steered, "steered_fraction": steered,
                              "gap_recovered_interval": gap_interval(name)}
             recorded = evaluations[name].recorded
-            for key in ("norm_matched_to", "chosen_variant", "variants", "excluded_behaviour"):  # how it was built
+            # how it was built, and the share of its steered tokens that are the thinking model's greedy token
+            for key in ("norm_matched_to", "chosen_variant", "variants", "excluded_behaviour", "steered_equal_thinking"):
                 if key in recorded:
                     entries[name][key] = recorded[key]
         return entries
@@ -165,6 +166,8 @@ def assemble_report(config: RunConfig, evaluations: dict[str, EvalSummary],
         "gap_recovered": gap("hybrid"),
         "gap_recovered_interval": gap_interval("hybrid"),
         "tokens_steered_fraction": evaluations["hybrid"].steered_fraction if "hybrid" in evaluations else None,
+        "steered_equal_thinking": evaluations["hybrid"].recorded.get("steered_equal_thinking")
+        if "hybrid" in evaluations else None,
         # generations that ran to their length limit (a thinking trace cut off before </think> has no answer)
         "cut_off": {name: result.cut_off for name, result in evaluations.items()},
         "controls": compared(config.controls),

@@ -148,6 +148,7 @@ class TokenLog:
     agree: bool  # base and thinking greedy tokens were the same text
     latent_ids: list[int] = field(default_factory=list)
     latent_values: list[float] = field(default_factory=list)
+    matches_thinking: bool | None = None  # a steered token: it is the thinking model's greedy token (the same text)
 
 
 @dataclass
@@ -248,7 +249,8 @@ class _StepOnHost:
     agree: list[bool]
     latent_ids: list[list[int]] | None
     latent_values: list[list[float]] | None
-    previous: list[list[int]] | None  # last step's (chosen token, candidate taken[, coefficient bits]) per row
+    # last step's (chosen token, candidate taken, it is the thinking token[, coefficient bits]) per row
+    previous: list[list[int]] | None
 
 
 def _to_host(decision: PolicyDecision, agree: Tensor, greedy: Tensor,
@@ -334,7 +336,7 @@ class _HybridBatch:
         self.finished = [False] * self.batch
         self.reasons = ["length"] * self.batch
         self.unresolved: dict[int, _Unresolved] = {}
-        # last step's (chosen tokens, candidate taken (-1: none)[, coefficient bits for the learned rule])
+        # last step's (chosen tokens, candidate taken (-1: none), thinking's token[, learned coefficient bits])
         self.previous: tuple[Tensor, ...] | None = None
         self.positions_recomputed = 0  # forked positions fed by candidate forwards (cost accounting)
         self.largest_fork = 0
@@ -463,9 +465,9 @@ class _HybridBatch:
     def _resolve(self, previous: list[list[int]]) -> None:
         """Log the rows steered last step, now that their (token, candidate[, coefficient bits]) are
         on the host. A row whose rule took no candidate (think_top1_match) is logged unsteered."""
-        learned = bits_to_floats([row[2] for row in previous]) if self.coefficient_model is not None else None
+        learned = bits_to_floats([row[3] for row in previous]) if self.coefficient_model is not None else None
         for row, pending in self.unresolved.items():
-            token, choice = previous[row][0], previous[row][1]
+            token, choice, matches = previous[row][0], previous[row][1], bool(previous[row][2])
             if choice < 0:
                 log = TokenLog(steered=False, behaviour=None, coeff=0.0, window=0, agree=pending.agree,
                                latent_ids=pending.latent_ids, latent_values=pending.latent_values)
@@ -473,7 +475,7 @@ class _HybridBatch:
                 coeff, window = self.config.candidates[choice]
                 log = TokenLog(steered=True, behaviour=pending.behaviour, coeff=coeff if learned is None else learned[row],
                                window=window, agree=pending.agree, latent_ids=pending.latent_ids,
-                               latent_values=pending.latent_values)
+                               latent_values=pending.latent_values, matches_thinking=matches)
             self._log(row, token, log)
         self.unresolved.clear()
 
@@ -568,8 +570,8 @@ class _HybridBatch:
                         self._log(row, host.greedy[row], TokenLog(steered=False, behaviour=None, coeff=0.0, window=0,
                                                                   agree=host.agree[row], latent_ids=latent_ids,
                                                                   latent_values=latent_values))
-                self.previous = (chosen, choice) if self.coefficient_model is None else (chosen, choice,
-                                                                                           float_bits(used))
+                matches = self.vocab.agree(chosen, think_greedy).long().to(self.base_device)
+                self.previous = (chosen, choice, matches, *([] if self.coefficient_model is None else [float_bits(used)]))
                 if self.unresolved and (not self.shared or self._only_unresolved_run()):
                     # the text must be re-encoded now, or whether any row runs on decides whether to go on
                     self._resolve_now()

@@ -34,6 +34,8 @@ class HybridRecord:
     # the character in `text` where each generated token ends (None in records written before it was recorded)
     token_ends: list[int] | None = None
     disagree_positions: list[int] | None = None  # token positions where the greedy tokens differed (None: as above)
+    # at each steered position: the token is the thinking model's greedy one (None: as above)
+    steered_matching_thinking: list[bool] | None = None
 
     @classmethod
     def from_generation(cls, problem_id: str, text: str, prediction: str | None, reference: str, correct: bool,
@@ -47,7 +49,8 @@ class HybridRecord:
                    steered_behaviours=[log.behaviour for log in steered],
                    steered_coeffs=[log.coeff for log in steered], steered_windows=[log.window for log in steered],
                    top_latents=[log.latent_ids[:1] for log in logs], finish_reason=finish_reason,
-                   token_ends=token_ends, disagree_positions=[i for i, log in enumerate(logs) if not log.agree])
+                   token_ends=token_ends, disagree_positions=[i for i, log in enumerate(logs) if not log.agree],
+                   steered_matching_thinking=[bool(log.matches_thinking) for log in steered])
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -25,6 +25,7 @@ class ReferenceTrace:
     token_ids: list[int]
     steered: list[bool]
     coeffs: list[float]  # the coefficient used at each token (0.0 where not steered)
+    matches: list[bool | None]  # a steered token: it is the thinking model's greedy token (None where not steered)
 
 
 def reference_hybrid_generate(
@@ -78,7 +79,7 @@ def reference_hybrid_trace(
     read_name = resid_hook_name(config.read_layer)
     steer_name = resid_hook_name(config.steer_layer)
     kept: list[Steering] = []  # cache_mode keep: the shifts of earlier steered positions
-    trace = ReferenceTrace([], [], [])
+    trace = ReferenceTrace([], [], [], [])
 
     def same_token(base_token: int, think_token: int) -> bool:
         if shared_tokenizer:
@@ -153,6 +154,7 @@ def reference_hybrid_trace(
             trace.token_ids.append(token)
             trace.steered.append(steered)
             trace.coeffs.append(used)
+            trace.matches.append(same_token(token, think_greedy) if steered else None)
             if stopper.reason(trace.token_ids) is not None:
                 break
     return trace

@@ -138,8 +138,8 @@ def comparison_run() -> tuple[RunConfig, dict[str, EvalSummary]]:
     evaluations = {
         "base": {"correct": [True, False, False, False]},
         "thinking": {"correct": [True, True, True, False]},
-        "hybrid": {"correct": [True, True, False, False], "steered_fraction": 0.1},
-        "only_bias": {"correct": [True, True, False, False], "steered_fraction": 0.12},
+        "hybrid": {"correct": [True, True, False, False], "steered_fraction": 0.1, "steered_equal_thinking": 0.8},
+        "only_bias": {"correct": [True, True, False, False], "steered_fraction": 0.12, "steered_equal_thinking": 0.25},
         "only_bias_replayed": {"correct": [True, False, False, False], "steered_fraction": 0.09},
         "random_vectors": {"correct": [False, False, False, False], "steered_fraction": 0.2,
                            "norm_matched_to": "bias + direction"},
@@ -182,6 +182,9 @@ def test_report_md_headline_lists_the_controls_and_baselines():
     assert "`only_bias_replayed` steers the bias alone, at exactly the tokens the hybrid steered" in headline
     assert "each of the norm of the bias + direction it replaces" in headline
     assert "Baselines: `first_token_only` the hybrid allowed to steer at the first generated token only." in headline
+    # the share of steered tokens that are the thinking model's own, beside each share steered
+    assert "| **hybrid** | 0.500 |" in headline and "| 10.0% | 80.0% |" in headline and "| 12.0% | 25.0% |" in headline
+    assert report["steered_equal_thinking"] == 0.8 and report["controls"]["only_bias"]["steered_equal_thinking"] == 0.25
 
 
 def test_the_papers_read_and_the_single_candidate_baselines():
@@ -247,6 +250,9 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     ceiling = read_hybrid_records(copy / "eval" / "correction_ceiling" / "results.jsonl")
     assert {c for r in ceiling for c in r.steered_coeffs} <= set(config.correction_ceiling_coefficients)
     assert set(trained.report.mean_coefficients) == {str(b) for b in trained.directions.behaviour_ids}
+    assert sum(len(r.steered_positions) for r in ceiling) > 0 and all(m for r in ceiling for m in r.steered_matching_thinking)
+    assert report["methods"]["correction_ceiling"]["steered_equal_thinking"] == 1.0
+    assert 0 < report["methods"]["correction"]["steered_equal_thinking"] <= 1
     # the correction vectors' controls, at their steering, beside them in report.json and report.md
     assert list(report["correction_controls"]) == [f"correction_{name}" for name in controls]
     firing = read_hybrid_records(copy / "eval" / "correction_random_firing" / "results.jsonl")

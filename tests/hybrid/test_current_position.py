@@ -87,6 +87,7 @@ def assert_equal_to_oracle(out, traces):
         assert [log.steered for log in logs] == trace.steered, f"row {row}"
         # the learned coefficient is read off a cached residual: equal up to float rounding
         assert [log.coeff for log in logs] == pytest.approx(trace.coeffs, rel=1e-4, abs=1e-6), f"row {row}"
+        assert [log.matches_thinking for log in logs] == trace.matches, f"row {row}"
 
 
 @pytest.mark.parametrize("mode", ["revert", "keep"])
@@ -101,6 +102,10 @@ def test_shared_tokenizer_matches_oracle(models, rule, mode):
     if rule == "think_top1_match":  # both outcomes of the ceiling: a match, and rows left unsteered
         disagreements = sum(not log.agree for logs in out.token_logs for log in logs)
         assert 0 < sum(steered) < disagreements
+        # the ceiling takes only a coefficient whose token is the thinking model's
+        assert all(log.matches_thinking for logs in out.token_logs for log in logs if log.steered)
+    else:
+        assert not all(log.matches_thinking for logs in out.token_logs for log in logs if log.steered)
     if rule == "learned":  # the predicted coefficients, not a grid's
         assert len({round(log.coeff, 4) for logs in out.token_logs for log in logs if log.steered}) > 5
 
@@ -140,8 +145,9 @@ def test_rules_and_keep_are_device_clean(models, rule):
     assert mode.faults == []
     steps = max(len(ids) for ids in out.token_ids)
     assert mode.host_transfers() <= 2 * steps + 1
-    # per row a few ids, flags, top latents and the learned coefficient; no full-vocabulary logits (107)
-    assert max(t.numel for t in mode.transfers) <= 3 * 13
+    # per row a few ids, flags (whether the steered token is the thinking model's among them), top latents and
+    # the learned coefficient; no full-vocabulary logits (107)
+    assert max(t.numel for t in mode.transfers) <= 3 * 14
     assert out.largest_fork <= config.max_candidates_per_chunk
 
 
