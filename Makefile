@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mechsteer-install-stamp
 # Everything runs offline: nothing may come from a model or dataset hub.
 OFFLINE_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install browser demo demo-correction test lint bench clean-venv
+.PHONY: install browser demo demo-correction demo-seeds test lint bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: install
 # The demo with the paper's current method (correction vectors) beside the hybrid, in its own folder.
 demo-correction: install
 	$(OFFLINE_ENV) $(VENV)/bin/mechsteer run --config experiments/organism-demo-correction.yaml --out runs/demo-correction
+
+# The demo over three pipeline seeds with every control and baseline (a sweep; its report's "Across seeds").
+demo-seeds: install
+	$(OFFLINE_ENV) $(VENV)/bin/mechsteer sweep --config experiments/sweeps/organism-demo-seeds.yaml --out runs/sweeps/organism-demo-seeds
 
 test: install
 	$(OFFLINE_ENV) $(PY) -m pytest -q

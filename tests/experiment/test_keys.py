@@ -25,6 +25,7 @@ DIGESTS = {
     "llama-3.1-8b__r1-distill-llama-8b__gsm8k.yaml": "2b61a9111da56867",
     "llama-3.1-8b__r1-distill-llama-8b__math500.yaml": "e6faf98d44f3cbcf",
     "organism-demo-confirm400.yaml": "40378eac4881d884",
+    "organism-demo-correction-confirm400.yaml": "e60099a09937132b",
     "organism-demo-correction.yaml": "3bd76227a2412896",
     "organism-demo-grid.yaml": "5bb21fe8cacc04eb",
     "organism-demo.yaml": "ebe52ff6cdea9cb7",
