@@ -4,6 +4,9 @@
 tuning stage here chooses that same grid, so its table is this one (README, "The end-to-end demo").
 """
 
+import dataclasses
+import shutil
+
 import pytest
 
 from mechsteer.experiment.config import DEMO_CONFIG
@@ -22,8 +25,14 @@ README_TABLE = {
 
 
 @pytest.fixture(scope="module")
-def demo_report(tmp_path_factory):
-    return run_pipeline(DEMO_CONFIG, tmp_path_factory.mktemp("demo"), log=lambda message: None)
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_pipeline(DEMO_CONFIG, out, log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_run):
+    return demo_run[1]
 
 
 @pytest.mark.slow
@@ -75,3 +84,20 @@ def test_demo_causal_tests_are_the_readmes(demo_report):
     per_layer = [row for row in tests if row["variant"] == "all layers, per-layer directions"]
     assert len(per_layer) == 5 and all(row["passed"] and row["p_value"] <= 4.9e-44 * 1.01 for row in per_layer)
     assert all(row["n_contexts"] == 100 for row in tests)
+
+
+@pytest.mark.slow
+def test_one_fixed_behaviour_at_the_hybrids_timing_explains_it_as_the_readme_says(demo_run, tmp_path):
+    """README, "Across seeds": seed 0's hybrid recovers 0.909 with 95% of its steered tokens the thinking
+    organism's own; one fixed behaviour (verify) at its timing recovers 0.924, not below half (a miss)."""
+    out, report = demo_run
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    config = dataclasses.replace(DEMO_CONFIG, controls=[*DEMO_CONFIG.controls, "gated_fixed_behaviour"])
+    extended = run_pipeline(config, copy, log=lambda message: None)  # only the new control is evaluated
+    assert round(report["steered_equal_thinking"], 2) == 0.95
+    fixed = extended["controls"]["gated_fixed_behaviour"]
+    assert round(fixed["gap_recovered"], 3) == 0.924 and fixed["gap_recovered"] >= report["gap_recovered"] / 2
+    titles = dict(zip(report["directions"]["behaviour_ids"], report["directions"]["titles"], strict=True))
+    assert titles[fixed["variants"][fixed["chosen_variant"]]["behaviour"]].endswith("(verify)")
+    assert round(fixed["steered_equal_thinking"], 2) == 0.94
