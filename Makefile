@@ -44,9 +44,11 @@ demo: install
 demo-correction: install
 	$(OFFLINE_ENV) $(VENV)/bin/mechsteer run --config experiments/organism-demo-correction.yaml --out runs/demo-correction
 
-# The demo over three pipeline seeds with every control and baseline (a sweep; its report's "Across seeds").
+# The demo over three pipeline seeds with every control and baseline (a sweep; its report's "Across seeds"),
+# then seed 0 with every evaluation started from the organism's first cue (eval_prefix).
 demo-seeds: install
 	$(OFFLINE_ENV) $(VENV)/bin/mechsteer sweep --config experiments/sweeps/organism-demo-seeds.yaml --out runs/sweeps/organism-demo-seeds
+	$(OFFLINE_ENV) $(VENV)/bin/mechsteer sweep --config experiments/sweeps/organism-demo-primed.yaml --out runs/sweeps/organism-demo-primed
 
 test: install
 	$(OFFLINE_ENV) $(PY) -m pytest -q

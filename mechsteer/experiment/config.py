@@ -44,6 +44,7 @@ from mechsteer.experiment.keys import (
     CORRECTION_STEERED,
     EVALS,
     HYBRID,
+    HYBRID_EVALS,
     PLAIN_EVALS,
     TRAIN_TRACES,
     key,
@@ -190,6 +191,10 @@ class RunConfig:
         downstream=True, section="evaluation",
         help="the hybrid steering at the first generated token only; steering where the ground-truth timing oracle "
              "says; the hybrid with the paper's last-token read; the hybrid without the grid and guardrail")
+    eval_prefix: str = key("", read_by=HYBRID_EVALS, later=True, downstream=True, section="evaluation",
+        help="text the hybrid and every control and baseline start from, after both models' prompts (e.g. an "
+             "organism's first cue, Plan:), so that none can fail only at the first token; the plain "
+             "evaluations and the tuning stage start without it")
     ablations: bool = key(True, read_by=(), downstream=True, section="ablations",
         help="run the ablation stage: necessity and sufficiency of each behaviour direction")
     ablation_contexts: Annotated[int, Range(min=1)] = key(100, read_by=("ablations",), downstream=True,

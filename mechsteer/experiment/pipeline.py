@@ -113,15 +113,17 @@ if TYPE_CHECKING:
 def evaluate_hybrid(
     pair: ModelPair | ResidentPair, problems: Sequence[Problem], directions: DirectionSet, policy: TimingPolicy,
     hybrid_config: HybridConfig, out_path: Path, *, base_template: str, thinking_template: str,
-    progress: Callable[[str], None] = print, coefficient_model: CoefficientModel | None = None,
+    progress: Callable[[str], None] = print, coefficient_model: CoefficientModel | None = None, prefix: str = "",
 ) -> list[HybridRecord]:
-    """Run the hybrid on ``problems``, appending one JSON line per problem; resumes from the file."""
+    """Run the hybrid on ``problems``, appending one JSON line per problem; resumes from the file. Both
+    prompts end with ``prefix`` (a forced start of the generation, e.g. a first cue; not in the records)."""
     done = {record.problem_id for record in read_hybrid_records(out_path)}
     todo = [problem for problem in problems if problem.id not in done]
     for start in range(0, len(todo), hybrid_config.batch_size):
         batch = todo[start : start + hybrid_config.batch_size]
-        base_prompts = [render_prompt(base_template, p.question, pair.base.tokenizer) for p in batch]
-        thinking_prompts = [render_prompt(thinking_template, p.question, pair.thinking.tokenizer) for p in batch]
+        base_prompts = [render_prompt(base_template, p.question, pair.base.tokenizer) + prefix for p in batch]
+        thinking_prompts = [render_prompt(thinking_template, p.question, pair.thinking.tokenizer) + prefix
+                            for p in batch]
         policy.bind([problem.id for problem in batch])
         # looked up on its module at each call, so that a test can replace it
         output = generator.hybrid_generate(pair.base, pair.thinking, base_prompts, thinking_prompts, directions, policy,
@@ -454,7 +456,7 @@ def evaluate_comparison(run: RunContext, comparison: ComparisonRun, steering: St
     return evaluate_hybrid(run.pair, run.evaluation, comparison.directions, comparison.policy, hybrid_config,
                            out_path, base_template=config.resolved_base_template,
                            thinking_template=config.resolved_thinking_template, progress=run.log,
-                           coefficient_model=steering.coefficient_model)
+                           coefficient_model=steering.coefficient_model, prefix=config.eval_prefix)
 
 
 def variants_eval(run: RunContext, spec: StageSpec, name: str, variants: ComparisonVariants,

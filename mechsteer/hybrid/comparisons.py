@@ -25,6 +25,7 @@ from mechsteer.hybrid.timing import (
     BiasOnlyPolicy,
     FirstTokenOnlyPolicy,
     FixedBehaviourPolicy,
+    NeverPolicy,
     RandomBehaviourPolicy,
     RandomFiringPolicy,
     ReplayPolicy,
@@ -185,6 +186,12 @@ def _without_top_behaviour(inputs: ComparisonInputs) -> ComparisonRun:
                          inputs.directions, {"excluded_behaviour": top, "its_steers": counts[top]})
 
 
+def _no_steering(inputs: ComparisonInputs) -> ComparisonRun:
+    # the base model alone through the hybrid's generator: the plain base, or, under eval_prefix, the base
+    # continuing from the forced start (the organisms' plan-only condition)
+    return ComparisonRun(NeverPolicy(), inputs.directions)
+
+
 def _first_token_only(inputs: ComparisonInputs) -> ComparisonRun:
     # the hybrid allowed to steer at the first generated token only
     return ComparisonRun(FirstTokenOnlyPolicy(inputs.policy), inputs.directions)
@@ -235,6 +242,8 @@ _BUILT_INS = (
                    description="steers at the hybrid's timing, never the behaviour it steered most"),
     ComparisonSpec("first_token_only", "baseline", _first_token_only,
                    description="the hybrid allowed to steer at the first generated token only"),
+    ComparisonSpec("no_steering", "baseline", _no_steering,
+                   description="the base model alone, from the same start as the hybrid (eval_prefix)"),
     ComparisonSpec("oracle_timing", "baseline", _oracle_timing, description="steered at the ground-truth positions"),
     ComparisonSpec("last_token_read", "baseline", _last_token_read,
                    description="the hybrid with the paper's read: the policy classifies the last token's activation"),

@@ -10,6 +10,7 @@ import pytest
 from mechsteer.core.errors import ConfigError
 from mechsteer.core.models import ModelPair, load_model
 from mechsteer.data.benchmarks import Problem
+from mechsteer.data.prompts import get_template
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.layout import stage_spec
 from mechsteer.experiment.markdown import RunView, run_markdown
@@ -26,10 +27,11 @@ from mechsteer.hybrid.timing import (
     RandomBehaviourPolicy,
     RandomFiringPolicy,
     ReplayPolicy,
+    SAEArgmaxPolicy,
     random_positions,
 )
 from tests.experiment.conftest import SHORT_RUN
-from tests.hybrid.test_hybrid import make_vectors
+from tests.hybrid.test_hybrid import LinearClassifier, make_vectors
 from tests.tiny_models import save_tiny_model
 
 QUESTIONS = ["The cat sat", "Hi", "In the", "A much longer prompt, with some padding", "x"]
@@ -310,3 +312,37 @@ def test_the_top_behaviour_is_never_steered_without_it(pair, tmp_path):
     without = evaluate_hybrid(pair, PROBLEMS, built.directions, built.policy, config, tmp_path / "without.jsonl",
                               **settings)
     assert all(r.steered_positions == [4] and r.steered_behaviours == [2] for r in without)
+
+
+def test_a_forced_start_reaches_both_prompts_and_no_steering_is_the_base_from_it(pair, tmp_path):
+    config = HybridConfig(steer_layer=1, read_layer=2, max_new_tokens=6, batch_size=2, ignore_eos=True)
+    vectors = make_vectors(pair.base.cfg.d_model)
+    settings = dict(base_template="base_paper", thinking_template="base_paper", progress=lambda message: None)
+
+    def make_policy():
+        return RandomFiringPolicy(0.5, [0, 1, 2], seed=2)
+
+    inputs = ComparisonInputs(policy=make_policy(), make_policy=make_policy, directions=vectors,
+                              behaviour_ids=list(vectors.behaviour_ids), seed=0, steered_fraction=0.3,
+                              hybrid_records=lambda: [])
+    never = build_comparison("no_steering", inputs)
+    primed = evaluate_hybrid(pair, PROBLEMS, never.directions, never.policy, config, tmp_path / "primed.jsonl",
+                             prefix=" The answer", **settings)
+    plain = evaluate_hybrid(pair, PROBLEMS, never.directions, never.policy, config, tmp_path / "plain.jsonl",
+                            **settings)
+    assert all(record.steered_positions == [] for record in [*primed, *plain])
+    # the same as both templates ending with the forced start
+    inline = get_template("base_paper").format_string() + " The answer"
+    templated = evaluate_hybrid(pair, PROBLEMS, never.directions, never.policy, config, tmp_path / "inline.jsonl",
+                                base_template=inline, thinking_template=inline, progress=lambda message: None)
+    assert [record.text for record in primed] == [record.text for record in templated]
+    assert [record.text for record in primed] != [record.text for record in plain]
+    # the thinking model reads the forced start too: a policy that reads its state steers as with the templates
+    policy = SAEArgmaxPolicy(LinearClassifier(pair.thinking.cfg.d_model, 3))
+    steered = evaluate_hybrid(pair, PROBLEMS, vectors, policy, config, tmp_path / "steered.jsonl", prefix=" The answer",
+                              **settings)
+    templated = evaluate_hybrid(pair, PROBLEMS, vectors, policy, config, tmp_path / "steered_inline.jsonl",
+                                base_template=inline, thinking_template=inline, progress=lambda message: None)
+    assert any(r.steered_positions for r in steered)
+    assert [(r.text, r.steered_positions, r.top_latents) for r in steered] == \
+           [(r.text, r.steered_positions, r.top_latents) for r in templated]
