@@ -23,7 +23,7 @@ from mechsteer.hybrid.timing import (
     ReplayPolicy,
     random_positions,
 )
-from tests.experiment.conftest import SHORT_RUN
+from tests.experiment.conftest import CORRECTION_RUN, SHORT_RUN
 from tests.hybrid.test_hybrid import make_vectors
 from tests.tiny_models import save_tiny_model
 
@@ -212,8 +212,7 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     out, _ = short_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    config = RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction_top_k": 20,
-                                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8}})
+    config = RunConfig.from_dict(CORRECTION_RUN)
     report = run_pipeline(config, copy, log=lambda message: None)
     disagreements, vectors = report["correction"]["disagreements"], report["correction"]["correction_vectors"]
     cache = load_disagreements(copy / "correction" / "disagreements")
