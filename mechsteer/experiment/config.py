@@ -167,7 +167,8 @@ class RunConfig:
     policy: Annotated[str, Registered(timing_policy_names, "policy", "registered timing policies")] = key(
         "sae_argmax", read_by=HYBRID, downstream=True, section="hybrid",
         help="the timing policy that says when to steer and which behaviour: sae_argmax, threshold, a plug-in's")
-    policy_read: PolicyRead = key("last_token", read_by=HYBRID, later=True, downstream=True, section="hybrid",
+    # read by the disagreements stage too: with correction_labels: state it labels positions as the policy reads
+    policy_read: PolicyRead = key("last_token", read_by=(*HYBRID, "disagreements"), later=True, section="hybrid",
         help="the activation the policy classifies: the thinking model's last token (the paper's) or its greedy next one")
     threshold: float = key(0.0, read_by=HYBRID, downstream=True, section="hybrid",
         help="the threshold policy's bar on the top latent's pre-activation")

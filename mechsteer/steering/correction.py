@@ -353,7 +353,8 @@ class CorrectionVectors:
         report = document["report"]
         loaded = cls(directions, mlp, CorrectionReport(**{**report, "seeds": [SeedReport(**s) for s in report["seeds"]]}))
         if expected is not None:
-            loaded.provenance.check_against(expected, folder / "directions.json")
+            loaded.provenance.check_against(expected, folder / "directions.json",
+                                            "train the correction vectors again on this disagreement cache")
         if mlp is not None and mlp.behaviour_ids != directions.behaviour_ids:
             raise ArtefactError(f"{folder}: the coefficient MLP's behaviours {mlp.behaviour_ids} are not the set's "
                                 f"{directions.behaviour_ids}; train the correction vectors again")

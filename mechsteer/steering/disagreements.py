@@ -118,13 +118,13 @@ class DisagreementProvenance:
     min_words: int
     n_traces: int
 
-    def check_against(self, expected: DisagreementProvenance, where: Any) -> None:
-        """Raise :class:`~mechsteer.core.errors.ProvenanceError` naming the first field that differs."""
+    def check_against(self, expected: DisagreementProvenance, where: Any,
+                      fix: str = "collect the disagreements again into another folder (or delete this one)") -> None:
+        """Raise :class:`~mechsteer.core.errors.ProvenanceError` naming the first field that differs (and ``fix``)."""
         for field in dataclasses.fields(self):
             recorded, wanted = getattr(self, field.name), getattr(expected, field.name)
             if recorded != wanted:
-                raise mismatch(where, field.name.replace("_", " "), recorded, wanted,
-                               "collect the disagreements again into another folder (or delete this one)")
+                raise mismatch(where, field.name.replace("_", " "), recorded, wanted, fix)
 
 
 @dataclass

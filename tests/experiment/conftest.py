@@ -12,6 +12,9 @@ SHORT_RUN = dict(name="short", base_model="organism-base", thinking_model="organ
                  coefficients=[1.0, 2.0, 4.0], ablation_contexts=10,
                  controls=["only_bias", "only_bias_replayed", "random_firing", "random_vectors"],
                  baselines=["first_token_only"])
+# SHORT_RUN with the paper's correction vectors, trained briefly (its upstream stages are short_run's)
+CORRECTION_RUN = {**SHORT_RUN, "correction_vectors": True, "correction_top_k": 20,
+                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8}}
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from mechsteer.hybrid.timing import (
     SAEArgmaxPolicy,
     random_positions,
 )
-from tests.experiment.conftest import SHORT_RUN
+from tests.experiment.conftest import CORRECTION_RUN, SHORT_RUN
 from tests.hybrid.test_hybrid import LinearClassifier, make_vectors
 from tests.tiny_models import save_tiny_model
 
@@ -223,9 +223,7 @@ def test_correction_vectors_in_a_run(short_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     controls = ["random_firing", "without_top_behaviour"]
-    config = RunConfig.from_dict({**SHORT_RUN, "correction_vectors": True, "correction_top_k": 20,
-                                  "correction": {"seeds": [1, 2], "epochs": 2, "batch_size": 8},
-                                  "correction_controls": controls})
+    config = RunConfig.from_dict({**CORRECTION_RUN, "correction_controls": controls})
     report = run_pipeline(config, copy, log=lambda message: None)
     disagreements, vectors = report["correction"]["disagreements"], report["correction"]["correction_vectors"]
     cache = load_disagreements(copy / "correction" / "disagreements")

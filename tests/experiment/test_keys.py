@@ -117,3 +117,14 @@ def test_a_folder_is_not_resumed_in_another_precision(tmp_path):
     write_json_atomic(tmp_path / "stages.json", state)
     with pytest.raises(ConfigError, match=r"ran the base model in bfloat16.*set dtype: bfloat16 to resume it"):
         RunState(tmp_path, base)
+
+
+def test_no_key_a_sweep_varies_downstream_is_read_by_a_shared_stage():
+    """Sweep points that differ only in downstream keys share the shared stages' folders: a shared stage
+    reading such a key would be reused with another value of it (policy_read and the disagreements stage)."""
+    from mechsteer.experiment.layout import SHARED_STAGES
+
+    for name, info in key_infos(RunConfig).items():
+        if info.downstream:
+            assert info.read_by is not None and not set(info.read_by) & set(SHARED_STAGES), name
+    assert "disagreements" in key_infos(RunConfig)["policy_read"].read_by

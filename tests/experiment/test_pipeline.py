@@ -3,12 +3,6 @@ organism run that is killed mid-way and resumed."""
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +12,8 @@ from mechsteer.experiment.report import behaviour_statistics
 from mechsteer.experiment.state import RunState
 from mechsteer.hybrid.records import HybridRecord
 from tests.experiment.conftest import SHORT_RUN  # the short_run fixture (conftest) runs this config
+from tests.experiment.killing import REPO, run_killed
 
-REPO = Path(__file__).resolve().parents[2]
 REPORT_KEYS = {"base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "tokens_steered_fraction",
                "controls", "taxonomy", "ablations", "timings"}
 
@@ -97,30 +91,6 @@ def test_behaviour_statistics_by_hand():
     assert transitions == {("plan", "verify"): 1, ("verify", "plan"): 1}
 
 
-KILL_DURING_HYBRID = textwrap.dedent("""
-    import os, signal, sys
-    sys.path.insert(0, {repo!r})
-    import mechsteer.experiment.pipeline as pipeline
-    real = pipeline.evaluate_hybrid
-    def dying(*args, **kwargs):
-        from mechsteer.hybrid import generator as hybrid
-        real_generate = hybrid.hybrid_generate
-        calls = []
-        def generate_then_die(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:  # the first batch of the hybrid is on disk; die in the second
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_generate(*a, **k)
-        pipeline_hybrid = __import__("mechsteer.hybrid.generator", fromlist=["x"])
-        pipeline_hybrid.hybrid_generate = generate_then_die
-        return real(*args, **kwargs)
-    pipeline.evaluate_hybrid = dying
-    from mechsteer.experiment.config import RunConfig
-    config = RunConfig.from_dict({config!r})
-    pipeline.run_pipeline(config, {out!r})
-""")
-
-
 TIMING_KEYS = {"timings", "train_seconds", "seconds", "throughput", "created", "elapsed"}
 
 
@@ -172,10 +142,8 @@ def test_killed_run_resumes_to_the_same_report(short_run, tmp_path):
 
     _, report = short_run
     config = RunConfig.from_dict(SHORT_RUN)
-    script = KILL_DURING_HYBRID.format(repo=str(REPO), config=SHORT_RUN, out=str(tmp_path / "resumed"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    # the first batch of the hybrid is on disk; it dies in the second
+    run_killed(SHORT_RUN, tmp_path / "resumed", "mechsteer.hybrid.generator", "hybrid_generate", 2)
     stages = json.loads((tmp_path / "resumed" / "stages.json").read_text())["stages"]
     assert "eval_thinking" in stages and "eval_hybrid" not in stages
     hybrid_lines = (tmp_path / "resumed" / "eval" / "hybrid" / "results.jsonl").read_text().splitlines()

@@ -56,6 +56,7 @@ def line_labels(reasoning: str) -> dict[tuple[int, int], str]:
 
 
 LABELS = BehaviourLabels(ground_truth_labeller(TITLES), [0, 1], TITLES, line_labels)
+SETTINGS = DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2)  # cache_dir's
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,7 @@ def traces():
 @pytest.fixture(scope="module")
 def cache_dir(models, traces, tmp_path_factory):
     folder = tmp_path_factory.mktemp("disagreements")
-    collect_disagreements(models["base"], models["thinking"], *traces, LABELS,
-                          DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2), folder)
+    collect_disagreements(models["base"], models["thinking"], *traces, LABELS, SETTINGS, folder)
     return folder
 
 
@@ -132,41 +132,64 @@ def test_collection_finds_exactly_the_disagreements_with_their_labels_and_target
 
 
 def test_collection_resumes_with_identical_files(models, traces, cache_dir, tmp_path):
-    settings = DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2)
-    assert collect_disagreements(models["base"], models["thinking"], *traces, LABELS, settings, tmp_path,
+    assert collect_disagreements(models["base"], models["thinking"], *traces, LABELS, SETTINGS, tmp_path,
                                  stop_after_chunks=1) is None
     with pytest.raises(Exception, match="unfinished"):
         load_disagreements(tmp_path)
-    collect_disagreements(models["base"], models["thinking"], *traces, LABELS, settings, tmp_path)
+    collect_disagreements(models["base"], models["thinking"], *traces, LABELS, SETTINGS, tmp_path)
     names = sorted(p.name for p in Path(cache_dir).iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir()) and len(names) == 7  # 3 chunks + manifest
     for name in names:
         assert (tmp_path / name).read_bytes() == (Path(cache_dir) / name).read_bytes(), name
 
 
-def test_a_cache_of_other_traces_models_or_layer_is_refused(models, traces, cache_dir):
+def other_inputs(models, traces):
+    """Inputs that differ from cache_dir's in one thing each, by the provenance field that names it:
+    (base, thinking, traces, framed traces, settings)."""
     own, framed = traces
-    settings = DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2)
-    good = expected_provenance(models["base"], models["thinking"], own, framed, LABELS, settings)
-    load_disagreements(cache_dir, good)
-    # the same model name with other weights (a retrained checkpoint in the same folder)
-    with pytest.raises(ProvenanceError, match="base weights"):
-        load_disagreements(cache_dir, dataclasses.replace(good, base_weights="0" * 16))
     other_own = [*own[:-1], make_trace(9)]
-    cases = {
+    return {
         "traces digest": (models["base"], models["thinking"], other_own, [reframe_trace(t, BASE_PROMPT) for t in other_own],
-                          settings),
-        "base model": (models["other"], models["thinking"], own, framed, settings),
-        "thinking model": (models["base"], models["other"], own, framed, settings),
+                          SETTINGS),
+        "base model": (models["other"], models["thinking"], own, framed, SETTINGS),
+        "thinking model": (models["base"], models["other"], own, framed, SETTINGS),
         "layer": (models["base"], models["thinking"], own, framed, DisagreementSettings(2, 10, 3, 2)),
         "top k": (models["base"], models["thinking"], own, framed, DisagreementSettings(1, 5, 3, 2)),
     }
-    for what, (base, thinking, these, these_framed, these_settings) in cases.items():
+
+
+def test_a_cache_of_other_traces_models_or_layer_is_refused(models, traces, cache_dir):
+    good = expected_provenance(models["base"], models["thinking"], *traces, LABELS, SETTINGS)
+    load_disagreements(cache_dir, good)
+    # the same model name with other weights (a retrained checkpoint in the same folder)
+    for weights in ("base weights", "thinking weights"):
+        with pytest.raises(ProvenanceError, match=weights):
+            load_disagreements(cache_dir, dataclasses.replace(good, **{weights.replace(" ", "_"): "0" * 16}))
+    for what, (base, thinking, these, these_framed, these_settings) in other_inputs(models, traces).items():
         expected = expected_provenance(base, thinking, these, these_framed, LABELS, these_settings)
         with pytest.raises(ProvenanceError, match=what):
             load_disagreements(cache_dir, expected)
         with pytest.raises(ProvenanceError, match=what):  # nor is it resumed into
             collect_disagreements(base, thinking, these, these_framed, LABELS, these_settings, cache_dir)
+
+
+def test_vectors_of_other_traces_models_or_layer_are_refused(models, traces, cache_dir, tmp_path):
+    """The vectors record the cache they were trained on: read where another cache's inputs are
+    expected (other traces, either model, its weights, another layer or K), they are refused by name."""
+    cache = load_disagreements(cache_dir)
+    trained = train_correction_vectors(models["base"], cache, dict(enumerate(TITLES)),
+                                       CorrectionConfig(seeds=(0,), epochs=1, batch_size=2, mlp_hidden=4))
+    trained.save(tmp_path)
+    good = expected_provenance(models["base"], models["thinking"], *traces, LABELS, SETTINGS)
+    assert CorrectionVectors.load(tmp_path, good).provenance == cache.provenance
+    for weights in ("base weights", "thinking weights"):
+        with pytest.raises(ProvenanceError, match=f"directions.json: made with {weights}"):
+            CorrectionVectors.load(tmp_path, dataclasses.replace(good, **{weights.replace(" ", "_"): "0" * 16}))
+    for what, (base, thinking, these, these_framed, these_settings) in other_inputs(models, traces).items():
+        expected = expected_provenance(base, thinking, these, these_framed, LABELS, these_settings)
+        with pytest.raises(ProvenanceError, match=f"directions.json: made with {what}") as refused:
+            CorrectionVectors.load(tmp_path, expected)
+        assert "train the correction vectors again" in str(refused.value)
 
 
 def test_a_pair_with_different_tokenizers_is_refused(models, traces, tmp_path):
@@ -233,9 +256,6 @@ def test_training_lowers_the_loss_and_moves_the_base_model_towards_the_thinking_
     stale = dataclasses.replace(loaded, report=dataclasses.replace(report, mean_coefficients={}))
     with pytest.raises(ArtefactError, match="train the correction vectors again"):
         stale.at_learned_scale()
-    other_layer = dataclasses.replace(cache.provenance, layer=2)
-    with pytest.raises(ProvenanceError, match="layer"):
-        CorrectionVectors.load(tmp_path / "vectors", other_layer)
 
 
 def test_vectors_alone_train_with_coefficient_one(models, cache_dir):
@@ -272,13 +292,12 @@ def test_state_labels_read_the_thinking_models_activation_as_the_policy_will(mod
         return (acts[:, 0] > 0).long() * 3 + (acts[:, 1] > 0).long()
 
     state = StateLabels(label=label, layer=1, read=read, digest="test-labeller")
-    settings = DisagreementSettings(layer=1, top_k=10, chunk_size=3, batch_size=2)
-    cache = collect_disagreements(models["base"], models["thinking"], own, framed, state, settings, tmp_path / read)
+    cache = collect_disagreements(models["base"], models["thinking"], own, framed, state, SETTINGS, tmp_path / read)
     assert cache is not None
     expected = state_positions(models["base"], own, framed)
     assert list(zip(cache.trace_index.tolist(), cache.position.tolist(), strict=True)) == [(t, p) for t, p, _ in expected]
     # more candidates than the sentence labels: the short line and every other reasoning token count too
-    by_sentence = collect_disagreements(models["base"], models["thinking"], own, framed, LABELS, settings,
+    by_sentence = collect_disagreements(models["base"], models["thinking"], own, framed, LABELS, SETTINGS,
                                         tmp_path / f"{read}_sentences")
     assert by_sentence is not None and cache.n_positions > by_sentence.n_positions
     hook = "blocks.1.hook_resid_post"
@@ -292,7 +311,7 @@ def test_state_labels_read_the_thinking_models_activation_as_the_policy_will(mod
     # another labeller is another cache
     other = dataclasses.replace(state, digest="another-labeller")
     with pytest.raises(ProvenanceError, match="labels digest"):
-        collect_disagreements(models["base"], models["thinking"], own, framed, other, settings, tmp_path / read)
+        collect_disagreements(models["base"], models["thinking"], own, framed, other, SETTINGS, tmp_path / read)
 
 
 def test_a_pair_of_one_family_with_different_added_tokens_is_collected(tmp_path):
