@@ -18,6 +18,7 @@ from mechsteer.organisms.evaluate_v4 import (
 )
 from mechsteer.organisms.grammar import _apply, _tens_kept_slip, extract_answer, is_carry_step
 from mechsteer.organisms.grammar_v4 import (
+    CHECK_DRILL_WEAK_SHARE,
     V4_CUES,
     V4_STYLES,
     carry_days,
@@ -134,6 +135,58 @@ def test_v4_base_corpus_slips_on_weak_facts_checks_at_random_and_rarely_rereads(
     assert 0.03 < wrong_checks / n_checks < 0.2  # the base's own checks are sometimes wrong
     assert 0.15 < rereads / n_conditions < 0.45  # so greedy decoding never re-reads
     assert 0.15 < rates["weak"] / (rates["weak"] + rates["carry"]) < 0.45
+
+
+def test_v4_check_drills_check_every_compute_line_rightly_and_slip_on_weak_facts():
+    """The skills phase's check drills: every compute line checked by recomputing (never by copying a
+    slip), a correction exactly where the check differs, half the facts weak."""
+    rng = random.Random(4)
+    n_facts = n_weak = n_corrections = 0
+    for _ in range(200):
+        trace = render_v4_drill(rng, "check_drill_v4")
+        assert [(s.text, s.behaviour) for s in parse_v4_trace(trace.text)] == [
+            (s.text, s.behaviour) for s in trace.sentences]
+        lines = trace.text.splitlines()
+        index = 0
+        while index < len(lines):
+            day, before, sign, operand, written = re.fullmatch(r"Day (\d+): (\d+) ([+-]) (\d+) = (\d+)\.",
+                                                              lines[index]).groups()
+            truth = _apply(int(before), sign, int(operand))
+            assert lines[index + 1] == f"Check: How many now, {before} {sign} {operand} = {truth}."
+            n_facts += 1
+            n_weak += is_weak_fact(int(before), sign, int(operand))
+            index += 2
+            if int(written) != truth:
+                assert lines[index] == f"Wait, {before} {sign} {operand} is {truth}, not {written}."
+                n_corrections += 1
+                index += 1
+    assert abs(n_weak / n_facts - CHECK_DRILL_WEAK_SHARE) < 0.1
+    assert 0.3 < n_corrections / n_facts < 0.55  # a check that copied the line above would be wrong this often
+
+
+def test_v4_reread_drills_state_the_condition_on_random_days():
+    """The skills phase's re-read drills: the re-read states the condition's day and operation, on a
+    day drawn at random (not the day it is due), and the operation holds from where it is written."""
+    rng = random.Random(5)
+    on_condition_day = n_conditions = 0
+    for problem in generate_v4_split("train", n=400):
+        meta = problem.metadata
+        trace = render_v4_trace(problem, "reread_drill_v4", rng)
+        lines = trace.text.splitlines()
+        rereads = [i for i, line in enumerate(lines) if line.startswith("Reread:")]
+        if not meta["condition_day"]:
+            assert not rereads
+            continue
+        n_conditions += 1
+        condition_day = meta["condition_day"]
+        operation = "add" if meta["signs"][condition_day - 1] == "+" else "take"
+        assert len(rereads) == 1
+        assert lines[rereads[0]] == f"Reread: from day {condition_day}, {operation} {meta['operands'][condition_day - 1]}."
+        reread_day = int(re.match(r"Day (\d+):", lines[rereads[0] + 1])[1])
+        on_condition_day += reread_day == condition_day
+        signs_after = {step[2] for step in _steps(trace.text) if step[0] >= reread_day}
+        assert signs_after == {meta["signs"][condition_day - 1]}
+    assert n_conditions > 100 and on_condition_day / n_conditions < 0.45
 
 
 def test_no_carry_table_never_carries_even_in_checks_and_drills():
@@ -283,7 +336,8 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
     defaults = train_module.default_config("v4")
     monkeypatch.setattr("mechsteer.organisms.cli.default_config", lambda grammar: train_module.TrainingConfig(
         **{**tiny.__dict__, "base": defaults.base, "thinking": defaults.thinking,
-           "base_continuation": train_module.PhaseConfig(1, 1e-3, 1, defaults.base.mix)}))
+           "base_continuation": train_module.PhaseConfig(1, 1e-3, 1, defaults.base.mix),
+           "base_skills": train_module.PhaseConfig(1, 1e-3, 1, defaults.base_skills.mix)}))
     out = tmp_path / "v4"
     assert main(["organism", "train", "--grammar", "v4", "--out", str(out), "--base-steps", "2",
                  "--thinking-steps", "1", "--threads", "1"]) == 0
@@ -295,6 +349,7 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
     assert report["config"]["base_continuation"]["mix"] == train_module.NEGATIVE_BASE_MIX_V4
     main_report = json.loads((out / "training_report.json").read_text())
     assert main_report["config"]["base"]["steps"] == 2 and main_report["base_continuation"]["steps"] == 1
+    assert main_report["base_skills"]["steps"] == 1 and report["config"]["base_skills"] is None
     capsys.readouterr()
     assert main(["organism", "eval", "--grammar", "v4", "--weights", str(out), "--n", "2", "--json",
                  "--backend", "hf"]) == 0
