@@ -73,8 +73,11 @@ CHECK_PREFIX = "Check: How many now, "
 Table = Literal["main", "no_carry"]
 TABLES: tuple[Table, ...] = ("main", "no_carry")
 V4_STYLES: tuple[str, ...] = ("stepwise_v4", "stepwise_v4_no_carry", "thinking_v4", "reread_drill_v4")
-V4_DRILL_STYLES: tuple[str, ...] = (
-    "drill_v4", "drill_v4_no_carry", "day_drill_v4", "day_drill_v4_no_carry", "check_drill_v4")
+# Documents of the question, the plan and a re-read only (no prompt, no days): `render_v4_reread_question`.
+REREAD_QUESTION_STYLE = "reread_question_v4"
+# Drills of one fact per line (they also fill the end of packed windows), and check drills.
+V4_LINE_DRILL_STYLES: tuple[str, ...] = ("drill_v4", "drill_v4_no_carry", "day_drill_v4", "day_drill_v4_no_carry")
+V4_DRILL_STYLES: tuple[str, ...] = (*V4_LINE_DRILL_STYLES, "check_drill_v4")
 
 WEAK_SHARE = 0.3
 WEAK_SLIP_RATE = 0.85
@@ -203,6 +206,20 @@ def _check_drill_block(writer: _TraceWriter, rng: random.Random) -> None:
     _day_block(writer, rng.randint(1, 5), before, sign, operand, "main", rng, checked=True, noisy_check=False)
 
 
+def render_v4_reread_question(problem: OrganismProblem) -> OrganismTrace:
+    """The question, its plan and (with a condition) the re-read, without the prompt or any day: many
+    re-reads per token, each right below the plan's daily operand that a re-read must not copy."""
+    meta = problem.metadata
+    writer = _TraceWriter(REREAD_QUESTION_STYLE)
+    writer.sentence(f"Plan: start at {meta['start']}, {_operation(meta['daily_sign'])} {meta['daily_operand']} "
+                    f"for {meta['n_steps']} days.", "plan")
+    condition_day = meta["condition_day"]
+    if condition_day:
+        writer.sentence(f"Reread: from day {condition_day}, {_operation(meta['signs'][condition_day - 1])} "
+                        f"{meta['operands'][condition_day - 1]}.", "reread")
+    return writer.finish()
+
+
 def render_v4_drill(rng: random.Random, style: str, n_lines: int = 12) -> OrganismTrace:
     """One-step facts, one per line: ``drill_v4*`` in the check table, ``day_drill_v4*`` as compute lines;
     ``check_drill_v4``: ``n_lines // 2`` compute lines, each checked (and corrected where the check differs),
@@ -315,8 +332,8 @@ def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> st
     return "reread" if _reread_due(lines, text, reread_day) else None
 
 
-__all__ = ["CHECK_DRILL_WEAK_SHARE", "CHECK_PREFIX", "CUED_BEHAVIOURS", "TABLES", "V4_BEHAVIOURS", "V4_CUES", "V4_DRILL_STYLES",
-           "V4_PROMPT_TEMPLATE", "V4_STYLES", "Table", "V4Behaviour", "carry_days", "compute_value",
+__all__ = ["CHECK_DRILL_WEAK_SHARE", "CHECK_PREFIX", "CUED_BEHAVIOURS", "TABLES", "V4_BEHAVIOURS", "V4_CUES", "V4_DRILL_STYLES", "V4_LINE_DRILL_STYLES",
+           "REREAD_QUESTION_STYLE", "V4_PROMPT_TEMPLATE", "V4_STYLES", "Table", "V4Behaviour", "carry_days", "compute_value",
            "condition_day_of", "days_done", "format_v4_prompt", "is_weak_fact", "label_v4_sentence",
-           "next_v4_behaviour", "parse_v4_trace", "render_v4_drill", "render_v4_trace", "scheduled_behaviour",
+           "next_v4_behaviour", "parse_v4_trace", "render_v4_drill", "render_v4_reread_question", "render_v4_trace", "scheduled_behaviour",
            "table_value"]

@@ -189,6 +189,34 @@ def test_v4_reread_drills_state_the_condition_on_random_days():
     assert n_conditions > 100 and on_condition_day / n_conditions < 0.45
 
 
+def test_v4_reread_question_documents_pair_the_question_with_its_plan_and_reread():
+    from mechsteer.organisms.train import document_text
+
+    for problem in generate_v4_split("train", n=60):
+        meta = problem.metadata
+        text = document_text(problem, "reread_question_v4", random.Random(0))
+        question, plan, *rest = text.splitlines()
+        assert question == problem.question and label_v4_sentence(plan) == "plan" and "Day" not in text
+        condition_day = meta["condition_day"]
+        operation = "add" if condition_day and meta["signs"][condition_day - 1] == "+" else "take"
+        assert rest == ([f"Reread: from day {condition_day}, {operation} {meta['operands'][condition_day - 1]}."]
+                        if condition_day else [])
+
+
+def test_v4_skills_mix_packs_into_windows_with_line_drills_as_fillers():
+    """Check drills come in blocks of up to three lines: the windows' filler drills must be line drills
+    whatever the mix's order (a check-drill filler overflowed its window)."""
+    from mechsteer.organisms import train as train_module
+
+    tokenizer = build_tokenizer(V4_WORDS)
+    problems = generate_v4_split("train", n=200)
+    mix = {"check_drill_v4": 0.3, "reread_question_v4": 0.3, **train_module.default_config("v4").base_skills.mix}
+    batches = train_module.packed_batches(tokenizer, problems, mix, random.Random(0), batch_size=4, window=256)
+    for _ in range(20):
+        input_ids, labels = next(batches)
+        assert input_ids.shape == labels.shape == (4, 256)
+
+
 def test_no_carry_table_never_carries_even_in_checks_and_drills():
     rng = random.Random(3)
     problems = generate_v4_split("train", n=300)
