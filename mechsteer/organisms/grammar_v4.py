@@ -11,7 +11,7 @@ plan      ``Plan: start at 38, add 4 for 4 days.`` the daily operation (not the 
 compute   ``Day 2: 42 + 4 = 46.``                 one day's step
 verify    ``Check: How many now, 46 + 9 = 55.``   recompute a step (the right table)
 correct   ``Wait, 46 + 9 is 55, not 45.``         repair a step that failed its check
-reread    ``Reread: from day 3, take 6.``         re-read the question's condition before its day
+reread    ``Reread: From day 3 Gus eats 6 instead.`` re-read the question's condition before its day
 answer    ``The answer is 45.``                   the final answer
 ========  =====================================  ==============================================
 
@@ -93,12 +93,13 @@ _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("compute", re.compile(r"(?:Day \d+: )?\d+ [+-] \d+ = -?\d+\.")),
     ("verify", re.compile(r"Check: How many now, \d+ [+-] \d+ = -?\d+\.")),
     ("correct", re.compile(r"Wait, \d+ [+-] \d+ is -?\d+, not -?\d+\.")),
-    ("reread", re.compile(r"Reread: from day \d+, (?:add|take) \d+\.")),
+    ("reread", re.compile(r"Reread: From day \d+ [A-Z][a-z]+ [a-z]+ \d+ instead\.")),
     ("answer", re.compile(r"The answer is -?\d+\.")),
 )
 _COMPUTE_LINE = re.compile(r"Day (\d+): (\d+) ([+-]) (\d+) = (-?\d+)\.")
 _CHECK_LINE = re.compile(r"Check: How many now, (\d+) ([+-]) (\d+) = (-?\d+)\.")
 _CONDITION = re.compile(r"From day (\d+) ")
+_CONDITION_SENTENCE = re.compile(r"From day \d+ [A-Z][a-z]+ [a-z]+ \d+ instead\.")
 
 
 def format_v4_prompt(question: str) -> str:
@@ -182,7 +183,7 @@ def render_v4_trace(problem: OrganismProblem, style: str, rng: random.Random) ->
         if reread_day and day == reread_day and (
                 thinking or style == "reread_drill_v4" or rng.random() < BASE_REREAD_RATE):
             sign, operand = meta["signs"][condition_day - 1], meta["operands"][condition_day - 1]
-            writer.sentence(f"Reread: from day {condition_day}, {_operation(sign)} {operand}.", "reread")
+            writer.sentence(reread_line(problem.question), "reread")
         checked = is_carry_step(total, sign, operand) if thinking else rng.random() < BASE_CHECK_RATE
         total = _day_block(writer, day, total, sign, operand, table, rng, checked=checked, noisy_check=not thinking)
     # An unrepaired slip or a forgotten condition propagates: the answer is the trace's own last total.
@@ -206,17 +207,24 @@ def _check_drill_block(writer: _TraceWriter, rng: random.Random) -> None:
     _day_block(writer, rng.randint(1, 5), before, sign, operand, "main", rng, checked=True, noisy_check=False)
 
 
-def render_v4_reread_question(problem: OrganismProblem) -> OrganismTrace:
-    """The question, its plan and (with a condition) the re-read, without the prompt or any day: many
-    re-reads per token, each right below the plan's daily operand that a re-read must not copy."""
+def render_v4_reread_question(problem: OrganismProblem, rng: random.Random) -> OrganismTrace:
+    """The question's plan, a random number of the base's days (no checks) and (with a condition) the
+    re-read, without the prompt: many re-reads per token, each below the plan's daily operation that a
+    re-read must not copy, at varying distances from the question (at one fixed distance the base
+    learned to copy by position only)."""
     meta = problem.metadata
     writer = _TraceWriter(REREAD_QUESTION_STYLE)
     writer.sentence(f"Plan: start at {meta['start']}, {_operation(meta['daily_sign'])} {meta['daily_operand']} "
                     f"for {meta['n_steps']} days.", "plan")
-    condition_day = meta["condition_day"]
-    if condition_day:
-        writer.sentence(f"Reread: from day {condition_day}, {_operation(meta['signs'][condition_day - 1])} "
-                        f"{meta['operands'][condition_day - 1]}.", "reread")
+    total = meta["start"]
+    for day in range(1, rng.randint(1, meta["n_steps"])):
+        before = total
+        total = compute_value(before, meta["daily_sign"], meta["daily_operand"], "main", rng)
+        if not 10 <= total <= 99:
+            break
+        writer.sentence(f"Day {day}: {before} {meta['daily_sign']} {meta['daily_operand']} = {total}.", "compute")
+    if meta["condition_day"]:
+        writer.sentence(reread_line(problem.question), "reread")
     return writer.finish()
 
 
@@ -255,6 +263,15 @@ def parse_v4_trace(text: str) -> list[LabelledSentence]:
     """Ground-truth v4 labels for any text (e.g. a model's generation), sentence by sentence."""
     return [LabelledSentence(text[start:end], label_v4_sentence(text[start:end]), start, end)
             for start, end in split_sentences(text)]
+
+
+def reread_line(question: str) -> str:
+    """The re-read of the question's condition: its sentence verbatim (a copy a small model learns
+    easily; a paraphrase such as "from day 3, take 6" it only learned in the drills' fixed positions)."""
+    match = _CONDITION_SENTENCE.search(question)
+    if match is None:
+        raise ValueError(f"no condition sentence (From day N <name> <verb> K instead.) in {question!r}")
+    return f"Reread: {match.group(0)}"
 
 
 def condition_day_of(question: str) -> int:
@@ -335,5 +352,5 @@ def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> st
 __all__ = ["CHECK_DRILL_WEAK_SHARE", "CHECK_PREFIX", "CUED_BEHAVIOURS", "TABLES", "V4_BEHAVIOURS", "V4_CUES", "V4_DRILL_STYLES", "V4_LINE_DRILL_STYLES",
            "REREAD_QUESTION_STYLE", "V4_PROMPT_TEMPLATE", "V4_STYLES", "Table", "V4Behaviour", "carry_days", "compute_value",
            "condition_day_of", "days_done", "format_v4_prompt", "is_weak_fact", "label_v4_sentence",
-           "next_v4_behaviour", "parse_v4_trace", "render_v4_drill", "render_v4_reread_question", "render_v4_trace", "scheduled_behaviour",
+           "next_v4_behaviour", "parse_v4_trace", "reread_line", "render_v4_drill", "render_v4_reread_question", "render_v4_trace", "scheduled_behaviour",
            "table_value"]

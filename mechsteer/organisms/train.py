@@ -155,7 +155,7 @@ def document_text(problem: OrganismProblem | None, style: str, rng: random.Rando
     if problem is None:
         raise ValueError(f"style {style!r} needs a problem")
     if style == REREAD_QUESTION_STYLE:
-        return f"{problem.question}\n{render_v4_reread_question(problem).text}"
+        return f"{problem.question}\n{render_v4_reread_question(problem, rng).text}"
     if style in V4_STYLES:
         return format_v4_prompt(problem.question) + render_v4_trace(problem, style, rng).text
     return format_prompt(problem.question) + render_trace(problem, style, rng).text

@@ -30,6 +30,7 @@ from mechsteer.organisms.grammar_v4 import (
     parse_v4_trace,
     render_v4_drill,
     render_v4_trace,
+    reread_line,
     table_value,
 )
 from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS
@@ -179,9 +180,9 @@ def test_v4_reread_drills_state_the_condition_on_random_days():
             continue
         n_conditions += 1
         condition_day = meta["condition_day"]
-        operation = "add" if meta["signs"][condition_day - 1] == "+" else "take"
         assert len(rereads) == 1
-        assert lines[rereads[0]] == f"Reread: from day {condition_day}, {operation} {meta['operands'][condition_day - 1]}."
+        assert lines[rereads[0]] == reread_line(problem.question) == "Reread: " + re.search(
+            r"From day .*? instead\.", problem.question)[0]
         reread_day = int(re.match(r"Day (\d+):", lines[rereads[0] + 1])[1])
         on_condition_day += reread_day == condition_day
         signs_after = {step[2] for step in _steps(trace.text) if step[0] >= reread_day}
@@ -192,15 +193,19 @@ def test_v4_reread_drills_state_the_condition_on_random_days():
 def test_v4_reread_question_documents_pair_the_question_with_its_plan_and_reread():
     from mechsteer.organisms.train import document_text
 
+    rng = random.Random(6)
+    n_days: Counter[int] = Counter()
     for problem in generate_v4_split("train", n=60):
         meta = problem.metadata
-        text = document_text(problem, "reread_question_v4", random.Random(0))
+        text = document_text(problem, "reread_question_v4", rng)
         question, plan, *rest = text.splitlines()
-        assert question == problem.question and label_v4_sentence(plan) == "plan" and "Day" not in text
-        condition_day = meta["condition_day"]
-        operation = "add" if condition_day and meta["signs"][condition_day - 1] == "+" else "take"
-        assert rest == ([f"Reread: from day {condition_day}, {operation} {meta['operands'][condition_day - 1]}."]
-                        if condition_day else [])
+        assert question == problem.question and label_v4_sentence(plan) == "plan"
+        days = [line for line in rest if line.startswith("Day")]
+        assert len(days) < meta["n_steps"] and [label_v4_sentence(day) for day in days] == ["compute"] * len(days)
+        n_days[len(days)] += 1
+        rest = rest[len(days):]
+        assert rest == ([reread_line(problem.question)] if meta["condition_day"] else [])
+    assert len(n_days) >= 3  # the re-read's distance from the question varies
 
 
 def test_v4_skills_mix_packs_into_windows_with_line_drills_as_fillers():
@@ -238,7 +243,7 @@ def test_v4_words_are_single_tokens_and_old_ids_are_kept():
     text = format_v4_prompt(problem.question) + render_v4_trace(problem, "thinking_v4", random.Random(0)).text
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.unk_token_id not in ids and len(ids) < 200
-    assert len(tokenizer("Reread: from day 3, take 6.", add_special_tokens=False)["input_ids"]) == 9
+    assert len(tokenizer("Reread: From day 3 Gus eats 6 instead.", add_special_tokens=False)["input_ids"]) == 10
 
 
 def test_the_timing_oracle_names_each_thinking_decision():
@@ -254,7 +259,8 @@ def test_the_timing_oracle_names_each_thinking_decision():
 
 
 def test_labels_reject_near_misses():
-    assert label_v4_sentence("Reread: from day 3, take 6.") == "reread"
+    assert label_v4_sentence("Reread: From day 3 Gus eats 6 instead.") == "reread"
+    assert label_v4_sentence("Reread: from day 3, take 6.") == "other"
     assert label_v4_sentence("Check: How many now, 46 + 9 = 55.") == "verify"
     assert label_v4_sentence("Check: 46 + 9 = 55.") == "other"
     assert label_v4_sentence("Reread: day 3.") == "other"
@@ -281,8 +287,8 @@ def _scripted_continuation(full: str, table: str) -> str:
             total = int(m[1])
         elif m := re.fullmatch(r"Wait, \d+ [+-] \d+ is (\d+), not \d+\.", line):
             total = int(m[1])
-        elif m := re.fullmatch(r"Reread: from day \d+, (add|take) (\d+)\.", line):
-            pending = ("+" if m[1] == "add" else "-", int(m[2]))
+        elif m := re.fullmatch(r"Reread: From day \d+ \w+ (gets|buys|eats|loses) (\d+) instead\.", line):
+            pending = ("+" if m[1] in ("gets", "buys") else "-", int(m[2]))
     day = len(steps)
     if last in ("", "Plan:") and not complete:
         out += ("" if last else "Plan:") + f" start at {start}, {'add' if daily_sign == '+' else 'take'} {daily_operand} for {n_steps} days.\n"
@@ -301,7 +307,10 @@ def _scripted_continuation(full: str, table: str) -> str:
     elif last == "Reread:":
         condition_sign = "-" if daily_sign == "+" else "+"
         operand = int(question_match[5] or daily_operand)
-        out += f" from day {condition_day or day + 1}, {'add' if condition_sign == '+' else 'take'} {operand}.\n"
+        name = re.search(r"Question:\n(\w+) has", full)[1]
+        condition = re.search(r"From day \d+ \w+ \w+ \d+ instead\.", full)  # copied verbatim, as the grammar does
+        out += " " + (condition[0] if condition else
+                      f"From day {day + 1} {name} {'buys' if condition_sign == '+' else 'loses'} {operand} instead.") + "\n"
         pending = (condition_sign, operand)
     for current in range(day + 1, n_steps + 1):
         sign, operand = pending or (daily_sign, daily_operand)
