@@ -277,7 +277,6 @@ def _scripted_continuation(full: str, table: str) -> str:
     start, verb, daily_operand, n_steps = (int(question_match[1]), question_match[2], int(question_match[3]),
                                            int(question_match[6]))
     daily_sign = "+" if verb in ("gets", "buys") else "-"
-    condition_day = int(question_match[4] or 0)
     trace = full.split("Step by step answer:\n", 1)[1]
     *complete, last = trace.split("\n")
     out, total, pending = "", start, None
