@@ -87,10 +87,13 @@ V4_BASE_CONTINUATION = PhaseConfig(steps=800, learning_rate=2.5e-3, warmup_steps
 # v4's base then gets a skills phase: after the first two phases its cued checks copied the compute line's
 # slip on weak facts and its cued re-reads copied the plan's operand, so cues could not repair anything.
 # Check drills (every compute line checked, half on weak facts) and re-read drills (a re-read on a random
-# day) teach how a check or a re-read is written, not when one is due.
+# day; question-plan-days-re-read documents) teach how a check or a re-read is written, not when one is due.
+# Warm-started from the first two phases, the check skill was learned (cued checks 95% right, corrected)
+# and the re-read skill was not (the condition's operand copied in under a quarter of cued re-reads).
 BASE_SKILLS_MIX_V4: dict[str, float] = {
-    "stepwise_v4": 0.4, "reread_drill_v4": 0.25, "drill_v4": 0.1, "day_drill_v4": 0.1, "check_drill_v4": 0.15}
-V4_BASE_SKILLS = PhaseConfig(steps=400, learning_rate=2.5e-3, warmup_steps=20, mix=BASE_SKILLS_MIX_V4)
+    "stepwise_v4": 0.3, "reread_question_v4": 0.35, "reread_drill_v4": 0.1, "check_drill_v4": 0.1,
+    "drill_v4": 0.075, "day_drill_v4": 0.075}
+V4_BASE_SKILLS = PhaseConfig(steps=600, learning_rate=2.5e-3, warmup_steps=20, mix=BASE_SKILLS_MIX_V4)
 
 
 @dataclass(frozen=True)
