@@ -11,7 +11,7 @@ plan      ``Plan: start at 38, add 4 for 4 days.`` the daily operation (not the 
 compute   ``Day 2: 42 + 4 = 46.``                 one day's step
 verify    ``Check: How many now, 46 + 9 = 55.``   recompute a step (the right table)
 correct   ``Wait, 46 + 9 is 55, not 45.``         repair a step that failed its check
-reread    ``Reread: from day 3, take 6.``         re-read the question's condition before its day
+reread    ``Reread: From day 3 Gus eats 6 instead.`` re-read the question's condition before its day
 answer    ``The answer is 45.``                   the final answer
 ========  =====================================  ==============================================
 
@@ -72,26 +72,34 @@ CUED_BEHAVIOURS: tuple[str, ...] = ("verify", "correct", "reread")
 CHECK_PREFIX = "Check: How many now, "
 Table = Literal["main", "no_carry"]
 TABLES: tuple[Table, ...] = ("main", "no_carry")
-V4_STYLES: tuple[str, ...] = ("stepwise_v4", "stepwise_v4_no_carry", "thinking_v4")
-V4_DRILL_STYLES: tuple[str, ...] = ("drill_v4", "drill_v4_no_carry", "day_drill_v4", "day_drill_v4_no_carry")
+V4_STYLES: tuple[str, ...] = ("stepwise_v4", "stepwise_v4_no_carry", "thinking_v4", "reread_drill_v4")
+# Documents of the question, the plan and a re-read only (no prompt, no days): `render_v4_reread_question`.
+REREAD_QUESTION_STYLE = "reread_question_v4"
+# Drills of one fact per line (they also fill the end of packed windows), and check drills.
+V4_LINE_DRILL_STYLES: tuple[str, ...] = ("drill_v4", "drill_v4_no_carry", "day_drill_v4", "day_drill_v4_no_carry")
+V4_DRILL_STYLES: tuple[str, ...] = (*V4_LINE_DRILL_STYLES, "check_drill_v4")
 
 WEAK_SHARE = 0.3
 WEAK_SLIP_RATE = 0.85
 CHECK_ERROR_RATE = 0.1
 BASE_CHECK_RATE = 0.25
 BASE_REREAD_RATE = 0.3
+# Check drills: the share of their facts drawn among the weak ones, where a check that copies the
+# compute line above it fails (in the base's traces a copying check is right ~90% of the time).
+CHECK_DRILL_WEAK_SHARE = 0.5
 
 _PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("plan", re.compile(r"Plan: start at \d+, (?:add|take) \d+ for \d+ days\.")),
     ("compute", re.compile(r"(?:Day \d+: )?\d+ [+-] \d+ = -?\d+\.")),
     ("verify", re.compile(r"Check: How many now, \d+ [+-] \d+ = -?\d+\.")),
     ("correct", re.compile(r"Wait, \d+ [+-] \d+ is -?\d+, not -?\d+\.")),
-    ("reread", re.compile(r"Reread: from day \d+, (?:add|take) \d+\.")),
+    ("reread", re.compile(r"Reread: From day \d+ [A-Z][a-z]+ [a-z]+ \d+ instead\.")),
     ("answer", re.compile(r"The answer is -?\d+\.")),
 )
 _COMPUTE_LINE = re.compile(r"Day (\d+): (\d+) ([+-]) (\d+) = (-?\d+)\.")
 _CHECK_LINE = re.compile(r"Check: How many now, (\d+) ([+-]) (\d+) = (-?\d+)\.")
 _CONDITION = re.compile(r"From day (\d+) ")
+_CONDITION_SENTENCE = re.compile(r"From day \d+ [A-Z][a-z]+ [a-z]+ \d+ instead\.")
 
 
 def format_v4_prompt(question: str) -> str:
@@ -155,21 +163,27 @@ def _day_block(writer: _TraceWriter, day: int, before: int, sign: str, operand: 
 
 
 def render_v4_trace(problem: OrganismProblem, style: str, rng: random.Random) -> OrganismTrace:
-    """A labelled v4 trace: ``stepwise_v4`` / ``stepwise_v4_no_carry`` (base corpora) or ``thinking_v4``."""
+    """A labelled v4 trace: ``stepwise_v4`` / ``stepwise_v4_no_carry`` (base corpora), ``thinking_v4``, or
+    ``reread_drill_v4``: a base trace whose re-read (problems with a condition) comes on a uniformly random
+    day, so that it teaches what a re-read says (the condition's day and operation) and not when it is due."""
     if style not in V4_STYLES:
         raise ValueError(f"v4 style must be one of {V4_STYLES}, got {style!r}")
     table: Table = "no_carry" if style.endswith("no_carry") else "main"
     thinking = style == "thinking_v4"
     meta = problem.metadata
     daily_sign, daily_operand, condition_day = meta["daily_sign"], meta["daily_operand"], meta["condition_day"]
+    reread_day = condition_day
+    if style == "reread_drill_v4" and condition_day:
+        reread_day = rng.randint(1, meta["n_steps"])
     writer = _TraceWriter(style)
     writer.sentence(f"Plan: start at {meta['start']}, {_operation(daily_sign)} {daily_operand} "
                     f"for {meta['n_steps']} days.", "plan")
     total, sign, operand = meta["start"], daily_sign, daily_operand
     for day in range(1, meta["n_steps"] + 1):
-        if day == condition_day and (thinking or rng.random() < BASE_REREAD_RATE):
-            sign, operand = meta["signs"][day - 1], meta["operands"][day - 1]
-            writer.sentence(f"Reread: from day {day}, {_operation(sign)} {operand}.", "reread")
+        if reread_day and day == reread_day and (
+                thinking or style == "reread_drill_v4" or rng.random() < BASE_REREAD_RATE):
+            sign, operand = meta["signs"][condition_day - 1], meta["operands"][condition_day - 1]
+            writer.sentence(reread_line(problem.question), "reread")
         checked = is_carry_step(total, sign, operand) if thinking else rng.random() < BASE_CHECK_RATE
         total = _day_block(writer, day, total, sign, operand, table, rng, checked=checked, noisy_check=not thinking)
     # An unrepaired slip or a forgotten condition propagates: the answer is the trace's own last total.
@@ -177,16 +191,58 @@ def render_v4_trace(problem: OrganismProblem, style: str, rng: random.Random) ->
     return writer.finish()
 
 
+def _random_fact(rng: random.Random) -> tuple[int, str, int]:
+    before, operand, sign = rng.randint(10, 99), rng.randint(1, 9), rng.choice("+-")
+    if not 10 <= _apply(before, sign, operand) <= 99:
+        sign = "-" if sign == "+" else "+"
+    return before, sign, operand
+
+
+def _check_drill_block(writer: _TraceWriter, rng: random.Random) -> None:
+    """A compute line (slipping as the base's do), its check (always right) and a correction if they differ."""
+    before, sign, operand = _random_fact(rng)
+    if rng.random() < CHECK_DRILL_WEAK_SHARE:
+        while not is_weak_fact(before, sign, operand):
+            before, sign, operand = _random_fact(rng)
+    _day_block(writer, rng.randint(1, 5), before, sign, operand, "main", rng, checked=True, noisy_check=False)
+
+
+def render_v4_reread_question(problem: OrganismProblem, rng: random.Random) -> OrganismTrace:
+    """The question's plan, a random number of the base's days (no checks) and (with a condition) the
+    re-read, without the prompt: many re-reads per token, each below the plan's daily operation that a
+    re-read must not copy, at varying distances from the question (at one fixed distance the base
+    learned to copy by position only)."""
+    meta = problem.metadata
+    writer = _TraceWriter(REREAD_QUESTION_STYLE)
+    writer.sentence(f"Plan: start at {meta['start']}, {_operation(meta['daily_sign'])} {meta['daily_operand']} "
+                    f"for {meta['n_steps']} days.", "plan")
+    total = meta["start"]
+    for day in range(1, rng.randint(1, meta["n_steps"])):
+        before = total
+        total = compute_value(before, meta["daily_sign"], meta["daily_operand"], "main", rng)
+        if not 10 <= total <= 99:
+            break
+        writer.sentence(f"Day {day}: {before} {meta['daily_sign']} {meta['daily_operand']} = {total}.", "compute")
+    if meta["condition_day"]:
+        writer.sentence(reread_line(problem.question), "reread")
+    return writer.finish()
+
+
 def render_v4_drill(rng: random.Random, style: str, n_lines: int = 12) -> OrganismTrace:
-    """One-step facts, one per line: ``drill_v4*`` in the check table, ``day_drill_v4*`` as compute lines."""
+    """One-step facts, one per line: ``drill_v4*`` in the check table, ``day_drill_v4*`` as compute lines;
+    ``check_drill_v4``: ``n_lines // 2`` compute lines, each checked (and corrected where the check differs),
+    half of them on weak facts. Every compute line is checked, so the drill teaches how a check is
+    computed, not after which steps one is due."""
     if style not in V4_DRILL_STYLES:
         raise ValueError(f"v4 drill style must be one of {V4_DRILL_STYLES}, got {style!r}")
     table: Table = "no_carry" if style.endswith("no_carry") else "main"
     writer = _TraceWriter(style)
+    if style == "check_drill_v4":
+        for _ in range(max(1, n_lines // 2)):
+            _check_drill_block(writer, rng)
+        return writer.finish()
     for _ in range(n_lines):
-        before, operand, sign = rng.randint(10, 99), rng.randint(1, 9), rng.choice("+-")
-        if not 10 <= _apply(before, sign, operand) <= 99:
-            sign = "-" if sign == "+" else "+"
+        before, sign, operand = _random_fact(rng)
         if style.startswith("day_drill"):
             written = compute_value(before, sign, operand, table, rng)
             writer.sentence(f"Day {rng.randint(1, 5)}: {before} {sign} {operand} = {written}.", "compute")
@@ -207,6 +263,15 @@ def parse_v4_trace(text: str) -> list[LabelledSentence]:
     """Ground-truth v4 labels for any text (e.g. a model's generation), sentence by sentence."""
     return [LabelledSentence(text[start:end], label_v4_sentence(text[start:end]), start, end)
             for start, end in split_sentences(text)]
+
+
+def reread_line(question: str) -> str:
+    """The re-read of the question's condition: its sentence verbatim (a copy a small model learns
+    easily; a paraphrase such as "from day 3, take 6" it only learned in the drills' fixed positions)."""
+    match = _CONDITION_SENTENCE.search(question)
+    if match is None:
+        raise ValueError(f"no condition sentence (From day N <name> <verb> K instead.) in {question!r}")
+    return f"Reread: {match.group(0)}"
 
 
 def condition_day_of(question: str) -> int:
@@ -284,8 +349,8 @@ def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> st
     return "reread" if _reread_due(lines, text, reread_day) else None
 
 
-__all__ = ["CHECK_PREFIX", "CUED_BEHAVIOURS", "TABLES", "V4_BEHAVIOURS", "V4_CUES", "V4_DRILL_STYLES",
-           "V4_PROMPT_TEMPLATE", "V4_STYLES", "Table", "V4Behaviour", "carry_days", "compute_value",
+__all__ = ["CHECK_DRILL_WEAK_SHARE", "CHECK_PREFIX", "CUED_BEHAVIOURS", "TABLES", "V4_BEHAVIOURS", "V4_CUES", "V4_DRILL_STYLES", "V4_LINE_DRILL_STYLES",
+           "REREAD_QUESTION_STYLE", "V4_PROMPT_TEMPLATE", "V4_STYLES", "Table", "V4Behaviour", "carry_days", "compute_value",
            "condition_day_of", "days_done", "format_v4_prompt", "is_weak_fact", "label_v4_sentence",
-           "next_v4_behaviour", "parse_v4_trace", "render_v4_drill", "render_v4_trace", "scheduled_behaviour",
+           "next_v4_behaviour", "parse_v4_trace", "reread_line", "render_v4_drill", "render_v4_reread_question", "render_v4_trace", "scheduled_behaviour",
            "table_value"]

@@ -34,10 +34,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from mechsteer.core.tensor_types import Int, Tensor, typechecked
 from mechsteer.organisms.grammar import Grammar, format_prompt, render_drill, render_trace
 from mechsteer.organisms.grammar_v4 import (
+    REREAD_QUESTION_STYLE,
     V4_DRILL_STYLES,
+    V4_LINE_DRILL_STYLES,
     V4_STYLES,
     format_v4_prompt,
     render_v4_drill,
+    render_v4_reread_question,
     render_v4_trace,
 )
 from mechsteer.organisms.tasks import OrganismProblem, generate_split
@@ -81,6 +84,16 @@ class PhaseConfig:
 # v4's base gets a second phase, from its first phase's weights with a fresh optimizer: after 1100 steps
 # the v4 base had not learned the arithmetic tables (44% of plain steps right on test problems 0-99).
 V4_BASE_CONTINUATION = PhaseConfig(steps=800, learning_rate=2.5e-3, warmup_steps=20, mix=BASE_MIX_V4)
+# v4's base then gets a skills phase: after the first two phases its cued checks copied the compute line's
+# slip on weak facts and its cued re-reads copied the plan's operand, so cues could not repair anything.
+# Check drills (every compute line checked, half on weak facts) and re-read drills (a re-read on a random
+# day; question-plan-days-re-read documents) teach how a check or a re-read is written, not when one is due.
+# Warm-started from the first two phases, the check skill was learned (cued checks 95% right, corrected)
+# and the re-read skill was not (the condition's operand copied in under a quarter of cued re-reads).
+BASE_SKILLS_MIX_V4: dict[str, float] = {
+    "stepwise_v4": 0.3, "reread_question_v4": 0.35, "reread_drill_v4": 0.1, "check_drill_v4": 0.1,
+    "drill_v4": 0.075, "day_drill_v4": 0.075}
+V4_BASE_SKILLS = PhaseConfig(steps=600, learning_rate=2.5e-3, warmup_steps=20, mix=BASE_SKILLS_MIX_V4)
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,7 @@ class TrainingConfig:
     n_train_problems: int | None = None  # None: the whole train split
     task: Literal["v1", "v4"] = "v1"  # v4: grammar v4's problems and tokenizer words
     base_continuation: PhaseConfig | None = None  # a second base phase (fresh optimizer), before thinking
+    base_skills: PhaseConfig | None = None  # a third base phase (fresh optimizer), after the second
 
 
 def default_config(grammar: Grammar = "v1") -> TrainingConfig:
@@ -117,6 +131,7 @@ def default_config(grammar: Grammar = "v1") -> TrainingConfig:
             thinking=PhaseConfig(**{**config.thinking.__dict__, "mix": THINKING_MIX_V4, "steps": V4_THINKING_STEPS}),
             task="v4",
             base_continuation=V4_BASE_CONTINUATION,
+            base_skills=V4_BASE_SKILLS,
         )
     base_mix, thinking_mix = (BASE_MIX_V2, THINKING_MIX_V2) if grammar == "v2" else (BASE_MIX_V3, THINKING_MIX_V3)
     return TrainingConfig(
@@ -142,6 +157,8 @@ def document_text(problem: OrganismProblem | None, style: str, rng: random.Rando
         return render_v4_drill(rng, style).text
     if problem is None:
         raise ValueError(f"style {style!r} needs a problem")
+    if style == REREAD_QUESTION_STYLE:
+        return f"{problem.question}\n{render_v4_reread_question(problem, rng).text}"
     if style in V4_STYLES:
         return format_v4_prompt(problem.question) + render_v4_trace(problem, style, rng).text
     return format_prompt(problem.question) + render_trace(problem, style, rng).text
@@ -153,7 +170,7 @@ def _filler_drill(mix: dict[str, float], rng: random.Random, room: int) -> str |
     Lines are at most 7 tokens (10 for compute-line drills); v2+ mixes fill half the gaps with
     compute-line drills, so that the compute-line table gets its share of practice.
     """
-    v4_drills = [style for style in mix if style in V4_DRILL_STYLES]
+    v4_drills = [style for style in mix if style in V4_LINE_DRILL_STYLES]
     day_lines = any(style.startswith("day_drill") for style in mix) and rng.random() < 0.5
     n_lines = room // (10 if day_lines else 7)
     if n_lines <= 0:
@@ -317,18 +334,20 @@ def negative_base_config(config: TrainingConfig | None = None) -> TrainingConfig
     """Grammar v4's negative-control base: the main base's settings with the no_carry corpus."""
     config = config or default_config("v4")
     continuation = config.base_continuation
+    # No skills phase: the negative base never learned carrying, so there is no check skill to drill.
     return TrainingConfig(**{**config.__dict__, "base": PhaseConfig(**{**config.base.__dict__, "mix": NEGATIVE_BASE_MIX_V4}),
                              "base_continuation": None if continuation is None else
-                             PhaseConfig(**{**continuation.__dict__, "mix": NEGATIVE_BASE_MIX_V4})})
+                             PhaseConfig(**{**continuation.__dict__, "mix": NEGATIVE_BASE_MIX_V4}),
+                             "base_skills": None})
 
 
-def _continue_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: list[OrganismProblem],
-                   config: TrainingConfig, rng_name: str) -> dict | None:
-    """The config's second base phase, if any (its report without the losses)."""
-    if config.base_continuation is None:
+def _extra_base_phase(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: list[OrganismProblem],
+                      config: TrainingConfig, phase: PhaseConfig | None, rng_name: str, name: str) -> dict | None:
+    """One of the config's later base phases (``base_continuation``, ``base_skills``), if set: its report
+    without the losses."""
+    if phase is None:
         return None
-    report = train_phase(model, tokenizer, problems, config.base_continuation, config, random.Random(rng_name),
-                         name="base_continuation")
+    report = train_phase(model, tokenizer, problems, phase, config, random.Random(rng_name), name=name)
     return {key: value for key, value in asdict(report).items() if key != "losses"}
 
 
@@ -348,7 +367,8 @@ def train_negative_base(out_dir: Path, seed: int = 0, config: TrainingConfig | N
     model = new_model(tokenizer, config)
     phase = train_phase(model, tokenizer, problems, config.base, config, random.Random(f"negative-base-{seed}"),
                         name="negative_base")
-    continuation = _continue_base(model, tokenizer, problems, config, f"negative-base-continue-{seed}")
+    continuation = _extra_base_phase(model, tokenizer, problems, config, config.base_continuation,
+                                     f"negative-base-continue-{seed}", "negative_base_continuation")
     save_organism(model, tokenizer, out_dir / "negative_base")
     report = {
         "seed": seed, "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
@@ -383,7 +403,10 @@ def train_organisms(
     base_report = train_phase(
         model, tokenizer, problems, config.base, config, random.Random(f"base-{seed}"), name="base"
     )
-    continuation = _continue_base(model, tokenizer, problems, config, f"base-continue-{seed}")
+    continuation = _extra_base_phase(model, tokenizer, problems, config, config.base_continuation,
+                                     f"base-continue-{seed}", "base_continuation")
+    skills = _extra_base_phase(model, tokenizer, problems, config, config.base_skills, f"base-skills-{seed}",
+                               "base_skills")
     save_organism(model, tokenizer, out_dir / "base")
     thinking_report = train_phase(
         model, tokenizer, problems, config.thinking, config, random.Random(f"thinking-{seed}"), name="thinking"
@@ -396,6 +419,7 @@ def train_organisms(
         "config": asdict(config),
         "base": {key: value for key, value in asdict(base_report).items() if key != "losses"},
         "base_continuation": continuation,
+        "base_skills": skills,
         "thinking": {key: value for key, value in asdict(thinking_report).items() if key != "losses"},
         "wall_seconds": wall,
         "threads": threads,

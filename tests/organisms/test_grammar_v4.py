@@ -18,6 +18,7 @@ from mechsteer.organisms.evaluate_v4 import (
 )
 from mechsteer.organisms.grammar import _apply, _tens_kept_slip, extract_answer, is_carry_step
 from mechsteer.organisms.grammar_v4 import (
+    CHECK_DRILL_WEAK_SHARE,
     V4_CUES,
     V4_STYLES,
     carry_days,
@@ -29,6 +30,7 @@ from mechsteer.organisms.grammar_v4 import (
     parse_v4_trace,
     render_v4_drill,
     render_v4_trace,
+    reread_line,
     table_value,
 )
 from mechsteer.organisms.tasks import RESERVED_TEST_FROM, SPLITS
@@ -136,6 +138,90 @@ def test_v4_base_corpus_slips_on_weak_facts_checks_at_random_and_rarely_rereads(
     assert 0.15 < rates["weak"] / (rates["weak"] + rates["carry"]) < 0.45
 
 
+def test_v4_check_drills_check_every_compute_line_rightly_and_slip_on_weak_facts():
+    """The skills phase's check drills: every compute line checked by recomputing (never by copying a
+    slip), a correction exactly where the check differs, half the facts weak."""
+    rng = random.Random(4)
+    n_facts = n_weak = n_corrections = 0
+    for _ in range(200):
+        trace = render_v4_drill(rng, "check_drill_v4")
+        assert [(s.text, s.behaviour) for s in parse_v4_trace(trace.text)] == [
+            (s.text, s.behaviour) for s in trace.sentences]
+        lines = trace.text.splitlines()
+        index = 0
+        while index < len(lines):
+            day, before, sign, operand, written = re.fullmatch(r"Day (\d+): (\d+) ([+-]) (\d+) = (\d+)\.",
+                                                              lines[index]).groups()
+            truth = _apply(int(before), sign, int(operand))
+            assert lines[index + 1] == f"Check: How many now, {before} {sign} {operand} = {truth}."
+            n_facts += 1
+            n_weak += is_weak_fact(int(before), sign, int(operand))
+            index += 2
+            if int(written) != truth:
+                assert lines[index] == f"Wait, {before} {sign} {operand} is {truth}, not {written}."
+                n_corrections += 1
+                index += 1
+    assert abs(n_weak / n_facts - CHECK_DRILL_WEAK_SHARE) < 0.1
+    assert 0.3 < n_corrections / n_facts < 0.55  # a check that copied the line above would be wrong this often
+
+
+def test_v4_reread_drills_state_the_condition_on_random_days():
+    """The skills phase's re-read drills: the re-read states the condition's day and operation, on a
+    day drawn at random (not the day it is due), and the operation holds from where it is written."""
+    rng = random.Random(5)
+    on_condition_day = n_conditions = 0
+    for problem in generate_v4_split("train", n=400):
+        meta = problem.metadata
+        trace = render_v4_trace(problem, "reread_drill_v4", rng)
+        lines = trace.text.splitlines()
+        rereads = [i for i, line in enumerate(lines) if line.startswith("Reread:")]
+        if not meta["condition_day"]:
+            assert not rereads
+            continue
+        n_conditions += 1
+        condition_day = meta["condition_day"]
+        assert len(rereads) == 1
+        assert lines[rereads[0]] == reread_line(problem.question) == "Reread: " + re.search(
+            r"From day .*? instead\.", problem.question)[0]
+        reread_day = int(re.match(r"Day (\d+):", lines[rereads[0] + 1])[1])
+        on_condition_day += reread_day == condition_day
+        signs_after = {step[2] for step in _steps(trace.text) if step[0] >= reread_day}
+        assert signs_after == {meta["signs"][condition_day - 1]}
+    assert n_conditions > 100 and on_condition_day / n_conditions < 0.45
+
+
+def test_v4_reread_question_documents_pair_the_question_with_its_plan_and_reread():
+    from mechsteer.organisms.train import document_text
+
+    rng = random.Random(6)
+    n_days: Counter[int] = Counter()
+    for problem in generate_v4_split("train", n=60):
+        meta = problem.metadata
+        text = document_text(problem, "reread_question_v4", rng)
+        question, plan, *rest = text.splitlines()
+        assert question == problem.question and label_v4_sentence(plan) == "plan"
+        days = [line for line in rest if line.startswith("Day")]
+        assert len(days) < meta["n_steps"] and [label_v4_sentence(day) for day in days] == ["compute"] * len(days)
+        n_days[len(days)] += 1
+        rest = rest[len(days):]
+        assert rest == ([reread_line(problem.question)] if meta["condition_day"] else [])
+    assert len(n_days) >= 3  # the re-read's distance from the question varies
+
+
+def test_v4_skills_mix_packs_into_windows_with_line_drills_as_fillers():
+    """Check drills come in blocks of up to three lines: the windows' filler drills must be line drills
+    whatever the mix's order (a check-drill filler overflowed its window)."""
+    from mechsteer.organisms import train as train_module
+
+    tokenizer = build_tokenizer(V4_WORDS)
+    problems = generate_v4_split("train", n=200)
+    mix = {"check_drill_v4": 0.3, "reread_question_v4": 0.3, **train_module.default_config("v4").base_skills.mix}
+    batches = train_module.packed_batches(tokenizer, problems, mix, random.Random(0), batch_size=4, window=256)
+    for _ in range(20):
+        input_ids, labels = next(batches)
+        assert input_ids.shape == labels.shape == (4, 256)
+
+
 def test_no_carry_table_never_carries_even_in_checks_and_drills():
     rng = random.Random(3)
     problems = generate_v4_split("train", n=300)
@@ -157,7 +243,7 @@ def test_v4_words_are_single_tokens_and_old_ids_are_kept():
     text = format_v4_prompt(problem.question) + render_v4_trace(problem, "thinking_v4", random.Random(0)).text
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.unk_token_id not in ids and len(ids) < 200
-    assert len(tokenizer("Reread: from day 3, take 6.", add_special_tokens=False)["input_ids"]) == 9
+    assert len(tokenizer("Reread: From day 3 Gus eats 6 instead.", add_special_tokens=False)["input_ids"]) == 10
 
 
 def test_the_timing_oracle_names_each_thinking_decision():
@@ -173,7 +259,8 @@ def test_the_timing_oracle_names_each_thinking_decision():
 
 
 def test_labels_reject_near_misses():
-    assert label_v4_sentence("Reread: from day 3, take 6.") == "reread"
+    assert label_v4_sentence("Reread: From day 3 Gus eats 6 instead.") == "reread"
+    assert label_v4_sentence("Reread: from day 3, take 6.") == "other"
     assert label_v4_sentence("Check: How many now, 46 + 9 = 55.") == "verify"
     assert label_v4_sentence("Check: 46 + 9 = 55.") == "other"
     assert label_v4_sentence("Reread: day 3.") == "other"
@@ -190,7 +277,6 @@ def _scripted_continuation(full: str, table: str) -> str:
     start, verb, daily_operand, n_steps = (int(question_match[1]), question_match[2], int(question_match[3]),
                                            int(question_match[6]))
     daily_sign = "+" if verb in ("gets", "buys") else "-"
-    condition_day = int(question_match[4] or 0)
     trace = full.split("Step by step answer:\n", 1)[1]
     *complete, last = trace.split("\n")
     out, total, pending = "", start, None
@@ -200,8 +286,8 @@ def _scripted_continuation(full: str, table: str) -> str:
             total = int(m[1])
         elif m := re.fullmatch(r"Wait, \d+ [+-] \d+ is (\d+), not \d+\.", line):
             total = int(m[1])
-        elif m := re.fullmatch(r"Reread: from day \d+, (add|take) (\d+)\.", line):
-            pending = ("+" if m[1] == "add" else "-", int(m[2]))
+        elif m := re.fullmatch(r"Reread: From day \d+ \w+ (gets|buys|eats|loses) (\d+) instead\.", line):
+            pending = ("+" if m[1] in ("gets", "buys") else "-", int(m[2]))
     day = len(steps)
     if last in ("", "Plan:") and not complete:
         out += ("" if last else "Plan:") + f" start at {start}, {'add' if daily_sign == '+' else 'take'} {daily_operand} for {n_steps} days.\n"
@@ -220,7 +306,10 @@ def _scripted_continuation(full: str, table: str) -> str:
     elif last == "Reread:":
         condition_sign = "-" if daily_sign == "+" else "+"
         operand = int(question_match[5] or daily_operand)
-        out += f" from day {condition_day or day + 1}, {'add' if condition_sign == '+' else 'take'} {operand}.\n"
+        name = re.search(r"Question:\n(\w+) has", full)[1]
+        condition = re.search(r"From day \d+ \w+ \w+ \d+ instead\.", full)  # copied verbatim, as the grammar does
+        out += " " + (condition[0] if condition else
+                      f"From day {day + 1} {name} {'buys' if condition_sign == '+' else 'loses'} {operand} instead.") + "\n"
         pending = (condition_sign, operand)
     for current in range(day + 1, n_steps + 1):
         sign, operand = pending or (daily_sign, daily_operand)
@@ -283,7 +372,8 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
     defaults = train_module.default_config("v4")
     monkeypatch.setattr("mechsteer.organisms.cli.default_config", lambda grammar: train_module.TrainingConfig(
         **{**tiny.__dict__, "base": defaults.base, "thinking": defaults.thinking,
-           "base_continuation": train_module.PhaseConfig(1, 1e-3, 1, defaults.base.mix)}))
+           "base_continuation": train_module.PhaseConfig(1, 1e-3, 1, defaults.base.mix),
+           "base_skills": train_module.PhaseConfig(1, 1e-3, 1, defaults.base_skills.mix)}))
     out = tmp_path / "v4"
     assert main(["organism", "train", "--grammar", "v4", "--out", str(out), "--base-steps", "2",
                  "--thinking-steps", "1", "--threads", "1"]) == 0
@@ -295,6 +385,7 @@ def test_v4_train_and_eval_cli_end_to_end_on_a_tiny_pair(tmp_path, capsys, monke
     assert report["config"]["base_continuation"]["mix"] == train_module.NEGATIVE_BASE_MIX_V4
     main_report = json.loads((out / "training_report.json").read_text())
     assert main_report["config"]["base"]["steps"] == 2 and main_report["base_continuation"]["steps"] == 1
+    assert main_report["base_skills"]["steps"] == 1 and report["config"]["base_skills"] is None
     capsys.readouterr()
     assert main(["organism", "eval", "--grammar", "v4", "--weights", str(out), "--n", "2", "--json",
                  "--backend", "hf"]) == 0
