@@ -463,8 +463,8 @@ class _HybridBatch:
             self.finished[row], self.reasons[row] = True, reason
 
     def _resolve(self, previous: list[list[int]]) -> None:
-        """Log the rows steered last step, now that their (token, candidate[, coefficient bits]) are
-        on the host. A row whose rule took no candidate (think_top1_match) is logged unsteered."""
+        """Log the rows steered last step, now that their (token, candidate, match[, coefficient bits])
+        are on the host. A row whose rule took no candidate (think_top1_match) is logged unsteered."""
         learned = bits_to_floats([row[3] for row in previous]) if self.coefficient_model is not None else None
         for row, pending in self.unresolved.items():
             token, choice, matches = previous[row][0], previous[row][1], bool(previous[row][2])
@@ -546,7 +546,7 @@ class _HybridBatch:
                     self._resolve(host.previous)
                 active = [not done for done in self.finished]
                 steer_rows = [row for row in range(self.batch) if host.steer[row] and active[row]]
-                chosen, choice = base_greedy, torch.full_like(base_greedy, -1)
+                chosen, choice, matches = base_greedy, torch.full_like(base_greedy, -1), agree  # unsteered: as agreed
                 used = torch.zeros(self.batch, dtype=torch.float32, device=self.base_device)
                 kept: tuple[Tensor, list[int], Tensor] | None = None
                 if steer_rows:
@@ -555,6 +555,7 @@ class _HybridBatch:
                     steered_tokens, best, coeffs = self._steered_choice(steer_rows, behaviours, think_logits,
                                                                         think_greedy, base_greedy)
                     chosen = chosen.index_copy(0, index, steered_tokens)
+                    matches = self.vocab.agree(chosen, think_greedy)
                     choice = choice.index_copy(0, index, best)
                     used = used.index_copy(0, index, coeffs)
                     kept = (index, behaviours, coeffs)
@@ -570,8 +571,7 @@ class _HybridBatch:
                         self._log(row, host.greedy[row], TokenLog(steered=False, behaviour=None, coeff=0.0, window=0,
                                                                   agree=host.agree[row], latent_ids=latent_ids,
                                                                   latent_values=latent_values))
-                matches = self.vocab.agree(chosen, think_greedy).long().to(self.base_device)
-                self.previous = (chosen, choice, matches, *([] if self.coefficient_model is None else [float_bits(used)]))
+                self.previous = (chosen, choice, matches.long().to(self.base_device), *([] if self.coefficient_model is None else [float_bits(used)]))
                 if self.unresolved and (not self.shared or self._only_unresolved_run()):
                     # the text must be re-encoded now, or whether any row runs on decides whether to go on
                     self._resolve_now()
