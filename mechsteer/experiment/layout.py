@@ -50,6 +50,9 @@ REPORT_STAGE = "report"  # done when report.json is written (not a stage of the 
 STEERING_INPUTS = ("taxonomy", "directions")  # what the hybrid steers with (its SAE carries the centring mean)
 CORRECTION_EVAL, CORRECTION_CEILING = "eval_correction", "eval_correction_ceiling"
 CORRECTION_INPUTS = ("taxonomy", "correction_vectors")
+# Each method's own evaluation (its controls are matched to it) and the stages it steers with.
+METHOD_EVAL: dict[SteeringMethod, str] = {"hybrid": HYBRID_EVAL, "correction": CORRECTION_EVAL}
+METHOD_INPUTS: dict[SteeringMethod, tuple[str, ...]] = {"hybrid": STEERING_INPUTS, "correction": CORRECTION_INPUTS}
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec("traces_thinking_train", "traces/thinking_train", "train_traces", ("thinking",), streamed=True,
               shared=True),
@@ -90,9 +93,9 @@ def hybrid_eval_stage(name: str, method: SteeringMethod = "hybrid") -> StageSpec
     label = name if method == "hybrid" else _CORRECTION_PREFIX + name
     # the method's own records (the replay, its rate) and, for the oracle baseline, the activations'
     # sentence labels: what any comparison may read of the method's inputs
-    reads = (*STEERING_INPUTS, HYBRID_EVAL) if method == "hybrid" else (*CORRECTION_INPUTS, CORRECTION_EVAL)
     return StageSpec(f"eval_{label}", f"eval/{label}", "hybrid_eval", ("base", "thinking"), streamed=True,
-                     when="always" if method == "hybrid" else "correction", reads=(*reads, "activations"),
+                     when="always" if method == "hybrid" else "correction",
+                     reads=(*METHOD_INPUTS[method], METHOD_EVAL[method], "activations"),
                      method=method, comparison=name)
 
 
@@ -236,7 +239,7 @@ class RunPaths:
         return path.relative_to(self.root).as_posix()
 
 
-__all__ = ["CORRECTION_CEILING", "CORRECTION_EVAL", "ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "REPORT_JSON", "REPORT_MD",
+__all__ = ["CORRECTION_CEILING", "CORRECTION_EVAL", "ALL_STAGES", "CONFIG_FILE", "HYBRID_EVAL", "METHOD_EVAL", "METHOD_INPUTS", "REPORT_JSON", "REPORT_MD",
            "REPORT_STAGE", "RESULTS_FILE", "Role", "RunPaths", "SHARED_FROM_FILE", "STAGES_FILE", "STAGE_TABLE",
            "SteeringMethod", "StageGroup", "StageSpec", "SHARED_STAGES", "VIEWER_HTML", "hybrid_eval_stage", "planned_stages",
            "stage_names", "stage_spec"]

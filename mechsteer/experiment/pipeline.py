@@ -44,8 +44,7 @@ from mechsteer.engines.openai import with_settings
 from mechsteer.experiment.config import RunConfig
 from mechsteer.experiment.layout import (
     CORRECTION_CEILING,
-    CORRECTION_EVAL,
-    HYBRID_EVAL,
+    METHOD_EVAL,
     RunPaths,
     StageGroup,
     StageSpec,
@@ -425,7 +424,7 @@ def hybrid_eval_stage(run: RunContext, spec: StageSpec) -> dict[str, Any]:
     if spec.comparison is None:
         comparison = ComparisonRun(steering.make_policy(), steering.directions)
     else:
-        own = HYBRID_EVAL if spec.method == "hybrid" else CORRECTION_EVAL
+        own = METHOD_EVAL[spec.method]
         reference = EvalSummary.from_json(run.state.summary(own), own)
         if reference.steered_fraction is None:  # a comparison is matched to its method's steering
             raise ArtefactError(f"{run.paths.stages_file}: the {own} summary records no steered_fraction; "
