@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from typing import Literal
 
 from mechsteer.data.prompts import BASE_PAPER_TEMPLATE
@@ -320,16 +321,8 @@ def next_v4_behaviour(question: str, text: str) -> str | None:
     """
     if not text:
         return "plan"
-    lines = _lines(text)
-    if not lines:
-        return None
-    follow_up = _follow_up(lines)
-    if follow_up is not None:
-        return follow_up
-    compute = _COMPUTE_LINE.fullmatch(lines[-1])
-    if compute is not None and is_carry_step(int(compute.group(2)), compute.group(3), int(compute.group(4))):
-        return "verify"
-    return "reread" if _reread_due(lines, text, condition_day_of(question)) else None
+    return _cue_after(text, lambda compute: is_carry_step(int(compute.group(2)), compute.group(3),
+                                                          int(compute.group(4))), condition_day_of(question))
 
 
 def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> str | None:
@@ -337,6 +330,12 @@ def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> st
     ``check_days``, ``reread`` once the day before ``reread_day`` is complete (0: none), ``correct``
     after a failed check. The skill-cued ceiling schedules the ground truth (`carry_days`, the
     condition's day); random timing as many cues on random days."""
+    return _cue_after(text, lambda compute: int(compute.group(1)) in check_days, reread_day)
+
+
+def _cue_after(text: str, checks: Callable[[re.Match[str]], bool], reread_day: int) -> str | None:
+    """The cue after ``text``: a follow-up (a correction after a failed check), ``verify`` after a compute
+    line that ``checks`` picks, ``reread`` once the day before ``reread_day`` is complete, else None."""
     lines = _lines(text)
     if not lines:
         return None
@@ -344,7 +343,7 @@ def scheduled_behaviour(text: str, check_days: list[int], reread_day: int) -> st
     if follow_up is not None:
         return follow_up
     compute = _COMPUTE_LINE.fullmatch(lines[-1])
-    if compute is not None and int(compute.group(1)) in check_days:
+    if compute is not None and checks(compute):
         return "verify"
     return "reread" if _reread_due(lines, text, reread_day) else None
 
