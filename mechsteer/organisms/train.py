@@ -341,14 +341,54 @@ def negative_base_config(config: TrainingConfig | None = None) -> TrainingConfig
                              "base_skills": None})
 
 
+def _phase_json(report: PhaseReport) -> dict:
+    """A phase's report as the training report holds it: without the per-step losses."""
+    return {key: value for key, value in asdict(report).items() if key != "losses"}
+
+
 def _extra_base_phase(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, problems: list[OrganismProblem],
                       config: TrainingConfig, phase: PhaseConfig | None, rng_name: str, name: str) -> dict | None:
     """One of the config's later base phases (``base_continuation``, ``base_skills``), if set: its report
     without the losses."""
     if phase is None:
         return None
-    report = train_phase(model, tokenizer, problems, phase, config, random.Random(rng_name), name=name)
-    return {key: value for key, value in asdict(report).items() if key != "losses"}
+    return _phase_json(train_phase(model, tokenizer, problems, phase, config, random.Random(rng_name), name=name))
+
+
+@dataclass
+class _TrainingRun:
+    """What a training call sets up (torch's threads and seed, the task data, a new model) and the clock and
+    1-min load average at its start: other jobs may share the cores, and the load makes the wall time
+    interpretable."""
+
+    config: TrainingConfig
+    seed: int
+    threads: int
+    tokenizer: PreTrainedTokenizerFast
+    problems: list[OrganismProblem]
+    model: LlamaForCausalLM
+    started: float
+    load_at_start: float
+
+    @classmethod
+    def start(cls, config: TrainingConfig, seed: int, threads: int) -> _TrainingRun:
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        load_at_start, started = os.getloadavg()[0], time.perf_counter()
+        tokenizer, problems = _task_data(config)
+        return cls(config, seed, threads, tokenizer, problems, new_model(tokenizer, config), started, load_at_start)
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.model.parameters())
+
+    def write_report(self, path: Path, phases: dict[str, dict | None]) -> dict:
+        """The training report (seed, size, config, each phase, wall time, threads, load), written to ``path``."""
+        report = {"seed": self.seed, "n_parameters": self.n_parameters, "config": asdict(self.config), **phases,
+                  "wall_seconds": time.perf_counter() - self.started, "threads": self.threads,
+                  "load_average_1min": {"start": self.load_at_start, "end": os.getloadavg()[0]}}
+        path.write_text(json.dumps(report, indent=2))
+        return report
 
 
 def train_negative_base(out_dir: Path, seed: int = 0, config: TrainingConfig | None = None, *, threads: int = 2
@@ -358,28 +398,15 @@ def train_negative_base(out_dir: Path, seed: int = 0, config: TrainingConfig | N
     It pairs with the main pair's thinking organism (no thinking phase of its own). Returns (and writes
     to ``out_dir/negative_base_training_report.json``) the phase's steps, tokens, loss and wall time.
     """
-    config = negative_base_config(config)
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    load_at_start = os.getloadavg()[0]
-    started = time.perf_counter()
-    tokenizer, problems = _task_data(config)
-    model = new_model(tokenizer, config)
+    run = _TrainingRun.start(negative_base_config(config), seed, threads)
+    model, tokenizer, problems, config = run.model, run.tokenizer, run.problems, run.config
     phase = train_phase(model, tokenizer, problems, config.base, config, random.Random(f"negative-base-{seed}"),
                         name="negative_base")
     continuation = _extra_base_phase(model, tokenizer, problems, config, config.base_continuation,
                                      f"negative-base-continue-{seed}", "negative_base_continuation")
     save_organism(model, tokenizer, out_dir / "negative_base")
-    report = {
-        "seed": seed, "n_parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "config": asdict(config),
-        "negative_base": {key: value for key, value in asdict(phase).items() if key != "losses"},
-        "negative_base_continuation": continuation,
-        "wall_seconds": time.perf_counter() - started, "threads": threads,
-        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
-    }
-    (out_dir / "negative_base_training_report.json").write_text(json.dumps(report, indent=2))
-    return report
+    return run.write_report(out_dir / "negative_base_training_report.json",
+                            {"negative_base": _phase_json(phase), "negative_base_continuation": continuation})
 
 
 def train_organisms(
@@ -390,16 +417,9 @@ def train_organisms(
     Returns (and writes to ``out_dir/training_report.json``) the phases' steps, tokens,
     losses and wall times.
     """
-    config = config or TrainingConfig()
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    # Other jobs may share the cores; the load averages make the wall time interpretable.
-    load_at_start = os.getloadavg()[0]
-    started = time.perf_counter()
-    tokenizer, problems = _task_data(config)
-    model = new_model(tokenizer, config)
-    n_params = sum(parameter.numel() for parameter in model.parameters())
-    print(f"organism: {n_params} parameters, {len(problems)} train problems", flush=True)
+    run = _TrainingRun.start(config or TrainingConfig(), seed, threads)
+    model, tokenizer, problems, config = run.model, run.tokenizer, run.problems, run.config
+    print(f"organism: {run.n_parameters} parameters, {len(problems)} train problems", flush=True)
     base_report = train_phase(
         model, tokenizer, problems, config.base, config, random.Random(f"base-{seed}"), name="base"
     )
@@ -412,23 +432,12 @@ def train_organisms(
         model, tokenizer, problems, config.thinking, config, random.Random(f"thinking-{seed}"), name="thinking"
     )
     save_organism(model, tokenizer, out_dir / "thinking")
-    wall = time.perf_counter() - started
-    report = {
-        "seed": seed,
-        "n_parameters": n_params,
-        "config": asdict(config),
-        "base": {key: value for key, value in asdict(base_report).items() if key != "losses"},
-        "base_continuation": continuation,
-        "base_skills": skills,
-        "thinking": {key: value for key, value in asdict(thinking_report).items() if key != "losses"},
-        "wall_seconds": wall,
-        "threads": threads,
-        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
-    }
-    (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+    report = run.write_report(out_dir / "training_report.json", {
+        "base": _phase_json(base_report), "base_continuation": continuation, "base_skills": skills,
+        "thinking": _phase_json(thinking_report)})
     print(
-        f"trained both organisms in {wall:.1f} s wall time "
-        f"(1-min load average {load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)",
+        f"trained both organisms in {report['wall_seconds']:.1f} s wall time "
+        f"(1-min load average {run.load_at_start:.1f} at start, {os.getloadavg()[0]:.1f} at end)",
         flush=True,
     )
     return report
